@@ -1,0 +1,56 @@
+//! Generates the wire API from `proto/` with ttrpc's pure-Rust codegen (no `protoc`).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use ttrpc_codegen::{Codegen, Customize, ProtobufCustomize};
+
+const PROTOS: &[&str] = &[
+    "proto/types/mount.proto",
+    "proto/types/task.proto",
+    "proto/types/metrics.proto",
+    "proto/task/v2/shim.proto",
+    "proto/events/task_events.proto",
+    "proto/events/events.proto",
+    "proto/runc/options.proto",
+    "proto/runtimeoptions/runtimeoptions.proto",
+];
+
+fn main() {
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    for p in PROTOS {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    Codegen::new()
+        .out_dir(&out)
+        .inputs(PROTOS)
+        .include("proto")
+        .rust_protobuf()
+        .rust_protobuf_customize(ProtobufCustomize::default().gen_mod_rs(false))
+        .customize(Customize {
+            ..Default::default()
+        })
+        .run()
+        .expect("generating the shim protocol failed");
+    strip_inner_attributes(&out);
+}
+
+/// `include!` cannot take files with inner attributes (`#![...]`) or inner doc comments;
+/// the wrapping modules in `lib.rs` carry the `allow`s instead.
+fn strip_inner_attributes(dir: &Path) {
+    for entry in fs::read_dir(dir).expect("OUT_DIR is readable") {
+        let path = entry.expect("OUT_DIR entry").path();
+        if path.extension().is_some_and(|e| e == "rs") {
+            let text = fs::read_to_string(&path).expect("generated file is UTF-8");
+            let kept: String = text
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("#!["))
+                .map(|l| match l.strip_prefix("//!") {
+                    Some(rest) => format!("//{rest}\n"),
+                    None => format!("{l}\n"),
+                })
+                .collect();
+            fs::write(&path, kept).expect("rewrite generated file");
+        }
+    }
+}
