@@ -1,0 +1,120 @@
+//! The trait a runtime implements to become a shim.
+//!
+//! The SDK owns everything containerd sees: task state, exit codes, `Wait`, event order,
+//! stdio, sockets. A backend only makes containers and processes exist and go away.
+
+use std::path::Path;
+
+use protobuf::well_known_types::any::Any;
+use protocol::mount::Mount;
+
+use crate::error::{Error, Result};
+use crate::stdio::{ChildStdio, IoOwner};
+
+/// Who this shim is serving: the flags containerd started it with.
+#[derive(Debug, Clone)]
+pub struct ShimContext {
+    pub namespace: String,
+    /// The id containerd started the shim for (the first container of its group).
+    pub id: String,
+    pub bundle: String,
+    pub debug: bool,
+}
+
+/// A container's init process, as `Create` asks for it.
+pub struct CreateRequest<'a> {
+    pub id: &'a str,
+    pub bundle: &'a Path,
+    pub rootfs: &'a [Mount],
+    /// Runtime options (`containerd.runc.v1.Options`, ...) exactly as containerd sent them.
+    pub options: Option<&'a Any>,
+    pub terminal: bool,
+    /// The fds the process must get as stdin, stdout and stderr.
+    pub stdio: ChildStdio,
+}
+
+/// An extra process in a running container, as `Exec` + `Start` ask for it.
+pub struct ExecRequest<'a> {
+    pub id: &'a str,
+    pub exec_id: &'a str,
+    /// The OCI runtime-spec `Process`, JSON, as containerd sent it.
+    pub spec: &'a [u8],
+    pub terminal: bool,
+    pub stdio: ChildStdio,
+}
+
+/// Which process a signal is for.
+#[derive(Debug, Clone, Copy)]
+pub enum Target<'a> {
+    Init,
+    Exec { exec_id: &'a str, pid: u32 },
+}
+
+/// A container runtime behind the shim SDK.
+///
+/// Only `create`, `start`, `exec`, `kill`, `delete` and `pids` are required; what a runtime
+/// cannot do answers ttrpc `Unimplemented` by default.
+///
+/// Every process a backend creates must be a descendant of the shim (directly, or
+/// re-parented to it as the subreaper), and any helper command it runs must go through
+/// [`crate::reaper::run`], so the SDK sees every exit.
+pub trait Backend: Send + Sync + 'static {
+    /// Builds the backend for a daemon serving `ctx`.
+    fn new(ctx: &ShimContext) -> Result<Self>
+    where
+        Self: Sized;
+
+    /// Owner of the stdio pipes (`io_uid`/`io_gid`) for a container created with `options`.
+    fn io_owner(&self, _options: Option<&Any>) -> Result<IoOwner> {
+        Ok(IoOwner::default())
+    }
+
+    /// Creates the container; its init process must exist (stopped before the user's
+    /// program) when this returns. Returns the init's pid.
+    fn create(&self, req: CreateRequest<'_>) -> Result<u32>;
+
+    /// Lets the init process run the user's program.
+    fn start(&self, id: &str) -> Result<()>;
+
+    /// Starts an extra process in the container and returns its pid.
+    fn exec(&self, req: ExecRequest<'_>) -> Result<u32>;
+
+    /// Sends `signal` to the target; with `all`, to every process of the container.
+    fn kill(&self, id: &str, target: Target<'_>, signal: u32, all: bool) -> Result<()>;
+
+    /// Removes the container and everything the backend set up for it (mounts, state).
+    fn delete(&self, id: &str) -> Result<()>;
+
+    /// Pids of every process in the container.
+    fn pids(&self, id: &str) -> Result<Vec<u32>>;
+
+    fn pause(&self, _id: &str) -> Result<()> {
+        Err(Error::Unimplemented("Pause".into()))
+    }
+
+    fn resume(&self, _id: &str) -> Result<()> {
+        Err(Error::Unimplemented("Resume".into()))
+    }
+
+    fn update(&self, _id: &str, _resources: Option<&Any>) -> Result<()> {
+        Err(Error::Unimplemented("Update".into()))
+    }
+
+    fn stats(&self, _id: &str) -> Result<Any> {
+        Err(Error::Unimplemented("Stats".into()))
+    }
+
+    fn checkpoint(&self, _id: &str, _path: &str, _options: Option<&Any>) -> Result<()> {
+        Err(Error::Unimplemented("Checkpoint".into()))
+    }
+
+    fn resize_pty(&self, _id: &str, _exec_id: &str, _width: u32, _height: u32) -> Result<()> {
+        Err(Error::Unimplemented("ResizePty".into()))
+    }
+
+    /// The `delete` action: containerd found the shim dead and asks the binary to remove
+    /// whatever the dead daemon left for container `id` in `bundle`. Runs without a daemon.
+    fn cleanup(ctx: &ShimContext, id: &str, bundle: &Path) -> Result<()>
+    where
+        Self: Sized;
+}

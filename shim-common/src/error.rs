@@ -1,0 +1,102 @@
+//! The SDK's error type and how it maps onto ttrpc status codes containerd understands.
+
+use std::io;
+
+use ttrpc::Code;
+
+/// What went wrong, in terms containerd's `errdefs` can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}: not found")]
+    NotFound(String),
+    #[error("{0}: already exists")]
+    AlreadyExists(String),
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("failed precondition: {0}")]
+    FailedPrecondition(String),
+    /// The backend does not implement this operation; answered as ttrpc `Unimplemented`.
+    #[error("{0} is not implemented by this shim")]
+    Unimplemented(String),
+    /// The runtime (runc, wasmtime, runj, ...) failed; the message carries its own words.
+    #[error("{0}")]
+    Runtime(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{context}: {source}")]
+    Sys {
+        context: String,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("{context}: {source}")]
+    Protobuf {
+        context: String,
+        #[source]
+        source: protobuf::Error,
+    },
+    #[error("{context}: {source}")]
+    Ttrpc {
+        context: String,
+        #[source]
+        source: ttrpc::Error,
+    },
+}
+
+/// The SDK's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Adds context to foreign errors: `file.read(..).context("read config.json")?`.
+pub trait Context<T> {
+    fn context(self, context: impl Into<String>) -> Result<T>;
+    fn with_context<F: FnOnce() -> String>(self, f: F) -> Result<T>;
+}
+
+macro_rules! context_for {
+    ($ty:ty, $variant:ident) => {
+        impl<T> Context<T> for std::result::Result<T, $ty> {
+            fn context(self, context: impl Into<String>) -> Result<T> {
+                self.map_err(|source| Error::$variant {
+                    context: context.into(),
+                    source,
+                })
+            }
+            fn with_context<F: FnOnce() -> String>(self, f: F) -> Result<T> {
+                self.map_err(|source| Error::$variant {
+                    context: f(),
+                    source,
+                })
+            }
+        }
+    };
+}
+
+context_for!(io::Error, Io);
+context_for!(nix::Error, Sys);
+context_for!(protobuf::Error, Protobuf);
+context_for!(ttrpc::Error, Ttrpc);
+
+impl Error {
+    /// The ttrpc status code containerd maps back onto its `errdefs` kinds.
+    pub fn code(&self) -> Code {
+        match self {
+            Error::NotFound(_) => Code::NOT_FOUND,
+            Error::AlreadyExists(_) => Code::ALREADY_EXISTS,
+            Error::InvalidArgument(_) => Code::INVALID_ARGUMENT,
+            Error::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
+            Error::Unimplemented(_) => Code::UNIMPLEMENTED,
+            Error::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => Code::NOT_FOUND,
+            _ => Code::UNKNOWN,
+        }
+    }
+}
+
+impl From<Error> for ttrpc::Error {
+    fn from(e: Error) -> Self {
+        ttrpc::Error::RpcStatus(ttrpc::get_status(e.code(), e.to_string()))
+    }
+}

@@ -1,0 +1,105 @@
+//! The shim SDK: everything a containerd shim does that is not running containers.
+//!
+//! A runtime implements [`Backend`] (create, start, exec, kill, delete, pids — the rest is
+//! optional) and calls [`run`] from `main`. The SDK provides the binary contract containerd
+//! relies on (`start`, `delete`, the daemon, `-v`), socket naming and per-pod grouping, the
+//! ttrpc task service with containerd's state machine and event order, event forwarding,
+//! subreaping, stdio plumbing and the shim log.
+//!
+//! ```no_run
+//! use shim_common::{Backend, CreateRequest, ExecRequest, Result, ShimContext, Target};
+//! # use std::path::Path;
+//! struct Mine;
+//! impl Backend for Mine {
+//!     fn new(_: &ShimContext) -> Result<Self> { Ok(Mine) }
+//!     fn create(&self, req: CreateRequest<'_>) -> Result<u32> { todo!("make the container") }
+//!     fn start(&self, id: &str) -> Result<()> { todo!() }
+//!     fn exec(&self, req: ExecRequest<'_>) -> Result<u32> { todo!() }
+//!     fn kill(&self, id: &str, t: Target<'_>, sig: u32, all: bool) -> Result<()> { todo!() }
+//!     fn delete(&self, id: &str) -> Result<()> { todo!() }
+//!     fn pids(&self, id: &str) -> Result<Vec<u32>> { todo!() }
+//!     fn cleanup(_: &ShimContext, _: &str, _: &Path) -> Result<()> { Ok(()) }
+//! }
+//! fn main() { shim_common::run::<Mine>("containerd-shim-mine-v2") }
+//! ```
+
+pub mod backend;
+pub mod error;
+pub mod events;
+pub mod flags;
+pub mod logger;
+pub mod mount;
+pub mod reaper;
+pub mod service;
+pub mod signals;
+pub mod socket;
+pub mod start;
+pub mod stdio;
+
+mod serve;
+
+pub use backend::{Backend, CreateRequest, ExecRequest, ShimContext, Target};
+pub use error::{Context, Error, Result};
+pub use protocol;
+pub use service::TaskService;
+
+use std::io::Write;
+use std::path::Path;
+
+use protobuf::Message;
+
+use flags::{Action, Flags};
+
+/// The shim binary's `main`: parses containerd's command line and runs the action.
+/// Never returns; exits 0 on success and 1 with the error on stderr otherwise (containerd
+/// shows that text to the user).
+pub fn run<B: Backend>(name: &str) -> ! {
+    let code = match dispatch::<B>(name) {
+        Ok(()) => 0,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "{name}: {e}");
+            1
+        }
+    };
+    std::process::exit(code)
+}
+
+fn dispatch<B: Backend>(name: &str) -> Result<()> {
+    let (flags, action) = Flags::parse(std::env::args_os().skip(1))?;
+    match action {
+        Action::Version => {
+            println!(
+                "{name}:\n  Version: {}\n  Revision: {}",
+                env!("CARGO_PKG_VERSION"),
+                option_env!("SHIM_GIT_REVISION").unwrap_or("unknown")
+            );
+            Ok(())
+        }
+        Action::Start => {
+            let address = start::start(&flags)?;
+            let mut out = std::io::stdout().lock();
+            out.write_all(address.as_bytes()).context("write address")?;
+            out.flush().context("write address")
+        }
+        Action::Delete => {
+            let bytes = delete::<B>(&flags)?;
+            let mut out = std::io::stdout().lock();
+            out.write_all(&bytes).context("write delete response")?;
+            out.flush().context("write delete response")
+        }
+        Action::Serve => serve::serve::<B>(&flags),
+    }
+}
+
+/// The `delete` action: let the backend clean up after a dead daemon and answer containerd
+/// with a `DeleteResponse` (exit status 137: the task died with its shim).
+fn delete<B: Backend>(flags: &Flags) -> Result<Vec<u8>> {
+    B::cleanup(&serve::context(flags), &flags.id, Path::new(&flags.bundle))?;
+    let resp = protocol::shim::DeleteResponse {
+        pid: 0,
+        exit_status: 128 + libc::SIGKILL as u32,
+        exited_at: protobuf::MessageField::some(events::timestamp(std::time::SystemTime::now())),
+        ..Default::default()
+    };
+    resp.write_to_bytes().context("encode delete response")
+}

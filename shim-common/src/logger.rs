@@ -1,0 +1,80 @@
+//! The shim's own log: logfmt lines on stderr, which the daemon points at the bundle's `log`
+//! fifo so containerd copies them into its log (and a panic message lands there too).
+
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::time::SystemTime;
+
+use log::{Level, LevelFilter, Log, Metadata, Record};
+
+struct Logger {
+    level: LevelFilter,
+}
+
+impl Log for Logger {
+    fn enabled(&self, m: &Metadata<'_>) -> bool {
+        m.level() <= self.level
+    }
+
+    fn log(&self, r: &Record<'_>) {
+        if !self.enabled(r.metadata()) {
+            return;
+        }
+        let level = match r.level() {
+            Level::Error => "error",
+            Level::Warn => "warning",
+            Level::Info => "info",
+            Level::Debug => "debug",
+            Level::Trace => "trace",
+        };
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        let msg = r
+            .args()
+            .to_string()
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"");
+        // One write per line, so lines from several threads never interleave.
+        let line = format!(
+            "time=\"{}.{:09}\" level={level} msg=\"{msg}\" pid={}\n",
+            now.as_secs(),
+            now.subsec_nanos(),
+            std::process::id()
+        );
+        let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    }
+
+    fn flush(&self) {}
+}
+
+/// Installs the logger (once; later calls only change nothing).
+pub fn init(debug: bool) {
+    let level = if debug {
+        LevelFilter::Debug
+    } else {
+        LevelFilter::Info
+    };
+    if log::set_boxed_logger(Box::new(Logger { level })).is_ok() {
+        log::set_max_level(level);
+    }
+}
+
+/// Points stderr at the bundle's `log` fifo when containerd has opened it for reading.
+/// Without a reader (a shim run by hand), stderr stays where it was.
+pub fn redirect_stderr_to_fifo(bundle: &std::path::Path) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let fifo = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(bundle.join("log"));
+    let Ok(fifo) = fifo else { return };
+    // Blocking writes from now on: a slow reader must not make us drop lines.
+    let fd = fifo.as_raw_fd();
+    // SAFETY: plain fcntl/dup2 on fds we own; fd 2 is replaced atomically.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
+        libc::dup2(fd, libc::STDERR_FILENO);
+    }
+}

@@ -1,0 +1,212 @@
+//! Child reaping for a subreaper shim, without ever losing an exit status.
+//!
+//! A shim is the subreaper of its containers, so it must `waitpid(-1)` to collect them —
+//! which would also steal the exit status of any command the shim runs itself (`runc create`).
+//! Every exit therefore goes through one [`Reaper`]: it broadcasts each reaped exit to all
+//! subscribers, and [`run`] subscribes *before* spawning, so a command's exit can never slip
+//! past it.
+
+use std::io::Read;
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Mutex, OnceLock};
+use std::time::SystemTime;
+
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+use crate::error::{Context, Result};
+
+/// One reaped child.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exit {
+    pub pid: i32,
+    /// Exit code, or 128 + signal number for a process killed by a signal (137 = SIGKILL).
+    pub status: u32,
+    pub at: SystemTime,
+}
+
+impl Exit {
+    fn from_wait(ws: WaitStatus) -> Option<Exit> {
+        let (pid, status) = match ws {
+            WaitStatus::Exited(pid, code) => (pid, code as u32),
+            WaitStatus::Signaled(pid, sig, _) => (pid, 128 + sig as u32),
+            _ => return None,
+        };
+        Some(Exit {
+            pid: pid.as_raw(),
+            status,
+            at: SystemTime::now(),
+        })
+    }
+}
+
+/// The process-wide reaper. There is one because `SIGCHLD` and `waitpid(-1)` are process-wide.
+pub struct Reaper {
+    subscribers: Mutex<Vec<(u64, Sender<Exit>)>>,
+    next_id: AtomicU64,
+}
+
+static REAPER: OnceLock<Reaper> = OnceLock::new();
+
+/// Makes this process the subreaper of its descendants and enables exit subscriptions.
+///
+/// The caller must deliver `SIGCHLD` to [`reap`] (the SDK's signal thread does).
+pub fn install() -> Result<&'static Reaper> {
+    set_subreaper()?;
+    Ok(REAPER.get_or_init(|| Reaper {
+        subscribers: Mutex::new(Vec::new()),
+        next_id: AtomicU64::new(0),
+    }))
+}
+
+#[cfg(target_os = "linux")]
+fn set_subreaper() -> Result<()> {
+    // SAFETY: prctl with integer arguments has no memory effects.
+    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("prctl(PR_SET_CHILD_SUBREAPER)");
+    }
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_subreaper() -> Result<()> {
+    Ok(())
+}
+
+/// Collects every exited child and tells every subscriber. Call on `SIGCHLD`.
+pub fn reap() {
+    let Some(reaper) = REAPER.get() else { return };
+    loop {
+        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) | Err(_) => break,
+            Ok(ws) => {
+                if let Some(exit) = Exit::from_wait(ws) {
+                    reaper.broadcast(exit);
+                }
+            }
+        }
+    }
+}
+
+impl Reaper {
+    fn broadcast(&self, exit: Exit) {
+        let mut subs = self.subscribers.lock().unwrap_or_else(|e| e.into_inner());
+        subs.retain(|(_, tx)| tx.send(exit).is_ok());
+    }
+}
+
+/// A stream of every exit reaped after it was created. Unsubscribes on drop.
+pub struct Subscription {
+    id: u64,
+    rx: Receiver<Exit>,
+}
+
+/// Subscribes to exits; `None` when no reaper is installed (plain, non-subreaper processes).
+pub fn subscribe() -> Option<Subscription> {
+    let reaper = REAPER.get()?;
+    let (tx, rx) = mpsc::channel();
+    let id = reaper.next_id.fetch_add(1, Ordering::Relaxed);
+    reaper
+        .subscribers
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((id, tx));
+    Some(Subscription { id, rx })
+}
+
+impl Subscription {
+    /// The next exit, blocking.
+    pub fn recv(&self) -> Option<Exit> {
+        self.rx.recv().ok()
+    }
+
+    /// Blocks until `pid` exits, discarding other exits.
+    pub fn wait_for(&self, pid: i32) -> Option<Exit> {
+        self.rx.iter().find(|e| e.pid == pid)
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if let Some(reaper) = REAPER.get() {
+            reaper
+                .subscribers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|(id, _)| *id != self.id);
+        }
+    }
+}
+
+/// What a command run through [`run`] left behind.
+#[derive(Debug, Default)]
+pub struct Output {
+    /// Exit code, or 128 + signal.
+    pub status: u32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+impl Output {
+    pub fn success(&self) -> bool {
+        self.status == 0
+    }
+}
+
+/// Runs `cmd` to completion and returns its status and whatever of stdout/stderr the
+/// caller piped. Safe inside a subreaper: the exit is taken from the reaper, not `wait`.
+///
+/// ```
+/// use std::process::{Command, Stdio};
+/// let out = shim_common::reaper::run(Command::new("echo").arg("hi").stdout(Stdio::piped())).unwrap();
+/// assert_eq!((out.status, out.stdout.as_slice()), (0, &b"hi\n"[..]));
+/// ```
+pub fn run(cmd: &mut Command) -> Result<Output> {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let Some(sub) = subscribe() else {
+        let out = cmd.output().with_context(|| format!("run {program}"))?;
+        let status = out
+            .status
+            .code()
+            .map(|c| c as u32)
+            .or_else(|| {
+                use std::os::unix::process::ExitStatusExt;
+                out.status.signal().map(|s| 128 + s as u32)
+            })
+            .unwrap_or(255);
+        return Ok(Output {
+            status,
+            stdout: out.stdout,
+            stderr: out.stderr,
+        });
+    };
+    let mut child = cmd.spawn().with_context(|| format!("run {program}"))?;
+    let (stdout, stderr) = collect(&mut child);
+    let pid = child.id() as i32;
+    // Never call child.wait(): the reaper owns waitpid.
+    let exit = sub.wait_for(pid).map(|e| e.status).unwrap_or(255);
+    Ok(Output {
+        status: exit,
+        stdout,
+        stderr,
+    })
+}
+
+fn collect(child: &mut Child) -> (Vec<u8>, Vec<u8>) {
+    let mut out = Vec::new();
+    let mut err = Vec::new();
+    let (so, se) = (child.stdout.take(), child.stderr.take());
+    let err_ref = &mut err;
+    std::thread::scope(|s| {
+        if let Some(mut se) = se {
+            s.spawn(move || se.read_to_end(err_ref));
+        }
+        if let Some(mut so) = so {
+            let _ = so.read_to_end(&mut out);
+        }
+    });
+    (out, err)
+}

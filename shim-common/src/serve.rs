@@ -1,0 +1,87 @@
+//! The daemon: serve the task API on the listener `start` handed over until shut down.
+
+use std::path::Path;
+use std::sync::{mpsc, Mutex};
+use std::time::Duration;
+
+use crate::backend::{Backend, ShimContext};
+use crate::error::{Context, Error, Result};
+use crate::events::RemotePublisher;
+use crate::flags::Flags;
+use crate::service::TaskService;
+use crate::{logger, reaper, signals, socket};
+
+/// The fd on which the daemon finds its listening socket.
+pub const LISTENER_FD: i32 = 3;
+
+/// Serves until `Shutdown` (with no task left), `SIGTERM` or `SIGINT`, then exits.
+pub fn serve<B: Backend>(flags: &Flags) -> Result<()> {
+    signals::block()?;
+    logger::redirect_stderr_to_fifo(Path::new(&flags.bundle));
+    logger::init(flags.debug);
+    check_listener()?;
+    reaper::install()?;
+
+    let (tx, rx) = mpsc::channel::<&'static str>();
+    let on_signal = Mutex::new(tx.clone());
+    signals::spawn(move || {
+        let _ = on_signal.lock().map(|tx| tx.send("signal"));
+    })?;
+    let publisher = RemotePublisher::new(&flags.ttrpc_address, &flags.namespace)?;
+    let backend = B::new(&context(flags))?;
+    let on_shutdown = Mutex::new(tx);
+    let service = TaskService::new(
+        backend,
+        publisher.clone(),
+        Box::new(move || {
+            let _ = on_shutdown.lock().map(|tx| tx.send("shutdown request"));
+        }),
+    )?;
+    let mut server = ttrpc::Server::new()
+        .set_thread_count_min(1)
+        .set_thread_count_default(2)
+        .set_thread_count_max(4)
+        .add_listener(LISTENER_FD)
+        .context("serve on inherited listener")?
+        .register_service(service.methods());
+    server.start().context("start ttrpc server")?;
+    log::info!("serving {} for namespace {}", flags.socket, flags.namespace);
+
+    let why = rx.recv().unwrap_or("channel closed");
+    log::info!("shutting down ({why})");
+    publisher.close(Duration::from_secs(2));
+    if !flags.socket.is_empty() {
+        let _ = socket::remove(&flags.socket);
+    }
+    std::process::exit(0)
+}
+
+pub(crate) fn context(flags: &Flags) -> ShimContext {
+    ShimContext {
+        namespace: flags.namespace.clone(),
+        id: flags.id.clone(),
+        bundle: flags.bundle.clone(),
+        debug: flags.debug,
+    }
+}
+
+/// The daemon only ever runs with a listener from `start`; say so instead of failing obscurely.
+fn check_listener() -> Result<()> {
+    let st = nix::sys::stat::fstat(LISTENER_FD).map_err(|_| {
+        Error::FailedPrecondition(format!(
+            "no listening socket on fd {LISTENER_FD}: the daemon is started by the `start` action"
+        ))
+    })?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(Error::FailedPrecondition(format!(
+            "fd {LISTENER_FD} is not a socket: the daemon is started by the `start` action"
+        )));
+    }
+    // Children (runc, loggers) must not inherit the listener.
+    nix::fcntl::fcntl(
+        LISTENER_FD,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .context("set close-on-exec on listener")?;
+    Ok(())
+}

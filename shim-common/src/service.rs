@@ -1,0 +1,784 @@
+//! The ttrpc task service: containerd's `Task` API on top of a [`Backend`].
+//!
+//! It owns what containerd observes — task state, exit statuses, `Wait`, event order — so
+//! every backend gets the same semantics:
+//! - create < start < exit < delete, and exec-added < exec-started < exit;
+//! - a process that exits before `Start` returns still gets its start event first (the
+//!   container's lock is held across the backend call and the event);
+//! - an init process's exit is published only after the exits of all its execs;
+//! - an exit reaped before the backend even reported the pid is kept and applied.
+//!
+//! Nothing here assumes a unix socket or the host's containerd: the service takes a
+//! [`Publisher`] and a shutdown callback, and serves whatever ttrpc transport it is given.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use protobuf::well_known_types::empty::Empty;
+use protobuf::MessageField;
+use protocol::shim::*;
+use protocol::shim_ttrpc::{create_task, Task};
+use protocol::task::{ProcessInfo, Status};
+use protocol::task_events::*;
+use protocol::topics;
+use ttrpc::{MethodHandler, TtrpcContext};
+
+use crate::backend::{Backend, CreateRequest, ExecRequest, Target};
+use crate::error::{Error, Result};
+use crate::events::{publish, timestamp, Publisher};
+use crate::reaper::{self, Exit};
+use crate::stdio::{ProcessIo, StdioPaths};
+
+/// Called when `Shutdown` finds no task left: the daemon stops serving and exits.
+pub type ShutdownHook = Box<dyn Fn() + Send + Sync>;
+
+struct Proc {
+    pid: u32,
+    status: Status,
+    exit: Option<Exit>,
+    paths: StdioPaths,
+    io: Option<ProcessIo>,
+    /// The OCI process spec of an exec, kept from `Exec` until `Start`.
+    spec: Vec<u8>,
+}
+
+impl Proc {
+    fn new(paths: StdioPaths) -> Proc {
+        Proc {
+            pid: 0,
+            status: Status::CREATED,
+            exit: None,
+            paths,
+            io: None,
+            spec: Vec::new(),
+        }
+    }
+}
+
+struct Container {
+    id: String,
+    bundle: String,
+    init: Proc,
+    execs: HashMap<String, Proc>,
+    /// Execs started (or starting) and not yet exited: the init's exit waits for them.
+    running_execs: usize,
+    deferred_init_exit: Option<Exit>,
+}
+
+impl Container {
+    fn process(&self, exec_id: &str) -> Result<&Proc> {
+        if exec_id.is_empty() {
+            return Ok(&self.init);
+        }
+        self.execs
+            .get(exec_id)
+            .ok_or_else(|| Error::NotFound(format!("exec {exec_id} in container {}", self.id)))
+    }
+
+    fn process_mut(&mut self, exec_id: &str) -> Result<&mut Proc> {
+        if exec_id.is_empty() {
+            return Ok(&mut self.init);
+        }
+        let id = &self.id;
+        self.execs
+            .get_mut(exec_id)
+            .ok_or_else(|| Error::NotFound(format!("exec {exec_id} in container {id}")))
+    }
+}
+
+struct Cell {
+    state: Mutex<Container>,
+    exited: Condvar,
+}
+
+/// Which process each pid belongs to, and exits reaped before their pid was known.
+#[derive(Default)]
+struct PidTable {
+    owners: HashMap<i32, (String, String)>,
+    early: HashMap<i32, Exit>,
+    /// Backend calls in flight that will report a new pid.
+    starting: usize,
+}
+
+struct Inner<B> {
+    backend: B,
+    publisher: Arc<dyn Publisher>,
+    containers: Mutex<HashMap<String, Arc<Cell>>>,
+    pids: Mutex<PidTable>,
+    on_shutdown: ShutdownHook,
+}
+
+/// containerd's task service for backend `B`.
+pub struct TaskService<B: Backend> {
+    inner: Arc<Inner<B>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn validate_id(kind: &str, id: &str) -> Result<()> {
+    if id.is_empty() || id == "." || id == ".." || id.contains(['/', '\0']) || id.len() > 255 {
+        return Err(Error::InvalidArgument(format!("invalid {kind} id {id:?}")));
+    }
+    Ok(())
+}
+
+/// Marks a backend call that will report a new pid; exits of unknown pids are kept meanwhile.
+struct Starting<'a, B>(&'a Inner<B>);
+
+impl<B> Drop for Starting<'_, B> {
+    fn drop(&mut self) {
+        let mut t = lock(&self.0.pids);
+        t.starting -= 1;
+        if t.starting == 0 {
+            t.early.clear();
+        }
+    }
+}
+
+impl<B: Backend> TaskService<B> {
+    /// Builds the service and, when a reaper is installed, the thread that turns reaped
+    /// exits into task exits.
+    pub fn new(
+        backend: B,
+        publisher: Arc<dyn Publisher>,
+        on_shutdown: ShutdownHook,
+    ) -> Result<Self> {
+        let inner = Arc::new(Inner {
+            backend,
+            publisher,
+            containers: Mutex::new(HashMap::new()),
+            pids: Mutex::new(PidTable::default()),
+            on_shutdown,
+        });
+        if let Some(sub) = reaper::subscribe() {
+            let weak = Arc::downgrade(&inner);
+            std::thread::Builder::new()
+                .name("exits".into())
+                .stack_size(256 * 1024)
+                .spawn(move || {
+                    while let Some(exit) = sub.recv() {
+                        match weak.upgrade() {
+                            Some(inner) => inner.on_exit(exit),
+                            None => return,
+                        }
+                    }
+                })
+                .map_err(|e| Error::Io {
+                    context: "spawn exit thread".into(),
+                    source: e,
+                })?;
+        }
+        Ok(TaskService { inner })
+    }
+
+    /// The ttrpc method table, under both `containerd.task.v2.Task` and
+    /// `containerd.task.v3.Task` (containerd 2.x).
+    pub fn methods(self) -> HashMap<String, Box<dyn MethodHandler + Send + Sync>> {
+        let svc: Arc<dyn Task + Send + Sync> = Arc::new(self);
+        let mut methods = create_task(svc.clone());
+        for (name, handler) in create_task(svc) {
+            let v3 = name.replace(protocol::TASK_SERVICE_V2, protocol::TASK_SERVICE_V3);
+            methods.insert(v3, handler);
+        }
+        methods
+    }
+}
+
+impl<B: Backend> Inner<B> {
+    fn cell(&self, id: &str) -> Result<Arc<Cell>> {
+        lock(&self.containers)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("container {id}")))
+    }
+
+    fn starting(&self) -> Starting<'_, B> {
+        lock(&self.pids).starting += 1;
+        Starting(self)
+    }
+
+    /// Records who owns `pid`, or returns its exit if it was reaped already.
+    fn claim(&self, pid: u32, id: &str, exec_id: &str) -> Option<Exit> {
+        let mut t = lock(&self.pids);
+        let pid = pid as i32;
+        t.early.remove(&pid).or_else(|| {
+            t.owners.insert(pid, (id.to_string(), exec_id.to_string()));
+            None
+        })
+    }
+
+    fn on_exit(&self, exit: Exit) {
+        let (id, exec_id) = {
+            let mut t = lock(&self.pids);
+            match t.owners.remove(&exit.pid) {
+                Some(owner) => owner,
+                None => {
+                    if t.starting > 0 {
+                        t.early.insert(exit.pid, exit);
+                    }
+                    return;
+                }
+            }
+        };
+        let Ok(cell) = self.cell(&id) else { return };
+        let mut c = lock(&cell.state);
+        self.apply_exit(&cell, &mut c, &exec_id, exit);
+    }
+
+    fn apply_exit(&self, cell: &Cell, c: &mut Container, exec_id: &str, exit: Exit) {
+        if exec_id.is_empty() {
+            if c.running_execs > 0 {
+                // Execs outlive init only in a shared pid namespace; end them, then report init.
+                for (exec_id, p) in &c.execs {
+                    if p.status == Status::RUNNING {
+                        let target = Target::Exec {
+                            exec_id,
+                            pid: p.pid,
+                        };
+                        let _ = self
+                            .backend
+                            .kill(&c.id, target, libc::SIGKILL as u32, false);
+                    }
+                }
+                c.deferred_init_exit = Some(exit);
+                return;
+            }
+            self.finish(cell, c, "", exit);
+            return;
+        }
+        self.finish(cell, c, exec_id, exit);
+        c.running_execs = c.running_execs.saturating_sub(1);
+        self.release_init_exit(cell, c);
+    }
+
+    fn release_init_exit(&self, cell: &Cell, c: &mut Container) {
+        if c.running_execs == 0 {
+            if let Some(exit) = c.deferred_init_exit.take() {
+                self.finish(cell, c, "", exit);
+            }
+        }
+    }
+
+    fn finish(&self, cell: &Cell, c: &mut Container, exec_id: &str, exit: Exit) {
+        let id = c.id.clone();
+        let Ok(p) = c.process_mut(exec_id) else {
+            return;
+        };
+        p.status = Status::STOPPED;
+        p.exit = Some(exit);
+        let event = TaskExit {
+            container_id: id.clone(),
+            id: if exec_id.is_empty() {
+                id
+            } else {
+                exec_id.to_string()
+            },
+            pid: p.pid,
+            exit_status: exit.status,
+            exited_at: MessageField::some(timestamp(exit.at)),
+            ..Default::default()
+        };
+        publish(&*self.publisher, topics::TASK_EXIT, &event);
+        cell.exited.notify_all();
+    }
+
+    fn create(&self, req: CreateTaskRequest) -> Result<CreateTaskResponse> {
+        validate_id("container", &req.id)?;
+        if !req.checkpoint.is_empty() {
+            return Err(Error::Unimplemented("Create from a checkpoint".into()));
+        }
+        if lock(&self.containers).contains_key(&req.id) {
+            return Err(Error::AlreadyExists(format!("container {}", req.id)));
+        }
+        let paths = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let owner = self.backend.io_owner(req.options.as_ref())?;
+        let (io, stdio) = ProcessIo::open(&paths, owner)?;
+        let starting = self.starting();
+        let bundle = PathBuf::from(&req.bundle);
+        let pid = self.backend.create(CreateRequest {
+            id: &req.id,
+            bundle: &bundle,
+            rootfs: &req.rootfs,
+            options: req.options.as_ref(),
+            terminal: req.terminal,
+            stdio,
+        })?;
+        let early = self.claim(pid, &req.id, "");
+        let mut init = Proc::new(paths.clone());
+        init.pid = pid;
+        init.io = Some(io);
+        let cell = Arc::new(Cell {
+            state: Mutex::new(Container {
+                id: req.id.clone(),
+                bundle: req.bundle.clone(),
+                init,
+                execs: HashMap::new(),
+                running_execs: 0,
+                deferred_init_exit: None,
+            }),
+            exited: Condvar::new(),
+        });
+        lock(&self.containers).insert(req.id.clone(), cell.clone());
+        let event = TaskCreate {
+            container_id: req.id.clone(),
+            bundle: req.bundle.clone(),
+            rootfs: req.rootfs.clone(),
+            io: MessageField::some(TaskIO {
+                stdin: paths.stdin,
+                stdout: paths.stdout,
+                stderr: paths.stderr,
+                terminal: paths.terminal,
+                ..Default::default()
+            }),
+            checkpoint: req.checkpoint.clone(),
+            pid,
+            ..Default::default()
+        };
+        publish(&*self.publisher, topics::TASK_CREATE, &event);
+        if let Some(exit) = early {
+            let mut c = lock(&cell.state);
+            self.apply_exit(&cell, &mut c, "", exit);
+        }
+        drop(starting);
+        Ok(CreateTaskResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    fn start(&self, req: StartRequest) -> Result<StartResponse> {
+        let cell = self.cell(&req.id)?;
+        let mut c = lock(&cell.state);
+        if req.exec_id.is_empty() {
+            if c.init.status != Status::CREATED {
+                return Err(Error::FailedPrecondition(format!(
+                    "container {} is not in created state",
+                    req.id
+                )));
+            }
+            self.backend.start(&req.id)?;
+            c.init.status = Status::RUNNING;
+            let pid = c.init.pid;
+            let event = TaskStart {
+                container_id: req.id.clone(),
+                pid,
+                ..Default::default()
+            };
+            publish(&*self.publisher, topics::TASK_START, &event);
+            return Ok(StartResponse {
+                pid,
+                ..Default::default()
+            });
+        }
+        if c.init.status != Status::RUNNING {
+            return Err(Error::FailedPrecondition(format!(
+                "cannot start exec {} in container {}: container is not running",
+                req.exec_id, req.id
+            )));
+        }
+        let p = c.process(&req.exec_id)?;
+        if p.status != Status::CREATED {
+            return Err(Error::FailedPrecondition(format!(
+                "exec {} is already started",
+                req.exec_id
+            )));
+        }
+        let (paths, spec) = (p.paths.clone(), p.spec.clone());
+        c.running_execs += 1;
+        let started =
+            ProcessIo::open(&paths, self.backend.io_owner(None)?).and_then(|(io, stdio)| {
+                let _starting = self.starting();
+                let pid = self.backend.exec(ExecRequest {
+                    id: &req.id,
+                    exec_id: &req.exec_id,
+                    spec: &spec,
+                    terminal: paths.terminal,
+                    stdio,
+                })?;
+                Ok((io, pid, self.claim(pid, &req.id, &req.exec_id)))
+            });
+        let (io, pid, early) = match started {
+            Ok(s) => s,
+            Err(e) => {
+                c.running_execs -= 1;
+                self.release_init_exit(&cell, &mut c);
+                return Err(e);
+            }
+        };
+        let p = c.process_mut(&req.exec_id)?;
+        p.pid = pid;
+        p.status = Status::RUNNING;
+        p.io = Some(io);
+        p.spec = Vec::new();
+        let event = TaskExecStarted {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            pid,
+            ..Default::default()
+        };
+        publish(&*self.publisher, topics::TASK_EXEC_STARTED, &event);
+        if let Some(exit) = early {
+            self.apply_exit(&cell, &mut c, &req.exec_id, exit);
+        }
+        Ok(StartResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    fn exec(&self, req: ExecProcessRequest) -> Result<()> {
+        validate_id("exec", &req.exec_id)?;
+        let spec = req
+            .spec
+            .as_ref()
+            .map(|s| s.value.clone())
+            .unwrap_or_default();
+        serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&spec).map_err(
+            |e| Error::InvalidArgument(format!("exec {} process spec: {e}", req.exec_id)),
+        )?;
+        let cell = self.cell(&req.id)?;
+        let mut c = lock(&cell.state);
+        if c.init.status == Status::STOPPED {
+            return Err(Error::FailedPrecondition(format!(
+                "container {} is stopped",
+                req.id
+            )));
+        }
+        if c.execs.contains_key(&req.exec_id) {
+            return Err(Error::AlreadyExists(format!("exec {}", req.exec_id)));
+        }
+        let mut p = Proc::new(StdioPaths {
+            stdin: req.stdin,
+            stdout: req.stdout,
+            stderr: req.stderr,
+            terminal: req.terminal,
+        });
+        p.spec = spec;
+        c.execs.insert(req.exec_id.clone(), p);
+        let event = TaskExecAdded {
+            container_id: req.id,
+            exec_id: req.exec_id,
+            ..Default::default()
+        };
+        publish(&*self.publisher, topics::TASK_EXEC_ADDED, &event);
+        Ok(())
+    }
+
+    fn kill(&self, req: KillRequest) -> Result<()> {
+        let cell = self.cell(&req.id)?;
+        let c = lock(&cell.state);
+        let p = c.process(&req.exec_id)?;
+        if p.status == Status::STOPPED && !req.all {
+            return Err(Error::NotFound(format!(
+                "process {}: process already finished",
+                if req.exec_id.is_empty() {
+                    &req.id
+                } else {
+                    &req.exec_id
+                }
+            )));
+        }
+        if req.exec_id.is_empty() {
+            drop(c); // runc kill takes a while; do not block the container meanwhile
+            return self
+                .backend
+                .kill(&req.id, Target::Init, req.signal, req.all);
+        }
+        if p.status == Status::CREATED {
+            return Err(Error::FailedPrecondition(format!(
+                "exec {} is not started",
+                req.exec_id
+            )));
+        }
+        // Hold the lock: the pid cannot be reaped and reused while we signal it.
+        let target = Target::Exec {
+            exec_id: &req.exec_id,
+            pid: p.pid,
+        };
+        self.backend.kill(&req.id, target, req.signal, req.all)
+    }
+
+    fn delete(&self, req: DeleteRequest) -> Result<DeleteResponse> {
+        let cell = self.cell(&req.id)?;
+        let mut c = lock(&cell.state);
+        let response = |pid: u32, exit: Option<Exit>| {
+            let exit = exit.unwrap_or(Exit {
+                pid: pid as i32,
+                status: 128 + libc::SIGKILL as u32,
+                at: std::time::SystemTime::now(),
+            });
+            DeleteResponse {
+                pid,
+                exit_status: exit.status,
+                exited_at: MessageField::some(timestamp(exit.at)),
+                ..Default::default()
+            }
+        };
+        if !req.exec_id.is_empty() {
+            let p = c.process(&req.exec_id)?;
+            if p.status == Status::RUNNING {
+                return Err(Error::FailedPrecondition(format!(
+                    "exec {} is running; kill it first",
+                    req.exec_id
+                )));
+            }
+            let resp = response(p.pid, p.exit);
+            c.execs.remove(&req.exec_id);
+            return Ok(resp);
+        }
+        if matches!(c.init.status, Status::RUNNING | Status::PAUSED) {
+            return Err(Error::FailedPrecondition(format!(
+                "container {} is running; kill it first",
+                req.id
+            )));
+        }
+        self.backend.delete(&req.id)?;
+        {
+            let mut t = lock(&self.pids);
+            t.owners.retain(|_, (id, _)| id != &req.id);
+        }
+        let resp = response(c.init.pid, c.init.exit);
+        let event = TaskDelete {
+            container_id: req.id.clone(),
+            pid: resp.pid,
+            exit_status: resp.exit_status,
+            exited_at: resp.exited_at.clone(),
+            ..Default::default()
+        };
+        publish(&*self.publisher, topics::TASK_DELETE, &event);
+        drop(c);
+        lock(&self.containers).remove(&req.id);
+        cell.exited.notify_all();
+        Ok(resp)
+    }
+
+    fn state(&self, req: StateRequest) -> Result<StateResponse> {
+        let cell = self.cell(&req.id)?;
+        let c = lock(&cell.state);
+        let p = c.process(&req.exec_id)?;
+        let (status, at) = p
+            .exit
+            .map(|e| (e.status, Some(timestamp(e.at))))
+            .unwrap_or((0, None));
+        Ok(StateResponse {
+            id: if req.exec_id.is_empty() {
+                req.id.clone()
+            } else {
+                req.exec_id.clone()
+            },
+            bundle: c.bundle.clone(),
+            pid: p.pid,
+            status: p.status.into(),
+            stdin: p.paths.stdin.clone(),
+            stdout: p.paths.stdout.clone(),
+            stderr: p.paths.stderr.clone(),
+            terminal: p.paths.terminal,
+            exit_status: status,
+            exited_at: at.into(),
+            exec_id: req.exec_id,
+            ..Default::default()
+        })
+    }
+
+    fn wait(&self, req: WaitRequest) -> Result<WaitResponse> {
+        let cell = self.cell(&req.id)?;
+        let mut c = lock(&cell.state);
+        loop {
+            if let Some(exit) = c.process(&req.exec_id)?.exit {
+                return Ok(WaitResponse {
+                    exit_status: exit.status,
+                    exited_at: MessageField::some(timestamp(exit.at)),
+                    ..Default::default()
+                });
+            }
+            if !lock(&self.containers).contains_key(&req.id) {
+                return Err(Error::NotFound(format!("container {}", req.id)));
+            }
+            c = cell.exited.wait(c).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn pids(&self, req: PidsRequest) -> Result<PidsResponse> {
+        let cell = self.cell(&req.id)?;
+        let pids = self.backend.pids(&req.id)?;
+        let c = lock(&cell.state);
+        let mut processes = Vec::with_capacity(pids.len());
+        for pid in pids {
+            let exec = c
+                .execs
+                .iter()
+                .find(|(_, p)| p.pid == pid && p.status == Status::RUNNING);
+            let info = match exec {
+                Some((exec_id, _)) => {
+                    let details = protocol::options::ProcessDetails {
+                        exec_id: exec_id.clone(),
+                        ..Default::default()
+                    };
+                    protocol::pack(&details).ok().into()
+                }
+                None => MessageField::none(),
+            };
+            processes.push(ProcessInfo {
+                pid,
+                info,
+                ..Default::default()
+            });
+        }
+        Ok(PidsResponse {
+            processes,
+            ..Default::default()
+        })
+    }
+
+    fn close_io(&self, req: CloseIORequest) -> Result<()> {
+        let cell = self.cell(&req.id)?;
+        let c = lock(&cell.state);
+        let p = c.process(&req.exec_id)?;
+        if req.stdin {
+            if let Some(io) = &p.io {
+                io.close_stdin();
+            }
+        }
+        Ok(())
+    }
+
+    fn set_paused(&self, id: &str, paused: bool) -> Result<()> {
+        let cell = self.cell(id)?;
+        let mut c = lock(&cell.state);
+        if paused {
+            self.backend.pause(id)?;
+            c.init.status = Status::PAUSED;
+            let e = TaskPaused {
+                container_id: id.into(),
+                ..Default::default()
+            };
+            publish(&*self.publisher, topics::TASK_PAUSED, &e);
+        } else {
+            self.backend.resume(id)?;
+            c.init.status = Status::RUNNING;
+            let e = TaskResumed {
+                container_id: id.into(),
+                ..Default::default()
+            };
+            publish(&*self.publisher, topics::TASK_RESUMED, &e);
+        }
+        Ok(())
+    }
+
+    fn connect(&self, req: ConnectRequest) -> Result<ConnectResponse> {
+        let task_pid = match self.cell(&req.id) {
+            Ok(cell) => lock(&cell.state).init.pid,
+            Err(_) => 0,
+        };
+        Ok(ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            ..Default::default()
+        })
+    }
+
+    fn shutdown(&self, _req: ShutdownRequest) -> Result<()> {
+        if lock(&self.containers).is_empty() {
+            (self.on_shutdown)();
+        }
+        Ok(())
+    }
+}
+
+fn answer<T>(method: &str, r: Result<T>) -> ttrpc::Result<T> {
+    r.map_err(|e| {
+        log::debug!("{method}: {e}");
+        e.into()
+    })
+}
+
+fn empty(r: Result<()>) -> Result<Empty> {
+    r.map(|()| Empty::new())
+}
+
+impl<B: Backend> Task for TaskService<B> {
+    fn state(&self, _: &TtrpcContext, r: StateRequest) -> ttrpc::Result<StateResponse> {
+        answer("State", self.inner.state(r))
+    }
+    fn create(&self, _: &TtrpcContext, r: CreateTaskRequest) -> ttrpc::Result<CreateTaskResponse> {
+        answer("Create", self.inner.create(r))
+    }
+    fn start(&self, _: &TtrpcContext, r: StartRequest) -> ttrpc::Result<StartResponse> {
+        answer("Start", self.inner.start(r))
+    }
+    fn delete(&self, _: &TtrpcContext, r: DeleteRequest) -> ttrpc::Result<DeleteResponse> {
+        answer("Delete", self.inner.delete(r))
+    }
+    fn pids(&self, _: &TtrpcContext, r: PidsRequest) -> ttrpc::Result<PidsResponse> {
+        answer("Pids", self.inner.pids(r))
+    }
+    fn pause(&self, _: &TtrpcContext, r: PauseRequest) -> ttrpc::Result<Empty> {
+        answer("Pause", empty(self.inner.set_paused(&r.id, true)))
+    }
+    fn resume(&self, _: &TtrpcContext, r: ResumeRequest) -> ttrpc::Result<Empty> {
+        answer("Resume", empty(self.inner.set_paused(&r.id, false)))
+    }
+    fn checkpoint(&self, _: &TtrpcContext, r: CheckpointTaskRequest) -> ttrpc::Result<Empty> {
+        let res = self.inner.cell(&r.id).and_then(|_| {
+            self.inner
+                .backend
+                .checkpoint(&r.id, &r.path, r.options.as_ref())
+        });
+        answer("Checkpoint", empty(res))
+    }
+    fn kill(&self, _: &TtrpcContext, r: KillRequest) -> ttrpc::Result<Empty> {
+        answer("Kill", empty(self.inner.kill(r)))
+    }
+    fn exec(&self, _: &TtrpcContext, r: ExecProcessRequest) -> ttrpc::Result<Empty> {
+        answer("Exec", empty(self.inner.exec(r)))
+    }
+    fn resize_pty(&self, _: &TtrpcContext, r: ResizePtyRequest) -> ttrpc::Result<Empty> {
+        let res = self.inner.cell(&r.id).and_then(|_| {
+            self.inner
+                .backend
+                .resize_pty(&r.id, &r.exec_id, r.width, r.height)
+        });
+        answer("ResizePty", empty(res))
+    }
+    fn close_io(&self, _: &TtrpcContext, r: CloseIORequest) -> ttrpc::Result<Empty> {
+        answer("CloseIO", empty(self.inner.close_io(r)))
+    }
+    fn update(&self, _: &TtrpcContext, r: UpdateTaskRequest) -> ttrpc::Result<Empty> {
+        let res = self
+            .inner
+            .cell(&r.id)
+            .and_then(|_| self.inner.backend.update(&r.id, r.resources.as_ref()));
+        answer("Update", empty(res))
+    }
+    fn wait(&self, _: &TtrpcContext, r: WaitRequest) -> ttrpc::Result<WaitResponse> {
+        answer("Wait", self.inner.wait(r))
+    }
+    fn stats(&self, _: &TtrpcContext, r: StatsRequest) -> ttrpc::Result<StatsResponse> {
+        let res = self
+            .inner
+            .cell(&r.id)
+            .and_then(|_| self.inner.backend.stats(&r.id));
+        answer(
+            "Stats",
+            res.map(|s| StatsResponse {
+                stats: MessageField::some(s),
+                ..Default::default()
+            }),
+        )
+    }
+    fn connect(&self, _: &TtrpcContext, r: ConnectRequest) -> ttrpc::Result<ConnectResponse> {
+        answer("Connect", self.inner.connect(r))
+    }
+    fn shutdown(&self, _: &TtrpcContext, r: ShutdownRequest) -> ttrpc::Result<Empty> {
+        answer("Shutdown", empty(self.inner.shutdown(r)))
+    }
+}

@@ -1,0 +1,142 @@
+//! Where a shim daemon listens, and binding that place without races.
+//!
+//! The name is containerd's: `unix:///run/containerd/s/<hex sha256 of address/namespace/group>`.
+//! The `start` process binds the socket itself and hands the listener to the daemon as an
+//! inherited fd, so containerd can connect the moment `start` prints the address.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{Context, Result};
+
+/// containerd's state directory; sockets live in its `s/` subdirectory.
+pub const DEFAULT_SOCKET_ROOT: &str = "/run/containerd";
+
+/// The socket address containerd expects for a shim of `group` in `namespace`.
+///
+/// ```
+/// let a = shim_common::socket::address("/run/containerd/containerd.sock", "default", "c1");
+/// assert!(a.starts_with("unix:///run/containerd/s/") && a.len() == "unix:///run/containerd/s/".len() + 64);
+/// ```
+pub fn address(containerd_address: &str, namespace: &str, group: &str) -> String {
+    address_in(
+        Path::new(DEFAULT_SOCKET_ROOT),
+        containerd_address,
+        namespace,
+        group,
+    )
+}
+
+/// [`address`] with another state directory, for hosts that do not use `/run/containerd`.
+pub fn address_in(root: &Path, containerd_address: &str, namespace: &str, group: &str) -> String {
+    // Go's filepath.Join(address, ns, id): one separator between parts.
+    let joined = format!(
+        "{}/{}/{}",
+        containerd_address.trim_end_matches('/'),
+        namespace.trim_matches('/'),
+        group.trim_matches('/')
+    );
+    let digest = Sha256::digest(joined.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("unix://{}/s/{hex}", root.display())
+}
+
+/// The filesystem path behind a `unix://` address.
+pub fn path(address: &str) -> PathBuf {
+    PathBuf::from(address.strip_prefix("unix://").unwrap_or(address))
+}
+
+/// Outcome of [`bind`].
+pub enum Bound {
+    /// We own the socket now; hand the listener to the daemon.
+    New(UnixListener),
+    /// A live shim already serves this address (a second container of the same group).
+    Existing,
+}
+
+/// Binds `address`, replacing a stale socket left by a dead shim, or reports that a live
+/// shim already answers there.
+pub fn bind(address: &str) -> Result<Bound> {
+    let path = path(address);
+    if let Some(dir) = path.parent() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("create socket directory {}", dir.display()))?;
+    }
+    match listen(&path) {
+        Ok(l) => Ok(Bound::New(l)),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+            if UnixStream::connect(&path).is_ok() {
+                return Ok(Bound::Existing);
+            }
+            // Nobody answers: a shim died without cleaning up. Take the name over.
+            remove(address)?;
+            Ok(Bound::New(
+                listen(&path).with_context(|| format!("bind {}", path.display()))?,
+            ))
+        }
+        Err(e) => Err(e).with_context(|| format!("bind {}", path.display())),
+    }
+}
+
+fn listen(path: &Path) -> io::Result<UnixListener> {
+    let l = UnixListener::bind(path)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+/// Removes the socket file of `address`; a missing file is not an error.
+pub fn remove(address: &str) -> Result<()> {
+    let path = path(address);
+    match fs::remove_file(&path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("remove socket {}", path.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn address_is_deterministic_and_group_scoped() {
+        let a = address("/run/containerd/containerd.sock", "default", "g");
+        assert_eq!(
+            a,
+            address("/run/containerd/containerd.sock/", "default", "g")
+        );
+        assert_ne!(
+            a,
+            address("/run/containerd/containerd.sock", "default", "h")
+        );
+        assert_ne!(a, address("/run/containerd/containerd.sock", "other", "g"));
+    }
+
+    #[test]
+    fn stale_socket_is_replaced_and_live_one_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = address_in(dir.path(), "/c.sock", "ns", "g");
+        let first = match bind(&addr).unwrap() {
+            Bound::New(l) => l,
+            Bound::Existing => panic!("nothing listens yet"),
+        };
+        assert!(matches!(bind(&addr).unwrap(), Bound::Existing));
+        drop(first); // the socket file stays behind, like after a SIGKILLed shim
+        assert!(path(&addr).exists());
+        assert!(matches!(bind(&addr).unwrap(), Bound::New(_)));
+        let mode = fs::metadata(path(&addr).parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
+}
