@@ -1,0 +1,156 @@
+//! The runc backend: mount the rootfs, then let runc do the rest.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use protobuf::well_known_types::any::Any;
+use shim_common::mount::{mount_rootfs, unmount_all};
+use shim_common::stdio::IoOwner;
+use shim_common::{
+    Backend, Context, CreateRequest, Error, ExecRequest, Result, ShimContext, Target,
+};
+
+use crate::options::RuncConfig;
+use crate::runc::Runc;
+
+struct Container {
+    bundle: PathBuf,
+    runc: Runc,
+    /// Whether we mounted `bundle/rootfs` (and so must unmount it).
+    mounted: bool,
+}
+
+pub struct RuncBackend {
+    namespace: String,
+    containers: Mutex<HashMap<String, Arc<Container>>>,
+}
+
+impl RuncBackend {
+    fn get(&self, id: &str) -> Result<Arc<Container>> {
+        self.containers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("container {id}")))
+    }
+}
+
+impl Backend for RuncBackend {
+    fn new(ctx: &ShimContext) -> Result<Self> {
+        Ok(RuncBackend {
+            namespace: ctx.namespace.clone(),
+            containers: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn io_owner(&self, options: Option<&Any>) -> Result<IoOwner> {
+        let c = RuncConfig::from_any(options, &self.namespace)?;
+        let set = |v: u32| (v != 0).then_some(v);
+        Ok(IoOwner {
+            uid: set(c.io_uid),
+            gid: set(c.io_gid),
+        })
+    }
+
+    fn create(&self, req: CreateRequest<'_>) -> Result<u32> {
+        let config = RuncConfig::from_any(req.options, &self.namespace)?;
+        let runc = Runc::new(config.clone(), req.bundle)?;
+        config.save(req.bundle)?;
+        let rootfs = req.bundle.join("rootfs");
+        let mounted = !req.rootfs.is_empty();
+        if mounted {
+            std::fs::create_dir_all(&rootfs).context("create rootfs directory")?;
+            mount_rootfs(req.rootfs, &rootfs)?;
+        }
+        let pid = match runc.create(req.id, req.bundle, req.stdio) {
+            Ok(pid) => pid,
+            Err(e) => {
+                // Leave nothing behind: no half-created runc state, no mount.
+                let _ = runc.delete(req.id);
+                if mounted {
+                    let _ = unmount_all(&rootfs);
+                }
+                return Err(e);
+            }
+        };
+        let container = Container {
+            bundle: req.bundle.to_path_buf(),
+            runc,
+            mounted,
+        };
+        self.containers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(req.id.to_string(), Arc::new(container));
+        Ok(pid)
+    }
+
+    fn start(&self, id: &str) -> Result<()> {
+        self.get(id)?.runc.start(id)
+    }
+
+    fn exec(&self, req: ExecRequest<'_>) -> Result<u32> {
+        if req.terminal {
+            return Err(Error::Unimplemented("exec with a terminal".into()));
+        }
+        let c = self.get(req.id)?;
+        c.runc
+            .exec(req.id, &c.bundle, req.exec_id, req.spec, req.stdio)
+    }
+
+    fn kill(&self, id: &str, target: Target<'_>, signal: u32, all: bool) -> Result<()> {
+        match target {
+            Target::Init => self.get(id)?.runc.kill(id, signal, all),
+            Target::Exec { exec_id, pid } => {
+                let sig = Signal::try_from(signal as i32)
+                    .map_err(|_| Error::InvalidArgument(format!("signal {signal}")))?;
+                kill(Pid::from_raw(pid as i32), sig).map_err(|e| match e {
+                    nix::Error::ESRCH => {
+                        Error::NotFound(format!("exec {exec_id}: process already finished"))
+                    }
+                    e => Error::Sys {
+                        context: format!("kill exec {exec_id}"),
+                        source: e,
+                    },
+                })
+            }
+        }
+    }
+
+    fn delete(&self, id: &str) -> Result<()> {
+        let c = self.get(id)?;
+        c.runc.delete(id)?;
+        if c.mounted {
+            unmount_all(&c.bundle.join("rootfs"))?;
+        }
+        self.containers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        Ok(())
+    }
+
+    fn pids(&self, id: &str) -> Result<Vec<u32>> {
+        self.get(id)?.runc.ps(id)
+    }
+
+    fn pause(&self, id: &str) -> Result<()> {
+        self.get(id)?.runc.pause(id)
+    }
+
+    fn resume(&self, id: &str) -> Result<()> {
+        self.get(id)?.runc.resume(id)
+    }
+
+    fn cleanup(ctx: &ShimContext, id: &str, bundle: &Path) -> Result<()> {
+        let config = RuncConfig::load(bundle, &ctx.namespace);
+        let result = Runc::new(config, bundle).and_then(|runc| runc.delete(id));
+        // Unmount even if runc failed: a leaked mount outlives everything else.
+        unmount_all(&bundle.join("rootfs"))?;
+        result
+    }
+}

@@ -1,0 +1,290 @@
+//! The runc command line (also spoken by crun): one method per subcommand, with runc's own
+//! error text taken from its JSON log so it reaches the user.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use shim_common::reaper::{self, Output};
+use shim_common::stdio::ChildStdio;
+use shim_common::{Context, Error, Result};
+
+use crate::options::RuncConfig;
+
+/// runc, configured for one container.
+#[derive(Debug, Clone)]
+pub struct Runc {
+    binary: PathBuf,
+    config: RuncConfig,
+    /// runc's `--log`: JSON lines whose last error is the reason a command failed.
+    log: PathBuf,
+}
+
+impl Runc {
+    /// Resolves the binary now, so a wrong `binary_name` fails with a clear message.
+    pub fn new(config: RuncConfig, bundle: &Path) -> Result<Runc> {
+        let binary = resolve(&config.binary)?;
+        Ok(Runc {
+            binary,
+            config,
+            log: bundle.join("log.json"),
+        })
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("--root")
+            .arg(&self.config.root)
+            .arg("--log")
+            .arg(&self.log)
+            .args(["--log-format", "json"]);
+        if self.config.systemd_cgroup {
+            cmd.arg("--systemd-cgroup");
+        }
+        cmd
+    }
+
+    /// Runs `cmd`; on failure returns runc's own explanation.
+    fn run(&self, what: &str, cmd: &mut Command) -> Result<Output> {
+        // Only what this command logs explains its failure; earlier lines are history.
+        let offset = fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0);
+        let out = reaper::run(cmd)?;
+        if out.success() {
+            return Ok(out);
+        }
+        let reason = last_error(&self.log, offset)
+            .or_else(|| {
+                let s = String::from_utf8_lossy(&out.stderr).trim().to_string();
+                (!s.is_empty()).then_some(s)
+            })
+            .unwrap_or_else(|| format!("exit status {}", out.status));
+        // runc already says "runc create failed: ..."; crun does not.
+        if reason.contains(&format!("{what} failed")) {
+            return Err(Error::Runtime(reason));
+        }
+        Err(Error::Runtime(format!(
+            "{} {what} failed: {reason}",
+            self.binary.display()
+        )))
+    }
+
+    /// `runc create`: the init process exists, waiting for `start`. Returns its pid.
+    pub fn create(&self, id: &str, bundle: &Path, stdio: ChildStdio) -> Result<u32> {
+        let pid_file = bundle.join("init.pid");
+        let mut cmd = self.command();
+        cmd.arg("create")
+            .arg("--bundle")
+            .arg(bundle)
+            .arg("--pid-file")
+            .arg(&pid_file);
+        if self.config.no_pivot_root {
+            cmd.arg("--no-pivot");
+        }
+        if self.config.no_new_keyring {
+            cmd.arg("--no-new-keyring");
+        }
+        cmd.arg(id);
+        stdio.apply(&mut cmd);
+        self.run("create", &mut cmd)?;
+        drop(cmd); // close the shim's copies of the container's stdio
+        read_pid(&pid_file)
+    }
+
+    pub fn start(&self, id: &str) -> Result<()> {
+        self.run(
+            "start",
+            self.command()
+                .args(["start", id])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped()),
+        )
+        .map(drop)
+    }
+
+    /// `runc exec --detach` of a process spec; returns the new process's pid.
+    pub fn exec(
+        &self,
+        id: &str,
+        bundle: &Path,
+        exec_id: &str,
+        spec: &[u8],
+        stdio: ChildStdio,
+    ) -> Result<u32> {
+        let spec_file = bundle.join(format!(".exec-{exec_id}.json"));
+        let pid_file = bundle.join(format!(".exec-{exec_id}.pid"));
+        fs::write(&spec_file, spec).context("write exec process spec")?;
+        let mut cmd = self.command();
+        cmd.args(["exec", "--detach", "--process"])
+            .arg(&spec_file)
+            .arg("--pid-file")
+            .arg(&pid_file)
+            .arg(id);
+        stdio.apply(&mut cmd);
+        let result = self.run("exec", &mut cmd).and_then(|_| read_pid(&pid_file));
+        drop(cmd);
+        let _ = fs::remove_file(&spec_file);
+        let _ = fs::remove_file(&pid_file);
+        result
+    }
+
+    pub fn kill(&self, id: &str, signal: u32, all: bool) -> Result<()> {
+        let mut cmd = self.command();
+        cmd.arg("kill");
+        if all {
+            cmd.arg("--all");
+        }
+        cmd.arg(id)
+            .arg(signal.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        self.run("kill", &mut cmd).map(drop).map_err(|e| {
+            let text = e.to_string();
+            if [
+                "not running",
+                "process already finished",
+                "no such process",
+                "does not exist",
+            ]
+            .iter()
+            .any(|s| text.contains(s))
+            {
+                Error::NotFound(format!("container {id}: process already finished"))
+            } else {
+                e
+            }
+        })
+    }
+
+    /// `runc delete --force`: gone, whatever state it was in. A missing container is fine.
+    pub fn delete(&self, id: &str) -> Result<()> {
+        let mut cmd = self.command();
+        cmd.args(["delete", "--force", id])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        match self.run("delete", &mut cmd) {
+            Err(e)
+                if e.to_string().contains("does not exist")
+                    || e.to_string().contains("not exist") =>
+            {
+                Ok(())
+            }
+            other => other.map(drop),
+        }
+    }
+
+    pub fn ps(&self, id: &str) -> Result<Vec<u32>> {
+        let mut cmd = self.command();
+        cmd.args(["ps", "--format", "json", id])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let out = self.run("ps", &mut cmd)?;
+        let pids: Option<Vec<u32>> = serde_json::from_slice(&out.stdout)
+            .map_err(|e| Error::Runtime(format!("runc ps output: {e}")))?;
+        Ok(pids.unwrap_or_default())
+    }
+
+    pub fn pause(&self, id: &str) -> Result<()> {
+        self.run(
+            "pause",
+            self.command()
+                .args(["pause", id])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped()),
+        )
+        .map(drop)
+    }
+
+    pub fn resume(&self, id: &str) -> Result<()> {
+        self.run(
+            "resume",
+            self.command()
+                .args(["resume", id])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped()),
+        )
+        .map(drop)
+    }
+}
+
+/// Finds `name` like `execve` would, and says clearly when it cannot be used.
+fn resolve(name: &str) -> Result<PathBuf> {
+    let candidates: Vec<PathBuf> = if name.contains('/') {
+        vec![PathBuf::from(name)]
+    } else {
+        std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).map(|d| d.join(name)).collect())
+            .unwrap_or_default()
+    };
+    for c in &candidates {
+        if let Ok(m) = fs::metadata(c) {
+            if m.is_file() && m.permissions().mode() & 0o111 != 0 {
+                return Ok(c.clone());
+            }
+            if name.contains('/') {
+                return Err(Error::FailedPrecondition(format!(
+                    "runtime binary {name:?} is not executable"
+                )));
+            }
+        }
+    }
+    Err(Error::FailedPrecondition(format!(
+        "runtime binary {name:?} not found"
+    )))
+}
+
+fn read_pid(path: &Path) -> Result<u32> {
+    let text = fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    text.trim()
+        .parse()
+        .map_err(|e| Error::Runtime(format!("bad pid in {}: {e}", path.display())))
+}
+
+/// The message of the last error runc logged.
+fn last_error(log: &Path, offset: u64) -> Option<String> {
+    let bytes = fs::read(log).ok()?;
+    let text = String::from_utf8_lossy(bytes.get(offset as usize..)?);
+    text.lines().rev().find_map(|line| {
+        let v: serde_json::Value = serde_json::from_str(line).ok()?;
+        (v["level"] == "error" || v["level"] == "fatal")
+            .then(|| v["msg"].as_str().unwrap_or(line).to_string())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_and_non_executable_binaries_are_clear_errors() {
+        let err = resolve("/nonexistent/runc").unwrap_err().to_string();
+        assert!(err.contains("\"/nonexistent/runc\" not found"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("runc");
+        fs::write(&f, "").unwrap();
+        let err = resolve(f.to_str().unwrap()).unwrap_err().to_string();
+        assert!(err.contains("not executable"), "{err}");
+        assert!(resolve("sh").is_ok());
+    }
+
+    #[test]
+    fn last_error_comes_from_runc_json_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log.json");
+        fs::write(
+            &log,
+            "{\"level\":\"warning\",\"msg\":\"w\"}\n{\"level\":\"error\",\"msg\":\"container_linux.go:380: starting container process caused: exec: \\\"nope\\\": executable file not found in $PATH\"}\n",
+        )
+        .unwrap();
+        let len = fs::metadata(&log).unwrap().len();
+        assert_eq!(
+            last_error(&log, len),
+            None,
+            "earlier errors are not this command's"
+        );
+        assert!(last_error(&log, 0)
+            .unwrap()
+            .contains("executable file not found"));
+    }
+}
