@@ -148,7 +148,13 @@ impl Backend for RuncBackend {
 
     fn cleanup(ctx: &ShimContext, id: &str, bundle: &Path) -> Result<()> {
         let config = RuncConfig::load(bundle, &ctx.namespace);
-        let result = Runc::new(config, bundle).and_then(|runc| runc.delete(id));
+        // containerd runs this after every shim exit, clean or not. Without runc state
+        // there is nothing for runc to delete, and skipping it keeps `ctr run --rm` fast.
+        let result = if config.root.join(id).exists() {
+            Runc::new(config, bundle).and_then(|runc| runc.delete(id))
+        } else {
+            Ok(())
+        };
         // Unmount even if runc failed: a leaked mount outlives everything else.
         unmount_all(&bundle.join("rootfs"))?;
         result
