@@ -272,6 +272,13 @@ impl Containerd {
         )
         .ctx_path("writing", &d.join("owner"))?;
 
+        // Like a production host (state in /run, root on disk): task bundles live on tmpfs,
+        // the metadata database and snapshots on the temp dir's filesystem. Drop unmounts it
+        // with everything else under the temp dir.
+        let state = d.join("state");
+        fs::create_dir(&state).ctx_path("creating", &state)?;
+        mount_tmpfs(&state)?;
+
         let address = d.join("c.sock");
         // sun_path is 108 bytes including the NUL; ttrpc adds nothing, but the
         // shim's own sockets live elsewhere, so only ours matter here.
@@ -863,6 +870,29 @@ fn cmdline(pid: i32) -> Option<Vec<Vec<u8>>> {
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}
+
+fn mount_tmpfs(target: &Path) -> Result<(), Error> {
+    let c = |s: &str| std::ffi::CString::new(s).unwrap_or_default();
+    let path = std::ffi::CString::new(target.as_os_str().as_bytes())
+        .map_err(|e| Error::io("tmpfs path", std::io::Error::other(e)))?;
+    // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call.
+    let rc = unsafe {
+        libc::mount(
+            c("tmpfs").as_ptr(),
+            path.as_ptr(),
+            c("tmpfs").as_ptr(),
+            0,
+            c("mode=0711").as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(Error::io(
+            format!("mount tmpfs on {}", target.display()),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
 }
 
 /// `(state, ppid, starttime)` from `/proc/<pid>/stat`.

@@ -18,6 +18,7 @@ use crate::runc::Runc;
 
 struct Container {
     bundle: PathBuf,
+    init_pid: u32,
     runc: Runc,
     /// Whether we mounted `bundle/rootfs` (and so must unmount it).
     mounted: bool,
@@ -79,6 +80,7 @@ impl Backend for RuncBackend {
         };
         let container = Container {
             bundle: req.bundle.to_path_buf(),
+            init_pid: pid,
             runc,
             mounted,
         };
@@ -90,7 +92,8 @@ impl Backend for RuncBackend {
     }
 
     fn start(&self, id: &str) -> Result<()> {
-        self.get(id)?.runc.start(id)
+        let c = self.get(id)?;
+        c.runc.start(id, c.init_pid)
     }
 
     fn exec(&self, req: ExecRequest<'_>) -> Result<u32> {

@@ -2,9 +2,14 @@
 //! error text taken from its JSON log so it reaches the user.
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::unistd::Pid;
 
 use shim_common::reaper::{self, Output};
 use shim_common::stdio::ChildStdio;
@@ -91,7 +96,15 @@ impl Runc {
         read_pid(&pid_file)
     }
 
-    pub fn start(&self, id: &str) -> Result<()> {
+    /// `runc start`. A created container's init waits on `<root>/<id>/exec.fifo`; reading
+    /// it and removing it is exactly what `runc start` does, so the shim does it itself and
+    /// saves a runc process per container start. Without the fifo (an older or different
+    /// runtime, or a container that is not in created state), runc does it.
+    pub fn start(&self, id: &str, init_pid: u32) -> Result<()> {
+        let fifo = self.config.root.join(id).join("exec.fifo");
+        if start_via_exec_fifo(&fifo, init_pid)? {
+            return Ok(());
+        }
         self.run(
             "start",
             self.command()
@@ -206,6 +219,54 @@ impl Runc {
         )
         .map(drop)
     }
+}
+
+/// Releases a created container's init by reading its exec fifo. Returns `false` when
+/// there is no fifo to read.
+fn start_via_exec_fifo(fifo: &Path, init_pid: u32) -> Result<bool> {
+    // Non-blocking open never hangs on a dead init; blocking reads afterwards wait for the
+    // init's single byte.
+    let mut f = match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(fifo)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e).with_context(|| format!("open {}", fifo.display())),
+    };
+    nix::fcntl::fcntl(
+        f.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
+    )
+    .context("make exec fifo blocking")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut buf = [0u8; 16];
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => {
+                // The init has not reopened its end yet — or it is gone.
+                let alive = nix::sys::signal::kill(Pid::from_raw(init_pid as i32), None).is_ok();
+                if !alive {
+                    return Err(Error::FailedPrecondition(
+                        "container process is already dead".into(),
+                    ));
+                }
+                if Instant::now() >= deadline {
+                    return Err(Error::Runtime(
+                        "container init never opened its exec fifo".into(),
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Ok(_) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e).with_context(|| format!("read {}", fifo.display())),
+        }
+    }
+    // runc reports "created" for as long as the fifo exists.
+    fs::remove_file(fifo).with_context(|| format!("remove {}", fifo.display()))?;
+    Ok(true)
 }
 
 /// Finds `name` like `execve` would, and says clearly when it cannot be used.
