@@ -22,26 +22,64 @@ fn main() {
     require_root();
     let bin = target_bin_dir();
     println!("shims from {}", bin.display());
-    let c = Containerd::builder().bin_dir(&bin).start().expect("start containerd");
+    let c = Containerd::builder()
+        .bin_dir(&bin)
+        .start()
+        .expect("start containerd");
     println!("private containerd at {}", c.address().display());
     c.import_busybox().expect("import busybox image");
     println!("imported {BUSYBOX_REF} (built offline from Debian's busybox-static)\n");
 
     let id = unique_id("demo");
-    show(&c, &["run", "--rm", BUSYBOX_REF, &id, "echo", "hello from containerd-shim-runc-v2"]);
+    show(
+        &c,
+        &[
+            "run",
+            "--rm",
+            BUSYBOX_REF,
+            &id,
+            "echo",
+            "hello from containerd-shim-runc-v2",
+        ],
+    );
     show(&c, &["run", "--rm", BUSYBOX_REF, &id, "sh", "-c", "exit 3"]);
 
     let bg = unique_id("web");
-    show(&c, &["run", "-d", BUSYBOX_REF, &bg, "sh", "-c", "while true; do sleep 1; done"]);
+    show(
+        &c,
+        &[
+            "run",
+            "-d",
+            BUSYBOX_REF,
+            &bg,
+            "sh",
+            "-c",
+            "while true; do sleep 1; done",
+        ],
+    );
     show(&c, &["task", "ls"]);
     for pid in c.shim_pids() {
         let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
         println!("  shim pid {pid}: {}", exe.display());
     }
-    show(&c, &["task", "exec", "--exec-id", "hi", &bg, "sh", "-c", "echo exec in $(hostname); exit 5"]);
+    show(
+        &c,
+        &[
+            "task",
+            "exec",
+            "--exec-id",
+            "hi",
+            &bg,
+            "sh",
+            "-c",
+            "echo exec in $(hostname); exit 5",
+        ],
+    );
     show(&c, &["task", "ps", &bg]);
     show(&c, &["task", "kill", "-s", "SIGKILL", &bg]);
-    wait_until(Duration::from_secs(10), || c.ctr(&["task", "delete", &bg]).success());
+    wait_until(Duration::from_secs(10), || {
+        c.ctr(&["task", "delete", &bg]).success()
+    });
     show(&c, &["container", "delete", &bg]);
     println!("\ndone; containerd stops and its temp dir is removed");
 }
