@@ -100,8 +100,19 @@ pub trait Backend: Send + Sync + 'static {
         Err(Error::Unimplemented("Update".into()))
     }
 
-    fn stats(&self, _id: &str) -> Result<Any> {
-        Err(Error::Unimplemented("Stats".into()))
+    /// Whether the container's processes live in host cgroups the SDK can read: then the
+    /// SDK answers `Stats` and watches for OOM kills itself. A VM backend says `false`.
+    fn host_cgroups(&self) -> bool {
+        true
+    }
+
+    /// Metrics for `Stats`. The default reads the cgroup of the init process (`init_pid`)
+    /// when [`Backend::host_cgroups`] holds.
+    fn stats(&self, _id: &str, init_pid: u32) -> Result<Any> {
+        if !self.host_cgroups() {
+            return Err(Error::Unimplemented("Stats".into()));
+        }
+        crate::cgroups::metrics(init_pid)
     }
 
     fn checkpoint(&self, _id: &str, _path: &str, _options: Option<&Any>) -> Result<()> {

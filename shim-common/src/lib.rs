@@ -24,6 +24,7 @@
 //! ```
 
 pub mod backend;
+pub mod cgroups;
 pub mod error;
 pub mod events;
 pub mod flags;
