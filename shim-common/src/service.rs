@@ -763,10 +763,10 @@ impl<B: Backend> Task for TaskService<B> {
         answer("Wait", self.inner.wait(r))
     }
     fn stats(&self, _: &TtrpcContext, r: StatsRequest) -> ttrpc::Result<StatsResponse> {
-        let res = self
-            .inner
-            .cell(&r.id)
-            .and_then(|_| self.inner.backend.stats(&r.id));
+        let res = self.inner.cell(&r.id).and_then(|cell| {
+            let pid = lock(&cell.state).init.pid;
+            self.inner.backend.stats(&r.id, pid)
+        });
         answer(
             "Stats",
             res.map(|s| StatsResponse {
