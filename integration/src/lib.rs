@@ -18,6 +18,7 @@
 pub mod checks;
 pub mod containerd;
 pub mod error;
+pub mod events;
 pub mod image;
 
 use std::path::PathBuf;

@@ -25,6 +25,7 @@
 
 pub mod backend;
 pub mod cgroups;
+pub mod console;
 pub mod error;
 pub mod events;
 pub mod flags;

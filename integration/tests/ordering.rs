@@ -1,0 +1,190 @@
+//! Event order through a real containerd, including the races containerd's own runc shim
+//! regressed on (containerd issues 9103 and 10589), made deterministic with a runc wrapper
+//! that delays chosen commands.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use integration::checks::wait_until;
+use integration::events::EventLog;
+use integration::{require_root, target_bin_dir, unique_id, Containerd, BUSYBOX_REF};
+
+fn containerd() -> Containerd {
+    require_root();
+    let c = Containerd::builder()
+        .bin_dir(target_bin_dir())
+        .start()
+        .expect("start containerd");
+    c.import_busybox().expect("import busybox");
+    c
+}
+
+/// Installs the runc wrapper in the test's directory with `conf`; returns its path.
+fn wrapper(c: &Containerd, conf: &str) -> PathBuf {
+    let dir = c.dir().join(unique_id("wrap"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bin = dir.join("runc");
+    std::fs::copy(target_bin_dir().join("runc-wrapper"), &bin).unwrap();
+    std::fs::write(dir.join("runc-wrapper.conf"), conf).unwrap();
+    bin
+}
+
+fn task_topics(log: &EventLog, id: &str) -> Vec<String> {
+    log.topics(id)
+        .into_iter()
+        .filter(|t| t.starts_with("/tasks/"))
+        .collect()
+}
+
+#[test]
+fn lifecycle_events_in_order_even_when_the_process_exits_at_once() {
+    let c = containerd();
+    let log = EventLog::start(&c);
+    let ids: Vec<String> = (0..8).map(|_| unique_id("order")).collect();
+    for id in &ids {
+        c.ctr_ok(&["run", "--rm", BUSYBOX_REF, id, "true"]);
+    }
+    for id in &ids {
+        assert!(
+            log.wait_for(id, "/tasks/delete"),
+            "no delete event for {id}"
+        );
+        assert_eq!(
+            task_topics(&log, id),
+            [
+                "/tasks/create",
+                "/tasks/start",
+                "/tasks/exit",
+                "/tasks/delete"
+            ],
+            "container {id}"
+        );
+    }
+}
+
+/// The exec's process exits while `runc exec` is still running (the wrapper holds it
+/// back), so its exit is reaped before the shim knows its pid. It must still be reported,
+/// with its own status, after exec-started.
+#[test]
+fn exec_that_exits_before_its_start_returns() {
+    let c = containerd();
+    let runc = wrapper(&c, "delay exec 0 400\n");
+    let id = unique_id("early");
+    let log = EventLog::start(&c);
+    c.ctr_ok(&[
+        "run",
+        "-d",
+        "--runc-binary",
+        runc.to_str().unwrap(),
+        BUSYBOX_REF,
+        &id,
+        "sleep",
+        "1000",
+    ]);
+    let out = c.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "quick",
+        &id,
+        "sh",
+        "-c",
+        "exit 7",
+    ]);
+    assert_eq!(out.status, 7, "{out:?}");
+    let events = log.for_container(&id);
+    let exec_topics: Vec<&str> = events
+        .iter()
+        .filter(|e| e.body["exec_id"] == "quick" || e.body["id"] == "quick")
+        .map(|e| e.topic.as_str())
+        .collect();
+    assert_eq!(
+        exec_topics,
+        ["/tasks/exec-added", "/tasks/exec-started", "/tasks/exit"]
+    );
+    let exit = events.iter().find(|e| e.topic == "/tasks/exit").unwrap();
+    assert_eq!(exit.body["exit_status"], 7);
+    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);
+}
+
+/// The init exits while an exec still runs: every exec's exit is published before the
+/// init's, so containerd never sees a stopped task with live processes.
+#[test]
+fn init_exit_is_published_after_exec_exits() {
+    let c = containerd();
+    let id = unique_id("initlast");
+    let log = EventLog::start(&c);
+    c.ctr_ok(&["run", "-d", BUSYBOX_REF, &id, "sh", "-c", "sleep 2"]);
+    for n in 0..3 {
+        c.ctr_ok(&[
+            "task",
+            "exec",
+            "-d",
+            "--exec-id",
+            &format!("long{n}"),
+            &id,
+            "sleep",
+            "1000",
+        ]);
+    }
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            log.topics(&id)
+                .iter()
+                .filter(|t| *t == "/tasks/exit")
+                .count()
+                == 4
+        }),
+        "expected 3 exec exits and the init's: {:?}",
+        log.topics(&id)
+    );
+    let exits: Vec<String> = log
+        .for_container(&id)
+        .into_iter()
+        .filter(|e| e.topic == "/tasks/exit")
+        .map(|e| e.body["id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(
+        exits.last().map(String::as_str),
+        Some(id.as_str()),
+        "{exits:?}"
+    );
+    let warn = c.ctr(&["task", "delete", &id]).stderr;
+    assert!(
+        !warn.contains("non-zero"),
+        "init exited 0 by itself: {warn}"
+    );
+}
+
+/// A slow `runc create` (held back by the wrapper) delays everything but reorders nothing.
+#[test]
+fn slow_create_keeps_order() {
+    let c = containerd();
+    let runc = wrapper(&c, "delay create 200 300\n");
+    let id = unique_id("slow");
+    let log = EventLog::start(&c);
+    let out = c.ctr(&[
+        "run",
+        "--rm",
+        "--runc-binary",
+        runc.to_str().unwrap(),
+        BUSYBOX_REF,
+        &id,
+        "sh",
+        "-c",
+        "exit 4",
+    ]);
+    assert_eq!(out.status, 4);
+    assert!(log.wait_for(&id, "/tasks/delete"));
+    assert_eq!(
+        task_topics(&log, &id),
+        [
+            "/tasks/create",
+            "/tasks/start",
+            "/tasks/exit",
+            "/tasks/delete"
+        ]
+    );
+    let calls = std::fs::read_to_string(runc.with_file_name("runc-calls.log")).unwrap();
+    assert!(calls.lines().any(|l| l.contains(" create ")), "{calls}");
+}
