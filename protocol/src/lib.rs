@@ -39,6 +39,8 @@ generated!(
     events_ttrpc,
     options,
     runtimeoptions,
+    cgroups_v1,
+    cgroups_v2,
 );
 
 /// `containerd.task.v2.Task` as containerd names it on the wire.
@@ -56,6 +58,11 @@ pub mod type_urls {
     pub const OCI_PROCESS: &str = "types.containerd.io/opencontainers/runtime-spec/1/Process";
     /// Per-process details the runc shim attaches to `Pids` answers.
     pub const PROCESS_DETAILS: &str = "containerd.runc.v1.ProcessDetails";
+    /// cgroups v1 `Stats` answer; containerd picks the decoder by this name. The cgroup
+    /// metrics are generated without reflection (`protocol::pack` cannot name them).
+    pub const CGROUPS_V1_METRICS: &str = "io.containerd.cgroups.v1.Metrics";
+    /// cgroups v2 `Stats` answer.
+    pub const CGROUPS_V2_METRICS: &str = "io.containerd.cgroups.v2.Metrics";
 }
 
 /// Event topics a shim publishes, with the event message that goes with each.
@@ -121,6 +128,71 @@ mod tests {
         assert_eq!(
             opts.write_to_bytes().unwrap(),
             [0x32, 1, b'b', 0x3a, 1, b'r', 0x48, 1]
+        );
+    }
+
+    #[test]
+    fn cgroup_metrics_match_containerd() {
+        // Generated without reflection, so the type URLs are constants: pin them to the
+        // package and message name of the .proto files they come from.
+        for (proto, url) in [
+            (
+                include_str!("../proto/cgroups/v1/cgroups_v1.proto"),
+                type_urls::CGROUPS_V1_METRICS,
+            ),
+            (
+                include_str!("../proto/cgroups/v2/cgroups_v2.proto"),
+                type_urls::CGROUPS_V2_METRICS,
+            ),
+        ] {
+            let package = url.strip_suffix(".Metrics").unwrap();
+            assert!(proto.contains(&format!("\npackage {package};\n")));
+            assert!(proto.contains("\nmessage Metrics {\n"));
+        }
+        // v1: pids = 2 {current = 1}; memory_oom_control = 9 {oom_kill = 3}.
+        let m = cgroups_v1::Metrics {
+            pids: protobuf::MessageField::some(cgroups_v1::PidsStat {
+                current: 5,
+                ..Default::default()
+            }),
+            memory_oom_control: protobuf::MessageField::some(cgroups_v1::MemoryOomControl {
+                oom_kill: 1,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            m.write_to_bytes().unwrap(),
+            [0x12, 2, 0x08, 5, 0x4a, 2, 0x18, 1]
+        );
+        // v1 MemoryStat: total_rss = 19, usage = 33 {usage = 2}.
+        let mem = cgroups_v1::MemoryStat {
+            total_rss: 7,
+            usage: protobuf::MessageField::some(cgroups_v1::MemoryEntry {
+                usage: 9,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            mem.write_to_bytes().unwrap(),
+            [0x98, 0x01, 7, 0x8a, 0x02, 2, 0x10, 9]
+        );
+        // v2: memory = 4 {usage = 32}; memory_events = 8 {oom_kill = 5}.
+        let m = cgroups_v2::Metrics {
+            memory: protobuf::MessageField::some(cgroups_v2::MemoryStat {
+                usage: 3,
+                ..Default::default()
+            }),
+            memory_events: protobuf::MessageField::some(cgroups_v2::MemoryEvents {
+                oom_kill: 1,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            m.write_to_bytes().unwrap(),
+            [0x22, 3, 0x80, 0x02, 3, 0x42, 2, 0x28, 1]
         );
     }
 }
