@@ -354,6 +354,43 @@ impl Containerd {
         Ok(c)
     }
 
+    /// Stops containerd only (SIGTERM), as a daemon restart or crash would: shims and their
+    /// containers keep running.
+    pub fn stop_containerd(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if let Ok(pid) = i32::try_from(child.id()) {
+                // SAFETY: plain kill(2) on our own, not yet reaped, child.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts containerd again with the same configuration and state (after
+    /// [`stop_containerd`](Self::stop_containerd)); it reconnects to running shims.
+    pub fn restart_containerd(&mut self) -> Result<(), Error> {
+        self.stop_containerd();
+        let log_path = self.log_path();
+        let log = fs::OpenOptions::new()
+            .append(true)
+            .open(&log_path)
+            .ctx_path("opening", &log_path)?;
+        let log2 = log.try_clone().ctx_path("duplicating", &log_path)?;
+        let child = Command::new(CONTAINERD_BINARY)
+            .arg("--config")
+            .arg(self.config_path())
+            .env("PATH", &self.path_env)
+            .env_remove("CONTAINERD_ADDRESS")
+            .env_remove("CONTAINERD_NAMESPACE")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .ctx(|| format!("spawning {CONTAINERD_BINARY}"))?;
+        self.child = Some(child);
+        self.wait_ready(Duration::from_secs(30))
+    }
+
     fn wait_ready(&mut self, timeout: Duration) -> Result<(), Error> {
         let deadline = Instant::now() + timeout;
         loop {

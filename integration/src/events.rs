@@ -52,9 +52,22 @@ impl EventLog {
                 }
             }
         });
-        // ctr connects asynchronously; give it a moment before the test acts.
-        std::thread::sleep(Duration::from_millis(300));
-        EventLog { child, events }
+        let log = EventLog { child, events };
+        // ctr subscribes asynchronously: it is listening once a throw-away container's
+        // events come through (the busybox image must be imported).
+        let probe = crate::unique_id("probe");
+        c.ctr_ok(&["run", "--rm", crate::BUSYBOX_REF, &probe, "true"]);
+        assert!(
+            log.wait_for(&probe, "/tasks/delete"),
+            "ctr events saw nothing"
+        );
+        log
+    }
+
+    /// Positions of `topic` among the events about `container`.
+    pub fn positions(&self, container: &str, topic: &str) -> Vec<usize> {
+        let topics = self.topics(container);
+        (0..topics.len()).filter(|&i| topics[i] == topic).collect()
     }
 
     /// Events about `container`, in arrival order.

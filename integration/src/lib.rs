@@ -20,6 +20,8 @@ pub mod containerd;
 pub mod error;
 pub mod events;
 pub mod image;
+pub mod shim_client;
+pub mod soak;
 
 use std::path::PathBuf;
 

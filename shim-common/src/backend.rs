@@ -29,7 +29,9 @@ pub struct CreateRequest<'a> {
     /// Runtime options (`containerd.runc.v1.Options`, ...) exactly as containerd sent them.
     pub options: Option<&'a Any>,
     pub terminal: bool,
-    /// The fds the process must get as stdin, stdout and stderr.
+    /// With a terminal: where the runtime must send the pty master (`--console-socket`).
+    pub console_socket: Option<&'a Path>,
+    /// The fds the process must get as stdin, stdout and stderr (unused with a terminal).
     pub stdio: ChildStdio,
 }
 
@@ -40,6 +42,8 @@ pub struct ExecRequest<'a> {
     /// The OCI runtime-spec `Process`, JSON, as containerd sent it.
     pub spec: &'a [u8],
     pub terminal: bool,
+    /// With a terminal: where the runtime must send the pty master (`--console-socket`).
+    pub console_socket: Option<&'a Path>,
     pub stdio: ChildStdio,
 }
 

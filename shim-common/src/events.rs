@@ -33,7 +33,8 @@ pub fn publish<M: MessageFull>(p: &dyn Publisher, topic: &str, event: &M) {
 }
 
 const QUEUE: usize = 128;
-const ATTEMPTS: u32 = 5;
+/// Retries per event: 20 ms doubling to 1 s, about 10 s in all — a containerd restart.
+const ATTEMPTS: u32 = 15;
 
 struct Queued {
     topic: String,
@@ -91,8 +92,16 @@ impl Publisher for RemotePublisher {
                     event,
                     at: SystemTime::now(),
                 };
-                if tx.send(q).is_err() {
-                    log::warn!("event publisher stopped; dropped {topic}");
+                // Never block the caller (it may hold a container's lock): a full queue means
+                // containerd has been unreachable for a while; drop and say so.
+                match tx.try_send(q) {
+                    Ok(()) => {}
+                    Err(mpsc::TrySendError::Full(_)) => {
+                        log::error!("event queue full; dropped {topic}")
+                    }
+                    Err(mpsc::TrySendError::Disconnected(_)) => {
+                        log::warn!("event publisher stopped; dropped {topic}")
+                    }
                 }
             }
             None => log::warn!("event publisher closed; dropped {topic}"),
@@ -135,7 +144,7 @@ fn forward(rx: Receiver<Queued>, address: &str, namespace: &str) {
                     }
                 }
             }
-            std::thread::sleep(Duration::from_millis(20 << attempt));
+            std::thread::sleep(Duration::from_millis((20u64 << attempt.min(6)).min(1000)));
         }
         if !delivered {
             log::error!("could not deliver {} event to {address}", q.topic);

@@ -96,7 +96,15 @@ fn dispatch<B: Backend>(name: &str) -> Result<()> {
 /// The `delete` action: let the backend clean up after a dead daemon and answer containerd
 /// with a `DeleteResponse` (exit status 137: the task died with its shim).
 fn delete<B: Backend>(flags: &Flags) -> Result<Vec<u8>> {
-    B::cleanup(&serve::context(flags), &flags.id, Path::new(&flags.bundle))?;
+    let bundle = Path::new(&flags.bundle);
+    B::cleanup(&serve::context(flags), &flags.id, bundle)?;
+    // The dead daemon's socket, unless a live shim of the same group still answers there.
+    if let Ok(address) = std::fs::read_to_string(bundle.join("address")) {
+        let address = address.trim();
+        if std::os::unix::net::UnixStream::connect(socket::path(address)).is_err() {
+            socket::remove(address)?;
+        }
+    }
     let resp = protocol::shim::DeleteResponse {
         pid: 0,
         exit_status: 128 + libc::SIGKILL as u32,

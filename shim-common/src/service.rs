@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
 use protobuf::well_known_types::empty::Empty;
 use protobuf::MessageField;
@@ -25,10 +25,12 @@ use protocol::topics;
 use ttrpc::{MethodHandler, TtrpcContext};
 
 use crate::backend::{Backend, CreateRequest, ExecRequest, Target};
+use crate::cgroups::OomWatcher;
+use crate::console::{Console, ConsoleSocket};
 use crate::error::{Error, Result};
 use crate::events::{publish, timestamp, Publisher};
 use crate::reaper::{self, Exit};
-use crate::stdio::{ProcessIo, StdioPaths};
+use crate::stdio::{ChildStdio, IoContext, IoOwner, ProcessIo, StdioPaths};
 
 /// Called when `Shutdown` finds no task left: the daemon stops serving and exits.
 pub type ShutdownHook = Box<dyn Fn() + Send + Sync>;
@@ -38,7 +40,7 @@ struct Proc {
     status: Status,
     exit: Option<Exit>,
     paths: StdioPaths,
-    io: Option<ProcessIo>,
+    io: Option<Io>,
     /// The OCI process spec of an exec, kept from `Exec` until `Start`.
     spec: Vec<u8>,
 }
@@ -56,6 +58,54 @@ impl Proc {
     }
 }
 
+/// The shim's side of a process's stdio.
+enum Io {
+    Pipes(ProcessIo),
+    Console(Console),
+}
+
+/// Stdio set up before the runtime runs: pipes are ready; a terminal arrives later through
+/// the console socket.
+enum PendingIo {
+    Pipes(ProcessIo),
+    Console(ConsoleSocket),
+}
+
+impl PendingIo {
+    fn open(
+        paths: &StdioPaths,
+        owner: IoOwner,
+        ctx: IoContext<'_>,
+    ) -> Result<(PendingIo, ChildStdio)> {
+        if paths.terminal {
+            return Ok((
+                PendingIo::Console(ConsoleSocket::new()?),
+                ChildStdio::default(),
+            ));
+        }
+        let (io, stdio) = ProcessIo::open(paths, owner, ctx)?;
+        Ok((PendingIo::Pipes(io), stdio))
+    }
+
+    fn console_socket(&self) -> Option<&std::path::Path> {
+        match self {
+            PendingIo::Console(s) => Some(s.path()),
+            PendingIo::Pipes(_) => None,
+        }
+    }
+
+    /// Completes the set-up once the runtime created the process.
+    fn finish(self, paths: &StdioPaths) -> Result<Io> {
+        match self {
+            PendingIo::Pipes(io) => Ok(Io::Pipes(io)),
+            PendingIo::Console(sock) => {
+                let master = sock.receive_master(std::time::Duration::from_secs(10))?;
+                Ok(Io::Console(Console::start(master, paths)?))
+            }
+        }
+    }
+}
+
 struct Container {
     id: String,
     bundle: String,
@@ -64,6 +114,8 @@ struct Container {
     /// Execs started (or starting) and not yet exited: the init's exit waits for them.
     running_execs: usize,
     deferred_init_exit: Option<Exit>,
+    /// Owner of the stdio pipes of every process of the container (`io_uid`/`io_gid`).
+    io_owner: IoOwner,
 }
 
 impl Container {
@@ -102,11 +154,17 @@ struct PidTable {
 }
 
 struct Inner<B> {
+    /// The containerd namespace served, told to logging binaries.
+    namespace: String,
     backend: B,
     publisher: Arc<dyn Publisher>,
     containers: Mutex<HashMap<String, Arc<Cell>>>,
     pids: Mutex<PidTable>,
     on_shutdown: ShutdownHook,
+    /// One OOM watcher for every container of the shim, started with the first container
+    /// in host cgroups; `None` inside when it could not start (OOM events are then lost,
+    /// the containers still run).
+    oom: OnceLock<Option<OomWatcher>>,
 }
 
 /// containerd's task service for backend `B`.
@@ -142,16 +200,19 @@ impl<B: Backend> TaskService<B> {
     /// Builds the service and, when a reaper is installed, the thread that turns reaped
     /// exits into task exits.
     pub fn new(
+        namespace: impl Into<String>,
         backend: B,
         publisher: Arc<dyn Publisher>,
         on_shutdown: ShutdownHook,
     ) -> Result<Self> {
         let inner = Arc::new(Inner {
+            namespace: namespace.into(),
             backend,
             publisher,
             containers: Mutex::new(HashMap::new()),
             pids: Mutex::new(PidTable::default()),
             on_shutdown,
+            oom: OnceLock::new(),
         });
         if let Some(sub) = reaper::subscribe() {
             let weak = Arc::downgrade(&inner);
@@ -193,6 +254,25 @@ impl<B: Backend> Inner<B> {
             .get(id)
             .cloned()
             .ok_or_else(|| Error::NotFound(format!("container {id}")))
+    }
+
+    /// The OOM watcher, started on first use; it publishes `TaskOOM` for each kill.
+    fn oom_watcher(&self) -> Option<&OomWatcher> {
+        self.oom
+            .get_or_init(|| {
+                let publisher = self.publisher.clone();
+                let watcher = OomWatcher::new(move |id| {
+                    let event = TaskOOM {
+                        container_id: id.to_string(),
+                        ..Default::default()
+                    };
+                    publish(&*publisher, topics::TASK_OOM, &event);
+                });
+                watcher
+                    .map_err(|e| log::warn!("OOM events disabled: {e}"))
+                    .ok()
+            })
+            .as_ref()
     }
 
     fn starting(&self) -> Starting<'_, B> {
@@ -269,6 +349,12 @@ impl<B: Backend> Inner<B> {
         };
         p.status = Status::STOPPED;
         p.exit = Some(exit);
+        if exec_id.is_empty() {
+            // An OOM kill the watcher has not reported yet goes out before the exit.
+            if let Some(Some(w)) = self.oom.get() {
+                w.check(&id);
+            }
+        }
         let event = TaskExit {
             container_id: id.clone(),
             id: if exec_id.is_empty() {
@@ -300,7 +386,11 @@ impl<B: Backend> Inner<B> {
             terminal: req.terminal,
         };
         let owner = self.backend.io_owner(req.options.as_ref())?;
-        let (io, stdio) = ProcessIo::open(&paths, owner)?;
+        let ctx = IoContext {
+            id: &req.id,
+            namespace: &self.namespace,
+        };
+        let (pending, stdio) = PendingIo::open(&paths, owner, ctx)?;
         let starting = self.starting();
         let bundle = PathBuf::from(&req.bundle);
         let pid = self.backend.create(CreateRequest {
@@ -309,8 +399,16 @@ impl<B: Backend> Inner<B> {
             rootfs: &req.rootfs,
             options: req.options.as_ref(),
             terminal: req.terminal,
+            console_socket: pending.console_socket(),
             stdio,
         })?;
+        let io = match pending.finish(&paths) {
+            Ok(io) => io,
+            Err(e) => {
+                let _ = self.backend.delete(&req.id);
+                return Err(e);
+            }
+        };
         let early = self.claim(pid, &req.id, "");
         let mut init = Proc::new(paths.clone());
         init.pid = pid;
@@ -323,6 +421,7 @@ impl<B: Backend> Inner<B> {
                 execs: HashMap::new(),
                 running_execs: 0,
                 deferred_init_exit: None,
+                io_owner: owner,
             }),
             exited: Condvar::new(),
         });
@@ -343,6 +442,13 @@ impl<B: Backend> Inner<B> {
             ..Default::default()
         };
         publish(&*self.publisher, topics::TASK_CREATE, &event);
+        if self.backend.host_cgroups() {
+            if let Some(w) = self.oom_watcher() {
+                if let Err(e) = w.add(&req.id, pid) {
+                    log::warn!("no OOM events for container {}: {e}", req.id);
+                }
+            }
+        }
         if let Some(exit) = early {
             let mut c = lock(&cell.state);
             self.apply_exit(&cell, &mut c, "", exit);
@@ -393,18 +499,36 @@ impl<B: Backend> Inner<B> {
         }
         let (paths, spec) = (p.paths.clone(), p.spec.clone());
         c.running_execs += 1;
-        let started =
-            ProcessIo::open(&paths, self.backend.io_owner(None)?).and_then(|(io, stdio)| {
-                let _starting = self.starting();
-                let pid = self.backend.exec(ExecRequest {
-                    id: &req.id,
-                    exec_id: &req.exec_id,
-                    spec: &spec,
-                    terminal: paths.terminal,
-                    stdio,
-                })?;
-                Ok((io, pid, self.claim(pid, &req.id, &req.exec_id)))
-            });
+        let ctx = IoContext {
+            id: &req.id,
+            namespace: &self.namespace,
+        };
+        let started = PendingIo::open(&paths, c.io_owner, ctx).and_then(|(pending, stdio)| {
+            let _starting = self.starting();
+            let pid = self.backend.exec(ExecRequest {
+                id: &req.id,
+                exec_id: &req.exec_id,
+                spec: &spec,
+                terminal: paths.terminal,
+                console_socket: pending.console_socket(),
+                stdio,
+            })?;
+            let early = self.claim(pid, &req.id, &req.exec_id);
+            match pending.finish(&paths) {
+                Ok(io) => Ok((io, pid, early)),
+                Err(e) => {
+                    lock(&self.pids).owners.remove(&(pid as i32));
+                    let target = Target::Exec {
+                        exec_id: &req.exec_id,
+                        pid,
+                    };
+                    let _ = self
+                        .backend
+                        .kill(&req.id, target, libc::SIGKILL as u32, false);
+                    Err(e)
+                }
+            }
+        });
         let (io, pid, early) = match started {
             Ok(s) => s,
             Err(e) => {
@@ -541,6 +665,9 @@ impl<B: Backend> Inner<B> {
             )));
         }
         self.backend.delete(&req.id)?;
+        if let Some(Some(w)) = self.oom.get() {
+            w.remove(&req.id);
+        }
         {
             let mut t = lock(&self.pids);
             t.owners.retain(|_, (id, _)| id != &req.id);
@@ -643,11 +770,34 @@ impl<B: Backend> Inner<B> {
         let c = lock(&cell.state);
         let p = c.process(&req.exec_id)?;
         if req.stdin {
-            if let Some(io) = &p.io {
-                io.close_stdin();
+            match &p.io {
+                Some(Io::Pipes(io)) => io.close_stdin(),
+                Some(Io::Console(console)) => console.close_stdin(),
+                None => {}
             }
         }
         Ok(())
+    }
+
+    fn resize_pty(&self, req: ResizePtyRequest) -> Result<()> {
+        let cell = self.cell(&req.id)?;
+        let c = lock(&cell.state);
+        let p = c.process(&req.exec_id)?;
+        let name = if req.exec_id.is_empty() {
+            &req.id
+        } else {
+            &req.exec_id
+        };
+        match &p.io {
+            Some(Io::Console(console)) => console.resize(req.width, req.height),
+            _ if !p.paths.terminal => Err(Error::FailedPrecondition(format!(
+                "process {name} has no terminal to resize"
+            ))),
+            // A terminal the shim does not hold (a VM guest's, say): the backend's.
+            _ => self
+                .backend
+                .resize_pty(&req.id, &req.exec_id, req.width, req.height),
+        }
     }
 
     fn set_paused(&self, id: &str, paused: bool) -> Result<()> {
@@ -742,12 +892,7 @@ impl<B: Backend> Task for TaskService<B> {
         answer("Exec", empty(self.inner.exec(r)))
     }
     fn resize_pty(&self, _: &TtrpcContext, r: ResizePtyRequest) -> ttrpc::Result<Empty> {
-        let res = self.inner.cell(&r.id).and_then(|_| {
-            self.inner
-                .backend
-                .resize_pty(&r.id, &r.exec_id, r.width, r.height)
-        });
-        answer("ResizePty", empty(res))
+        answer("ResizePty", empty(self.inner.resize_pty(r)))
     }
     fn close_io(&self, _: &TtrpcContext, r: CloseIORequest) -> ttrpc::Result<Empty> {
         answer("CloseIO", empty(self.inner.close_io(r)))

@@ -67,7 +67,7 @@ impl Backend for RuncBackend {
             std::fs::create_dir_all(&rootfs).context("create rootfs directory")?;
             mount_rootfs(req.rootfs, &rootfs)?;
         }
-        let pid = match runc.create(req.id, req.bundle, req.stdio) {
+        let pid = match runc.create(req.id, req.bundle, req.console_socket, req.stdio) {
             Ok(pid) => pid,
             Err(e) => {
                 // Leave nothing behind: no half-created runc state, no mount.
@@ -97,12 +97,16 @@ impl Backend for RuncBackend {
     }
 
     fn exec(&self, req: ExecRequest<'_>) -> Result<u32> {
-        if req.terminal {
-            return Err(Error::Unimplemented("exec with a terminal".into()));
-        }
         let c = self.get(req.id)?;
-        c.runc
-            .exec(req.id, &c.bundle, req.exec_id, req.spec, req.stdio)
+        let (id, exec_id) = (req.id, req.exec_id);
+        c.runc.exec(
+            id,
+            &c.bundle,
+            exec_id,
+            req.spec,
+            req.console_socket,
+            req.stdio,
+        )
     }
 
     fn kill(&self, id: &str, target: Target<'_>, signal: u32, all: bool) -> Result<()> {
@@ -139,6 +143,15 @@ impl Backend for RuncBackend {
 
     fn pids(&self, id: &str) -> Result<Vec<u32>> {
         self.get(id)?.runc.ps(id)
+    }
+
+    fn update(&self, id: &str, resources: Option<&Any>) -> Result<()> {
+        let resources = resources.map(|r| r.value.as_slice()).unwrap_or_default();
+        // containerd sends an OCI LinuxResources as JSON; refuse anything else up front.
+        serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(resources)
+            .map_err(|e| Error::InvalidArgument(format!("update resources: {e}")))?;
+        let c = self.get(id)?;
+        c.runc.update(id, &c.bundle, resources)
     }
 
     fn pause(&self, id: &str) -> Result<()> {

@@ -75,7 +75,13 @@ impl Runc {
     }
 
     /// `runc create`: the init process exists, waiting for `start`. Returns its pid.
-    pub fn create(&self, id: &str, bundle: &Path, stdio: ChildStdio) -> Result<u32> {
+    pub fn create(
+        &self,
+        id: &str,
+        bundle: &Path,
+        console_socket: Option<&Path>,
+        stdio: ChildStdio,
+    ) -> Result<u32> {
         let pid_file = bundle.join("init.pid");
         let mut cmd = self.command();
         cmd.arg("create")
@@ -88,6 +94,9 @@ impl Runc {
         }
         if self.config.no_new_keyring {
             cmd.arg("--no-new-keyring");
+        }
+        if let Some(sock) = console_socket {
+            cmd.arg("--console-socket").arg(sock);
         }
         cmd.arg(id);
         stdio.apply(&mut cmd);
@@ -123,6 +132,7 @@ impl Runc {
         bundle: &Path,
         exec_id: &str,
         spec: &[u8],
+        console_socket: Option<&Path>,
         stdio: ChildStdio,
     ) -> Result<u32> {
         let spec_file = bundle.join(format!(".exec-{exec_id}.json"));
@@ -132,8 +142,11 @@ impl Runc {
         cmd.args(["exec", "--detach", "--process"])
             .arg(&spec_file)
             .arg("--pid-file")
-            .arg(&pid_file)
-            .arg(id);
+            .arg(&pid_file);
+        if let Some(sock) = console_socket {
+            cmd.arg("--console-socket").arg(sock);
+        }
+        cmd.arg(id);
         stdio.apply(&mut cmd);
         let result = self.run("exec", &mut cmd).and_then(|_| read_pid(&pid_file));
         drop(cmd);
@@ -196,6 +209,20 @@ impl Runc {
         let pids: Option<Vec<u32>> = serde_json::from_slice(&out.stdout)
             .map_err(|e| Error::Runtime(format!("runc ps output: {e}")))?;
         Ok(pids.unwrap_or_default())
+    }
+
+    /// `runc update --resources`: apply an OCI `LinuxResources` (JSON) to the container.
+    pub fn update(&self, id: &str, bundle: &Path, resources: &[u8]) -> Result<()> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let file = bundle.join(format!(".update-{n}.json"));
+        fs::write(&file, resources).context("write resources for runc update")?;
+        let mut cmd = self.command();
+        cmd.args(["update", "--resources"]).arg(&file).arg(id);
+        cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+        let result = self.run("update", &mut cmd).map(drop);
+        let _ = fs::remove_file(&file);
+        result
     }
 
     pub fn pause(&self, id: &str) -> Result<()> {

@@ -1,0 +1,279 @@
+//! Bad input to the runc shim: each request gets a clear error and loses nothing.
+//! Requests `ctr` cannot make go to the shim's ttrpc socket directly, beside containerd.
+
+use std::time::Duration;
+
+use integration::checks::{processes_mentioning, runc_state, wait_until};
+use integration::shim_client::{bundle, code, connect, ctx, process_spec};
+use integration::{require_root, target_bin_dir, unique_id, Containerd, BUSYBOX_REF};
+use protocol::shim::*;
+use ttrpc::Code;
+
+fn containerd() -> Containerd {
+    require_root();
+    let c = Containerd::builder()
+        .bin_dir(target_bin_dir())
+        .start()
+        .expect("start containerd");
+    c.import_busybox().expect("import busybox");
+    c
+}
+
+fn running(c: &Containerd) -> String {
+    let id = unique_id("bad");
+    c.ctr_ok(&["run", "-d", BUSYBOX_REF, &id, "sleep", "1000"]);
+    id
+}
+
+fn exec_req(id: &str, exec_id: &str, args: &[&str]) -> ExecProcessRequest {
+    ExecProcessRequest {
+        id: id.into(),
+        exec_id: exec_id.into(),
+        spec: protobuf::MessageField::some(process_spec(args)),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn duplicate_exec_id_is_already_exists() {
+    let c = containerd();
+    let id = running(&c);
+    let shim = connect(&c, &id);
+    shim.exec(ctx(), &exec_req(&id, "dup", &["sleep", "100"]))
+        .unwrap();
+    let again = shim.exec(ctx(), &exec_req(&id, "dup", &["true"]));
+    assert_eq!(code(&again), Some(Code::ALREADY_EXISTS), "{again:?}");
+    // The first exec is untouched and still starts.
+    let start = StartRequest {
+        id: id.clone(),
+        exec_id: "dup".into(),
+        ..Default::default()
+    };
+    assert!(shim.start(ctx(), &start).unwrap().pid > 0);
+    c.ctr_ok(&["task", "kill", "-a", "-s", "SIGKILL", &id]);
+}
+
+#[test]
+fn start_twice_is_failed_precondition() {
+    let c = containerd();
+    let id = running(&c);
+    let shim = connect(&c, &id);
+    let r = shim.start(
+        ctx(),
+        &StartRequest {
+            id: id.clone(),
+            ..Default::default()
+        },
+    );
+    assert_eq!(code(&r), Some(Code::FAILED_PRECONDITION), "{r:?}");
+    let state = shim
+        .state(
+            ctx(),
+            &StateRequest {
+                id: id.clone(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        state.status.enum_value(),
+        Ok(protocol::task::Status::RUNNING)
+    );
+    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);
+}
+
+#[test]
+fn unknown_ids_are_not_found() {
+    let c = containerd();
+    let id = running(&c);
+    let shim = connect(&c, &id);
+    let kill = KillRequest {
+        id: "nope".into(),
+        signal: 9,
+        ..Default::default()
+    };
+    assert_eq!(code(&shim.kill(ctx(), &kill)), Some(Code::NOT_FOUND));
+    let kill = KillRequest {
+        id: id.clone(),
+        exec_id: "nope".into(),
+        signal: 9,
+        ..Default::default()
+    };
+    assert_eq!(code(&shim.kill(ctx(), &kill)), Some(Code::NOT_FOUND));
+    let del = DeleteRequest {
+        id: "nope".into(),
+        ..Default::default()
+    };
+    assert_eq!(code(&shim.delete(ctx(), &del)), Some(Code::NOT_FOUND));
+    let del = DeleteRequest {
+        id: id.clone(),
+        exec_id: "nope".into(),
+        ..Default::default()
+    };
+    assert_eq!(code(&shim.delete(ctx(), &del)), Some(Code::NOT_FOUND));
+    let wait = WaitRequest {
+        id: "nope".into(),
+        ..Default::default()
+    };
+    assert_eq!(code(&shim.wait(ctx(), &wait)), Some(Code::NOT_FOUND));
+    // And the real container did not notice.
+    let state = shim
+        .state(
+            ctx(),
+            &StateRequest {
+                id: id.clone(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        state.status.enum_value(),
+        Ok(protocol::task::Status::RUNNING)
+    );
+    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);
+}
+
+#[test]
+fn kill_of_a_finished_process_is_not_found() {
+    let c = containerd();
+    let id = running(&c);
+    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);
+    let shim = connect(&c, &id);
+    let wait = WaitRequest {
+        id: id.clone(),
+        ..Default::default()
+    };
+    assert_eq!(shim.wait(ctx(), &wait).unwrap().exit_status, 137);
+    let kill = KillRequest {
+        id: id.clone(),
+        signal: 15,
+        ..Default::default()
+    };
+    let r = shim.kill(ctx(), &kill);
+    assert_eq!(code(&r), Some(Code::NOT_FOUND), "{r:?}");
+}
+
+#[test]
+fn resize_of_a_process_without_terminal_is_refused() {
+    let c = containerd();
+    let id = running(&c);
+    let shim = connect(&c, &id);
+    let r = shim.resize_pty(
+        ctx(),
+        &ResizePtyRequest {
+            id: id.clone(),
+            width: 80,
+            height: 24,
+            ..Default::default()
+        },
+    );
+    assert_eq!(code(&r), Some(Code::FAILED_PRECONDITION), "{r:?}");
+    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);
+}
+
+#[test]
+fn update_applies_valid_resources_and_refuses_invalid_ones() {
+    let c = containerd();
+    let id = running(&c);
+    let shim = connect(&c, &id);
+    let update = |json: &str| UpdateTaskRequest {
+        id: id.clone(),
+        resources: protobuf::MessageField::some(protobuf::well_known_types::any::Any {
+            type_url: "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources".into(),
+            value: json.as_bytes().to_vec(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    shim.update(ctx(), &update(r#"{"pids":{"limit":77}}"#))
+        .unwrap();
+    let pid = shim
+        .state(
+            ctx(),
+            &StateRequest {
+                id: id.clone(),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .pid;
+    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let pids_cg = cg.lines().find_map(|l| {
+        l.strip_prefix("8:pids:")
+            .or_else(|| l.split_once(":pids:").map(|x| x.1))
+    });
+    if let Some(path) = pids_cg {
+        let max = std::fs::read_to_string(format!("/sys/fs/cgroup/pids{path}/pids.max")).unwrap();
+        assert_eq!(max.trim(), "77");
+    }
+    let r = shim.update(ctx(), &update("not json"));
+    assert_eq!(code(&r), Some(Code::INVALID_ARGUMENT), "{r:?}");
+    let r = shim.update(ctx(), &update(r#"{"memory":{"limit":"lots"}}"#));
+    assert!(r.is_err(), "runc must refuse a string memory limit");
+    let state = shim
+        .state(
+            ctx(),
+            &StateRequest {
+                id: id.clone(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        state.status.enum_value(),
+        Ok(protocol::task::Status::RUNNING)
+    );
+    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);
+}
+
+#[test]
+fn unknown_options_type_is_invalid_argument_and_leaks_nothing() {
+    let c = containerd();
+    let id = running(&c);
+    let shim = connect(&c, &id);
+    // A second container in the same shim, with options of a type nobody knows.
+    let other = unique_id("opts");
+    let dir = c.dir().join(&other);
+    std::fs::create_dir_all(dir.join("rootfs")).unwrap();
+    std::fs::copy(bundle(&c, &id).join("config.json"), dir.join("config.json")).unwrap();
+    let req = CreateTaskRequest {
+        id: other.clone(),
+        bundle: dir.to_string_lossy().into(),
+        options: protobuf::MessageField::some(protobuf::well_known_types::any::Any {
+            type_url: "example.com/acme.Options".into(),
+            value: vec![1, 2, 3],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let r = shim.create(ctx(), &req);
+    assert_eq!(code(&r), Some(Code::INVALID_ARGUMENT), "{r:?}");
+    let msg = format!("{r:?}");
+    assert!(msg.contains("example.com/acme.Options"), "{msg}");
+    assert!(!runc_state(c.namespace(), &other).exists());
+    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);
+}
+
+#[test]
+fn non_executable_runc_binary_is_a_clear_error() {
+    let c = containerd();
+    let id = unique_id("noexec");
+    let bin = c.dir().join("runc-not-executable");
+    std::fs::write(&bin, "#!/bin/sh\n").unwrap();
+    let out = c.ctr(&[
+        "run",
+        "--rm",
+        "--runc-binary",
+        bin.to_str().unwrap(),
+        BUSYBOX_REF,
+        &id,
+        "true",
+    ]);
+    assert!(!out.success());
+    assert!(out.stderr.contains("not executable"), "{}", out.stderr);
+    let _ = c.ctr(&["container", "delete", &id]);
+    assert!(wait_until(Duration::from_secs(20), || c
+        .shim_pids()
+        .is_empty()));
+    assert!(processes_mentioning(&id).is_empty());
+}

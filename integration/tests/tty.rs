@@ -1,0 +1,149 @@
+//! Terminals through a real containerd: `ctr run -t` and `ctr task exec -t` with ctr's own
+//! terminal being a pty this test holds, so the test types and reads like a user.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use integration::checks::wait_until;
+use integration::containerd::CTR_BINARY;
+use integration::{require_root, target_bin_dir, unique_id, Containerd, BUSYBOX_REF};
+
+fn containerd() -> Containerd {
+    require_root();
+    let c = Containerd::builder()
+        .bin_dir(target_bin_dir())
+        .start()
+        .expect("start containerd");
+    c.import_busybox().expect("import busybox");
+    c
+}
+
+/// `ctr <args>` on a fresh pty of `rows`×`cols`; returns the child, the master for typing,
+/// and everything ctr's terminal showed so far.
+struct Terminal {
+    child: Child,
+    master: File,
+    screen: Arc<Mutex<String>>,
+}
+
+impl Terminal {
+    fn run(c: &Containerd, args: &[&str], rows: u16, cols: u16) -> Terminal {
+        let ws = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        let pty = nix::pty::openpty(Some(&ws), None).expect("openpty");
+        let slave: OwnedFd = pty.slave;
+        let mut cmd = Command::new(CTR_BINARY);
+        cmd.arg("--address")
+            .arg(c.address())
+            .args(["--namespace", c.namespace()])
+            .args(args)
+            .env("CONTAINERD_SNAPSHOTTER", c.snapshotter())
+            .stdin(Stdio::from(slave.try_clone().unwrap()))
+            .stdout(Stdio::from(slave.try_clone().unwrap()))
+            .stderr(Stdio::from(slave));
+        let child = cmd.spawn().expect("spawn ctr");
+        let master = File::from(pty.master);
+        let screen = Arc::new(Mutex::new(String::new()));
+        let (mut reader, sink) = (master.try_clone().unwrap(), screen.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = reader.read(&mut buf) {
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Terminal {
+            child,
+            master,
+            screen,
+        }
+    }
+
+    fn screen(&self) -> String {
+        self.screen.lock().unwrap().clone()
+    }
+
+    fn wait_for(&self, text: &str) -> bool {
+        wait_until(Duration::from_secs(20), || self.screen().contains(text))
+    }
+
+    fn type_line(&mut self, line: &str) {
+        self.master.write_all(line.as_bytes()).unwrap();
+        self.master.write_all(b"\r").unwrap();
+    }
+
+    fn exit_code(&mut self) -> Option<i32> {
+        let mut code = None;
+        wait_until(Duration::from_secs(20), || match self.child.try_wait() {
+            Ok(Some(s)) => {
+                code = s.code();
+                true
+            }
+            _ => false,
+        });
+        code
+    }
+}
+
+#[test]
+fn run_with_a_terminal_sizes_it_and_takes_input() {
+    let c = containerd();
+    let id = unique_id("tty");
+    // ctr resizes right after Start, so wait for a size before printing it.
+    let script = "until stty size 2>/dev/null | grep -qv '^0 '; do sleep 0.1; done; stty size; tty; read l; echo got-$l; exit 6";
+    let mut t = Terminal::run(
+        &c,
+        &["run", "-t", "--rm", BUSYBOX_REF, &id, "sh", "-c", script],
+        33,
+        101,
+    );
+    // ctr sends its own size with ResizePty as soon as the task starts.
+    assert!(t.wait_for("33 101"), "size not applied: {:?}", t.screen());
+    assert!(t.wait_for("/dev/pts/"), "not a terminal: {:?}", t.screen());
+    t.type_line("hello");
+    assert!(t.wait_for("got-hello"), "input lost: {:?}", t.screen());
+    assert_eq!(t.exit_code(), Some(6), "{:?}", t.screen());
+    assert!(
+        c.shim_pids().is_empty()
+            || wait_until(Duration::from_secs(10), || c.shim_pids().is_empty())
+    );
+}
+
+const WAIT_SIZE_THEN_EXIT_3: &str =
+    "until stty size 2>/dev/null | grep -qv '^0 '; do sleep 0.1; done; stty size; tty; exit 3";
+
+#[test]
+fn exec_with_a_terminal() {
+    let c = containerd();
+    let id = unique_id("ttyexec");
+    c.ctr_ok(&["run", "-d", BUSYBOX_REF, &id, "sleep", "1000"]);
+    let mut t = Terminal::run(
+        &c,
+        &[
+            "task",
+            "exec",
+            "-t",
+            "--exec-id",
+            "sh1",
+            &id,
+            "sh",
+            "-c",
+            WAIT_SIZE_THEN_EXIT_3,
+        ],
+        24,
+        80,
+    );
+    assert!(t.wait_for("24 80"), "{:?}", t.screen());
+    assert!(t.wait_for("/dev/pts/"), "{:?}", t.screen());
+    assert_eq!(t.exit_code(), Some(3), "{:?}", t.screen());
+    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);
+}
