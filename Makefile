@@ -3,7 +3,7 @@
 #   make test   installs what is missing, builds once, runs every test
 TARGET  := x86_64-unknown-linux-gnu
 BIN_DIR := $(CURDIR)/target/$(TARGET)/release
-APT_PKGS := containerd runc crun busybox-static
+APT_PKGS := containerd runc crun busybox-static criu
 export SHIM_BIN_DIR := $(BIN_DIR)
 
 .PHONY: demo test bench deps build fmt lint install

@@ -28,6 +28,8 @@ pub struct CreateRequest<'a> {
     pub rootfs: &'a [Mount],
     /// Runtime options (`containerd.runc.v1.Options`, ...) exactly as containerd sent them.
     pub options: Option<&'a Any>,
+    /// A checkpoint image directory to restore from instead of creating afresh (empty: none).
+    pub checkpoint: &'a str,
     pub terminal: bool,
     /// With a terminal: where the runtime must send the pty master (`--console-socket`).
     pub console_socket: Option<&'a Path>,
@@ -74,11 +76,13 @@ pub trait Backend: Send + Sync + 'static {
     }
 
     /// Creates the container; its init process must exist (stopped before the user's
-    /// program) when this returns. Returns the init's pid.
+    /// program) when this returns. Returns the init's pid — or 0 when the init only comes
+    /// to exist at `start` (a restore from a checkpoint).
     fn create(&self, req: CreateRequest<'_>) -> Result<u32>;
 
-    /// Lets the init process run the user's program.
-    fn start(&self, id: &str) -> Result<()>;
+    /// Lets the init process run the user's program. Returns the init's pid (new for a
+    /// restore, the created one otherwise).
+    fn start(&self, id: &str) -> Result<u32>;
 
     /// Starts an extra process in the container and returns its pid.
     fn exec(&self, req: ExecRequest<'_>) -> Result<u32>;

@@ -373,9 +373,6 @@ impl<B: Backend> Inner<B> {
 
     fn create(&self, req: CreateTaskRequest) -> Result<CreateTaskResponse> {
         validate_id("container", &req.id)?;
-        if !req.checkpoint.is_empty() {
-            return Err(Error::Unimplemented("Create from a checkpoint".into()));
-        }
         if lock(&self.containers).contains_key(&req.id) {
             return Err(Error::AlreadyExists(format!("container {}", req.id)));
         }
@@ -398,6 +395,7 @@ impl<B: Backend> Inner<B> {
             bundle: &bundle,
             rootfs: &req.rootfs,
             options: req.options.as_ref(),
+            checkpoint: &req.checkpoint,
             terminal: req.terminal,
             console_socket: pending.console_socket(),
             stdio,
@@ -470,15 +468,26 @@ impl<B: Backend> Inner<B> {
                     req.id
                 )));
             }
-            self.backend.start(&req.id)?;
+            let starting = self.starting();
+            let pid = self.backend.start(&req.id)?;
+            // A restored init is born here: claim its pid like create does.
+            let early = if pid != c.init.pid {
+                c.init.pid = pid;
+                self.claim(pid, &req.id, "")
+            } else {
+                None
+            };
             c.init.status = Status::RUNNING;
-            let pid = c.init.pid;
             let event = TaskStart {
                 container_id: req.id.clone(),
                 pid,
                 ..Default::default()
             };
             publish(&*self.publisher, topics::TASK_START, &event);
+            if let Some(exit) = early {
+                self.apply_exit(&cell, &mut c, "", exit);
+            }
+            drop(starting);
             return Ok(StartResponse {
                 pid,
                 ..Default::default()

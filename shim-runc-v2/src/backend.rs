@@ -7,8 +7,10 @@ use std::sync::{Arc, Mutex};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use protobuf::well_known_types::any::Any;
+use protobuf::Message;
+use protocol::options::CheckpointOptions;
 use shim_common::mount::{mount_rootfs, unmount_all};
-use shim_common::stdio::IoOwner;
+use shim_common::stdio::{ChildStdio, IoOwner};
 use shim_common::{
     Backend, Context, CreateRequest, Error, ExecRequest, Result, ShimContext, Target,
 };
@@ -22,6 +24,14 @@ struct Container {
     runc: Runc,
     /// Whether we mounted `bundle/rootfs` (and so must unmount it).
     mounted: bool,
+    /// A restore waiting for `start`: containerd's runc shim restores there too, since a
+    /// restored process runs at once and `create` must leave it not yet started.
+    restore: Mutex<Option<Restore>>,
+}
+
+struct Restore {
+    image: PathBuf,
+    stdio: ChildStdio,
 }
 
 pub struct RuncBackend {
@@ -67,8 +77,22 @@ impl Backend for RuncBackend {
             std::fs::create_dir_all(&rootfs).context("create rootfs directory")?;
             mount_rootfs(req.rootfs, &rootfs)?;
         }
-        let pid = match runc.create(req.id, req.bundle, req.console_socket, req.stdio) {
-            Ok(pid) => pid,
+        let created = if req.checkpoint.is_empty() {
+            runc.create(req.id, req.bundle, req.console_socket, req.stdio)
+                .map(|pid| (pid, None))
+        } else if req.terminal {
+            Err(Error::Unimplemented(
+                "restore of a container with a terminal".into(),
+            ))
+        } else {
+            let restore = Restore {
+                image: req.checkpoint.into(),
+                stdio: req.stdio,
+            };
+            runc.criu_check().map(|()| (0, Some(restore)))
+        };
+        let (pid, restore) = match created {
+            Ok(created) => created,
             Err(e) => {
                 // Leave nothing behind: no half-created runc state, no mount.
                 let _ = runc.delete(req.id);
@@ -83,6 +107,7 @@ impl Backend for RuncBackend {
             init_pid: pid,
             runc,
             mounted,
+            restore: Mutex::new(restore),
         };
         self.containers
             .lock()
@@ -91,9 +116,56 @@ impl Backend for RuncBackend {
         Ok(pid)
     }
 
-    fn start(&self, id: &str) -> Result<()> {
+    fn start(&self, id: &str) -> Result<u32> {
         let c = self.get(id)?;
-        c.runc.start(id, c.init_pid)
+        let restore = c.restore.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(r) = restore {
+            let work = c.bundle.join("criu-work");
+            let pid = c.runc.restore(id, &c.bundle, &r.image, &work, r.stdio);
+            let _ = std::fs::remove_dir_all(&work);
+            return pid;
+        }
+        c.runc.start(id, c.init_pid)?;
+        Ok(c.init_pid)
+    }
+
+    fn checkpoint(&self, id: &str, path: &str, options: Option<&Any>) -> Result<()> {
+        let opts = match options {
+            Some(a) if !a.value.is_empty() => {
+                let url = a.type_url.rsplit('/').next().unwrap_or_default();
+                if url != "containerd.runc.v1.CheckpointOptions" {
+                    return Err(Error::InvalidArgument(format!(
+                        "unsupported checkpoint options type {:?}",
+                        a.type_url
+                    )));
+                }
+                CheckpointOptions::parse_from_bytes(&a.value)
+                    .context("decode checkpoint options")?
+            }
+            _ => CheckpointOptions::default(),
+        };
+        let c = self.get(id)?;
+        c.runc.criu_check()?;
+        let image = if path.is_empty() {
+            opts.image_path.as_str()
+        } else {
+            path
+        };
+        if image.is_empty() {
+            return Err(Error::InvalidArgument(
+                "checkpoint needs an image path".into(),
+            ));
+        }
+        // Keep a work directory the caller named; ours goes away afterwards, like Go's.
+        let (work, ours) = match opts.work_path.as_str() {
+            "" => (c.bundle.join("criu-work"), true),
+            w => (PathBuf::from(w), false),
+        };
+        let result = c.runc.checkpoint(id, Path::new(image), &work, &opts);
+        if ours {
+            let _ = std::fs::remove_dir_all(&work);
+        }
+        result
     }
 
     fn exec(&self, req: ExecRequest<'_>) -> Result<u32> {

@@ -26,6 +26,8 @@ pub struct RuncConfig {
     pub no_new_keyring: bool,
     pub io_uid: u32,
     pub io_gid: u32,
+    /// CRIU binary for checkpoint/restore (`criu` on `PATH` when empty).
+    pub criu: String,
 }
 
 impl RuncConfig {
@@ -68,6 +70,11 @@ impl RuncConfig {
             no_new_keyring: o.no_new_keyring,
             io_uid: o.io_uid,
             io_gid: o.io_gid,
+            criu: if o.criu_path.is_empty() {
+                "criu".into()
+            } else {
+                o.criu_path.clone()
+            },
         }
     }
 
@@ -77,6 +84,7 @@ impl RuncConfig {
             "binary_name": self.binary,
             "root": self.root,
             "systemd_cgroup": self.systemd_cgroup,
+            "criu_path": self.criu,
         });
         fs::write(bundle.join(SAVED), json.to_string()).context("write options.json")
     }
@@ -97,6 +105,9 @@ impl RuncConfig {
             config.root = PathBuf::from(r);
         }
         config.systemd_cgroup = v["systemd_cgroup"].as_bool().unwrap_or(false);
+        if let Some(c) = v["criu_path"].as_str() {
+            config.criu = c.to_string();
+        }
         config
     }
 }

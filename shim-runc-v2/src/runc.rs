@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::unistd::Pid;
+use protocol::options::CheckpointOptions;
 
 use shim_common::reaper::{self, Output};
 use shim_common::stdio::ChildStdio;
@@ -39,6 +40,9 @@ impl Runc {
 
     fn command(&self) -> Command {
         let mut cmd = Command::new(&self.binary);
+        if self.config.criu != "criu" {
+            cmd.arg("--criu").arg(&self.config.criu);
+        }
         cmd.arg("--root")
             .arg(&self.config.root)
             .arg("--log")
@@ -209,6 +213,93 @@ impl Runc {
         let pids: Option<Vec<u32>> = serde_json::from_slice(&out.stdout)
             .map_err(|e| Error::Runtime(format!("runc ps output: {e}")))?;
         Ok(pids.unwrap_or_default())
+    }
+
+    /// `criu check`: checkpoint and restore cannot work without it, and runc's own failure
+    /// deep inside a dump says far less than this does.
+    pub fn criu_check(&self) -> Result<()> {
+        let criu = &self.config.criu;
+        let mut cmd = Command::new(criu);
+        cmd.arg("check")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let out = reaper::run(&mut cmd).map_err(|e| {
+            Error::FailedPrecondition(format!("checkpoint/restore needs CRIU: {e}"))
+        })?;
+        if out.success() {
+            return Ok(());
+        }
+        let text = String::from_utf8_lossy(&out.stderr).to_string()
+            + &String::from_utf8_lossy(&out.stdout);
+        let reason = text
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("no output")
+            .trim()
+            .to_string();
+        Err(Error::FailedPrecondition(format!(
+            "checkpoint/restore needs CRIU, and `{criu} check` fails on this host: {reason}"
+        )))
+    }
+
+    /// `runc checkpoint` with containerd's `CheckpointOptions` mapped onto runc's flags.
+    pub fn checkpoint(
+        &self,
+        id: &str,
+        image: &Path,
+        work: &Path,
+        o: &CheckpointOptions,
+    ) -> Result<()> {
+        let mut cmd = self.command();
+        cmd.arg("checkpoint")
+            .arg("--image-path")
+            .arg(image)
+            .arg("--work-path")
+            .arg(work);
+        let flags = [
+            (!o.exit, "--leave-running"),
+            (o.open_tcp, "--tcp-established"),
+            (o.external_unix_sockets, "--ext-unix-sk"),
+            (o.terminal, "--shell-job"),
+            (o.file_locks, "--file-locks"),
+        ];
+        cmd.args(flags.iter().filter(|(on, _)| *on).map(|(_, f)| f));
+        for ns in &o.empty_namespaces {
+            cmd.arg("--empty-ns").arg(ns);
+        }
+        if !o.cgroups_mode.is_empty() {
+            cmd.arg("--manage-cgroups-mode").arg(&o.cgroups_mode);
+        }
+        cmd.arg(id).stdout(Stdio::null()).stderr(Stdio::piped());
+        self.run("checkpoint", &mut cmd).map(drop)
+    }
+
+    /// `runc restore --detach`: the container comes back running. Returns the init's pid.
+    pub fn restore(
+        &self,
+        id: &str,
+        bundle: &Path,
+        image: &Path,
+        work: &Path,
+        stdio: ChildStdio,
+    ) -> Result<u32> {
+        let pid_file = bundle.join("init.pid");
+        let mut cmd = self.command();
+        cmd.args(["restore", "--detach", "--bundle"]).arg(bundle);
+        cmd.arg("--pid-file")
+            .arg(&pid_file)
+            .arg("--image-path")
+            .arg(image);
+        cmd.arg("--work-path").arg(work);
+        if self.config.no_pivot_root {
+            cmd.arg("--no-pivot");
+        }
+        cmd.arg(id);
+        stdio.apply(&mut cmd);
+        self.run("restore", &mut cmd)?;
+        drop(cmd);
+        read_pid(&pid_file)
     }
 
     /// `runc update --resources`: apply an OCI `LinuxResources` (JSON) to the container.
