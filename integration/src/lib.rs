@@ -19,6 +19,7 @@ pub mod checks;
 pub mod containerd;
 pub mod error;
 pub mod events;
+pub mod fixture;
 pub mod image;
 pub mod shim_client;
 pub mod soak;

@@ -59,6 +59,8 @@ pub fn exec_soak(
             id: id.into(),
             exec_id: exec_id.clone(),
             stdout: stdout.clone(),
+            // Debian's Go shim refuses an exec without a stderr path.
+            stderr: stdout.clone(),
             spec: protobuf::MessageField::some(process_spec(&["echo", "soak"])),
             ..Default::default()
         };

@@ -4,20 +4,11 @@
 use std::time::Duration;
 
 use integration::checks::{processes_mentioning, runc_state, wait_until};
+use integration::fixture::with_our_shims;
 use integration::shim_client::{bundle, code, connect, ctx, process_spec};
-use integration::{require_root, target_bin_dir, unique_id, Containerd, BUSYBOX_REF};
+use integration::{unique_id, Containerd, BUSYBOX_REF};
 use protocol::shim::*;
 use ttrpc::Code;
-
-fn containerd() -> Containerd {
-    require_root();
-    let c = Containerd::builder()
-        .bin_dir(target_bin_dir())
-        .start()
-        .expect("start containerd");
-    c.import_busybox().expect("import busybox");
-    c
-}
 
 fn running(c: &Containerd) -> String {
     let id = unique_id("bad");
@@ -36,7 +27,7 @@ fn exec_req(id: &str, exec_id: &str, args: &[&str]) -> ExecProcessRequest {
 
 #[test]
 fn duplicate_exec_id_is_already_exists() {
-    let c = containerd();
+    let c = with_our_shims();
     let id = running(&c);
     let shim = connect(&c, &id);
     shim.exec(ctx(), &exec_req(&id, "dup", &["sleep", "100"]))
@@ -55,7 +46,7 @@ fn duplicate_exec_id_is_already_exists() {
 
 #[test]
 fn start_twice_is_failed_precondition() {
-    let c = containerd();
+    let c = with_our_shims();
     let id = running(&c);
     let shim = connect(&c, &id);
     let r = shim.start(
@@ -84,7 +75,7 @@ fn start_twice_is_failed_precondition() {
 
 #[test]
 fn unknown_ids_are_not_found() {
-    let c = containerd();
+    let c = with_our_shims();
     let id = running(&c);
     let shim = connect(&c, &id);
     let kill = KillRequest {
@@ -135,7 +126,7 @@ fn unknown_ids_are_not_found() {
 
 #[test]
 fn kill_of_a_finished_process_is_not_found() {
-    let c = containerd();
+    let c = with_our_shims();
     let id = running(&c);
     c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);
     let shim = connect(&c, &id);
@@ -155,7 +146,7 @@ fn kill_of_a_finished_process_is_not_found() {
 
 #[test]
 fn resize_of_a_process_without_terminal_is_refused() {
-    let c = containerd();
+    let c = with_our_shims();
     let id = running(&c);
     let shim = connect(&c, &id);
     let r = shim.resize_pty(
@@ -173,7 +164,7 @@ fn resize_of_a_process_without_terminal_is_refused() {
 
 #[test]
 fn update_applies_valid_resources_and_refuses_invalid_ones() {
-    let c = containerd();
+    let c = with_our_shims();
     let id = running(&c);
     let shim = connect(&c, &id);
     let update = |json: &str| UpdateTaskRequest {
@@ -228,7 +219,7 @@ fn update_applies_valid_resources_and_refuses_invalid_ones() {
 
 #[test]
 fn unknown_options_type_is_invalid_argument_and_leaks_nothing() {
-    let c = containerd();
+    let c = with_our_shims();
     let id = running(&c);
     let shim = connect(&c, &id);
     // A second container in the same shim, with options of a type nobody knows.
@@ -256,7 +247,7 @@ fn unknown_options_type_is_invalid_argument_and_leaks_nothing() {
 
 #[test]
 fn non_executable_runc_binary_is_a_clear_error() {
-    let c = containerd();
+    let c = with_our_shims();
     let id = unique_id("noexec");
     let bin = c.dir().join("runc-not-executable");
     std::fs::write(&bin, "#!/bin/sh\n").unwrap();

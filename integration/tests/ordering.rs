@@ -7,17 +7,8 @@ use std::time::Duration;
 
 use integration::checks::wait_until;
 use integration::events::EventLog;
-use integration::{require_root, target_bin_dir, unique_id, Containerd, BUSYBOX_REF};
-
-fn containerd() -> Containerd {
-    require_root();
-    let c = Containerd::builder()
-        .bin_dir(target_bin_dir())
-        .start()
-        .expect("start containerd");
-    c.import_busybox().expect("import busybox");
-    c
-}
+use integration::fixture::with_our_shims;
+use integration::{target_bin_dir, unique_id, Containerd, BUSYBOX_REF};
 
 /// Installs the runc wrapper in the test's directory with `conf`; returns its path.
 fn wrapper(c: &Containerd, conf: &str) -> PathBuf {
@@ -38,7 +29,7 @@ fn task_topics(log: &EventLog, id: &str) -> Vec<String> {
 
 #[test]
 fn lifecycle_events_in_order_even_when_the_process_exits_at_once() {
-    let c = containerd();
+    let c = with_our_shims();
     let log = EventLog::start(&c);
     let ids: Vec<String> = (0..8).map(|_| unique_id("order")).collect();
     for id in &ids {
@@ -67,7 +58,7 @@ fn lifecycle_events_in_order_even_when_the_process_exits_at_once() {
 /// with its own status, after exec-started.
 #[test]
 fn exec_that_exits_before_its_start_returns() {
-    let c = containerd();
+    let c = with_our_shims();
     let runc = wrapper(&c, "delay exec 0 400\n");
     let id = unique_id("early");
     let log = EventLog::start(&c);
@@ -111,7 +102,7 @@ fn exec_that_exits_before_its_start_returns() {
 /// init's, so containerd never sees a stopped task with live processes.
 #[test]
 fn init_exit_is_published_after_exec_exits() {
-    let c = containerd();
+    let c = with_our_shims();
     let id = unique_id("initlast");
     let log = EventLog::start(&c);
     c.ctr_ok(&["run", "-d", BUSYBOX_REF, &id, "sh", "-c", "sleep 2"]);
@@ -159,7 +150,7 @@ fn init_exit_is_published_after_exec_exits() {
 /// A slow `runc create` (held back by the wrapper) delays everything but reorders nothing.
 #[test]
 fn slow_create_keeps_order() {
-    let c = containerd();
+    let c = with_our_shims();
     let runc = wrapper(&c, "delay create 200 300\n");
     let id = unique_id("slow");
     let log = EventLog::start(&c);

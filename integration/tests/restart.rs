@@ -3,31 +3,12 @@
 use std::time::Duration;
 
 use integration::checks::{mounts_mentioning, processes_mentioning, runc_state, wait_until};
-use integration::{require_root, target_bin_dir, unique_id, Containerd, BUSYBOX_REF};
-
-const LONG: Duration = Duration::from_secs(20);
-
-fn containerd() -> Containerd {
-    require_root();
-    let c = Containerd::builder()
-        .bin_dir(target_bin_dir())
-        .start()
-        .expect("start containerd");
-    c.import_busybox().expect("import busybox");
-    c
-}
-
-fn status(c: &Containerd, id: &str) -> Option<String> {
-    c.ctr(&["task", "ls"])
-        .stdout
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some(id))
-        .and_then(|l| l.split_whitespace().nth(2).map(str::to_string))
-}
+use integration::fixture::{task_status, with_our_shims, LONG};
+use integration::{unique_id, BUSYBOX_REF};
 
 #[test]
 fn containers_survive_a_containerd_restart_and_exits_during_downtime_are_reported() {
-    let mut c = containerd();
+    let mut c = with_our_shims();
     let (keep, dies) = (unique_id("keep"), unique_id("dies"));
     c.ctr_ok(&["run", "-d", BUSYBOX_REF, &keep, "sleep", "1000"]);
     // Exits with 9 while containerd is down.
@@ -49,7 +30,7 @@ fn containers_survive_a_containerd_restart_and_exits_during_downtime_are_reporte
     c.restart_containerd().expect("restart containerd");
 
     // containerd reconnected to both shims (Connect/State): the running one answers.
-    assert_eq!(status(&c, &keep).as_deref(), Some("RUNNING"));
+    assert_eq!(task_status(&c, &keep).as_deref(), Some("RUNNING"));
     let out = c.ctr_ok(&[
         "task",
         "exec",
@@ -61,13 +42,15 @@ fn containers_survive_a_containerd_restart_and_exits_during_downtime_are_reporte
     ]);
     assert_eq!(out.stdout.trim(), "still-here");
     // The exit that happened while containerd was down is there, with its status.
-    assert!(wait_until(LONG, || status(&c, &dies).as_deref() == Some("STOPPED")));
+    assert!(wait_until(LONG, || task_status(&c, &dies).as_deref()
+        == Some("STOPPED")));
     let del = c.ctr(&["task", "delete", &dies]);
     assert!(del.stderr.contains("exit code 9"), "{del:?}");
     c.ctr_ok(&["container", "delete", &dies]);
 
     c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &keep]);
-    assert!(wait_until(LONG, || status(&c, &keep).as_deref() == Some("STOPPED")));
+    assert!(wait_until(LONG, || task_status(&c, &keep).as_deref()
+        == Some("STOPPED")));
     c.ctr_ok(&["task", "delete", &keep]);
     c.ctr_ok(&["container", "delete", &keep]);
     assert!(wait_until(LONG, || c.shim_pids().is_empty()));
@@ -77,7 +60,7 @@ fn containers_survive_a_containerd_restart_and_exits_during_downtime_are_reporte
 /// container remains — no process, mount, cgroup, socket or runc state.
 #[test]
 fn killed_shim_leaves_no_cgroup_socket_or_state() {
-    let c = containerd();
+    let c = with_our_shims();
     let id = unique_id("crash");
     c.ctr_ok(&[
         "run",
@@ -103,7 +86,7 @@ fn killed_shim_leaves_no_cgroup_socket_or_state() {
     assert!(std::path::Path::new(&cgroup).exists(), "cgroup {cgroup}");
     unsafe { libc::kill(shim[0], libc::SIGKILL) };
     assert!(
-        wait_until(LONG, || status(&c, &id).is_none()),
+        wait_until(LONG, || task_status(&c, &id).is_none()),
         "task still listed"
     );
     c.ctr_ok(&["container", "delete", &id]);

@@ -6,53 +6,10 @@
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
-use std::time::Duration;
 
 use integration::checks::{mounts_mentioning, processes_mentioning, runc_state, wait_until};
+use integration::fixture::{assert_ours, task_status, wait_status, with_our_shims, LONG};
 use integration::{require_root, target_bin_dir, unique_id, Containerd, BUSYBOX_REF};
-
-const LONG: Duration = Duration::from_secs(20);
-
-fn containerd() -> Containerd {
-    require_root();
-    let shim = target_bin_dir().join("containerd-shim-runc-v2");
-    assert!(
-        shim.exists(),
-        "build the shims first: {} is missing",
-        shim.display()
-    );
-    let c = Containerd::builder()
-        .bin_dir(target_bin_dir())
-        .start()
-        .expect("start containerd");
-    c.import_busybox().expect("import busybox image");
-    c
-}
-
-/// Our shim, not Debian's, served this containerd's task.
-fn assert_ours(c: &Containerd) {
-    let ours = std::fs::canonicalize(target_bin_dir().join("containerd-shim-runc-v2")).unwrap();
-    for pid in c.shim_pids() {
-        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
-        assert_eq!(exe, ours, "shim {pid} is not ours");
-    }
-}
-
-fn task_status(c: &Containerd, id: &str) -> Option<String> {
-    let out = c.ctr(&["task", "ls"]);
-    out.stdout
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some(id))
-        .and_then(|l| l.split_whitespace().nth(2).map(str::to_string))
-}
-
-fn wait_status(c: &Containerd, id: &str, want: &str) {
-    assert!(
-        wait_until(LONG, || task_status(c, id).as_deref() == Some(want)),
-        "task {id} never became {want}: {:?}",
-        task_status(c, id)
-    );
-}
 
 /// Nothing of container `id` is left: no shim, no runc state, no mount, no process.
 fn assert_gone(c: &Containerd, id: &str) {
@@ -92,7 +49,7 @@ fn remove(c: &Containerd, id: &str) -> String {
 
 #[test]
 fn run_rm_prints_output() {
-    let c = containerd();
+    let c = with_our_shims();
     let id = unique_id("echo");
     let out = c.ctr_ok(&[
         "run",
@@ -110,7 +67,7 @@ fn run_rm_prints_output() {
 
 #[test]
 fn exit_code_propagates() {
-    let c = containerd();
+    let c = with_our_shims();
     let id = unique_id("exit");
     let out = c.ctr(&[
         "run",
@@ -132,7 +89,7 @@ fn exit_code_propagates() {
 
 #[test]
 fn stdin_reaches_the_process() {
-    let c = containerd();
+    let c = with_our_shims();
     let id = unique_id("stdin");
     let out = c.ctr_with_stdin(
         &[
@@ -151,7 +108,7 @@ fn stdin_reaches_the_process() {
 
 #[test]
 fn detached_task_dies_by_sigterm_with_its_own_status() {
-    let c = containerd();
+    let c = with_our_shims();
     let id = unique_id("term");
     // `wait` is interruptible by a trapped signal; the trap's exit code is what we expect back.
     run_detached(
@@ -185,7 +142,7 @@ fn detached_task_dies_by_sigterm_with_its_own_status() {
 
 #[test]
 fn detached_task_dies_by_sigkill_with_137() {
-    let c = containerd();
+    let c = with_our_shims();
     let id = unique_id("kill");
     run_detached(&c, &id, &["sleep", "1000"]);
     wait_status(&c, &id, "RUNNING");
@@ -198,7 +155,7 @@ fn detached_task_dies_by_sigkill_with_137() {
 
 #[test]
 fn exec_output_and_exit_code() {
-    let c = containerd();
+    let c = with_our_shims();
     let id = unique_id("exec");
     run_detached(&c, &id, &["sleep", "1000"]);
     let out = c.ctr(&[
@@ -227,7 +184,7 @@ fn exec_output_and_exit_code() {
 
 #[test]
 fn task_ps_lists_the_processes() {
-    let c = containerd();
+    let c = with_our_shims();
     let id = unique_id("ps");
     run_detached(&c, &id, &["sh", "-c", "sleep 1000 & wait"]);
     wait_status(&c, &id, "RUNNING");
@@ -263,7 +220,7 @@ fn task_ps_lists_the_processes() {
 
 #[test]
 fn delete_removes_task_container_mounts_and_shim() {
-    let c = containerd();
+    let c = with_our_shims();
     let id = unique_id("del");
     run_detached(&c, &id, &["sleep", "1000"]);
     wait_status(&c, &id, "RUNNING");
@@ -290,7 +247,7 @@ fn delete_removes_task_container_mounts_and_shim() {
 
 #[test]
 fn same_group_shares_one_shim() {
-    let c = containerd();
+    let c = with_our_shims();
     let group = unique_id("group");
     let (a, b) = (unique_id("ga"), unique_id("gb"));
     let ann = format!("io.containerd.runc.v2.group={group}");
@@ -329,7 +286,7 @@ fn same_group_shares_one_shim() {
 
 #[test]
 fn killed_shim_is_cleaned_up_by_delete_action() {
-    let c = containerd();
+    let c = with_our_shims();
     let id = unique_id("dead");
     run_detached(&c, &id, &["sleep", "1000"]);
     wait_status(&c, &id, "RUNNING");
@@ -348,7 +305,7 @@ fn killed_shim_is_cleaned_up_by_delete_action() {
 
 #[test]
 fn missing_runc_binary_is_a_clear_error_and_leaks_nothing() {
-    let c = containerd();
+    let c = with_our_shims();
     let id = unique_id("nobin");
     let out = c.ctr(&[
         "run",
@@ -371,7 +328,7 @@ fn missing_runc_binary_is_a_clear_error_and_leaks_nothing() {
 
 #[test]
 fn invalid_config_json_is_a_clear_error_and_leaks_nothing() {
-    let c = containerd();
+    let c = with_our_shims();
     let id = unique_id("badcfg");
     // Valid JSON for ctr, nonsense for the runtime: an unknown namespace type.
     let cfg = c.dir().join("bad-config.json");
@@ -399,7 +356,7 @@ fn bad_spec() -> String {
 
 #[test]
 fn unimplemented_rpc_answers_unimplemented() {
-    let c = containerd();
+    let c = with_our_shims();
     let id = unique_id("unimpl");
     run_detached(&c, &id, &["sleep", "1000"]);
     // Checkpoint is left to the runc-hardening work; until then it must say so plainly.
@@ -417,7 +374,7 @@ fn unimplemented_rpc_answers_unimplemented() {
 
 #[test]
 fn shim_log_reaches_containerd() {
-    let c = containerd();
+    let c = with_our_shims();
     let id = unique_id("log");
     c.ctr_ok(&["run", "--rm", BUSYBOX_REF, &id, "true"]);
     assert!(

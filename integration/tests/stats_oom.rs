@@ -1,54 +1,11 @@
 //! Container metrics (`ctr task metrics`) and OOM-kill events through a real containerd 1.6
 //! and our `containerd-shim-runc-v2`.
 
-use std::time::Duration;
 
 use integration::checks::wait_until;
 use integration::events::EventLog;
-use integration::{require_root, target_bin_dir, unique_id, Containerd, BUSYBOX_REF};
-
-const LONG: Duration = Duration::from_secs(20);
-
-fn containerd() -> Containerd {
-    require_root();
-    let shim = target_bin_dir().join("containerd-shim-runc-v2");
-    assert!(
-        shim.exists(),
-        "build the shims first: {} is missing",
-        shim.display()
-    );
-    let c = Containerd::builder()
-        .bin_dir(target_bin_dir())
-        .start()
-        .expect("start containerd");
-    c.import_busybox().expect("import busybox image");
-    c
-}
-
-/// Our shim, not Debian's, served this containerd's task.
-fn assert_ours(c: &Containerd) {
-    let ours = std::fs::canonicalize(target_bin_dir().join("containerd-shim-runc-v2")).unwrap();
-    for pid in c.shim_pids() {
-        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
-        assert_eq!(exe, ours, "shim {pid} is not ours");
-    }
-}
-
-fn task_status(c: &Containerd, id: &str) -> Option<String> {
-    let out = c.ctr(&["task", "ls"]);
-    out.stdout
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some(id))
-        .and_then(|l| l.split_whitespace().nth(2).map(str::to_string))
-}
-
-fn wait_status(c: &Containerd, id: &str, want: &str) {
-    assert!(
-        wait_until(LONG, || task_status(c, id).as_deref() == Some(want)),
-        "task {id} never became {want}: {:?}",
-        task_status(c, id)
-    );
-}
+use integration::fixture::{assert_ours, task_status, wait_status, with_our_shims, LONG};
+use integration::{unique_id, BUSYBOX_REF};
 
 /// The value of row `name` in `ctr task metrics`' table (`METRIC  VALUE`).
 fn metric(table: &str, name: &str) -> Option<u64> {
@@ -60,7 +17,7 @@ fn metric(table: &str, name: &str) -> Option<u64> {
 
 #[test]
 fn metrics_of_a_running_container() {
-    let c = containerd();
+    let c = with_our_shims();
     let id = unique_id("metrics");
     c.ctr_ok(&[
         "run",
@@ -111,7 +68,7 @@ fn metrics_of_a_running_container() {
 
 #[test]
 fn oom_kill_is_reported_before_the_exit() {
-    let c = containerd();
+    let c = with_our_shims();
     let events = EventLog::start(&c);
     let id = unique_id("oom");
     // The init itself grows (busybox sh doubles a variable in-process), so the OOM killer's
@@ -151,7 +108,7 @@ fn oom_kill_is_reported_before_the_exit() {
 
 #[test]
 fn no_oom_event_without_a_kill() {
-    let c = containerd();
+    let c = with_our_shims();
     let events = EventLog::start(&c);
     let id = unique_id("nooom");
     let out = c.ctr(&[
@@ -174,7 +131,7 @@ fn no_oom_event_without_a_kill() {
 
 #[test]
 fn oom_kill_of_a_child_is_reported_while_the_container_runs() {
-    let c = containerd();
+    let c = with_our_shims();
     let events = EventLog::start(&c);
     let id = unique_id("oomchild");
     // A subshell grows and is the OOM killer's victim; the init lives on, so only the

@@ -10,17 +10,8 @@ use std::time::Duration;
 
 use integration::checks::wait_until;
 use integration::containerd::CTR_BINARY;
-use integration::{require_root, target_bin_dir, unique_id, Containerd, BUSYBOX_REF};
-
-fn containerd() -> Containerd {
-    require_root();
-    let c = Containerd::builder()
-        .bin_dir(target_bin_dir())
-        .start()
-        .expect("start containerd");
-    c.import_busybox().expect("import busybox");
-    c
-}
+use integration::fixture::with_our_shims;
+use integration::{unique_id, Containerd, BUSYBOX_REF};
 
 /// `ctr <args>` on a fresh pty of `rows`×`cols`; returns the child, the master for typing,
 /// and everything ctr's terminal showed so far.
@@ -96,7 +87,7 @@ impl Terminal {
 
 #[test]
 fn run_with_a_terminal_sizes_it_and_takes_input() {
-    let c = containerd();
+    let c = with_our_shims();
     let id = unique_id("tty");
     // ctr resizes right after Start, so wait for a size before printing it.
     let script = "until stty size 2>/dev/null | grep -qv '^0 '; do sleep 0.1; done; stty size; tty; read l; echo got-$l; exit 6";
@@ -123,7 +114,7 @@ const WAIT_SIZE_THEN_EXIT_3: &str =
 
 #[test]
 fn exec_with_a_terminal() {
-    let c = containerd();
+    let c = with_our_shims();
     let id = unique_id("ttyexec");
     c.ctr_ok(&["run", "-d", BUSYBOX_REF, &id, "sleep", "1000"]);
     let mut t = Terminal::run(

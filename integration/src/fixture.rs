@@ -1,0 +1,62 @@
+//! What every end-to-end test of our shims starts from, and the questions they all ask.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::checks::wait_until;
+use crate::{require_root, target_bin_dir, Containerd};
+
+/// Generous upper bound for something containerd does asynchronously; never a figure.
+pub const LONG: Duration = Duration::from_secs(20);
+
+/// A private containerd with our `target/` binaries first on its `PATH` (so
+/// `io.containerd.runc.v2` is our shim) and busybox imported.
+pub fn with_our_shims() -> Containerd {
+    with_our_shims_and(&[])
+}
+
+/// [`with_our_shims`] with more directories on `PATH` after ours (stand-ins for `criu`...).
+pub fn with_our_shims_and(extra: &[&Path]) -> Containerd {
+    require_root();
+    let shim = target_bin_dir().join("containerd-shim-runc-v2");
+    assert!(
+        shim.exists(),
+        "build the shims first: {} is missing",
+        shim.display()
+    );
+    let mut b = Containerd::builder().bin_dir(target_bin_dir());
+    for dir in extra {
+        b = b.bin_dir(dir);
+    }
+    let c = b.start().expect("start containerd");
+    c.import_busybox().expect("import busybox image");
+    c
+}
+
+/// Every shim serving `c` is ours, not Debian's.
+pub fn assert_ours(c: &Containerd) {
+    let ours = std::fs::canonicalize(target_bin_dir().join("containerd-shim-runc-v2"))
+        .expect("our shim binary");
+    for pid in c.shim_pids() {
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+        assert_eq!(exe, ours, "shim {pid} is not ours");
+    }
+}
+
+/// The STATUS column of `ctr task ls` for `id`.
+pub fn task_status(c: &Containerd, id: &str) -> Option<String> {
+    c.ctr(&["task", "ls"])
+        .stdout
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(id))
+        .and_then(|l| l.split_whitespace().nth(2).map(str::to_string))
+}
+
+/// Waits until task `id` has status `want`.
+pub fn wait_status(c: &Containerd, id: &str, want: &str) {
+    assert!(
+        wait_until(LONG, || task_status(c, id).as_deref() == Some(want)),
+        "task {id} never became {want}: {:?}",
+        task_status(c, id)
+    );
+}
