@@ -14,6 +14,8 @@ const PROTOS: &[&str] = &[
     "proto/events/events.proto",
     "proto/runc/options.proto",
     "proto/runtimeoptions/runtimeoptions.proto",
+    "proto/bootstrap/bootstrap.proto",
+    "proto/types/introspection.proto",
 ];
 
 /// containerd's cgroup metrics (the `Stats` answer), generated without reflection: with it

@@ -16,6 +16,7 @@
 //! in their docs.
 
 pub mod checks;
+pub mod conformance;
 pub mod containerd;
 pub mod error;
 pub mod events;

@@ -355,24 +355,6 @@ fn bad_spec() -> String {
 }
 
 #[test]
-fn unimplemented_rpc_answers_unimplemented() {
-    let c = with_our_shims();
-    let id = unique_id("unimpl");
-    run_detached(&c, &id, &["sleep", "1000"]);
-    // Checkpoint is left to the runc-hardening work; until then it must say so plainly.
-    let out = c.ctr(&["task", "checkpoint", &id]);
-    assert!(!out.success());
-    assert!(
-        out.stderr.contains("not implemented"),
-        "want Unimplemented, got: {}",
-        out.stderr
-    );
-    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);
-    wait_status(&c, &id, "STOPPED");
-    remove(&c, &id);
-}
-
-#[test]
 fn shim_log_reaches_containerd() {
     let c = with_our_shims();
     let id = unique_id("log");

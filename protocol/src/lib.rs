@@ -41,6 +41,8 @@ generated!(
     runtimeoptions,
     cgroups_v1,
     cgroups_v2,
+    bootstrap,
+    introspection,
 );
 
 /// `containerd.task.v2.Task` as containerd names it on the wire.

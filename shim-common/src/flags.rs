@@ -18,6 +18,10 @@ pub enum Action {
     Serve,
     /// `-v`: print the version.
     Version,
+    /// `-info` (containerd 2.x introspection): read runtime options on stdin, print a
+    /// `containerd.types.RuntimeInfo`. A flag, not an action, because older shims answer an
+    /// unknown action with confusing errors.
+    Info,
 }
 
 /// Flags and environment containerd hands to every invocation.
@@ -74,7 +78,12 @@ impl Flags {
                 "PATH",
             )
             .optflag("", "debug", "enable debug output in logs")
-            .optflag("v", "", "show the shim version and exit");
+            .optflag("v", "", "show the shim version and exit")
+            .optflag(
+                "",
+                "info",
+                "read the runtime options on stdin, print the shim's RuntimeInfo protobuf and exit",
+            );
         let m = opts
             .parse(args.into_iter().map(Into::into))
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
@@ -98,6 +107,8 @@ impl Flags {
         }
         let action = if m.opt_present("v") {
             Action::Version
+        } else if m.opt_present("info") {
+            Action::Info
         } else {
             match m.free.first().map(String::as_str) {
                 None => Action::Serve,
@@ -108,7 +119,7 @@ impl Flags {
                 }
             }
         };
-        if action != Action::Version && flags.namespace.is_empty() {
+        if !matches!(action, Action::Version | Action::Info) && flags.namespace.is_empty() {
             return Err(Error::InvalidArgument(
                 "shim namespace cannot be empty".into(),
             ));
@@ -160,5 +171,11 @@ mod tests {
     #[test]
     fn version_needs_nothing_else() {
         assert_eq!(Flags::parse(["-v"]).unwrap().1, Action::Version);
+    }
+
+    #[test]
+    fn info_needs_nothing_else() {
+        assert_eq!(Flags::parse(["-info"]).unwrap().1, Action::Info);
+        assert_eq!(Flags::parse(["--info"]).unwrap().1, Action::Info);
     }
 }

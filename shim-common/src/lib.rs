@@ -2,7 +2,8 @@
 //!
 //! A runtime implements [`Backend`] (create, start, exec, kill, delete, pids — the rest is
 //! optional) and calls [`run`] from `main`. The SDK provides the binary contract containerd
-//! relies on (`start`, `delete`, the daemon, `-v`), socket naming and per-pod grouping, the
+//! relies on (`start` as containerd 1.6 through 2.3's bootstrap protocol drive it, see
+//! [`bootstrap`]; `delete`; the daemon; `-v`; `-info`), socket naming and per-pod grouping, the
 //! ttrpc task service with containerd's state machine and event order, event forwarding,
 //! subreaping, stdio plumbing and the shim log.
 //!
@@ -13,7 +14,7 @@
 //! impl Backend for Mine {
 //!     fn new(_: &ShimContext) -> Result<Self> { Ok(Mine) }
 //!     fn create(&self, req: CreateRequest<'_>) -> Result<u32> { todo!("make the container") }
-//!     fn start(&self, id: &str) -> Result<()> { todo!() }
+//!     fn start(&self, id: &str) -> Result<u32> { todo!() }
 //!     fn exec(&self, req: ExecRequest<'_>) -> Result<u32> { todo!() }
 //!     fn kill(&self, id: &str, t: Target<'_>, sig: u32, all: bool) -> Result<()> { todo!() }
 //!     fn delete(&self, id: &str) -> Result<()> { todo!() }
@@ -24,6 +25,7 @@
 //! ```
 
 pub mod backend;
+pub mod bootstrap;
 pub mod cgroups;
 pub mod console;
 pub mod error;
@@ -45,7 +47,7 @@ pub use error::{Context, Error, Result};
 pub use protocol;
 pub use service::TaskService;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::Path;
 
 use protobuf::Message;
@@ -78,10 +80,21 @@ fn dispatch<B: Backend>(name: &str) -> Result<()> {
             Ok(())
         }
         Action::Start => {
-            let address = start::start(&flags)?;
+            let answer = start::start(&flags)?;
             let mut out = std::io::stdout().lock();
-            out.write_all(address.as_bytes()).context("write address")?;
-            out.flush().context("write address")
+            out.write_all(&answer).context("write start answer")?;
+            out.flush().context("write start answer")
+        }
+        Action::Info => {
+            let mut options = Vec::new();
+            std::io::stdin()
+                .take(bootstrap::STDIN_LIMIT)
+                .read_to_end(&mut options)
+                .context("read runtime options")?;
+            let info = bootstrap::info(name, &options)?;
+            let mut out = std::io::stdout().lock();
+            out.write_all(&info).context("write runtime info")?;
+            out.flush().context("write runtime info")
         }
         Action::Delete => {
             let bytes = delete::<B>(&flags)?;

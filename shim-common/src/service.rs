@@ -936,3 +936,170 @@ impl<B: Backend> Task for TaskService<B> {
         answer("Shutdown", empty(self.inner.shutdown(r)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::ShimContext;
+    use std::path::Path;
+
+    /// A backend with only the required methods, living outside host cgroups.
+    struct Minimal;
+
+    impl Backend for Minimal {
+        fn new(_: &ShimContext) -> Result<Self> {
+            Ok(Minimal)
+        }
+        fn host_cgroups(&self) -> bool {
+            false
+        }
+        fn create(&self, _: CreateRequest<'_>) -> Result<u32> {
+            Ok(4242)
+        }
+        fn start(&self, _: &str) -> Result<u32> {
+            Ok(4242)
+        }
+        fn exec(&self, _: ExecRequest<'_>) -> Result<u32> {
+            Ok(4343)
+        }
+        fn kill(&self, _: &str, _: Target<'_>, _: u32, _: bool) -> Result<()> {
+            Ok(())
+        }
+        fn delete(&self, _: &str) -> Result<()> {
+            Ok(())
+        }
+        fn pids(&self, _: &str) -> Result<Vec<u32>> {
+            Ok(vec![4242])
+        }
+        fn cleanup(_: &ShimContext, _: &str, _: &Path) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    struct Events(Mutex<Vec<String>>);
+
+    impl Publisher for Events {
+        fn publish(&self, topic: &str, _: protobuf::well_known_types::any::Any) {
+            lock(&self.0).push(topic.to_string());
+        }
+    }
+
+    fn service() -> (TaskService<Minimal>, Arc<Events>) {
+        let events = Arc::new(Events(Mutex::new(Vec::new())));
+        let svc = TaskService::new("ns", Minimal, events.clone(), Box::new(|| {})).unwrap();
+        let create = CreateTaskRequest {
+            id: "c1".into(),
+            bundle: "/nonexistent".into(),
+            ..Default::default()
+        };
+        svc.inner.create(create).unwrap();
+        (svc, events)
+    }
+
+    fn code<T: std::fmt::Debug>(r: Result<T>) -> ttrpc::Code {
+        r.unwrap_err().code()
+    }
+
+    #[test]
+    fn what_a_backend_leaves_out_answers_unimplemented() {
+        let (svc, _) = service();
+        assert_eq!(
+            code(svc.inner.set_paused("c1", true)),
+            ttrpc::Code::UNIMPLEMENTED
+        );
+        assert_eq!(
+            code(svc.inner.backend.stats("c1", 4242)),
+            ttrpc::Code::UNIMPLEMENTED
+        );
+        assert_eq!(
+            code(svc.inner.backend.update("c1", None)),
+            ttrpc::Code::UNIMPLEMENTED
+        );
+        assert_eq!(
+            code(svc.inner.backend.checkpoint("c1", "/x", None)),
+            ttrpc::Code::UNIMPLEMENTED
+        );
+        // ...and what the SDK knows is absent is NotFound, not Unimplemented.
+        assert_eq!(
+            code(svc.inner.set_paused("nope", true)),
+            ttrpc::Code::NOT_FOUND
+        );
+    }
+
+    #[test]
+    fn resize_of_a_process_without_terminal_is_a_failed_precondition() {
+        let (svc, _) = service();
+        let req = ResizePtyRequest {
+            id: "c1".into(),
+            width: 80,
+            height: 24,
+            ..Default::default()
+        };
+        assert_eq!(
+            code(svc.inner.resize_pty(req)),
+            ttrpc::Code::FAILED_PRECONDITION
+        );
+    }
+
+    #[test]
+    fn lifecycle_events_and_states_in_order() {
+        let (svc, events) = service();
+        svc.inner
+            .start(StartRequest {
+                id: "c1".into(),
+                ..Default::default()
+            })
+            .unwrap();
+        let again = svc.inner.start(StartRequest {
+            id: "c1".into(),
+            ..Default::default()
+        });
+        assert_eq!(code(again), ttrpc::Code::FAILED_PRECONDITION);
+        let state = svc
+            .inner
+            .state(StateRequest {
+                id: "c1".into(),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(state.status.enum_value(), Ok(Status::RUNNING));
+        let del = svc.inner.delete(DeleteRequest {
+            id: "c1".into(),
+            ..Default::default()
+        });
+        assert_eq!(
+            code(del),
+            ttrpc::Code::FAILED_PRECONDITION,
+            "running tasks are not deleted"
+        );
+        // The reaper is not installed in unit tests: deliver the exit by hand.
+        svc.inner.on_exit(Exit {
+            pid: 4242,
+            status: 3,
+            at: std::time::SystemTime::now(),
+        });
+        let wait = svc
+            .inner
+            .wait(WaitRequest {
+                id: "c1".into(),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(wait.exit_status, 3);
+        svc.inner
+            .delete(DeleteRequest {
+                id: "c1".into(),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(
+            *lock(&events.0),
+            [
+                topics::TASK_CREATE,
+                topics::TASK_START,
+                topics::TASK_EXIT,
+                topics::TASK_DELETE
+            ]
+        );
+    }
+}

@@ -1,4 +1,5 @@
-//! The `start` action: find or spawn the daemon serving this container's group.
+//! The `start` action: find or spawn the daemon serving this container's group, and answer
+//! containerd in the form its generation expects (see [`crate::bootstrap`]).
 
 use std::fs;
 use std::io::Read;
@@ -7,6 +8,7 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+use crate::bootstrap::{StartInput, MAX_SHIM_VERSION_ENV, STDIN_LIMIT};
 use crate::error::{Context, Error, Result};
 use crate::flags::Flags;
 use crate::socket::{self, Bound};
@@ -35,15 +37,40 @@ pub fn group_id(bundle: &Path, id: &str) -> Result<String> {
         .unwrap_or_else(|| id.to_string()))
 }
 
-/// Runs `start` and returns the address to print.
-pub fn start(flags: &Flags) -> Result<String> {
-    // containerd writes the runtime options on stdin; drain it so its writer never blocks.
-    let mut _options = Vec::new();
-    let _ = std::io::stdin().read_to_end(&mut _options);
+/// Runs `start` and returns what to print on stdout: the address, JSON or a
+/// `BootstrapResult`, depending on what containerd wrote on stdin.
+pub fn start(flags: &Flags) -> Result<Vec<u8>> {
+    // Read all of stdin first (containerd's writer must never block), and refuse bad input
+    // before anything is bound or spawned.
+    let mut stdin = Vec::new();
+    std::io::stdin()
+        .take(STDIN_LIMIT)
+        .read_to_end(&mut stdin)
+        .context("read stdin")?;
+    let max_shim_version = std::env::var(MAX_SHIM_VERSION_ENV).ok();
+    let input = StartInput::read(&stdin, flags, max_shim_version.as_deref())?;
+    let mut flags = flags.clone();
+    input.apply(&mut flags);
+    let address = start_daemon(&flags, input.socket_dir())?;
+    input.answer(&address)
+}
 
+/// Finds the live daemon of this container's group or spawns one; returns its address.
+fn start_daemon(flags: &Flags, socket_dir: Option<&str>) -> Result<String> {
     let bundle = Path::new(&flags.bundle);
     let group = group_id(bundle, &flags.id)?;
     let address = socket::address(&flags.address, &flags.namespace, &group);
+    // containerd 2.3 may name another directory (kept short for sun_path): same name, there.
+    let address = match socket_dir {
+        Some(dir) => {
+            let name = socket::path(&address)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            format!("unix://{}/{name}", dir.trim_end_matches('/'))
+        }
+        None => address,
+    };
     match socket::bind(&address)? {
         Bound::Existing => {}
         Bound::New(listener) => {
@@ -66,6 +93,11 @@ fn spawn_daemon(flags: &Flags, address: &str, listener: OwnedFd) -> Result<()> {
     cmd.args(["-namespace", &flags.namespace, "-id", &flags.id])
         .args(["-address", &flags.address, "-socket", address])
         .current_dir(&flags.bundle)
+        // Under the bootstrap protocol these came on stdin, not in the env: hand them down
+        // the way the daemon reads them.
+        .env("TTRPC_ADDRESS", &flags.ttrpc_address)
+        .env("GRPC_ADDRESS", &flags.grpc_address)
+        .env("NAMESPACE", &flags.namespace)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());

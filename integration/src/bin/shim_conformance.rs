@@ -1,0 +1,117 @@
+//! `shim-conformance`: checks a containerd shim binary against the contract one containerd
+//! generation holds it to — without containerd.
+//!
+//! For runtime authors: before wiring your `containerd-shim-foo-v2` into a containerd
+//! release, run
+//!
+//! ```text
+//! shim-conformance --shim /path/containerd-shim-foo-v2 --generation 1.6|1.7|2.0|2.3 \
+//!     [--runc-binary NAME] [--runtime-options FILE.toml] [--runtime-options-path FILE.toml]
+//! ```
+//!
+//! as root on a Linux host with `/usr/bin/busybox` (Debian: `busybox-static`). The runner
+//! plays containerd: it serves the events service shims forward to
+//! (`containerd.services.events.ttrpc.v1.Events/Forward`) on its own socket, lays out a
+//! bundle whose `config.json` runs busybox from a plain directory (`root.path`, no
+//! snapshotter, no mounts), and runs your `start` with that generation's flags, env
+//! (`TTRPC_ADDRESS`; from 1.7 on also `GRPC_ADDRESS`, `NAMESPACE`, `MAX_SHIM_VERSION=2`) and
+//! stdin (the runtime options `Any`; from 2.3 on a protobuf `BootstrapParams`). It parses the
+//! answer as that containerd does — plain address, JSON `{"version":..}`, or a protobuf
+//! `BootstrapResult` — connects to the task API version the answer selects (v2 or v3), and
+//! walks a container through Create, Start, State, Exec (exit code 3), Wait, Delete of the
+//! exec, Kill (SIGKILL → 137), Wait, Delete, checking stdout, exit codes and the events
+//! received and their order, then Shutdown (the daemon and its socket must go) and the
+//! `delete` action (a `DeleteResponse` with exit status 137).
+//!
+//! Options: `--runc-binary` sends `containerd.runc.v1.Options{binary_name}`;
+//! `--runtime-options` sends `runtimeoptions.v1.Options` with the file's TOML as
+//! `config_body`, `--runtime-options-path` with the file's path as `config_path` (what
+//! containerd's CRI sends for a runtime with an `options` section).
+//!
+//! One line per step, `PASS`/`FAIL`; the exit status is 0 only if every step passed (2 for a
+//! usage error). On failure the tail of the shim's log follows.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use integration::conformance::{run_lifecycle, Config, Generation};
+use protobuf::well_known_types::any::Any;
+
+const USAGE: &str = "usage: shim-conformance --shim PATH --generation 1.6|1.7|2.0|2.3 \
+[--runc-binary NAME] [--runtime-options FILE.toml] [--runtime-options-path FILE.toml] [--id ID]";
+
+fn main() -> ExitCode {
+    let config = match parse(std::env::args().skip(1)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("shim-conformance: {e}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    println!(
+        "shim-conformance: {} as containerd {} sees it",
+        config.shim.display(),
+        config.generation
+    );
+    let report = run_lifecycle(&config);
+    print!("{report}");
+    if report.passed() {
+        println!("PASS all {} steps", report.steps.len());
+        ExitCode::SUCCESS
+    } else {
+        println!(
+            "FAIL {} of {} steps",
+            report.failures().len(),
+            report.steps.len()
+        );
+        ExitCode::FAILURE
+    }
+}
+
+fn parse(mut args: impl Iterator<Item = String>) -> Result<Config, String> {
+    let mut shim = None;
+    let mut generation = None;
+    let mut options = None;
+    let mut id = format!("conformance-{}", std::process::id());
+    while let Some(flag) = args.next() {
+        let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--shim" => shim = Some(PathBuf::from(value()?)),
+            "--generation" => generation = Some(value()?.parse::<Generation>()?),
+            "--id" => id = value()?,
+            "--runc-binary" => {
+                let o = protocol::options::Options {
+                    binary_name: value()?,
+                    ..Default::default()
+                };
+                options = Some(pack(&o)?);
+            }
+            "--runtime-options" => {
+                let path = value()?;
+                let body = std::fs::read(&path).map_err(|e| format!("read {path}: {e}"))?;
+                options = Some(pack(&protocol::runtimeoptions::Options {
+                    config_body: body,
+                    ..Default::default()
+                })?);
+            }
+            "--runtime-options-path" => {
+                options = Some(pack(&protocol::runtimeoptions::Options {
+                    config_path: value()?,
+                    ..Default::default()
+                })?);
+            }
+            "-h" | "--help" => return Err("help".into()),
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    Ok(Config {
+        shim: shim.ok_or("--shim is required")?,
+        generation: generation.ok_or("--generation is required")?,
+        runtime_options: options,
+        id,
+    })
+}
+
+fn pack<M: protobuf::MessageFull>(m: &M) -> Result<Any, String> {
+    protocol::pack(m).map_err(|e| format!("encode runtime options: {e}"))
+}
