@@ -1,7 +1,6 @@
 //! Container metrics (`ctr task metrics`) and OOM-kill events through a real containerd 1.6
 //! and our `containerd-shim-runc-v2`.
 
-
 use integration::checks::wait_until;
 use integration::events::EventLog;
 use integration::fixture::{assert_ours, task_status, wait_status, with_our_shims, LONG};
