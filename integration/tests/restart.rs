@@ -62,6 +62,8 @@ fn containers_survive_a_containerd_restart_and_exits_during_downtime_are_reporte
 fn killed_shim_leaves_no_cgroup_socket_or_state() {
     let c = with_our_shims();
     let id = unique_id("crash");
+    // A duration no other test uses, so the leftover check sees only this container.
+    let nap = 100_000 + std::process::id();
     c.ctr_ok(&[
         "run",
         "-d",
@@ -69,7 +71,7 @@ fn killed_shim_leaves_no_cgroup_socket_or_state() {
         &id,
         "sh",
         "-c",
-        "sleep 1000 & sleep 1000",
+        &format!("sleep {nap} & sleep {nap}"),
     ]);
     let shim = c.shim_pids();
     assert_eq!(shim.len(), 1);
@@ -90,8 +92,16 @@ fn killed_shim_leaves_no_cgroup_socket_or_state() {
         "task still listed"
     );
     c.ctr_ok(&["container", "delete", &id]);
-    assert!(wait_until(LONG, || processes_mentioning("sleep 1000").is_empty()));
-    assert!(!runc_state(c.namespace(), &id).exists(), "runc state left");
+    assert!(wait_until(LONG, || processes_mentioning(&format!(
+        "sleep {nap}"
+    ))
+    .is_empty()));
+    let state = runc_state(c.namespace(), &id);
+    assert!(
+        wait_until(LONG, || !state.exists()),
+        "runc state left: {:?}",
+        std::fs::read_dir(&state).map(|d| d.count())
+    );
     assert!(mounts_mentioning(&id).is_empty(), "mounts left");
     assert!(
         !std::path::Path::new(&socket).exists(),

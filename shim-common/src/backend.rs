@@ -120,7 +120,7 @@ pub trait Backend: Send + Sync + 'static {
         if !self.host_cgroups() {
             return Err(Error::Unimplemented("Stats".into()));
         }
-        crate::cgroups::metrics(init_pid)
+        crate::os::metrics(init_pid)
     }
 
     fn checkpoint(&self, _id: &str, _path: &str, _options: Option<&Any>) -> Result<()> {

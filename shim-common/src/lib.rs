@@ -26,6 +26,7 @@
 
 pub mod backend;
 pub mod bootstrap;
+#[cfg(target_os = "linux")]
 pub mod cgroups;
 pub mod console;
 pub mod error;
@@ -40,6 +41,7 @@ pub mod socket;
 pub mod start;
 pub mod stdio;
 
+mod os;
 mod serve;
 
 pub use backend::{Backend, CreateRequest, ExecRequest, ShimContext, Target};

@@ -54,26 +54,11 @@ static REAPER: OnceLock<Reaper> = OnceLock::new();
 ///
 /// The caller must deliver `SIGCHLD` to [`reap`] (the SDK's signal thread does).
 pub fn install() -> Result<&'static Reaper> {
-    set_subreaper()?;
+    crate::os::set_subreaper()?;
     Ok(REAPER.get_or_init(|| Reaper {
         subscribers: Mutex::new(Vec::new()),
         next_id: AtomicU64::new(0),
     }))
-}
-
-#[cfg(target_os = "linux")]
-fn set_subreaper() -> Result<()> {
-    // SAFETY: prctl with integer arguments has no memory effects.
-    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("prctl(PR_SET_CHILD_SUBREAPER)");
-    }
-    Ok(())
-}
-
-#[cfg(not(target_os = "linux"))]
-fn set_subreaper() -> Result<()> {
-    Ok(())
 }
 
 /// Collects every exited child and tells every subscriber. Call on `SIGCHLD`.
@@ -166,6 +151,7 @@ impl Output {
 /// ```
 pub fn run(cmd: &mut Command) -> Result<Output> {
     let program = cmd.get_program().to_string_lossy().into_owned();
+    crate::signals::reset_in_child(cmd);
     let Some(sub) = subscribe() else {
         let out = cmd.output().with_context(|| format!("run {program}"))?;
         let status = out

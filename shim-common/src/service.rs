@@ -25,10 +25,10 @@ use protocol::topics;
 use ttrpc::{MethodHandler, TtrpcContext};
 
 use crate::backend::{Backend, CreateRequest, ExecRequest, Target};
-use crate::cgroups::OomWatcher;
 use crate::console::{Console, ConsoleSocket};
 use crate::error::{Error, Result};
 use crate::events::{publish, timestamp, Publisher};
+use crate::os::OomWatcher;
 use crate::reaper::{self, Exit};
 use crate::stdio::{ChildStdio, IoContext, IoOwner, ProcessIo, StdioPaths};
 

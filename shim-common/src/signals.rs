@@ -1,8 +1,12 @@
 //! The daemon's signal handling: one thread waits for `SIGCHLD`, `SIGTERM` and `SIGINT`.
 //!
 //! The signals are blocked in every thread (the mask is inherited from the thread that calls
-//! [`block`] before any other thread exists), so only this thread ever sees them; children
-//! start with an empty mask because `std::process::Command` resets it.
+//! [`block`] before any other thread exists), so only this thread ever sees them. A blocked
+//! mask — and Rust's ignored `SIGPIPE` — survive `exec`, so everything the shim spawns goes
+//! through [`reset_in_child`], or a container would ignore `SIGTERM`.
+
+use std::os::unix::process::CommandExt;
+use std::process::Command;
 
 use nix::sys::signal::{SigSet, Signal};
 
@@ -39,4 +43,42 @@ pub fn spawn(on_term: impl Fn() + Send + 'static) -> Result<()> {
         })
         .context("spawn signal thread")?;
     Ok(())
+}
+
+/// Makes `cmd` start with the signal state of a fresh process: nothing blocked, `SIGPIPE`
+/// at its default. Applied by [`crate::reaper::run`]; call it for any other spawn.
+pub fn reset_in_child(cmd: &mut Command) {
+    // SAFETY: sigemptyset, sigprocmask and signal are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+            libc::sigemptyset(set.as_mut_ptr());
+            libc::sigprocmask(libc::SIG_SETMASK, set.as_ptr(), std::ptr::null_mut());
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Stdio;
+
+    #[test]
+    fn children_start_with_nothing_blocked_and_sigpipe_default() {
+        handled().thread_block().unwrap();
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "grep -E '^Sig(Blk|Ign)' /proc/self/status"]).stdout(Stdio::piped());
+        reset_in_child(&mut cmd);
+        let out = cmd.output().unwrap();
+        handled().thread_unblock().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let mask = |name: &str| {
+            let line = text.lines().find(|l| l.starts_with(name)).unwrap();
+            u64::from_str_radix(line.split_whitespace().nth(1).unwrap(), 16).unwrap()
+        };
+        assert_eq!(mask("SigBlk:"), 0, "{text}");
+        assert_eq!(mask("SigIgn:") & (1 << (libc::SIGPIPE - 1)), 0, "{text}");
+    }
 }

@@ -151,6 +151,7 @@ impl Logger {
                 Ok(())
             });
         }
+        crate::signals::reset_in_child(&mut cmd);
         // Subscribe before the spawn: a logger that exits at once must not slip past.
         let sub = reaper::subscribe();
         let proc = cmd
@@ -219,7 +220,7 @@ impl Logger {
         drop(ready);
         if !got_byte {
             // A v1 logger's fd 5 also closes when it dies; binary-v2 needs the byte.
-            let dying = exiting(self.pid);
+            let dying = crate::os::exiting(self.pid);
             if dying || protocol == Ready::Byte {
                 let why = match dying.then(|| self.wait_exit(KILL_GRACE)).flatten() {
                     Some(status) => format!("exited before it was ready (exit status {status})"),
@@ -326,28 +327,6 @@ fn dup_above(fd: &impl AsFd, min: RawFd) -> Result<OwnedFd> {
     .context("duplicate a logger pipe")?;
     // SAFETY: fcntl just returned this new fd, and nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
-}
-
-/// Whether `pid` is exiting, a zombie or gone. A v1 logger's fd 5 also closes when it
-/// dies, and the kernel closes files only after marking the task `PF_EXITING`, so this
-/// tells "closed because ready" from "closed because dying" without waiting.
-fn exiting(pid: i32) -> bool {
-    const PF_EXITING: u64 = 0x4;
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return true;
-    };
-    // Fields after the command name (which may hold spaces): state is the first, flags
-    // the seventh.
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return true;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let zombie = matches!(fields.first(), Some(&("Z" | "X" | "x")));
-    let flags = fields
-        .get(6)
-        .and_then(|f| f.parse::<u64>().ok())
-        .unwrap_or(0);
-    zombie || flags & PF_EXITING != 0
 }
 
 #[cfg(test)]

@@ -1,0 +1,201 @@
+//! Linux: subreaping with `prctl`, rootfs mounts with `mount(2)`, metrics and OOM kills from
+//! host cgroups.
+
+use std::path::Path;
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use protocol::mount::Mount;
+
+use crate::error::{Context, Error, Result};
+
+pub use crate::cgroups::{metrics, OomWatcher};
+
+/// Makes this process the subreaper of its descendants.
+pub fn set_subreaper() -> Result<()> {
+    // SAFETY: prctl with integer arguments has no memory effects.
+    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("prctl(PR_SET_CHILD_SUBREAPER)");
+    }
+    Ok(())
+}
+
+/// Whether `pid` is exiting, a zombie or gone. A v1 logger's fd 5 also closes when it
+/// dies, and the kernel closes files only after marking the task `PF_EXITING`, so this
+/// tells "closed because ready" from "closed because dying" without waiting.
+pub fn exiting(pid: i32) -> bool {
+    const PF_EXITING: u64 = 0x4;
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    // Fields after the command name (which may hold spaces): state is the first, flags
+    // the seventh.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return true;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let zombie = matches!(fields.first(), Some(&("Z" | "X" | "x")));
+    let flags = fields
+        .get(6)
+        .and_then(|f| f.parse::<u64>().ok())
+        .unwrap_or(0);
+    zombie || flags & PF_EXITING != 0
+}
+
+/// Splits mount options into `mount(2)` flags, propagation flags and the data string.
+fn parse_options(options: &[String]) -> (MsFlags, MsFlags, String) {
+    let mut flags = MsFlags::empty();
+    let mut propagation = MsFlags::empty();
+    let mut data = Vec::new();
+    for o in options {
+        let (set, clear) = match o.as_str() {
+            "async" => (MsFlags::empty(), MsFlags::MS_SYNCHRONOUS),
+            "atime" => (MsFlags::empty(), MsFlags::MS_NOATIME),
+            "bind" => (MsFlags::MS_BIND, MsFlags::empty()),
+            "defaults" => (MsFlags::empty(), MsFlags::empty()),
+            "dev" => (MsFlags::empty(), MsFlags::MS_NODEV),
+            "diratime" => (MsFlags::empty(), MsFlags::MS_NODIRATIME),
+            "dirsync" => (MsFlags::MS_DIRSYNC, MsFlags::empty()),
+            "exec" => (MsFlags::empty(), MsFlags::MS_NOEXEC),
+            "mand" => (MsFlags::MS_MANDLOCK, MsFlags::empty()),
+            "noatime" => (MsFlags::MS_NOATIME, MsFlags::empty()),
+            "nodev" => (MsFlags::MS_NODEV, MsFlags::empty()),
+            "nodiratime" => (MsFlags::MS_NODIRATIME, MsFlags::empty()),
+            "noexec" => (MsFlags::MS_NOEXEC, MsFlags::empty()),
+            "nomand" => (MsFlags::empty(), MsFlags::MS_MANDLOCK),
+            "norelatime" => (MsFlags::empty(), MsFlags::MS_RELATIME),
+            "nostrictatime" => (MsFlags::empty(), MsFlags::MS_STRICTATIME),
+            "nosuid" => (MsFlags::MS_NOSUID, MsFlags::empty()),
+            "rbind" => (MsFlags::MS_BIND | MsFlags::MS_REC, MsFlags::empty()),
+            "relatime" => (MsFlags::MS_RELATIME, MsFlags::empty()),
+            "remount" => (MsFlags::MS_REMOUNT, MsFlags::empty()),
+            "ro" => (MsFlags::MS_RDONLY, MsFlags::empty()),
+            "rw" => (MsFlags::empty(), MsFlags::MS_RDONLY),
+            "strictatime" => (MsFlags::MS_STRICTATIME, MsFlags::empty()),
+            "suid" => (MsFlags::empty(), MsFlags::MS_NOSUID),
+            "sync" => (MsFlags::MS_SYNCHRONOUS, MsFlags::empty()),
+            "private" | "rprivate" | "shared" | "rshared" | "slave" | "rslave" | "unbindable"
+            | "runbindable" => {
+                propagation |= match o.as_str() {
+                    "private" => MsFlags::MS_PRIVATE,
+                    "rprivate" => MsFlags::MS_PRIVATE | MsFlags::MS_REC,
+                    "shared" => MsFlags::MS_SHARED,
+                    "rshared" => MsFlags::MS_SHARED | MsFlags::MS_REC,
+                    "slave" => MsFlags::MS_SLAVE,
+                    "rslave" => MsFlags::MS_SLAVE | MsFlags::MS_REC,
+                    "unbindable" => MsFlags::MS_UNBINDABLE,
+                    _ => MsFlags::MS_UNBINDABLE | MsFlags::MS_REC,
+                };
+                continue;
+            }
+            other => {
+                data.push(other.to_string());
+                continue;
+            }
+        };
+        flags = (flags | set) & !clear;
+    }
+    (flags, propagation, data.join(","))
+}
+
+/// Mounts every entry of `mounts` on `target`, in order (containerd sends one for a
+/// snapshot; layered setups may send more). On failure, undoes what it mounted.
+pub fn mount_rootfs(mounts: &[Mount], target: &Path) -> Result<()> {
+    for (i, m) in mounts.iter().enumerate() {
+        if let Err(e) = mount_one(m, target) {
+            for _ in 0..i {
+                let _ = umount2(target, MntFlags::MNT_DETACH);
+            }
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+fn mount_one(m: &Mount, target: &Path) -> Result<()> {
+    let (mut flags, propagation, data) = parse_options(&m.options);
+    if m.type_ == "bind" {
+        flags |= MsFlags::MS_BIND;
+    }
+    let fstype = (!m.type_.is_empty() && m.type_ != "bind").then_some(m.type_.as_str());
+    let data = (!data.is_empty()).then_some(data.as_str());
+    let what = || format!("mount {} ({}) on {}", m.source, m.type_, target.display());
+    // A read-only bind needs a second, remounting call: the first ignores MS_RDONLY.
+    let ro_bind = flags.contains(MsFlags::MS_BIND | MsFlags::MS_RDONLY);
+    let first = if ro_bind {
+        flags & !MsFlags::MS_RDONLY
+    } else {
+        flags
+    };
+    mount(Some(m.source.as_str()), target, fstype, first, data).with_context(what)?;
+    if ro_bind {
+        mount(
+            None::<&str>,
+            target,
+            None::<&str>,
+            flags | MsFlags::MS_REMOUNT,
+            None::<&str>,
+        )
+        .with_context(what)?;
+    }
+    if !propagation.is_empty() {
+        mount(
+            None::<&str>,
+            target,
+            None::<&str>,
+            propagation,
+            None::<&str>,
+        )
+        .with_context(what)?;
+    }
+    Ok(())
+}
+
+/// Unmounts everything stacked on `target`. A target that is not mounted is fine.
+pub fn unmount_all(target: &Path) -> Result<()> {
+    for _ in 0..64 {
+        match umount2(target, MntFlags::MNT_DETACH) {
+            Ok(()) => continue,
+            Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => return Ok(()),
+            Err(e) => {
+                return Err(Error::Sys {
+                    context: format!("unmount {}", target.display()),
+                    source: e,
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlay_options_become_data() {
+        let opts: Vec<String> = [
+            "index=off",
+            "workdir=/w",
+            "upperdir=/u",
+            "lowerdir=/l",
+            "ro",
+            "nosuid",
+        ]
+        .map(String::from)
+        .to_vec();
+        let (flags, prop, data) = parse_options(&opts);
+        assert_eq!(flags, MsFlags::MS_RDONLY | MsFlags::MS_NOSUID);
+        assert!(prop.is_empty());
+        assert_eq!(data, "index=off,workdir=/w,upperdir=/u,lowerdir=/l");
+    }
+
+    #[test]
+    fn later_options_win_and_propagation_is_separate() {
+        let opts: Vec<String> = ["ro", "rw", "rbind", "rprivate"].map(String::from).to_vec();
+        let (flags, prop, data) = parse_options(&opts);
+        assert_eq!(flags, MsFlags::MS_BIND | MsFlags::MS_REC);
+        assert_eq!(prop, MsFlags::MS_PRIVATE | MsFlags::MS_REC);
+        assert!(data.is_empty());
+    }
+}
