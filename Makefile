@@ -3,7 +3,7 @@
 #   make test   installs what is missing, builds once, runs every test
 TARGET  := x86_64-unknown-linux-gnu
 BIN_DIR := $(CURDIR)/target/$(TARGET)/release
-APT_PKGS := containerd runc crun busybox-static criu
+APT_PKGS := containerd runc crun busybox-static criu containernetworking-plugins protobuf-compiler
 export SHIM_BIN_DIR := $(BIN_DIR)
 
 .PHONY: demo test bench deps build fmt lint install
@@ -37,4 +37,4 @@ lint:
 
 # Install the shims where containerd looks for them (its PATH).
 install: build
-	install -m 0755 $(BIN_DIR)/containerd-shim-runc-v2 /usr/local/bin/
+	install -m 0755 $(BIN_DIR)/containerd-shim-runc-v2 $(BIN_DIR)/containerd-shim-jail-v2 /usr/local/bin/

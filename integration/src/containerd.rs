@@ -12,6 +12,14 @@
 //! descendants, then mounts under the directory, then the directory itself.
 //! A test process that dies without unwinding leaves its directory behind;
 //! the next [`ContainerdBuilder::start`] sweeps such stale directories.
+//!
+//! With [`ContainerdBuilder::cri`] the daemon also serves Kubernetes' CRI (see
+//! [`crate::cri`]): runtime handlers `runc` and `runc-alt` (our shim) and `gorunc` (Debian's
+//! Go shim), a locally built sandbox image, and a CNI bridge network of its own. Nothing of
+//! it needs the network: images are imported into namespace `k8s.io` before any pod runs,
+//! so CRI never pulls. Teardown first stops and removes every pod through CRI (which runs
+//! CNI DEL), and after the process sweep deletes the bridge and CNI's cached results, so a
+//! panicking test leaves no interface behind either.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{CString, OsStr};
@@ -26,6 +34,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+use crate::cri::{self, CriClient, CRI_NAMESPACE, HANDLER_ALT, HANDLER_GO, HANDLER_OURS};
 use crate::error::{Error, IoContext};
 use crate::image;
 
@@ -77,6 +86,21 @@ const DISABLED_PLUGINS: &[&str] = &[
 ];
 
 const CRI_PLUGIN: &str = "io.containerd.grpc.v1.cri";
+
+/// Where Debian's `containernetworking-plugins` installs the CNI plugins.
+pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
+
+/// The CNI plugins the pod network uses.
+const CNI_PLUGINS: &[&str] = &["bridge", "host-local", "loopback"];
+
+/// Subnet of every harness pod network. Each containerd gets its own bridge and the
+/// host keeps no address on it (no gateway), so parallel instances reuse the same range
+/// without a routing clash, and nothing else on the machine uses 10.231.0.0/24.
+pub const POD_SUBNET: &str = "10.231.0.0/24";
+
+/// libcni's default cache of ADD results (`<network>-<container>-<ifname>`); containerd
+/// 1.6 does not move it, so teardown removes our entries by name.
+const CNI_RESULTS_DIR: &str = "/var/lib/cni/results";
 
 /// Result of one `ctr` invocation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -167,6 +191,12 @@ impl ContainerdBuilder {
 
     /// Enables the CRI plugin (off by default: it is slow to start and the
     /// shim tests drive containerd through `ctr`).
+    ///
+    /// [`start`](Self::start) then also writes a CNI bridge network of this instance's
+    /// own, imports the `pause` sandbox image (built from this crate's `pause` binary in
+    /// [`target_bin_dir`](crate::target_bin_dir)) and busybox into namespace `k8s.io`, and
+    /// returns only once CRI reports runtime and network ready and lists both images. The
+    /// `gorunc` handler needs [`go_shim(true)`](Self::go_shim) as well.
     pub fn cri(mut self, enable: bool) -> Self {
         self.cri = enable;
         self
@@ -226,6 +256,8 @@ pub struct Containerd {
     snapshotter: String,
     ctr_timeout: Duration,
     path_env: String,
+    /// The CRI plugin runs (teardown removes pods through it first).
+    cri: bool,
 }
 
 impl Containerd {
@@ -256,6 +288,17 @@ impl Containerd {
                 path: GO_SHIM_BINARY.into(),
                 why: "install Debian package containerd",
             });
+        }
+        if opts.cri {
+            for plugin in CNI_PLUGINS {
+                let p = Path::new(CNI_BIN_DIR).join(plugin);
+                if !p.exists() {
+                    return Err(Error::MissingProgram {
+                        path: p,
+                        why: "install Debian package containernetworking-plugins",
+                    });
+                }
+            }
         }
 
         let base = temp_base();
@@ -321,8 +364,13 @@ impl Containerd {
             None => "native".to_string(),
         };
 
+        let mut toml = config_toml(&d, &address, &opts);
+        if opts.cri {
+            write_cni_config(&d)?;
+            toml.push_str(&cri_config_toml(&d, &snapshotter));
+        }
         let config = d.join("config.toml");
-        fs::write(&config, config_toml(&d, &address, &opts)).ctx_path("writing", &config)?;
+        fs::write(&config, toml).ctx_path("writing", &config)?;
 
         let log_path = d.join("containerd.log");
         let log = fs::File::create(&log_path).ctx_path("creating", &log_path)?;
@@ -348,10 +396,73 @@ impl Containerd {
             snapshotter,
             ctr_timeout: opts.ctr_timeout,
             path_env,
+            cri: opts.cri,
         };
         // On error `c` is dropped, which tears down whatever did start.
         c.wait_ready(opts.start_timeout)?;
+        if opts.cri {
+            c.prepare_cri(opts.start_timeout)?;
+        }
         Ok(c)
+    }
+
+    /// Imports the sandbox and busybox images into CRI's namespace and waits until CRI
+    /// is ready and lists both: a pod started before that would make CRI pull the
+    /// sandbox image, which must never happen here.
+    fn prepare_cri(&self, timeout: Duration) -> Result<(), Error> {
+        let pause = image::pause_oci_archive(
+            &self.dir_path.join("pause.oci.tar"),
+            &crate::target_bin_dir().join("pause"),
+            cri::PAUSE_REF,
+        )?;
+        let busybox = image::cached_busybox_archive()?;
+        for archive in [&pause, &busybox] {
+            let archive = archive.to_string_lossy();
+            self.try_ctr_in(CRI_NAMESPACE, &["images", "import", archive.as_ref()])?;
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let check = || -> Result<Option<&'static str>, cri::CriError> {
+                let c = CriClient::connect_with_timeout(&self.address, Duration::from_secs(10))?;
+                if !c.ready()? {
+                    return Ok(Some("runtime or network not ready"));
+                }
+                for image in [cri::PAUSE_REF, image::BUSYBOX_REF] {
+                    if c.image_status(image)?.is_none() {
+                        return Ok(Some("imported images not listed yet"));
+                    }
+                }
+                Ok(None)
+            };
+            let last = match check() {
+                Ok(None) => return Ok(()),
+                Ok(Some(why)) => why.to_string(),
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() >= deadline {
+                return Err(Error::io(
+                    format!(
+                        "CRI on {} not ready within {timeout:?} ({last}); log tail:\n{}",
+                        self.address.display(),
+                        self.log_tail(30)
+                    ),
+                    std::io::Error::from(std::io::ErrorKind::TimedOut),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The bridge of this containerd's CNI network (exists while a pod has run; removed
+    /// at teardown), or `None` without CRI.
+    pub fn cni_bridge(&self) -> Option<String> {
+        self.cri.then(|| cni_names(&self.dir_path).1)
+    }
+
+    /// A CRI client on this containerd (needs [`ContainerdBuilder::cri`]).
+    pub fn cri_client(&self) -> Result<CriClient, Error> {
+        CriClient::connect(&self.address)
+            .map_err(|e| Error::io("connecting the CRI client", std::io::Error::other(e)))
     }
 
     /// Stops containerd only (SIGTERM), as a daemon restart or crash would: shims and their
@@ -450,11 +561,15 @@ impl Containerd {
     }
 
     fn ctr_command(&self, args: &[&str]) -> Command {
+        self.ctr_command_in(&self.namespace, args)
+    }
+
+    fn ctr_command_in(&self, namespace: &str, args: &[&str]) -> Command {
         let mut cmd = Command::new(CTR_BINARY);
         cmd.arg("--address")
             .arg(&self.address)
             .arg("--namespace")
-            .arg(&self.namespace)
+            .arg(namespace)
             .args(args)
             // ctr reads the snapshotter for `images import` / `run` from here.
             .env("CONTAINERD_SNAPSHOTTER", &self.snapshotter)
@@ -466,7 +581,12 @@ impl Containerd {
 
     /// Like [`ctr`](Self::ctr) but returns [`Error::Ctr`] if ctr fails.
     pub fn try_ctr(&self, args: &[&str]) -> Result<CtrOutput, Error> {
-        let out = self.ctr(args);
+        self.try_ctr_in(&self.namespace, args)
+    }
+
+    /// Like [`try_ctr`](Self::try_ctr) in another namespace (CRI's is `k8s.io`).
+    pub fn try_ctr_in(&self, namespace: &str, args: &[&str]) -> Result<CtrOutput, Error> {
+        let out = run_with_timeout(self.ctr_command_in(namespace, args), self.ctr_timeout);
         if out.success() {
             Ok(out)
         } else {
@@ -593,33 +713,57 @@ impl Containerd {
         pids
     }
 
-    /// Best-effort removal of all tasks and containers in our namespace, with
-    /// short timeouts so a broken shim cannot hang the teardown.
-    fn remove_tasks_and_containers(&mut self) {
-        // ctr waits ~10 s to connect to a dead socket: skip it if containerd
-        // is gone (e.g. it failed to start).
+    /// Whether the daemon runs and accepts connections: ctr waits ~10 s to connect to a
+    /// dead socket, so teardown skips the polite steps when it is gone.
+    fn daemon_alive(&mut self) -> bool {
         let alive = self
             .child
             .as_mut()
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)));
-        if !alive || UnixStream::connect(&self.address).is_err() {
+        alive && UnixStream::connect(&self.address).is_ok()
+    }
+
+    /// Best-effort StopPodSandbox + RemovePodSandbox of every pod, so CRI runs CNI DEL
+    /// (veth, IPAM lease, cached result) before the daemon goes.
+    fn remove_pods(&mut self) {
+        if !self.cri || !self.daemon_alive() {
             return;
         }
+        let r = CriClient::connect_with_timeout(&self.address, Duration::from_secs(10))
+            .and_then(|c| c.remove_all_pods());
+        if let Err(e) = r {
+            eprintln!("integration: removing CRI pods: {e}");
+        }
+    }
+
+    /// Best-effort removal of all tasks and containers in our namespaces, with
+    /// short timeouts so a broken shim cannot hang the teardown.
+    fn remove_tasks_and_containers(&mut self) {
+        if !self.daemon_alive() {
+            return;
+        }
+        let mut namespaces = vec![self.namespace.clone()];
+        if self.cri && self.namespace != CRI_NAMESPACE {
+            namespaces.push(CRI_NAMESPACE.to_string());
+        }
         let t = Duration::from_secs(10);
-        let tasks = self.ctr_timeout(&["tasks", "ls", "-q"], t);
-        if !tasks.success() {
-            return; // containerd is not answering; the process sweep handles it
-        }
-        let ids: Vec<&str> = tasks.stdout.split_whitespace().collect();
-        for id in &ids {
-            self.ctr_timeout(&["tasks", "kill", "-a", "-s", "SIGKILL", id], t);
-        }
-        for id in &ids {
-            self.ctr_timeout(&["tasks", "delete", "-f", id], t);
-        }
-        let containers = self.ctr_timeout(&["containers", "ls", "-q"], t);
-        for id in containers.stdout.split_whitespace() {
-            self.ctr_timeout(&["containers", "delete", id], t);
+        for ns in &namespaces {
+            let ctr = |args: &[&str]| run_with_timeout(self.ctr_command_in(ns, args), t);
+            let tasks = ctr(&["tasks", "ls", "-q"]);
+            if !tasks.success() {
+                return; // containerd is not answering; the process sweep handles it
+            }
+            let ids: Vec<&str> = tasks.stdout.split_whitespace().collect();
+            for id in &ids {
+                ctr(&["tasks", "kill", "-a", "-s", "SIGKILL", id]);
+            }
+            for id in &ids {
+                ctr(&["tasks", "delete", "-f", id]);
+            }
+            let containers = ctr(&["containers", "ls", "-q"]);
+            for id in containers.stdout.split_whitespace() {
+                ctr(&["containers", "delete", id]);
+            }
         }
     }
 
@@ -645,6 +789,7 @@ impl Containerd {
 
 impl Drop for Containerd {
     fn drop(&mut self) {
+        self.remove_pods();
         self.remove_tasks_and_containers();
         self.stop_daemon();
         let clean = cleanup_dir(&self.dir_path, &self.address);
@@ -752,6 +897,160 @@ disabled_plugins = [{disabled}]
         ttrpc = toml_str(&dir.join("t.sock")),
         opt = toml_str(&dir.join("opt")),
         level = opts.log_level,
+    )
+}
+
+/// The CNI network and bridge names of the containerd in `dir`, derived from the
+/// directory's random suffix: unique among live instances, and recomputable by the sweep
+/// of a dead test's directory without any record. Bridge names must fit IFNAMSIZ (15).
+fn cni_names(dir: &Path) -> (String, String) {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let suffix: String = name
+        .strip_prefix(DIR_PREFIX)
+        .unwrap_or(&name)
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .collect();
+    let suffix = &suffix[suffix.len().saturating_sub(8)..];
+    (format!("shimtest-{suffix}"), format!("shimbr{suffix}"))
+}
+
+/// Writes `<dir>/cni/net.d/10-shimtest.conflist`: a bridge of this instance's own with
+/// host-local IPAM (leases kept in `<dir>/cni/ipam`), then loopback, which brings `lo` up
+/// and passes the bridge's result through. No gateway and no masquerading: the host gets
+/// no address on the bridge, IP forwarding stays as it is, no iptables rule is written.
+fn write_cni_config(dir: &Path) -> Result<(), Error> {
+    let (network, bridge) = cni_names(dir);
+    let net_d = dir.join("cni").join("net.d");
+    fs::create_dir_all(&net_d).ctx_path("creating", &net_d)?;
+    let conf = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": network,
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": bridge,
+                "isGateway": false,
+                "ipMasq": false,
+                "hairpinMode": false,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{ "subnet": POD_SUBNET }]],
+                    "dataDir": dir.join("cni").join("ipam"),
+                },
+            },
+            { "type": "loopback" },
+        ],
+    });
+    let path = net_d.join("10-shimtest.conflist");
+    let text = serde_json::to_string_pretty(&conf).map_err(|source| Error::Json {
+        what: "CNI config",
+        source,
+    })?;
+    fs::write(&path, text).ctx_path("writing", &path)
+}
+
+/// Removes what CNI leaves outside `dir` when pods were not torn down through CRI: the
+/// bridge (the pods' veths went with their network namespaces) and cached ADD results.
+fn cleanup_cni(dir: &Path) {
+    let (network, bridge) = cni_names(dir);
+    if Path::new("/sys/class/net").join(&bridge).exists() {
+        let out = Command::new("ip")
+            .args(["link", "delete", &bridge])
+            .env("PATH", SYSTEM_PATH)
+            .stdin(Stdio::null())
+            .output();
+        match out {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => eprintln!(
+                "integration: ip link delete {bridge}: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+            Err(e) => eprintln!("integration: running ip link delete {bridge}: {e}"),
+        }
+    }
+    // Results are `<network>-<container id>-<ifname>`; the loopback network CRI adds is
+    // shared by name, so only the entries of this instance's sandboxes go.
+    let sandboxes: Vec<String> = fs::read_dir(dir.join("root").join(CRI_PLUGIN).join("sandboxes"))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let Ok(rd) = fs::read_dir(CNI_RESULTS_DIR) else {
+        return;
+    };
+    for e in rd.filter_map(Result::ok) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let ours = name.starts_with(&format!("{network}-"))
+            || sandboxes.iter().any(|id| name.contains(id.as_str()));
+        if ours {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}
+
+/// The CRI plugin's section of the config (containerd config version 2).
+///
+/// CRI keeps its root and state under containerd's (`<dir>/root|state/io.containerd.grpc.
+/// v1.cri`), and with `netns_mounts_under_state_dir` the pods' network namespaces too, so
+/// the harness's unmount-and-remove of `<dir>` covers them. `restrict_oom_score_adj`: root
+/// here lacks CAP_SYS_RESOURCE. AppArmor is off so no profile is loaded into the host
+/// kernel; the stream server (for Exec/Attach, unused) listens on loopback only; the
+/// registry config points at an empty directory so no host mirror config applies.
+/// `pod_annotations` passes the shim group annotation through to our handlers, so a test
+/// can make two pods share one shim address.
+fn cri_config_toml(dir: &Path, snapshotter: &str) -> String {
+    let runtime = |name: &str, runtime_type: &str, passthrough: bool| {
+        let annotations = if passthrough {
+            format!(
+                "        pod_annotations = [\"{}\"]\n",
+                "io.containerd.runc.v2.group"
+            )
+        } else {
+            String::new()
+        };
+        format!(
+            "      [plugins.\"{CRI_PLUGIN}\".containerd.runtimes.{name}]\n        runtime_type = \"{runtime_type}\"\n{annotations}"
+        )
+    };
+    let runtimes = [
+        runtime(HANDLER_OURS, OUR_RUNTIME, true),
+        runtime(&format!("\"{HANDLER_ALT}\""), OUR_RUNTIME, true),
+        runtime(HANDLER_GO, GO_RUNTIME, false),
+    ]
+    .concat();
+    format!(
+        r#"
+  [plugins."{CRI_PLUGIN}"]
+    sandbox_image = "{pause}"
+    restrict_oom_score_adj = true
+    disable_apparmor = true
+    enable_selinux = false
+    disable_tcp_service = true
+    stream_server_address = "127.0.0.1"
+    stream_server_port = "0"
+    enable_tls_streaming = false
+    netns_mounts_under_state_dir = true
+    max_container_log_line_size = 16384
+    [plugins."{CRI_PLUGIN}".containerd]
+      snapshotter = "{snapshotter}"
+      default_runtime_name = "{HANDLER_OURS}"
+      disable_snapshot_annotations = true
+{runtimes}    [plugins."{CRI_PLUGIN}".cni]
+      bin_dir = "{CNI_BIN_DIR}"
+      conf_dir = {conf_dir}
+      max_conf_num = 1
+      conf_template = ""
+    [plugins."{CRI_PLUGIN}".registry]
+      config_path = {certs}
+"#,
+        pause = cri::PAUSE_REF,
+        conf_dir = toml_str(&dir.join("cni").join("net.d")),
+        certs = toml_str(&dir.join("certs.d")),
     )
 }
 
@@ -1115,6 +1414,19 @@ fn cleanup_dir(dir: &Path, address: &Path) -> bool {
         let sock = Path::new(SHIM_SOCKET_DIR).join(hex(&hash));
         let _ = fs::remove_file(&sock);
         let _ = fs::remove_file(sock.with_extension("debug"));
+        // A shim grouped by pod (CRI) or group annotation listens elsewhere: the bundle
+        // records where. Its daemon was killed above, so nobody answers there any more.
+        let bundle = dir
+            .join("state")
+            .join("io.containerd.runtime.v2.task")
+            .join(ns)
+            .join(id);
+        if let Ok(a) = fs::read_to_string(bundle.join("address")) {
+            let p = Path::new(a.trim().trim_start_matches("unix://"));
+            if p.starts_with(SHIM_SOCKET_DIR) && UnixStream::connect(p).is_err() {
+                let _ = fs::remove_file(p);
+            }
+        }
         // runc state of killed containers (the Go shim's default runc root is
         // /run/containerd/runc/<ns>); left alone if its init still runs, which
         // means another containerd uses the same namespace and id.
@@ -1129,7 +1441,66 @@ fn cleanup_dir(dir: &Path, address: &Path) -> bool {
             }
         }
     }
-    unmount_all(dir)
+    sweep_runc_states(dir);
+    let clean = unmount_all(dir);
+    cleanup_cni(dir);
+    clean
+}
+
+/// Removes runc state (and kills the container, cgroups too) of every container whose
+/// bundle lies in `dir`, whatever namespace or id it has.
+///
+/// The per-bundle pass above misses containers whose bundle containerd already removed
+/// while their cleanup was cut short: a shim killed with SIGKILL orphans its containers to
+/// PID 1 (out of reach of the process sweep), and the `delete` action containerd runs for
+/// it may itself be killed by the sweep mid-way. runc labels each state with its bundle,
+/// which is how ours are told apart from other containerds'.
+fn sweep_runc_states(dir: &Path) {
+    let Ok(namespaces) = fs::read_dir(RUNC_ROOT) else {
+        return;
+    };
+    let prefix = format!("bundle={}/", dir.display());
+    for ns in namespaces.filter_map(Result::ok) {
+        let Ok(ids) = fs::read_dir(ns.path()) else {
+            continue;
+        };
+        for state_dir in ids.filter_map(Result::ok).map(|e| e.path()) {
+            let Ok(text) = fs::read_to_string(state_dir.join("state.json")) else {
+                continue;
+            };
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+                continue;
+            };
+            let ours = v["config"]["labels"].as_array().is_some_and(|l| {
+                l.iter()
+                    .any(|x| x.as_str().is_some_and(|x| x.starts_with(&prefix)))
+            });
+            if !ours {
+                continue;
+            }
+            if runc_init_alive(&state_dir.join("state.json")) {
+                if let Some(pid) = v["init_process_pid"]
+                    .as_i64()
+                    .and_then(|p| i32::try_from(p).ok())
+                {
+                    // SAFETY: kill(2) of a container init verified by pid and start time.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    let deadline = Instant::now() + Duration::from_secs(3);
+                    while runc_init_alive(&state_dir.join("state.json"))
+                        && Instant::now() < deadline
+                    {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+            }
+            if let Some(paths) = v["cgroup_paths"].as_object() {
+                for p in paths.values().filter_map(|p| p.as_str()) {
+                    let _ = fs::remove_dir(p);
+                }
+            }
+            let _ = fs::remove_dir_all(&state_dir);
+        }
+    }
 }
 
 /// Whether the init process recorded in a runc `state.json` still runs

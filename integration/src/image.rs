@@ -9,6 +9,9 @@
 //! The output is deterministic (fixed mtimes, owners and ordering), so the same
 //! busybox always gives the same digests, and the archive can be cached across
 //! test processes.
+//!
+//! [`oci_archive`] packs any list of files the same way; CRI's sandbox image
+//! ([`pause_oci_archive`], our static `pause` binary) is built with it.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -184,10 +187,101 @@ pub fn busybox_oci_archive(dest: &Path, image_ref: &str) -> Result<PathBuf, Erro
             Error::io(format!("reading {BUSYBOX_BINARY}"), e)
         }
     })?;
-    let archive = build_archive(&busybox, image_ref)?;
+    let archive = build_archive(
+        build_layer(&busybox)?,
+        image_ref,
+        json!({
+            "Env": [DEFAULT_PATH_ENV],
+            "Cmd": ["sh"],
+            "WorkingDir": "/",
+        }),
+        &format!("integration harness: {BUSYBOX_BINARY} + applet symlinks"),
+    )?;
+    write_archive(dest, "busybox.oci.tar", &archive)
+}
 
+/// `PATH` in the images' config.
+const DEFAULT_PATH_ENV: &str = "PATH=/bin:/usr/bin:/sbin:/usr/sbin:/usr/local/bin:/usr/local/sbin";
+
+/// A regular file of an image built by [`oci_archive`].
+#[derive(Debug, Clone, Copy)]
+pub struct ImageFile<'a> {
+    /// Path inside the image, relative (`pause`, `etc/hosts`).
+    pub path: &'a str,
+    pub mode: u32,
+    pub data: &'a [u8],
+}
+
+/// Writes a single-layer OCI image archive for `image_ref` holding the directories `dirs`
+/// (relative, ending in `/`) and `files`, whose process is `entrypoint`; returns its path.
+///
+/// `dest` works as for [`busybox_oci_archive`] (a directory gets `image.oci.tar`). Like the
+/// busybox image, the archive is deterministic.
+pub fn oci_archive(
+    dest: &Path,
+    image_ref: &str,
+    dirs: &[&str],
+    files: &[ImageFile<'_>],
+    entrypoint: &[&str],
+) -> Result<PathBuf, Error> {
+    let mut b = tar::Builder::new(Vec::new());
+    for dir in dirs {
+        let mut h = header(tar::EntryType::Directory, 0o755, 0);
+        b.append_data(&mut h, dir, std::io::empty())
+            .map_err(tar_err(dir))?;
+    }
+    for f in files {
+        let mut h = header(tar::EntryType::Regular, f.mode, f.data.len() as u64);
+        b.append_data(&mut h, f.path, f.data)
+            .map_err(tar_err(f.path))?;
+    }
+    let layer = b.into_inner().map_err(tar_err("layer trailer"))?;
+    let names: Vec<&str> = files.iter().map(|f| f.path).collect();
+    let archive = build_archive(
+        layer,
+        image_ref,
+        json!({ "Env": [DEFAULT_PATH_ENV], "Entrypoint": entrypoint, "WorkingDir": "/" }),
+        &format!("integration harness: {}", names.join(" ")),
+    )?;
+    write_archive(dest, "image.oci.tar", &archive)
+}
+
+/// The sandbox ("pause") image CRI starts first in every pod: `pause_binary` (the static
+/// `pause` of this crate) as `/pause`, plus the mount points runc expects. A static binary
+/// needs nothing else, which keeps the sandbox's rootfs a few hundred KiB.
+pub fn pause_oci_archive(
+    dest: &Path,
+    pause_binary: &Path,
+    image_ref: &str,
+) -> Result<PathBuf, Error> {
+    let data = fs::read(pause_binary).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::MissingProgram {
+                path: pause_binary.into(),
+                why: "build the integration binaries: cargo build --release -p integration --bins",
+            }
+        } else {
+            Error::io(format!("reading {}", pause_binary.display()), e)
+        }
+    })?;
+    oci_archive(
+        dest,
+        image_ref,
+        &["dev/", "etc/", "proc/", "sys/"],
+        &[ImageFile {
+            path: "pause",
+            mode: 0o755,
+            data: &data,
+        }],
+        &["/pause"],
+    )
+}
+
+/// Writes `archive` to `dest` (a directory gets `default_name` inside it) through a
+/// temporary name and a rename, so concurrent writers never expose a half-written archive.
+fn write_archive(dest: &Path, default_name: &str, archive: &[u8]) -> Result<PathBuf, Error> {
     let path = if dest.is_dir() {
-        dest.join("busybox.oci.tar")
+        dest.join(default_name)
     } else {
         dest.to_path_buf()
     };
@@ -196,30 +290,33 @@ pub fn busybox_oci_archive(dest: &Path, image_ref: &str) -> Result<PathBuf, Erro
         _ => PathBuf::from("."),
     };
     let mut tmp = tempfile::Builder::new()
-        .prefix(".busybox-oci-")
+        .prefix(".oci-archive-")
         .tempfile_in(&dir)
         .ctx_path("creating temporary file in", &dir)?;
-    tmp.write_all(&archive).ctx_path("writing", tmp.path())?;
+    tmp.write_all(archive).ctx_path("writing", tmp.path())?;
     tmp.persist(&path)
         .map_err(|e| Error::io(format!("renaming archive to {}", path.display()), e.error))?;
     Ok(path)
 }
 
-fn build_archive(busybox: &[u8], image_ref: &str) -> Result<Vec<u8>, Error> {
-    let layer = Blob::new(build_layer(busybox)?);
+/// Wraps one uncompressed `layer` into an OCI image archive: config (with `process` as
+/// its `config` object), manifest, index naming `image_ref`, layout file.
+fn build_archive(
+    layer: Vec<u8>,
+    image_ref: &str,
+    process: serde_json::Value,
+    created_by: &str,
+) -> Result<Vec<u8>, Error> {
+    let layer = Blob::new(layer);
     let config = json!({
         "created": "1970-01-01T00:00:00Z",
         "architecture": oci_arch(),
         "os": "linux",
-        "config": {
-            "Env": ["PATH=/bin:/usr/bin:/sbin:/usr/sbin:/usr/local/bin:/usr/local/sbin"],
-            "Cmd": ["sh"],
-            "WorkingDir": "/",
-        },
+        "config": process,
         "rootfs": { "type": "layers", "diff_ids": [layer.digest()] },
         "history": [{
             "created": "1970-01-01T00:00:00Z",
-            "created_by": format!("integration harness: {BUSYBOX_BINARY} + applet symlinks"),
+            "created_by": created_by,
         }],
     });
     let config = Blob::new(serde_json::to_vec(&config).map_err(|source| Error::Json {
@@ -364,5 +461,28 @@ mod tests {
         for p in ["bin/busybox", "etc/passwd", "etc/group", "proc/", "tmp/"] {
             assert!(names.iter().any(|n| n == p), "missing {p}");
         }
+    }
+
+    #[test]
+    fn generic_archive_has_entrypoint_and_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bin = dir.path().join("pause-bin");
+        fs::write(&bin, b"not really a binary").expect("write");
+        let a = pause_oci_archive(dir.path(), &bin, "localhost/x/pause:1").expect("archive");
+        assert_eq!(a, dir.path().join("image.oci.tar"));
+        let data = fs::read(&a).expect("read");
+        let mut ar = tar::Archive::new(data.as_slice());
+        let mut configs = 0;
+        for e in ar.entries().expect("entries") {
+            let mut e = e.expect("entry");
+            let mut s = Vec::new();
+            std::io::Read::read_to_end(&mut e, &mut s).expect("read entry");
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&s) {
+                if v["config"]["Entrypoint"] == json!(["/pause"]) {
+                    configs += 1;
+                }
+            }
+        }
+        assert_eq!(configs, 1, "image config with the pause entrypoint");
     }
 }

@@ -18,6 +18,7 @@
 pub mod checks;
 pub mod conformance;
 pub mod containerd;
+pub mod cri;
 pub mod error;
 pub mod events;
 pub mod fixture;

@@ -404,3 +404,36 @@ fn start_action_rejects_malformed_config_json() {
     );
     assert!(processes_mentioning(&id).is_empty(), "daemon left behind");
 }
+
+#[test]
+fn pause_resume_and_exec_ids_in_pids() {
+    let c = with_our_shims();
+    let log = integration::events::EventLog::start(&c);
+    let id = unique_id("pause");
+    run_detached(&c, &id, &["sleep", "1000"]);
+    c.ctr_ok(&[
+        "task",
+        "exec",
+        "-d",
+        "--exec-id",
+        "side",
+        &id,
+        "sleep",
+        "1000",
+    ]);
+    // Pids names the exec's process by its exec id.
+    let ps = c.ctr_ok(&["task", "ps", &id]).stdout;
+    assert!(ps.contains("side"), "exec id missing from pids: {ps}");
+    c.ctr_ok(&["task", "pause", &id]);
+    wait_status(&c, &id, "PAUSED");
+    c.ctr_ok(&["task", "resume", &id]);
+    wait_status(&c, &id, "RUNNING");
+    assert!(log.wait_for(&id, "/tasks/resumed"));
+    let topics = log.topics(&id);
+    let at = |t: &str| topics.iter().position(|x| x == t);
+    assert!(at("/tasks/paused") < at("/tasks/resumed"), "{topics:?}");
+    c.ctr_ok(&["task", "kill", "-a", "-s", "SIGKILL", &id]);
+    wait_status(&c, &id, "STOPPED");
+    remove(&c, &id);
+    assert_gone(&c, &id);
+}

@@ -69,7 +69,8 @@ mod tests {
     fn children_start_with_nothing_blocked_and_sigpipe_default() {
         handled().thread_block().unwrap();
         let mut cmd = Command::new("sh");
-        cmd.args(["-c", "grep -E '^Sig(Blk|Ign)' /proc/self/status"]).stdout(Stdio::piped());
+        cmd.args(["-c", "grep -E '^Sig(Blk|Ign)' /proc/self/status"])
+            .stdout(Stdio::piped());
         reset_in_child(&mut cmd);
         let out = cmd.output().unwrap();
         handled().thread_unblock().unwrap();
