@@ -31,6 +31,7 @@ pub mod cgroups;
 pub mod console;
 pub mod error;
 pub mod events;
+pub mod executable;
 pub mod flags;
 pub mod logger;
 pub mod mount;

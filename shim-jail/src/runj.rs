@@ -10,13 +10,13 @@
 use std::fs;
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
+use shim_common::executable::{self, read_pid};
 use shim_common::reaper::{self, Output};
 use shim_common::stdio::ChildStdio;
 use shim_common::{Context, Error, Result};
@@ -38,7 +38,14 @@ impl Runj {
     /// Finds `name` on `PATH` (or at its path) now, so a missing runj is a clear error
     /// before anything is mounted.
     pub fn new(name: &str) -> Result<Runj> {
-        resolve(name).map(|binary| Runj { binary })
+        let binary = executable::resolve("runj", name).map_err(|e| match e {
+            Error::FailedPrecondition(m) => Error::FailedPrecondition(format!(
+                "{m}: install runj (pkg install runj, or go install go.sbk.wtf/runj/cmd/runj) \
+                 where containerd's PATH finds it, or set BinaryName in the runtime options"
+            )),
+            e => e,
+        })?;
+        Ok(Runj { binary })
     }
 
     fn command(&self) -> Command {
@@ -261,44 +268,16 @@ impl StderrTee {
     }
 }
 
-/// Finds `name` like `execve` would, and says clearly when it cannot be used.
-fn resolve(name: &str) -> Result<PathBuf> {
-    let candidates: Vec<PathBuf> = if name.contains('/') {
-        vec![PathBuf::from(name)]
-    } else {
-        std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).map(|d| d.join(name)).collect())
-            .unwrap_or_default()
-    };
-    for c in &candidates {
-        if let Ok(m) = fs::metadata(c) {
-            if m.is_file() && m.permissions().mode() & 0o111 != 0 {
-                return Ok(c.clone());
-            }
-        }
-    }
-    let path = std::env::var("PATH").unwrap_or_default();
-    Err(Error::FailedPrecondition(format!(
-        "runj binary {name:?} not found (PATH={path}): install runj (pkg install runj, or \
-         go install go.sbk.wtf/runj/cmd/runj) where containerd's PATH finds it, or set \
-         BinaryName in the runtime options"
-    )))
-}
-
-fn read_pid(path: &Path) -> Result<u32> {
-    let text = fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
-    text.trim()
-        .parse()
-        .map_err(|e| Error::Runtime(format!("bad pid in {}: {e}", path.display())))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn missing_runj_is_a_clear_error() {
-        let err = resolve("/nonexistent/runj").unwrap_err().to_string();
+        let Err(err) = Runj::new("/nonexistent/runj") else {
+            panic!("a missing runj must be an error");
+        };
+        let err = err.to_string();
         assert!(err.contains("\"/nonexistent/runj\" not found"), "{err}");
         assert!(err.contains("BinaryName"), "{err}");
     }

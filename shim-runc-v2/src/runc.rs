@@ -4,7 +4,7 @@
 use std::fs;
 use std::io::Read;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use nix::unistd::Pid;
 use protocol::options::CheckpointOptions;
 
+use shim_common::executable::{self, read_pid};
 use shim_common::reaper::{self, Output};
 use shim_common::stdio::ChildStdio;
 use shim_common::{Context, Error, Result};
@@ -30,7 +31,7 @@ pub struct Runc {
 impl Runc {
     /// Resolves the binary now, so a wrong `binary_name` fails with a clear message.
     pub fn new(config: RuncConfig, bundle: &Path) -> Result<Runc> {
-        let binary = resolve(&config.binary)?;
+        let binary = executable::resolve("runtime", &config.binary)?;
         Ok(Runc {
             binary,
             config,
@@ -387,39 +388,6 @@ fn start_via_exec_fifo(fifo: &Path, init_pid: u32) -> Result<bool> {
     Ok(true)
 }
 
-/// Finds `name` like `execve` would, and says clearly when it cannot be used.
-fn resolve(name: &str) -> Result<PathBuf> {
-    let candidates: Vec<PathBuf> = if name.contains('/') {
-        vec![PathBuf::from(name)]
-    } else {
-        std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).map(|d| d.join(name)).collect())
-            .unwrap_or_default()
-    };
-    for c in &candidates {
-        if let Ok(m) = fs::metadata(c) {
-            if m.is_file() && m.permissions().mode() & 0o111 != 0 {
-                return Ok(c.clone());
-            }
-            if name.contains('/') {
-                return Err(Error::FailedPrecondition(format!(
-                    "runtime binary {name:?} is not executable"
-                )));
-            }
-        }
-    }
-    Err(Error::FailedPrecondition(format!(
-        "runtime binary {name:?} not found"
-    )))
-}
-
-fn read_pid(path: &Path) -> Result<u32> {
-    let text = fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
-    text.trim()
-        .parse()
-        .map_err(|e| Error::Runtime(format!("bad pid in {}: {e}", path.display())))
-}
-
 /// The message of the last error runc logged.
 fn last_error(log: &Path, offset: u64) -> Option<String> {
     let bytes = fs::read(log).ok()?;
@@ -437,14 +405,18 @@ mod tests {
 
     #[test]
     fn missing_and_non_executable_binaries_are_clear_errors() {
-        let err = resolve("/nonexistent/runc").unwrap_err().to_string();
+        let err = executable::resolve("runtime", "/nonexistent/runc")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("\"/nonexistent/runc\" not found"), "{err}");
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("runc");
         fs::write(&f, "").unwrap();
-        let err = resolve(f.to_str().unwrap()).unwrap_err().to_string();
+        let err = executable::resolve("runtime", f.to_str().unwrap())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not executable"), "{err}");
-        assert!(resolve("sh").is_ok());
+        assert!(executable::resolve("runtime", "sh").is_ok());
     }
 
     #[test]
