@@ -11,3 +11,50 @@
 //! ```
 
 pub use crate::os::{mount_rootfs, unmount_all};
+
+use std::path::{Path, PathBuf};
+
+use protocol::mount::Mount;
+
+use crate::error::{Context, Result};
+
+/// The rootfs of a container being created, mounted at `<bundle>/rootfs`. If creation fails
+/// and the guard is dropped, the mounts go with it; [`BundleRootfs::keep`] hands them over
+/// to the container once the runtime has it.
+pub struct BundleRootfs {
+    target: PathBuf,
+    mounted: bool,
+}
+
+impl BundleRootfs {
+    /// Mounts `mounts` on `<bundle>/rootfs` (nothing to do when containerd sent none: the
+    /// spec's `root.path` is then a host directory).
+    pub fn mount(bundle: &Path, mounts: &[Mount]) -> Result<BundleRootfs> {
+        let target = bundle.join("rootfs");
+        if mounts.is_empty() {
+            return Ok(BundleRootfs {
+                target,
+                mounted: false,
+            });
+        }
+        std::fs::create_dir_all(&target).context("create rootfs directory")?;
+        mount_rootfs(mounts, &target)?;
+        Ok(BundleRootfs {
+            target,
+            mounted: true,
+        })
+    }
+
+    /// Keeps the mounts; returns whether there are any to unmount at delete.
+    pub fn keep(mut self) -> bool {
+        std::mem::take(&mut self.mounted)
+    }
+}
+
+impl Drop for BundleRootfs {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = unmount_all(&self.target);
+        }
+    }
+}

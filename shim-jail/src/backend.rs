@@ -10,7 +10,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use protobuf::well_known_types::any::Any;
 use serde_json::Value;
-use shim_common::mount::{mount_rootfs, unmount_all};
+use shim_common::mount::{unmount_all, BundleRootfs};
 use shim_common::{
     Backend, Context, CreateRequest, Error, ExecRequest, Result, ShimContext, Target,
 };
@@ -107,23 +107,16 @@ impl Backend for JailBackend {
             std::fs::write(req.bundle.join(EXT_FILE), ext.to_string())
                 .context("write runj.ext.json")?;
         }
-        let rootfs = req.bundle.join("rootfs");
-        let mounted = !req.rootfs.is_empty();
-        if mounted {
-            std::fs::create_dir_all(&rootfs).context("create rootfs directory")?;
-            mount_rootfs(req.rootfs, &rootfs)?;
-        }
+        let rootfs = BundleRootfs::mount(req.bundle, req.rootfs)?;
         let pid = match runj.create(req.id, req.bundle, req.console_socket, req.stdio) {
             Ok(pid) => pid,
             Err(e) => {
-                // Leave nothing behind: no half-created jail, no mount.
+                // Leave nothing behind: no half-created jail (the mount goes with `rootfs`).
                 let _ = runj.delete(req.id);
-                if mounted {
-                    let _ = unmount_all(&rootfs);
-                }
                 return Err(e);
             }
         };
+        let mounted = rootfs.keep();
         let container = Container {
             bundle: req.bundle.to_path_buf(),
             init_pid: pid,

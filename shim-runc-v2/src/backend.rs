@@ -9,7 +9,7 @@ use nix::unistd::Pid;
 use protobuf::well_known_types::any::Any;
 use protobuf::Message;
 use protocol::options::CheckpointOptions;
-use shim_common::mount::{mount_rootfs, unmount_all};
+use shim_common::mount::{unmount_all, BundleRootfs};
 use shim_common::stdio::{ChildStdio, IoOwner};
 use shim_common::{
     Backend, Context, CreateRequest, Error, ExecRequest, Result, ShimContext, Target,
@@ -71,12 +71,7 @@ impl Backend for RuncBackend {
         let config = RuncConfig::from_any(req.options, &self.namespace)?;
         let runc = Runc::new(config.clone(), req.bundle)?;
         config.save(req.bundle)?;
-        let rootfs = req.bundle.join("rootfs");
-        let mounted = !req.rootfs.is_empty();
-        if mounted {
-            std::fs::create_dir_all(&rootfs).context("create rootfs directory")?;
-            mount_rootfs(req.rootfs, &rootfs)?;
-        }
+        let rootfs = BundleRootfs::mount(req.bundle, req.rootfs)?;
         let created = if req.checkpoint.is_empty() {
             runc.create(req.id, req.bundle, req.console_socket, req.stdio)
                 .map(|pid| (pid, None))
@@ -94,14 +89,13 @@ impl Backend for RuncBackend {
         let (pid, restore) = match created {
             Ok(created) => created,
             Err(e) => {
-                // Leave nothing behind: no half-created runc state, no mount.
+                // Leave nothing behind: no half-created runc state (the mount goes with
+                // `rootfs`).
                 let _ = runc.delete(req.id);
-                if mounted {
-                    let _ = unmount_all(&rootfs);
-                }
                 return Err(e);
             }
         };
+        let mounted = rootfs.keep();
         let container = Container {
             bundle: req.bundle.to_path_buf(),
             init_pid: pid,
