@@ -16,6 +16,19 @@ fn running(c: &Containerd) -> String {
     id
 }
 
+/// The container the bad request named (or stood beside) did not notice.
+fn assert_still_running(shim: &protocol::shim_ttrpc::TaskClient, id: &str) {
+    let req = StateRequest {
+        id: id.into(),
+        ..Default::default()
+    };
+    let state = shim.state(ctx(), &req).unwrap();
+    assert_eq!(
+        state.status.enum_value(),
+        Ok(protocol::task::Status::RUNNING)
+    );
+}
+
 fn exec_req(id: &str, exec_id: &str, args: &[&str]) -> ExecProcessRequest {
     ExecProcessRequest {
         id: id.into(),
@@ -57,19 +70,7 @@ fn start_twice_is_failed_precondition() {
         },
     );
     assert_eq!(code(&r), Some(Code::FAILED_PRECONDITION), "{r:?}");
-    let state = shim
-        .state(
-            ctx(),
-            &StateRequest {
-                id: id.clone(),
-                ..Default::default()
-            },
-        )
-        .unwrap();
-    assert_eq!(
-        state.status.enum_value(),
-        Ok(protocol::task::Status::RUNNING)
-    );
+    assert_still_running(&shim, &id);
     c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);
 }
 
@@ -108,19 +109,7 @@ fn unknown_ids_are_not_found() {
     };
     assert_eq!(code(&shim.wait(ctx(), &wait)), Some(Code::NOT_FOUND));
     // And the real container did not notice.
-    let state = shim
-        .state(
-            ctx(),
-            &StateRequest {
-                id: id.clone(),
-                ..Default::default()
-            },
-        )
-        .unwrap();
-    assert_eq!(
-        state.status.enum_value(),
-        Ok(protocol::task::Status::RUNNING)
-    );
+    assert_still_running(&shim, &id);
     c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);
 }
 
@@ -201,19 +190,7 @@ fn update_applies_valid_resources_and_refuses_invalid_ones() {
     assert_eq!(code(&r), Some(Code::INVALID_ARGUMENT), "{r:?}");
     let r = shim.update(ctx(), &update(r#"{"memory":{"limit":"lots"}}"#));
     assert!(r.is_err(), "runc must refuse a string memory limit");
-    let state = shim
-        .state(
-            ctx(),
-            &StateRequest {
-                id: id.clone(),
-                ..Default::default()
-            },
-        )
-        .unwrap();
-    assert_eq!(
-        state.status.enum_value(),
-        Ok(protocol::task::Status::RUNNING)
-    );
+    assert_still_running(&shim, &id);
     c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);
 }
 
