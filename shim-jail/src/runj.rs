@@ -49,10 +49,7 @@ impl Runj {
     }
 
     fn command(&self) -> Command {
-        let mut cmd = Command::new(&self.binary);
-        // runj passes the shim's signal state on to the container process.
-        shim_common::signals::reset_in_child(&mut cmd);
-        cmd
+        Command::new(&self.binary)
     }
 
     /// Runs `cmd`; on failure the error carries runj's stderr.
@@ -190,6 +187,9 @@ impl Runj {
         }
         cmd.arg("-p").arg(process_json).arg(id);
         stdio.apply(&mut cmd);
+        // runj becomes the process: it must not inherit the shim's blocked signals.
+        // (`reaper::run` does this for every other command.)
+        shim_common::signals::reset_in_child(&mut cmd);
         // The reaper owns waitpid: the Child is dropped without wait().
         let child = cmd
             .spawn()
