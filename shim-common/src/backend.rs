@@ -19,6 +19,9 @@ pub struct ShimContext {
     pub id: String,
     pub bundle: String,
     pub debug: bool,
+    /// containerd's gRPC socket, for backends that read its content store (empty when the
+    /// shim runs without a containerd, e.g. inside a VM).
+    pub address: String,
 }
 
 /// A container's init process, as `Create` asks for it.

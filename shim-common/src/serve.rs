@@ -75,6 +75,11 @@ pub(crate) fn context(flags: &Flags) -> ShimContext {
         id: flags.id.clone(),
         bundle: flags.bundle.clone(),
         debug: flags.debug,
+        address: if flags.address.is_empty() {
+            flags.grpc_address.clone()
+        } else {
+            flags.address.clone()
+        },
     }
 }
 
