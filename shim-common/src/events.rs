@@ -11,11 +11,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use protobuf::well_known_types::any::Any;
 use protobuf::well_known_types::timestamp::Timestamp;
-use protobuf::MessageFull;
 use protocol::events::{Envelope, ForwardRequest};
-use protocol::events_ttrpc::EventsClient;
 
 use crate::error::{Context, Result};
+use crate::rpc::Client;
+
+const EVENTS_SERVICE: &str = "containerd.services.events.ttrpc.v1.Events";
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where a task service sends its events. The daemon forwards them to containerd; a guest
 /// agent or a test can collect them some other way.
@@ -25,7 +27,7 @@ pub trait Publisher: Send + Sync {
 }
 
 /// Packs and publishes a typed event.
-pub fn publish<M: MessageFull>(p: &dyn Publisher, topic: &str, event: &M) {
+pub fn publish<M: protocol::TypeUrl>(p: &dyn Publisher, topic: &str, event: &M) {
     match protocol::pack(event) {
         Ok(any) => p.publish(topic, any),
         Err(e) => log::error!("encode {topic} event: {e}"),
@@ -110,7 +112,7 @@ impl Publisher for RemotePublisher {
 }
 
 fn forward(rx: Receiver<Queued>, address: &str, namespace: &str) {
-    let mut client: Option<EventsClient> = None;
+    let mut client: Option<Client> = None;
     loop {
         let q = match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(q) => q,
@@ -130,10 +132,10 @@ fn forward(rx: Receiver<Queued>, address: &str, namespace: &str) {
         let mut delivered = false;
         for attempt in 0..ATTEMPTS {
             if client.is_none() {
-                client = ttrpc::Client::connect(address).ok().map(EventsClient::new);
+                client = Client::connect(address).ok();
             }
             if let Some(c) = &client {
-                match c.forward(ttrpc::context::with_timeout(5_000_000_000), &req) {
+                match c.call(EVENTS_SERVICE, "Forward", &req, FORWARD_TIMEOUT) {
                     Ok(_) => {
                         delivered = true;
                         break;

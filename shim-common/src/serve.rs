@@ -1,5 +1,7 @@
 //! The daemon: serve the task API on the listener `start` handed over until shut down.
 
+use std::os::fd::FromRawFd;
+use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::{mpsc, Mutex};
 use std::time::Duration;
@@ -9,7 +11,7 @@ use crate::error::{Context, Error, Result};
 use crate::events::RemotePublisher;
 use crate::flags::Flags;
 use crate::service::TaskService;
-use crate::{logger, reaper, signals, socket};
+use crate::{logger, reaper, rpc, signals, socket};
 
 /// The fd on which the daemon finds its listening socket.
 pub const LISTENER_FD: i32 = 3;
@@ -39,14 +41,10 @@ pub fn serve<B: Backend>(flags: &Flags) -> Result<()> {
             let _ = on_shutdown.lock().map(|tx| tx.send("shutdown request"));
         }),
     )?;
-    let mut server = ttrpc::Server::new()
-        .set_thread_count_min(1)
-        .set_thread_count_default(2)
-        .set_thread_count_max(4)
-        .add_listener(LISTENER_FD)
-        .context("serve on inherited listener")?
-        .register_service(service.methods());
-    server.start().context("start ttrpc server")?;
+    // SAFETY: fd 3 is the listening socket `start` handed over (checked above); nothing
+    // else owns it.
+    let listener = unsafe { UnixListener::from_raw_fd(LISTENER_FD) };
+    rpc::Server::new(service.methods()).spawn(Some(listener), Vec::new())?;
     log::info!("serving {} for namespace {}", flags.socket, flags.namespace);
 
     let why = rx.recv().unwrap_or("channel closed");

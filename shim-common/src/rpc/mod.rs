@@ -1,0 +1,16 @@
+//! ttrpc on our own threads.
+//!
+//! The `ttrpc` crate gives us the wire types and the handlers its codegen writes; its sync
+//! server and client are not used. They start several threads per connection (reader,
+//! writer, control, a worker pool), and containerd opens one connection per task: a pod of
+//! five containers cost a shim ~60 threads. Here one poll loop reads every connection, one
+//! shared pool runs handlers, and responses are written by the worker that made them. The
+//! transport is any byte-stream fd — a unix socket from `start`, or a guest agent's port.
+
+mod client;
+mod frame;
+mod pool;
+mod server;
+
+pub use client::Client;
+pub use server::{Methods, Server};

@@ -1,0 +1,349 @@
+//! The ttrpc server: one poll loop for the listener and all connections.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{ErrorKind, Read};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixListener;
+use std::sync::{mpsc, Arc, Mutex};
+
+use ttrpc::proto::{Code, Codec, ResponseInit, MESSAGE_TYPE_REQUEST, MESSAGE_TYPE_RESPONSE};
+use ttrpc::{ConnectionContext, MessageHeader, MethodHandler, Request, Response, TtrpcContext};
+
+use super::frame;
+use super::pool::{Job, Pool};
+use crate::error::{Context, Result};
+
+/// Handlers by `/service/method`, as ttrpc's codegen builds them (`create_task`, ...).
+pub type Methods = HashMap<String, Box<dyn MethodHandler + Send + Sync>>;
+
+/// Bytes read from a connection per wakeup.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Serves ttrpc services on a listener and/or already-connected streams.
+pub struct Server {
+    methods: Arc<Methods>,
+    pool: Arc<Pool>,
+}
+
+/// One connection: reads happen only in the poll loop; writes come from workers, one whole
+/// frame at a time under the lock.
+struct Conn {
+    stream: Arc<Stream>,
+    buf: Vec<u8>,
+}
+
+struct Stream {
+    file: File,
+    write: Mutex<()>,
+}
+
+impl Stream {
+    fn send(&self, stream_id: u32, payload: &[u8]) {
+        let _g = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = frame::write(&self.file, stream_id, MESSAGE_TYPE_RESPONSE, payload) {
+            // The peer went away; the poll loop notices and drops the connection.
+            log::debug!("ttrpc response on fd {}: {e}", self.file.as_raw_fd());
+        }
+    }
+}
+
+impl Server {
+    pub fn new(methods: Methods) -> Server {
+        Server {
+            methods: Arc::new(methods),
+            pool: Pool::new(),
+        }
+    }
+
+    /// Serves on a new thread until the process exits: connections accepted on `listener`,
+    /// plus `streams` already connected (a guest agent's port, a socketpair).
+    pub fn spawn(self, listener: Option<UnixListener>, streams: Vec<OwnedFd>) -> Result<()> {
+        std::thread::Builder::new()
+            .name("ttrpc".into())
+            .spawn(move || self.run(listener, streams))
+            .context("spawn ttrpc server")?;
+        Ok(())
+    }
+
+    /// The poll loop. Returns when there is no listener and the last stream has closed.
+    pub fn run(&self, listener: Option<UnixListener>, streams: Vec<OwnedFd>) {
+        let mut conns: Vec<Conn> = streams.into_iter().map(Conn::new).collect();
+        let mut chunk = vec![0u8; READ_CHUNK];
+        loop {
+            if listener.is_none() && conns.is_empty() {
+                return;
+            }
+            let mut fds: Vec<libc::pollfd> = listener
+                .iter()
+                .map(|l| l.as_raw_fd())
+                .chain(conns.iter().map(|c| c.stream.file.as_raw_fd()))
+                .map(|fd| libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                })
+                .collect();
+            // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != ErrorKind::Interrupted {
+                    log::error!("ttrpc poll: {e}");
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                continue;
+            }
+            let (accept, ready) = match listener {
+                Some(_) => (fds[0].revents != 0, &fds[1..]),
+                None => (false, &fds[..]),
+            };
+            let mut ready = ready.iter().map(|p| p.revents != 0);
+            conns.retain_mut(|c| !ready.next().unwrap_or(false) || self.read(c, &mut chunk));
+            if let (true, Some(l)) = (accept, &listener) {
+                match l.accept() {
+                    Ok((s, _)) => conns.push(Conn::new(OwnedFd::from(s))),
+                    Err(e) => log::warn!("ttrpc accept: {e}"),
+                }
+            }
+        }
+    }
+
+    /// Reads what is there and dispatches complete requests; false when the connection is done.
+    fn read(&self, c: &mut Conn, chunk: &mut [u8]) -> bool {
+        let fd = c.stream.file.as_raw_fd();
+        match (&c.stream.file).read(chunk) {
+            Ok(0) => return false,
+            Ok(n) => c.buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted || e.kind() == ErrorKind::WouldBlock => {
+                return true
+            }
+            Err(e) => {
+                log::debug!("ttrpc read on fd {fd}: {e}");
+                return false;
+            }
+        }
+        match frame::split(&mut c.buf) {
+            Ok(frames) => {
+                for (mh, payload) in frames {
+                    self.dispatch(&c.stream, fd, mh, &payload);
+                }
+                true
+            }
+            Err(e) => {
+                log::warn!("ttrpc connection on fd {fd}: {e}; closing it");
+                false
+            }
+        }
+    }
+
+    fn dispatch(&self, stream: &Arc<Stream>, fd: RawFd, mh: MessageHeader, payload: &[u8]) {
+        if mh.type_ != MESSAGE_TYPE_REQUEST {
+            return;
+        }
+        let req = match <Request as Codec>::decode(payload) {
+            Ok(r) => r,
+            Err(e) => return answer_status(stream, mh.stream_id, Code::INVALID_ARGUMENT, e),
+        };
+        let path = format!("/{}/{}", req.service, req.method);
+        if !self.methods.contains_key(&path) {
+            // What Go's ttrpc answers, and what a client probing for a service expects.
+            let msg = format!("{path} is not implemented");
+            return answer_status(stream, mh.stream_id, Code::UNIMPLEMENTED, msg);
+        }
+        let methods = self.methods.clone();
+        let stream = stream.clone();
+        let job: Job = Box::new(move || handle(&methods, &path, &stream, fd, mh, req));
+        self.pool.submit(job);
+    }
+}
+
+/// Runs one handler and writes whatever it answered.
+fn handle(methods: &Methods, path: &str, stream: &Stream, fd: RawFd, mh: MessageHeader, req: Request) {
+    let Some(method) = methods.get(path) else {
+        return;
+    };
+    let (tx, rx) = mpsc::channel();
+    let ctx = TtrpcContext {
+        fd,
+        cancel_rx: crossbeam_channel::never(),
+        mh,
+        res_tx: tx.clone(),
+        metadata: ttrpc::context::from_pb(&req.metadata),
+        timeout_nano: req.timeout_nano,
+        conn_ctx: Arc::new(ConnectionContext::default()),
+    };
+    if let Err(e) = method.handler(ctx, req) {
+        let ctx = ConnectionContext::default();
+        if let Err(e) = ttrpc::send_response(mh.stream_id, Response::from(e), tx, &ctx) {
+            log::warn!("{path}: encode error response: {e}");
+        }
+    }
+    while let Ok((mh, payload)) = rx.try_recv() {
+        stream.send(mh.stream_id, &payload);
+    }
+}
+
+fn answer_status(stream: &Stream, stream_id: u32, code: Code, msg: impl ToString) {
+    let res = Response::init_status(ttrpc::get_status(code, msg));
+    match <Response as Codec>::encode(&res) {
+        Ok(payload) => stream.send(stream_id, &payload),
+        Err(e) => log::warn!("encode ttrpc status: {e}"),
+    }
+}
+
+impl Conn {
+    fn new(fd: OwnedFd) -> Conn {
+        Conn {
+            stream: Arc::new(Stream {
+                file: File::from(fd),
+                write: Mutex::new(()),
+            }),
+            buf: Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rpc::Client;
+    use protobuf::well_known_types::wrappers::StringValue;
+    use protobuf::Message;
+    use std::sync::mpsc::Receiver;
+    use std::time::Duration;
+
+    /// Echoes a `StringValue`; `block` first waits for a release, like `Wait` does.
+    struct Echo {
+        release: Option<Mutex<Receiver<()>>>,
+    }
+
+    impl MethodHandler for Echo {
+        fn handler(&self, ctx: TtrpcContext, req: Request) -> ttrpc::Result<()> {
+            if let Some(rx) = &self.release {
+                let _ = rx.lock().unwrap().recv();
+            }
+            let v = StringValue::parse_from_bytes(&req.payload)
+                .map_err(|e| ttrpc::Error::Others(e.to_string()))?;
+            if v.value == "fail" {
+                return Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
+                    Code::NOT_FOUND,
+                    "no such thing",
+                )));
+            }
+            let res = Response {
+                payload: v.write_to_bytes().unwrap(),
+                ..Default::default()
+            };
+            ctx.respond(ctx.mh.stream_id, res)
+        }
+    }
+
+    fn string(s: &str) -> StringValue {
+        StringValue {
+            value: s.into(),
+            ..Default::default()
+        }
+    }
+
+    fn serve() -> (tempfile::TempDir, String, mpsc::Sender<()>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s").to_string_lossy().into_owned();
+        let (tx, rx) = mpsc::channel();
+        let mut methods: Methods = HashMap::new();
+        methods.insert("/t.E/Echo".into(), Box::new(Echo { release: None }));
+        let release = Some(Mutex::new(rx));
+        methods.insert("/t.E/Block".into(), Box::new(Echo { release }));
+        let listener = UnixListener::bind(&path).unwrap();
+        Server::new(methods).spawn(Some(listener), Vec::new()).unwrap();
+        (dir, path, tx)
+    }
+
+    fn echo(c: &Client, method: &str, s: &str) -> Result<String> {
+        let out = c.call("t.E", method, &string(s), Duration::from_secs(5))?;
+        Ok(StringValue::parse_from_bytes(&out).unwrap().value)
+    }
+
+    #[test]
+    fn answers_calls_statuses_and_unknown_methods() {
+        let (_dir, path, _release) = serve();
+        let c = Client::connect(&format!("unix://{path}")).unwrap();
+        assert_eq!(echo(&c, "Echo", "hi").unwrap(), "hi");
+        let e = echo(&c, "Echo", "fail").unwrap_err().to_string();
+        assert!(e.contains("NOT_FOUND") && e.contains("no such thing"), "{e}");
+        let e = echo(&c, "Nope", "x").unwrap_err().to_string();
+        assert!(e.contains("UNIMPLEMENTED") && e.contains("/t.E/Nope"), "{e}");
+        // The crate's own client speaks the same wire format.
+        let tc = ttrpc::Client::connect(&format!("unix://{path}")).unwrap();
+        let res = tc
+            .request(Request {
+                service: "t.E".into(),
+                method: "Echo".into(),
+                payload: string("both").write_to_bytes().unwrap(),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(StringValue::parse_from_bytes(&res.payload).unwrap().value, "both");
+    }
+
+    /// A blocked call (`Wait`) on one connection holds up neither that connection's other
+    /// calls nor other connections.
+    #[test]
+    fn blocked_calls_do_not_hold_up_others() {
+        let (_dir, path, release) = serve();
+        let blocked = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let c = Client::connect(&path).unwrap();
+                echo(&c, "Block", "late").unwrap()
+            })
+        };
+        let tc = ttrpc::Client::connect(&format!("unix://{path}")).unwrap();
+        let call = |method: &str, s: &str| {
+            tc.request(Request {
+                service: "t.E".into(),
+                method: method.into(),
+                payload: string(s).write_to_bytes().unwrap(),
+                timeout_nano: 5_000_000_000,
+                ..Default::default()
+            })
+        };
+        std::thread::scope(|s| {
+            let waiting = s.spawn(|| call("Block", "second"));
+            std::thread::sleep(Duration::from_millis(50));
+            for i in 0..20 {
+                let c = Client::connect(&path).unwrap();
+                assert_eq!(echo(&c, "Echo", &i.to_string()).unwrap(), i.to_string());
+                assert!(call("Echo", "same connection").is_ok());
+            }
+            release.send(()).unwrap();
+            release.send(()).unwrap();
+            assert!(waiting.join().unwrap().is_ok());
+        });
+        assert_eq!(blocked.join().unwrap(), "late");
+    }
+
+    /// Garbage on a connection closes that connection only.
+    #[test]
+    fn malformed_frames_close_only_their_connection() {
+        use std::io::Write;
+        let (_dir, path, _release) = serve();
+        let mut bad = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        let mut huge = vec![0xffu8; 4];
+        huge.extend_from_slice(&[0, 0, 0, 1, 1, 0]);
+        bad.write_all(&huge).unwrap();
+        bad.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 1];
+        assert_eq!(bad.read(&mut buf).unwrap(), 0, "server closes the connection");
+        // A request whose payload is not a ttrpc Request gets INVALID_ARGUMENT.
+        let mut junk = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        junk.write_all(&frame::encode(1, MESSAGE_TYPE_REQUEST, &[0xff, 0xff, 0xff]))
+            .unwrap();
+        let (mh, body) = frame::read(&junk).unwrap();
+        assert_eq!(mh.stream_id, 1);
+        let res = <Response as Codec>::decode(&body).unwrap();
+        assert_eq!(res.status.code(), Code::INVALID_ARGUMENT);
+        let c = Client::connect(&path).unwrap();
+        assert_eq!(echo(&c, "Echo", "still here").unwrap(), "still here");
+    }
+}
