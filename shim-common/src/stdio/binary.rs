@@ -17,7 +17,6 @@
 //! drains them, so the container neither blocks on a full pipe nor dies of `SIGPIPE`.
 
 use std::ffi::OsString;
-use std::fs::File;
 use std::io::{self, PipeReader, Read};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStringExt;
@@ -28,7 +27,8 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::{drain, lock, output_pipe, spawn, unescape, ChildStdio, IoContext, IoOwner, Uri};
+use super::pump::{self, Sink};
+use super::{lock, output_pipe, spawn, unescape, ChildStdio, IoContext, IoOwner, Uri};
 use crate::error::{Context, Error, Result};
 use crate::reaper::{self, Subscription};
 
@@ -181,8 +181,11 @@ impl Logger {
             let _ = tx.send(status);
             if let Some([out, err]) = readers {
                 // The process may still write: keep its pipes flowing.
-                let _ = spawn("logger-drain", move || drain(err, None::<File>));
-                drain(out, None::<File>);
+                for pipe in [out, err] {
+                    if let Err(e) = pump::copy(pipe, Sink::Discard) {
+                        log::error!("drain output after the logger exited: {e}");
+                    }
+                }
             }
         });
         if let Err(e) = watcher {

@@ -3,11 +3,12 @@
 //! The process never touches the fifos: the shim copies between them and the process's
 //! pipes, so a reader that goes away costs the process nothing.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
 
-use super::{drain, lock, output_pipe, spawn, ChildStdio, IoOwner, StdioPaths};
+use super::pump::{self, Sink};
+use super::{lock, output_pipe, spawn, ChildStdio, IoOwner, StdioPaths};
 use crate::error::Result;
 
 /// Gives the process a pipe for each output stream containerd asked for, copied to its fifo.
@@ -59,11 +60,7 @@ pub(super) fn copy_stdin(
 /// The process's output pipe → containerd's fifo. When the fifo's reader is gone, keep
 /// draining so the process never blocks or dies of `SIGPIPE`.
 fn copy_output(pipe: std::io::PipeReader, path: String) -> Result<()> {
-    spawn("stdout", move || {
-        // Blocks until containerd opens its end for reading.
-        let sink = OpenOptions::new().write(true).open(&path).ok();
-        drain(pipe, sink);
-    })
+    pump::copy(pipe, Sink::Fifo(path))
 }
 
 #[cfg(test)]
@@ -99,7 +96,7 @@ mod tests {
         child.apply(&mut cmd);
         let mut proc = cmd.spawn().unwrap();
         drop(cmd); // close the shim's copies of the child's ends
-        let mut w = OpenOptions::new().write(true).open(&i).unwrap();
+        let mut w = std::fs::OpenOptions::new().write(true).open(&i).unwrap();
         w.write_all(b"ping\n").unwrap();
         drop(w);
         proc.wait().unwrap();

@@ -11,7 +11,8 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-use super::{drain, output_pipe, spawn, ChildStdio, IoOwner, StdioPaths};
+use super::pump::{self, Sink};
+use super::{output_pipe, ChildStdio, IoOwner, StdioPaths};
 use crate::error::{Context, Result};
 
 /// Opens (creating, mode 0644) the log file for appending and copies each output stream
@@ -45,7 +46,7 @@ pub(super) fn open_outputs(
         let sink: File = file.try_clone().context("duplicate log file fd")?;
         let (r, w) = output_pipe(owner)?;
         *slot = Some(w.into());
-        spawn("log-file", move || drain(r, Some(sink)))?;
+        pump::copy(r, Sink::File(sink))?;
     }
     Ok(())
 }

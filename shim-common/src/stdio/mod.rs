@@ -28,9 +28,10 @@
 mod binary;
 mod fifo;
 mod file;
+mod pump;
 
 use std::ffi::OsString;
-use std::io::{self, PipeReader, PipeWriter, Read, Write};
+use std::io::{self, PipeReader, PipeWriter};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStringExt;
 use std::path::PathBuf;
@@ -269,26 +270,6 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<()> {
         .spawn(f)
         .context("spawn stdio thread")?;
     Ok(())
-}
-
-/// Copies `pipe` into `sink` until every writer of the pipe is gone. When the sink fails
-/// (reader gone, disk full) the pipe is still drained, so the process never blocks or gets
-/// `SIGPIPE`.
-fn drain(mut pipe: PipeReader, mut sink: Option<impl Write>) {
-    let mut buf = [0u8; 8192];
-    loop {
-        let n = match pipe.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => break,
-        };
-        if let Some(w) = sink.as_mut() {
-            if w.write_all(&buf[..n]).is_err() {
-                sink = None;
-            }
-        }
-    }
 }
 
 #[cfg(test)]
