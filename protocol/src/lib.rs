@@ -1,5 +1,6 @@
 //! containerd's shim wire API, generated from the `.proto` files in `proto/` by ttrpc's
-//! pure-Rust codegen.
+//! pure-Rust codegen; plus the messages of containerd's own content, images, containers and
+//! leases gRPC services (see [`grpc`]), which a shim calls on containerd's main socket.
 //!
 //! Package names, field numbers and types match containerd's, so these messages are
 //! byte-compatible with what containerd sends and expects. The modules are flat siblings
@@ -43,12 +44,42 @@ generated!(
     cgroups_v2,
     bootstrap,
     introspection,
+    descriptor,
+    content,
+    images,
+    containers,
+    leases,
 );
 
 /// `containerd.task.v2.Task` as containerd names it on the wire.
 pub const TASK_SERVICE_V2: &str = "containerd.task.v2.Task";
 /// `containerd.task.v3.Task`: containerd 2.x asks for the same methods under this name.
 pub const TASK_SERVICE_V3: &str = "containerd.task.v3.Task";
+
+/// containerd's own gRPC services on its main socket (the shim's `-address`), for shims that
+/// read images and content. Messages: [`content`], [`images`], [`containers`], [`leases`].
+pub mod grpc {
+    /// gRPC metadata key naming the namespace of every call.
+    pub const NAMESPACE_HEADER: &str = "containerd-namespace";
+    /// gRPC metadata key attaching a lease: content written under it is kept until the lease
+    /// is deleted (or expires), whatever references it.
+    pub const LEASE_HEADER: &str = "containerd-lease";
+
+    pub const CONTAINERS_GET: &str = "/containerd.services.containers.v1.Containers/Get";
+    pub const CONTAINERS_CREATE: &str = "/containerd.services.containers.v1.Containers/Create";
+    pub const CONTAINERS_DELETE: &str = "/containerd.services.containers.v1.Containers/Delete";
+    pub const IMAGES_GET: &str = "/containerd.services.images.v1.Images/Get";
+    pub const CONTENT_INFO: &str = "/containerd.services.content.v1.Content/Info";
+    pub const CONTENT_UPDATE: &str = "/containerd.services.content.v1.Content/Update";
+    /// Server-streaming: `ReadContentResponse` chunks.
+    pub const CONTENT_READ: &str = "/containerd.services.content.v1.Content/Read";
+    /// Bidirectional streaming: `WriteContentRequest` in, `WriteContentResponse` out.
+    pub const CONTENT_WRITE: &str = "/containerd.services.content.v1.Content/Write";
+    pub const CONTENT_DELETE: &str = "/containerd.services.content.v1.Content/Delete";
+    pub const LEASES_CREATE: &str = "/containerd.services.leases.v1.Leases/Create";
+    pub const LEASES_DELETE: &str = "/containerd.services.leases.v1.Leases/Delete";
+    pub const LEASES_ADD_RESOURCE: &str = "/containerd.services.leases.v1.Leases/AddResource";
+}
 
 /// Type URLs containerd uses in `google.protobuf.Any` (the message's full name, no prefix).
 pub mod type_urls {
@@ -81,13 +112,50 @@ pub mod topics {
     pub const TASK_CHECKPOINTED: &str = "/tasks/checkpointed";
 }
 
+/// A message's full protobuf name, known without reflection: asking a rust-protobuf message
+/// for its descriptor builds the descriptors of its whole .proto file and its imports
+/// (~60 KB of heap that a shim would keep for its lifetime), just to read a name.
+pub trait TypeUrl: protobuf::Message {
+    const TYPE_URL: &'static str;
+}
+
+macro_rules! type_urls {
+    ($($ty:ty => $url:expr),* $(,)?) => {
+        $(impl TypeUrl for $ty {
+            const TYPE_URL: &'static str = $url;
+        })*
+        /// Every [`TypeUrl`], checked against reflection in the tests.
+        #[cfg(test)]
+        fn reflected_type_urls() -> Vec<(&'static str, String)> {
+            use protobuf::MessageFull;
+            vec![$((<$ty as TypeUrl>::TYPE_URL, <$ty>::descriptor().full_name().to_string())),*]
+        }
+    };
+}
+
+type_urls! {
+    task_events::TaskCreate => "containerd.events.TaskCreate",
+    task_events::TaskStart => "containerd.events.TaskStart",
+    task_events::TaskDelete => "containerd.events.TaskDelete",
+    task_events::TaskIO => "containerd.events.TaskIO",
+    task_events::TaskExit => "containerd.events.TaskExit",
+    task_events::TaskOOM => "containerd.events.TaskOOM",
+    task_events::TaskExecAdded => "containerd.events.TaskExecAdded",
+    task_events::TaskExecStarted => "containerd.events.TaskExecStarted",
+    task_events::TaskPaused => "containerd.events.TaskPaused",
+    task_events::TaskResumed => "containerd.events.TaskResumed",
+    task_events::TaskCheckpointed => "containerd.events.TaskCheckpointed",
+    options::Options => type_urls::RUNC_OPTIONS,
+    options::CheckpointOptions => "containerd.runc.v1.CheckpointOptions",
+    options::ProcessDetails => type_urls::PROCESS_DETAILS,
+    runtimeoptions::Options => type_urls::RUNTIME_OPTIONS,
+}
+
 /// Packs a message into an `Any` the way containerd's `typeurl` does: the type URL is the
 /// message's full protobuf name, without the `type.googleapis.com/` prefix.
-pub fn pack<M: protobuf::MessageFull>(
-    msg: &M,
-) -> protobuf::Result<protobuf::well_known_types::any::Any> {
+pub fn pack<M: TypeUrl>(msg: &M) -> protobuf::Result<protobuf::well_known_types::any::Any> {
     Ok(protobuf::well_known_types::any::Any {
-        type_url: M::descriptor().full_name().to_string(),
+        type_url: M::TYPE_URL.to_string(),
         value: msg.write_to_bytes()?,
         ..Default::default()
     })
@@ -97,6 +165,13 @@ pub fn pack<M: protobuf::MessageFull>(
 mod tests {
     use super::*;
     use protobuf::Message;
+
+    #[test]
+    fn type_urls_match_reflection() {
+        for (url, reflected) in reflected_type_urls() {
+            assert_eq!(url, reflected);
+        }
+    }
 
     #[test]
     fn event_type_urls_match_containerd() {
@@ -130,6 +205,51 @@ mod tests {
         assert_eq!(
             opts.write_to_bytes().unwrap(),
             [0x32, 1, b'b', 0x3a, 1, b'r', 0x48, 1]
+        );
+    }
+
+    #[test]
+    fn grpc_messages_match_containerd() {
+        // WriteContentRequest{action=1:COMMIT(2), ref=2:"r", total=3:5, expected=4:"d", offset=5:1}
+        let req = content::WriteContentRequest {
+            action: content::WriteAction::COMMIT.into(),
+            ref_: "r".into(),
+            total: 5,
+            expected: "d".into(),
+            offset: 1,
+            ..Default::default()
+        };
+        assert_eq!(
+            req.write_to_bytes().unwrap(),
+            [0x08, 2, 0x12, 1, b'r', 0x18, 5, 0x22, 1, b'd', 0x28, 1]
+        );
+        // Image{target=3:{media_type=1:"m", digest=2:"d", size=3:7}}
+        let image = images::Image {
+            target: protobuf::MessageField::some(descriptor::Descriptor {
+                media_type: "m".into(),
+                digest: "d".into(),
+                size: 7,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            image.write_to_bytes().unwrap(),
+            [0x1a, 8, 0x0a, 1, b'm', 0x12, 1, b'd', 0x18, 7]
+        );
+        // Container.image is field 3; leases CreateRequest.labels is field 3 (2 unused).
+        let c = containers::Container {
+            image: "i".into(),
+            ..Default::default()
+        };
+        assert_eq!(c.write_to_bytes().unwrap(), [0x1a, 1, b'i']);
+        let lease = leases::CreateRequest {
+            labels: [("k".to_string(), "v".to_string())].into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            lease.write_to_bytes().unwrap(),
+            [0x1a, 6, 0x0a, 1, b'k', 0x12, 1, b'v']
         );
     }
 

@@ -112,6 +112,6 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Config, String> {
     })
 }
 
-fn pack<M: protobuf::MessageFull>(m: &M) -> Result<Any, String> {
+fn pack<M: protocol::TypeUrl>(m: &M) -> Result<Any, String> {
     protocol::pack(m).map_err(|e| format!("encode runtime options: {e}"))
 }
