@@ -36,6 +36,7 @@ pub mod flags;
 pub mod logger;
 pub mod mount;
 pub mod reaper;
+pub mod rpc;
 pub mod service;
 pub mod signals;
 pub mod socket;
@@ -113,14 +114,16 @@ fn dispatch<B: Backend>(name: &str) -> Result<()> {
 /// with a `DeleteResponse` (exit status 137: the task died with its shim).
 fn delete<B: Backend>(flags: &Flags) -> Result<Vec<u8>> {
     let bundle = Path::new(&flags.bundle);
-    B::cleanup(&serve::context(flags), &flags.id, bundle)?;
-    // The dead daemon's socket, unless a live shim of the same group still answers there.
+    let cleaned = B::cleanup(&serve::context(flags), &flags.id, bundle);
+    // The dead daemon's socket, unless a live shim of the same group still answers there;
+    // removed even if the backend's cleanup failed, since nothing can use it any more.
     if let Ok(address) = std::fs::read_to_string(bundle.join("address")) {
         let address = address.trim();
         if std::os::unix::net::UnixStream::connect(socket::path(address)).is_err() {
             socket::remove(address)?;
         }
     }
+    cleaned?;
     let resp = protocol::shim::DeleteResponse {
         pid: 0,
         exit_status: 128 + libc::SIGKILL as u32,
