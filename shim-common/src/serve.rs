@@ -11,7 +11,7 @@ use crate::error::{Context, Error, Result};
 use crate::events::RemotePublisher;
 use crate::flags::Flags;
 use crate::service::TaskService;
-use crate::{logger, reaper, rpc, signals, socket};
+use crate::{logger, reaper, signals, socket};
 
 /// The fd on which the daemon finds its listening socket.
 pub const LISTENER_FD: i32 = 3;
@@ -44,7 +44,7 @@ pub fn serve<B: Backend>(flags: &Flags) -> Result<()> {
     // SAFETY: fd 3 is the listening socket `start` handed over (checked above); nothing
     // else owns it.
     let listener = unsafe { UnixListener::from_raw_fd(LISTENER_FD) };
-    rpc::Server::new(service.methods()).spawn(Some(listener), Vec::new())?;
+    service.into_server().spawn(Some(listener), Vec::new())?;
     log::info!("serving {} for namespace {}", flags.socket, flags.namespace);
 
     let why = rx.recv().unwrap_or("channel closed");

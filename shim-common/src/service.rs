@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
 use protobuf::well_known_types::empty::Empty;
-use protobuf::MessageField;
+use protobuf::{Message, MessageField};
 use protocol::shim::*;
 use protocol::shim_ttrpc::{create_task, Task};
 use protocol::task::{ProcessInfo, Status};
@@ -30,6 +30,7 @@ use crate::error::{Error, Result};
 use crate::events::{publish, timestamp, Publisher};
 use crate::os::OomWatcher;
 use crate::reaper::{self, Exit};
+use crate::rpc;
 use crate::stdio::{ChildStdio, IoContext, IoOwner, ProcessIo, StdioPaths};
 
 /// Called when `Shutdown` finds no task left: the daemon stops serving and exits.
@@ -116,6 +117,21 @@ struct Container {
     deferred_init_exit: Option<Exit>,
     /// Owner of the stdio pipes of every process of the container (`io_uid`/`io_gid`).
     io_owner: IoOwner,
+    /// `Wait` calls answered when their process exits (or is deleted), by exec id.
+    waiters: Vec<(String, Waiter)>,
+    /// Deleted: waits that arrive now find nothing.
+    deleted: bool,
+}
+
+/// The answer to a `Wait`, delivered whenever the process exits.
+type Waiter = Box<dyn FnOnce(Result<WaitResponse>) + Send>;
+
+fn wait_response(exit: Exit) -> WaitResponse {
+    WaitResponse {
+        exit_status: exit.status,
+        exited_at: MessageField::some(timestamp(exit.at)),
+        ..Default::default()
+    }
 }
 
 impl Container {
@@ -233,6 +249,30 @@ impl<B: Backend> TaskService<B> {
                 })?;
         }
         Ok(TaskService { inner })
+    }
+
+    /// A ttrpc server for this service, under both `containerd.task.v2.Task` and
+    /// `containerd.task.v3.Task` (containerd 2.x). `Wait` is answered when the process
+    /// exits rather than by a thread blocked until then.
+    pub fn into_server(self) -> rpc::Server {
+        let inner = self.inner.clone();
+        let mut server = rpc::Server::new(self.methods());
+        for service in [protocol::TASK_SERVICE_V2, protocol::TASK_SERVICE_V3] {
+            let inner = inner.clone();
+            let wait: rpc::Deferred = Box::new(
+                move |req, reply| match WaitRequest::parse_from_bytes(&req.payload) {
+                    Ok(r) => {
+                        inner.wait_later(r, Box::new(move |res| reply.send(answer("Wait", res))))
+                    }
+                    Err(e) => reply.send::<WaitResponse>(answer(
+                        "Wait",
+                        Err(Error::InvalidArgument(format!("decode WaitRequest: {e}"))),
+                    )),
+                },
+            );
+            server = server.defer(&format!("/{service}/Wait"), wait);
+        }
+        server
     }
 
     /// The ttrpc method table, under both `containerd.task.v2.Task` and
@@ -369,6 +409,13 @@ impl<B: Backend> Inner<B> {
         };
         publish(&*self.publisher, topics::TASK_EXIT, &event);
         cell.exited.notify_all();
+        let (done, waiting) = std::mem::take(&mut c.waiters)
+            .into_iter()
+            .partition(|(e, _)| e == exec_id);
+        c.waiters = waiting;
+        for (_, w) in done {
+            w(Ok(wait_response(exit)));
+        }
     }
 
     fn create(&self, req: CreateTaskRequest) -> Result<CreateTaskResponse> {
@@ -420,6 +467,8 @@ impl<B: Backend> Inner<B> {
                 running_execs: 0,
                 deferred_init_exit: None,
                 io_owner: owner,
+                waiters: Vec::new(),
+                deleted: false,
             }),
             exited: Condvar::new(),
         });
@@ -665,6 +714,13 @@ impl<B: Backend> Inner<B> {
             }
             let resp = response(p.pid, p.exit);
             c.execs.remove(&req.exec_id);
+            let (gone, waiting) = std::mem::take(&mut c.waiters)
+                .into_iter()
+                .partition(|(e, _)| e == &req.exec_id);
+            c.waiters = waiting;
+            for (_, w) in gone {
+                w(Err(Error::NotFound(format!("exec {}", req.exec_id))));
+            }
             return Ok(resp);
         }
         if matches!(c.init.status, Status::RUNNING | Status::PAUSED) {
@@ -690,6 +746,10 @@ impl<B: Backend> Inner<B> {
             ..Default::default()
         };
         publish(&*self.publisher, topics::TASK_DELETE, &event);
+        c.deleted = true;
+        for (_, w) in std::mem::take(&mut c.waiters) {
+            w(Err(Error::NotFound(format!("container {}", req.id))));
+        }
         drop(c);
         lock(&self.containers).remove(&req.id);
         cell.exited.notify_all();
@@ -724,16 +784,37 @@ impl<B: Backend> Inner<B> {
         })
     }
 
+    /// `Wait` without a thread: `done` gets the answer now if the process has exited, or
+    /// when it exits or is deleted.
+    fn wait_later(&self, req: WaitRequest, done: Waiter) {
+        let cell = match self.cell(&req.id) {
+            Ok(cell) => cell,
+            Err(e) => return done(Err(e)),
+        };
+        let mut c = lock(&cell.state);
+        if c.deleted {
+            drop(c);
+            return done(Err(Error::NotFound(format!("container {}", req.id))));
+        }
+        match c.process(&req.exec_id).map(|p| p.exit) {
+            Ok(Some(exit)) => {
+                drop(c);
+                done(Ok(wait_response(exit)))
+            }
+            Ok(None) => c.waiters.push((req.exec_id, done)),
+            Err(e) => {
+                drop(c);
+                done(Err(e))
+            }
+        }
+    }
+
     fn wait(&self, req: WaitRequest) -> Result<WaitResponse> {
         let cell = self.cell(&req.id)?;
         let mut c = lock(&cell.state);
         loop {
             if let Some(exit) = c.process(&req.exec_id)?.exit {
-                return Ok(WaitResponse {
-                    exit_status: exit.status,
-                    exited_at: MessageField::some(timestamp(exit.at)),
-                    ..Default::default()
-                });
+                return Ok(wait_response(exit));
             }
             if !lock(&self.containers).contains_key(&req.id) {
                 return Err(Error::NotFound(format!("container {}", req.id)));
@@ -1101,5 +1182,61 @@ mod tests {
                 topics::TASK_DELETE
             ]
         );
+    }
+    #[test]
+    fn waits_are_answered_on_exit_and_on_delete_without_a_thread() {
+        let (svc, _) = service();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = |tx: std::sync::mpsc::Sender<Result<WaitResponse>>| -> Waiter {
+            Box::new(move |r| tx.send(r).unwrap())
+        };
+        let req = |id: &str| WaitRequest {
+            id: id.into(),
+            ..Default::default()
+        };
+        // Created, not started: no answer yet.
+        svc.inner.wait_later(req("c1"), waiter(tx.clone()));
+        assert!(rx.try_recv().is_err(), "answered before any exit");
+        svc.inner
+            .start(StartRequest {
+                id: "c1".into(),
+                ..Default::default()
+            })
+            .unwrap();
+        svc.inner.wait_later(req("c1"), waiter(tx.clone()));
+        svc.inner.on_exit(Exit {
+            pid: 4242,
+            status: 7,
+            at: std::time::SystemTime::now(),
+        });
+        for _ in 0..2 {
+            assert_eq!(rx.try_recv().unwrap().unwrap().exit_status, 7);
+        }
+        // After the exit: answered at once.
+        svc.inner.wait_later(req("c1"), waiter(tx.clone()));
+        assert_eq!(rx.try_recv().unwrap().unwrap().exit_status, 7);
+        svc.inner.wait_later(req("nope"), waiter(tx.clone()));
+        assert_eq!(code(rx.try_recv().unwrap()), ttrpc::Code::NOT_FOUND);
+    }
+
+    #[test]
+    fn delete_answers_pending_waits() {
+        let (svc, _) = service();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let req = WaitRequest {
+            id: "c1".into(),
+            ..Default::default()
+        };
+        svc.inner.wait_later(
+            req,
+            Box::new(move |r: Result<WaitResponse>| tx.send(r).unwrap()),
+        );
+        svc.inner
+            .delete(DeleteRequest {
+                id: "c1".into(),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(code(rx.try_recv().unwrap()), ttrpc::Code::NOT_FOUND);
     }
 }

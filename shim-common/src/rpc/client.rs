@@ -26,10 +26,7 @@ impl Client {
         let path = address.strip_prefix("unix://").unwrap_or(address);
         let stream = UnixStream::connect(path).context(format!("connect to {path}"))?;
         Ok(Client {
-            conn: Mutex::new(Conn {
-                stream,
-                next_id: 1,
-            }),
+            conn: Mutex::new(Conn { stream, next_id: 1 }),
         })
     }
 

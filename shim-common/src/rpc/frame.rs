@@ -24,7 +24,12 @@ pub(crate) fn encode(stream_id: u32, type_: u8, payload: &[u8]) -> Vec<u8> {
 }
 
 /// Writes one frame; `w` must be exclusively held for the duration (frames must not interleave).
-pub(crate) fn write(mut w: impl Write, stream_id: u32, type_: u8, payload: &[u8]) -> io::Result<()> {
+pub(crate) fn write(
+    mut w: impl Write,
+    stream_id: u32,
+    type_: u8,
+    payload: &[u8],
+) -> io::Result<()> {
     w.write_all(&encode(stream_id, type_, payload))
 }
 
@@ -86,7 +91,10 @@ mod tests {
         assert_eq!(buf, second[..7]);
         buf.extend_from_slice(&second[7..]);
         let frames = split(&mut buf).unwrap();
-        assert_eq!((frames[0].0.stream_id, &frames[0].1[..]), (3, &b"world!"[..]));
+        assert_eq!(
+            (frames[0].0.stream_id, &frames[0].1[..]),
+            (3, &b"world!"[..])
+        );
         assert!(buf.is_empty());
     }
 

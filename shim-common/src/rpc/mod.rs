@@ -13,4 +13,4 @@ mod pool;
 mod server;
 
 pub use client::Client;
-pub use server::{Methods, Server};
+pub use server::{Deferred, Methods, Reply, Server};

@@ -17,12 +17,46 @@ use crate::error::{Context, Result};
 /// Handlers by `/service/method`, as ttrpc's codegen builds them (`create_task`, ...).
 pub type Methods = HashMap<String, Box<dyn MethodHandler + Send + Sync>>;
 
+/// A handler that may answer after it returns, through the [`Reply`] it is given: a call
+/// that waits for something (a task's `Wait`) then costs no thread while it waits.
+pub type Deferred = Box<dyn Fn(Request, Reply) + Send + Sync>;
+
+/// The way back to the caller of a deferred call; answer exactly once.
+pub struct Reply {
+    stream: Arc<Stream>,
+    stream_id: u32,
+}
+
+impl Reply {
+    /// Sends `res` the way ttrpc's generated handlers do: OK status and payload, or the
+    /// error's status.
+    pub fn send<M: protobuf::Message>(self, res: ttrpc::Result<M>) {
+        let response = match res.and_then(|m| {
+            m.write_to_bytes()
+                .map_err(|e| ttrpc::Error::Others(format!("encode response: {e}")))
+        }) {
+            Ok(payload) => Response {
+                status: protobuf::MessageField::some(ttrpc::get_status(Code::OK, "")),
+                payload,
+                ..Default::default()
+            },
+            Err(ttrpc::Error::RpcStatus(s)) => Response::init_status(s),
+            Err(e) => Response::init_status(ttrpc::get_status(Code::UNKNOWN, format!("{e:?}"))),
+        };
+        match <Response as Codec>::encode(&response) {
+            Ok(payload) => self.stream.send(self.stream_id, &payload),
+            Err(e) => log::warn!("encode ttrpc response: {e}"),
+        }
+    }
+}
+
 /// Bytes read from a connection per wakeup.
 const READ_CHUNK: usize = 16 * 1024;
 
 /// Serves ttrpc services on a listener and/or already-connected streams.
 pub struct Server {
     methods: Arc<Methods>,
+    deferred: Arc<HashMap<String, Deferred>>,
     pool: Arc<Pool>,
 }
 
@@ -52,8 +86,17 @@ impl Server {
     pub fn new(methods: Methods) -> Server {
         Server {
             methods: Arc::new(methods),
+            deferred: Arc::new(HashMap::new()),
             pool: Pool::new(),
         }
+    }
+
+    /// Serves `path` (`/service/method`) with a deferred handler instead of `methods`'.
+    pub fn defer(mut self, path: &str, handler: Deferred) -> Server {
+        if let Some(d) = Arc::get_mut(&mut self.deferred) {
+            d.insert(path.to_string(), handler);
+        }
+        self
     }
 
     /// Serves on a new thread until the process exits: connections accepted on `listener`,
@@ -146,6 +189,19 @@ impl Server {
             Err(e) => return answer_status(stream, mh.stream_id, Code::INVALID_ARGUMENT, e),
         };
         let path = format!("/{}/{}", req.service, req.method);
+        if self.deferred.contains_key(&path) {
+            let deferred = self.deferred.clone();
+            let reply = Reply {
+                stream: stream.clone(),
+                stream_id: mh.stream_id,
+            };
+            let job: Job = Box::new(move || {
+                if let Some(h) = deferred.get(&path) {
+                    h(req, reply)
+                }
+            });
+            return self.pool.submit(job);
+        }
         if !self.methods.contains_key(&path) {
             // What Go's ttrpc answers, and what a client probing for a service expects.
             let msg = format!("{path} is not implemented");
@@ -159,7 +215,14 @@ impl Server {
 }
 
 /// Runs one handler and writes whatever it answered.
-fn handle(methods: &Methods, path: &str, stream: &Stream, fd: RawFd, mh: MessageHeader, req: Request) {
+fn handle(
+    methods: &Methods,
+    path: &str,
+    stream: &Stream,
+    fd: RawFd,
+    mh: MessageHeader,
+    req: Request,
+) {
     let Some(method) = methods.get(path) else {
         return;
     };
@@ -255,7 +318,20 @@ mod tests {
         let release = Some(Mutex::new(rx));
         methods.insert("/t.E/Block".into(), Box::new(Echo { release }));
         let listener = UnixListener::bind(&path).unwrap();
-        Server::new(methods).spawn(Some(listener), Vec::new()).unwrap();
+        let later: Deferred = Box::new(|req, reply| {
+            // Answers from another thread after the handler has returned.
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(20));
+                reply.send(
+                    StringValue::parse_from_bytes(&req.payload)
+                        .map_err(|e| ttrpc::Error::Others(e.to_string())),
+                )
+            });
+        });
+        Server::new(methods)
+            .defer("/t.E/Later", later)
+            .spawn(Some(listener), Vec::new())
+            .unwrap();
         (dir, path, tx)
     }
 
@@ -269,10 +345,17 @@ mod tests {
         let (_dir, path, _release) = serve();
         let c = Client::connect(&format!("unix://{path}")).unwrap();
         assert_eq!(echo(&c, "Echo", "hi").unwrap(), "hi");
+        assert_eq!(echo(&c, "Later", "deferred").unwrap(), "deferred");
         let e = echo(&c, "Echo", "fail").unwrap_err().to_string();
-        assert!(e.contains("NOT_FOUND") && e.contains("no such thing"), "{e}");
+        assert!(
+            e.contains("NOT_FOUND") && e.contains("no such thing"),
+            "{e}"
+        );
         let e = echo(&c, "Nope", "x").unwrap_err().to_string();
-        assert!(e.contains("UNIMPLEMENTED") && e.contains("/t.E/Nope"), "{e}");
+        assert!(
+            e.contains("UNIMPLEMENTED") && e.contains("/t.E/Nope"),
+            "{e}"
+        );
         // The crate's own client speaks the same wire format.
         let tc = ttrpc::Client::connect(&format!("unix://{path}")).unwrap();
         let res = tc
@@ -283,7 +366,10 @@ mod tests {
                 ..Default::default()
             })
             .unwrap();
-        assert_eq!(StringValue::parse_from_bytes(&res.payload).unwrap().value, "both");
+        assert_eq!(
+            StringValue::parse_from_bytes(&res.payload).unwrap().value,
+            "both"
+        );
     }
 
     /// A blocked call (`Wait`) on one connection holds up neither that connection's other
@@ -334,7 +420,11 @@ mod tests {
         bad.write_all(&huge).unwrap();
         bad.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut buf = [0u8; 1];
-        assert_eq!(bad.read(&mut buf).unwrap(), 0, "server closes the connection");
+        assert_eq!(
+            bad.read(&mut buf).unwrap(),
+            0,
+            "server closes the connection"
+        );
         // A request whose payload is not a ttrpc Request gets INVALID_ARGUMENT.
         let mut junk = std::os::unix::net::UnixStream::connect(&path).unwrap();
         junk.write_all(&frame::encode(1, MESSAGE_TYPE_REQUEST, &[0xff, 0xff, 0xff]))
