@@ -405,7 +405,8 @@ fn main() {
         a.execs,
         eo / eg
     );
-    println!(
+    if a.soak > 0 {
+        println!(
         "| shim RSS growth over {} execs (after 200 warm-up) | {:+.2} MB ({:.2} → {:.2}) | {:+.2} MB ({:.2} → {:.2}) | |",
         a.soak,
         ours_soak.1 - ours_soak.0,
@@ -415,6 +416,7 @@ fn main() {
         go_soak.0,
         go_soak.1
     );
+    }
     // The CRI figures need a containerd of their own (CRI on); free the first one's shims
     // and mounts before.
     drop(c);
