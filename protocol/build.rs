@@ -26,9 +26,20 @@ const LITE_PROTOS: &[&str] = &[
     "proto/cgroups/v2/cgroups_v2.proto",
 ];
 
+/// containerd's own gRPC services (content, images, containers, leases) that a shim calls on
+/// containerd's main socket: messages only, no service code (tonic drives them with a small
+/// codec in the caller), and without reflection for the same size reason as above.
+const GRPC_PROTOS: &[&str] = &[
+    "proto/types/descriptor.proto",
+    "proto/services/content/v1/content.proto",
+    "proto/services/images/v1/images.proto",
+    "proto/services/containers/v1/containers.proto",
+    "proto/services/leases/v1/leases.proto",
+];
+
 fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    for p in PROTOS.iter().chain(LITE_PROTOS) {
+    for p in PROTOS.iter().chain(LITE_PROTOS).chain(GRPC_PROTOS) {
         println!("cargo:rerun-if-changed={p}");
     }
     Codegen::new()
@@ -54,6 +65,18 @@ fn main() {
         )
         .run()
         .expect("generating the cgroup metrics failed");
+    Codegen::new()
+        .out_dir(&out)
+        .inputs(GRPC_PROTOS)
+        .include("proto")
+        .rust_protobuf()
+        .rust_protobuf_customize(
+            ProtobufCustomize::default()
+                .gen_mod_rs(false)
+                .lite_runtime(true),
+        )
+        .run()
+        .expect("generating containerd's gRPC service messages failed");
     strip_inner_attributes(&out);
 }
 
