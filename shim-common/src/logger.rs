@@ -27,25 +27,37 @@ impl Log for Logger {
             Level::Debug => "debug",
             Level::Trace => "trace",
         };
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default();
-        let msg = r
-            .args()
-            .to_string()
-            .replace('\\', "\\\\")
-            .replace('"', "\\\"");
         // One write per line, so lines from several threads never interleave.
-        let line = format!(
-            "time=\"{}.{:09}\" level={level} msg=\"{msg}\" pid={}\n",
-            now.as_secs(),
-            now.subsec_nanos(),
-            std::process::id()
-        );
+        let line = format_line(level, &r.args().to_string());
         let _ = std::io::stderr().lock().write_all(line.as_bytes());
     }
 
     fn flush(&self) {}
+}
+
+/// One log line in the shim log's format (logfmt, newline-terminated), for processes that
+/// write to the log without this logger — e.g. a container init that inherited the log fd.
+///
+/// ```
+/// let line = shim_common::logger::format_line("error", "trap: \"unreachable\"");
+/// assert!(line.contains(r#"level=error msg="trap: \"unreachable\"""#) && line.ends_with('\n'));
+/// ```
+pub fn format_line(level: &str, msg: &str) -> String {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    // One line per message: a multi-line message (a trap's backtrace) keeps its newlines
+    // escaped, as logfmt readers expect.
+    let msg = msg
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n");
+    format!(
+        "time=\"{}.{:09}\" level={level} msg=\"{msg}\" pid={}\n",
+        now.as_secs(),
+        now.subsec_nanos(),
+        std::process::id()
+    )
 }
 
 /// Installs the logger (once; later calls only change nothing).
