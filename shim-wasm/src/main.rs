@@ -1,0 +1,21 @@
+//! `containerd-shim-wasm-v2`: WebAssembly workloads in youki containers, on the shim SDK.
+//!
+//! Each container is a real Linux container (namespaces, cgroups, capabilities, seccomp)
+//! made by youki's `libcontainer`; its init runs a WASI module or component with wasmtime
+//! instead of `execve`, or execs a native entrypoint (pause, sidecars) as runc would.
+
+mod backend;
+mod engine;
+mod entrypoint;
+mod executor;
+mod fork;
+mod guest;
+mod image;
+mod log;
+mod oci;
+mod precompiled;
+mod youki;
+
+fn main() {
+    shim_common::run::<backend::WasmBackend>("containerd-shim-wasm-v2")
+}
