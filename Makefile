@@ -3,7 +3,7 @@
 #   make test   installs what is missing, builds once, runs every test
 TARGET  := x86_64-unknown-linux-gnu
 BIN_DIR := $(CURDIR)/target/$(TARGET)/release
-APT_PKGS := containerd runc crun busybox-static criu containernetworking-plugins protobuf-compiler
+APT_PKGS := containerd runc crun busybox-static criu containernetworking-plugins protobuf-compiler clang lld wasi-libc libclang-rt-14-dev-wasm32
 export SHIM_BIN_DIR := $(BIN_DIR)
 
 .PHONY: demo test bench deps build fmt lint install
@@ -28,6 +28,7 @@ test: build
 
 bench: build
 	$(BIN_DIR)/shim-bench --runs 30
+	$(BIN_DIR)/wasm-bench --runs 20
 
 fmt:
 	cargo fmt --all -- --check
@@ -37,4 +38,4 @@ lint:
 
 # Install the shims where containerd looks for them (its PATH).
 install: build
-	install -m 0755 $(BIN_DIR)/containerd-shim-runc-v2 $(BIN_DIR)/containerd-shim-jail-v2 /usr/local/bin/
+	install -m 0755 $(BIN_DIR)/containerd-shim-runc-v2 $(BIN_DIR)/containerd-shim-wasm-v2 $(BIN_DIR)/containerd-shim-jail-v2 /usr/local/bin/

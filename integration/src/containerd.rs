@@ -14,12 +14,15 @@
 //! the next [`ContainerdBuilder::start`] sweeps such stale directories.
 //!
 //! With [`ContainerdBuilder::cri`] the daemon also serves Kubernetes' CRI (see
-//! [`crate::cri`]): runtime handlers `runc` and `runc-alt` (our shim) and `gorunc` (Debian's
-//! Go shim), a locally built sandbox image, and a CNI bridge network of its own. Nothing of
-//! it needs the network: images are imported into namespace `k8s.io` before any pod runs,
-//! so CRI never pulls. Teardown first stops and removes every pod through CRI (which runs
-//! CNI DEL), and after the process sweep deletes the bridge and CNI's cached results, so a
-//! panicking test leaves no interface behind either.
+//! [`crate::cri`]): runtime handlers `runc` and `runc-alt` (our shim), `wasm` (our Wasm shim)
+//! and `gorunc` (Debian's Go shim), a locally built sandbox image, and a CNI bridge network
+//! of its own. Nothing of it needs the network: images are imported into namespace `k8s.io`
+//! before any pod runs, so CRI never pulls. Teardown first stops and removes every pod
+//! through CRI (which runs CNI DEL), and after the process sweep deletes the bridge and
+//! CNI's cached results, so a panicking test leaves no interface behind either.
+//!
+//! Every instance also registers a stream processor for Wasm layer media types (see
+//! [`crate::wasm_image`]): containerd 1.6 cannot otherwise unpack an OCI Wasm image.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{CString, OsStr};
@@ -34,9 +37,12 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use crate::cri::{self, CriClient, CRI_NAMESPACE, HANDLER_ALT, HANDLER_GO, HANDLER_OURS};
+use crate::cri::{
+    self, CriClient, CRI_NAMESPACE, HANDLER_ALT, HANDLER_GO, HANDLER_OURS, HANDLER_WASM,
+};
 use crate::error::{Error, IoContext};
 use crate::image;
+use crate::wasm_image;
 
 /// Runtime name that resolves to whatever `containerd-shim-runc-v2` comes
 /// first on containerd's `PATH` (ours, when its directory is in `bin_dirs`).
@@ -45,6 +51,13 @@ pub const OUR_RUNTIME: &str = "io.containerd.runc.v2";
 /// Runtime name that resolves to Debian's Go shim, via the
 /// `containerd-shim-gorunc-v2` alias created by [`ContainerdBuilder::go_shim`].
 pub const GO_RUNTIME: &str = "io.containerd.gorunc.v2";
+
+/// Runtime name of our Wasm shim: containerd runs `containerd-shim-wasm-v2` from its `PATH`,
+/// which is ours when `target_bin_dir()` is among `bin_dirs`.
+pub const WASM_RUNTIME: &str = "io.containerd.wasm.v2";
+
+/// Our Wasm shim's binary name.
+pub const WASM_SHIM_BINARY: &str = "containerd-shim-wasm-v2";
 
 /// Debian's Go implementation of the runc v2 shim.
 pub const GO_SHIM_BINARY: &str = "/usr/bin/containerd-shim-runc-v2";
@@ -363,6 +376,16 @@ impl Containerd {
             None if overlay_works(&d) => "overlayfs".to_string(),
             None => "native".to_string(),
         };
+
+        // Wasm layers become empty tars on unpack (see `wasm_image`): containerd 1.6
+        // refuses to unpack an image whose layers it has no processor for.
+        let processor = d.join("wasm-layer-processor");
+        fs::write(&processor, wasm_image::PROCESSOR_SCRIPT).ctx_path("writing", &processor)?;
+        fs::set_permissions(
+            &processor,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .ctx_path("chmod", &processor)?;
 
         let mut toml = config_toml(&d, &address, &opts);
         if opts.cri {
@@ -887,6 +910,12 @@ disabled_plugins = [{disabled}]
 [metrics]
   address = ""
 
+[stream_processors]
+  [stream_processors."io.containerd.shimtest.wasm-layer"]
+    accepts = [{wasm_types}]
+    returns = "application/vnd.oci.image.layer.v1.tar"
+    path = {processor}
+
 [plugins]
   [plugins."io.containerd.internal.v1.opt"]
     path = {opt}
@@ -896,6 +925,12 @@ disabled_plugins = [{disabled}]
         grpc = toml_str(address),
         ttrpc = toml_str(&dir.join("t.sock")),
         opt = toml_str(&dir.join("opt")),
+        processor = toml_str(&dir.join("wasm-layer-processor")),
+        wasm_types = wasm_image::PROCESSED_MEDIA_TYPES
+            .iter()
+            .map(|t| format!("\"{t}\""))
+            .collect::<Vec<_>>()
+            .join(", "),
         level = opts.log_level,
     )
 }
@@ -1021,6 +1056,7 @@ fn cri_config_toml(dir: &Path, snapshotter: &str) -> String {
         runtime(HANDLER_OURS, OUR_RUNTIME, true),
         runtime(&format!("\"{HANDLER_ALT}\""), OUR_RUNTIME, true),
         runtime(HANDLER_GO, GO_RUNTIME, false),
+        runtime(HANDLER_WASM, WASM_RUNTIME, false),
     ]
     .concat();
     format!(

@@ -50,8 +50,12 @@ pub const HANDLER_ALT: &str = "runc-alt";
 /// containerd was built with [`go_shim(true)`](crate::ContainerdBuilder::go_shim).
 pub const HANDLER_GO: &str = "gorunc";
 
+/// Handler whose `runtime_type` is `io.containerd.wasm.v2`: our `containerd-shim-wasm-v2`
+/// (Wasm modules, and native entrypoints such as the pause container, in one pod).
+pub const HANDLER_WASM: &str = "wasm";
+
 /// Every handler the harness configures, in config order.
-pub const HANDLERS: &[&str] = &[HANDLER_OURS, HANDLER_ALT, HANDLER_GO];
+pub const HANDLERS: &[&str] = &[HANDLER_OURS, HANDLER_ALT, HANDLER_GO, HANDLER_WASM];
 
 /// Reference of the locally built sandbox image (`pause`), CRI's `sandbox_image`. Its
 /// registry part is loopback: should anything ever try to pull it, no packet leaves the host.

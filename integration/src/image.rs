@@ -46,29 +46,29 @@ const MT_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const MT_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 
 /// A content-addressed blob of the image.
-struct Blob {
-    digest_hex: String,
-    data: Vec<u8>,
+pub(crate) struct Blob {
+    pub(crate) digest_hex: String,
+    pub(crate) data: Vec<u8>,
 }
 
 impl Blob {
-    fn new(data: Vec<u8>) -> Self {
+    pub(crate) fn new(data: Vec<u8>) -> Self {
         Blob {
             digest_hex: hex(&Sha256::digest(&data)),
             data,
         }
     }
 
-    fn digest(&self) -> String {
+    pub(crate) fn digest(&self) -> String {
         format!("sha256:{}", self.digest_hex)
     }
 
-    fn descriptor(&self, media_type: &str) -> serde_json::Value {
+    pub(crate) fn descriptor(&self, media_type: &str) -> serde_json::Value {
         json!({ "mediaType": media_type, "digest": self.digest(), "size": self.data.len() })
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
     bytes.iter().fold(String::new(), |mut s, b| {
         let _ = write!(s, "{b:02x}");
@@ -78,7 +78,7 @@ fn hex(bytes: &[u8]) -> String {
 
 /// OCI architecture name for the machine we run on (the image must match the
 /// host platform or `ctr images import` skips it).
-fn oci_arch() -> &'static str {
+pub(crate) fn oci_arch() -> &'static str {
     match std::env::consts::ARCH {
         "x86_64" => "amd64",
         "aarch64" => "arm64",
@@ -105,7 +105,7 @@ fn applets() -> BTreeSet<String> {
     set
 }
 
-fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
+pub(crate) fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
     let mut h = tar::Header::new_gnu();
     h.set_entry_type(kind);
     h.set_mode(mode);
@@ -116,12 +116,18 @@ fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
     h
 }
 
-fn tar_err(what: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
+pub(crate) fn tar_err(what: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |e| Error::io(format!("writing {what} to tar"), e)
 }
 
 /// Builds the uncompressed root filesystem layer.
 fn build_layer(busybox: &[u8]) -> Result<Vec<u8>, Error> {
+    build_layer_with(busybox, &[])
+}
+
+/// The busybox layer plus `extra` files (whose directories must be in the layer already
+/// or among `extra`'s paths' parents: `bin/`, `etc/`, `tmp/`...).
+fn build_layer_with(busybox: &[u8], extra: &[ImageFile<'_>]) -> Result<Vec<u8>, Error> {
     let mut b = tar::Builder::new(Vec::new());
     let dirs: &[(&str, u32)] = &[
         ("bin/", 0o755),
@@ -163,6 +169,11 @@ fn build_layer(busybox: &[u8]) -> Result<Vec<u8>, Error> {
         b.append_data(&mut h, path, content.as_bytes())
             .map_err(tar_err(path))?;
     }
+    for f in extra {
+        let mut h = header(tar::EntryType::Regular, f.mode, f.data.len() as u64);
+        b.append_data(&mut h, f.path, f.data)
+            .map_err(tar_err(f.path))?;
+    }
     b.into_inner().map_err(tar_err("layer trailer"))
 }
 
@@ -200,8 +211,29 @@ pub fn busybox_oci_archive(dest: &Path, image_ref: &str) -> Result<PathBuf, Erro
     write_archive(dest, "busybox.oci.tar", &archive)
 }
 
+/// A busybox image archive like [`busybox_oci_archive`] with `extra` files added to its
+/// layer (say `wasm/hello.wasm`, under a directory that is also in `extra` or in busybox's
+/// layer: `bin/`, `etc/`, `tmp/`, `usr/bin/`...); its default command is `cmd`.
+pub fn busybox_with_files_oci_archive(
+    dest: &Path,
+    image_ref: &str,
+    extra: &[ImageFile<'_>],
+    cmd: &[&str],
+) -> Result<PathBuf, Error> {
+    let busybox = fs::read(BUSYBOX_BINARY).ctx(|| format!("reading {BUSYBOX_BINARY}"))?;
+    let names: Vec<&str> = extra.iter().map(|f| f.path).collect();
+    let archive = build_archive(
+        build_layer_with(&busybox, extra)?,
+        image_ref,
+        json!({ "Env": [DEFAULT_PATH_ENV], "Cmd": cmd, "WorkingDir": "/" }),
+        &format!("integration harness: busybox + {}", names.join(" ")),
+    )?;
+    write_archive(dest, "image.oci.tar", &archive)
+}
+
 /// `PATH` in the images' config.
-const DEFAULT_PATH_ENV: &str = "PATH=/bin:/usr/bin:/sbin:/usr/sbin:/usr/local/bin:/usr/local/sbin";
+pub(crate) const DEFAULT_PATH_ENV: &str =
+    "PATH=/bin:/usr/bin:/sbin:/usr/sbin:/usr/local/bin:/usr/local/sbin";
 
 /// A regular file of an image built by [`oci_archive`].
 #[derive(Debug, Clone, Copy)]
@@ -279,7 +311,11 @@ pub fn pause_oci_archive(
 
 /// Writes `archive` to `dest` (a directory gets `default_name` inside it) through a
 /// temporary name and a rename, so concurrent writers never expose a half-written archive.
-fn write_archive(dest: &Path, default_name: &str, archive: &[u8]) -> Result<PathBuf, Error> {
+pub(crate) fn write_archive(
+    dest: &Path,
+    default_name: &str,
+    archive: &[u8],
+) -> Result<PathBuf, Error> {
     let path = if dest.is_dir() {
         dest.join(default_name)
     } else {
@@ -367,7 +403,7 @@ fn build_archive(
 
 /// Directory for archives shared between test processes:
 /// `$SHIMTEST_CACHE_DIR`, else `<tmp>/shimtest-cache`.
-fn cache_dir() -> PathBuf {
+pub(crate) fn cache_dir() -> PathBuf {
     match std::env::var_os("SHIMTEST_CACHE_DIR") {
         Some(d) if !d.is_empty() => PathBuf::from(d),
         _ => std::env::temp_dir().join("shimtest-cache"),

@@ -25,12 +25,15 @@ pub mod fixture;
 pub mod image;
 pub mod shim_client;
 pub mod soak;
+pub mod wasm_fixture;
+pub mod wasm_image;
+pub mod wasm_modules;
 
 use std::path::PathBuf;
 
 pub use containerd::{
     pss_kb, rss_kb, Containerd, ContainerdBuilder, CtrOutput, DEFAULT_NAMESPACE, GO_RUNTIME,
-    GO_SHIM_BINARY, OUR_RUNTIME,
+    GO_SHIM_BINARY, OUR_RUNTIME, WASM_RUNTIME, WASM_SHIM_BINARY,
 };
 pub use error::Error;
 pub use image::{busybox_oci_archive, cached_busybox_archive, BUSYBOX_REF};
