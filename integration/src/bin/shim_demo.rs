@@ -1,10 +1,15 @@
 //! `make demo`: a private containerd with our shims first on its PATH, and a few containers
-//! run through `containerd-shim-runc-v2`, printing each `ctr` command and what it answered.
+//! run through `containerd-shim-runc-v2` and `containerd-shim-wasm-v2`, printing each `ctr`
+//! command and what it answered.
 
 use std::time::Duration;
 
 use integration::checks::wait_until;
-use integration::{require_root, target_bin_dir, unique_id, Containerd, BUSYBOX_REF};
+use integration::wasm_fixture::{import_busybox_wasm, BUSYBOX_WASM_REF, HELLO_WAT_PATH};
+use integration::{
+    require_root, target_bin_dir, unique_id, Containerd, BUSYBOX_REF, WASM_RUNTIME,
+    WASM_SHIM_BINARY,
+};
 
 fn show(c: &Containerd, args: &[&str]) -> String {
     println!("$ ctr {}", args.join(" "));
@@ -81,5 +86,26 @@ fn main() {
         c.ctr(&["task", "delete", &bg]).success()
     });
     show(&c, &["container", "delete", &bg]);
+
+    if bin.join(WASM_SHIM_BINARY).exists() {
+        let ns = c.namespace().to_string();
+        import_busybox_wasm(&c, &ns).expect("import the busybox-wasm image");
+        println!("\nimported {BUSYBOX_WASM_REF} (busybox plus Wasm programs built from source)\n");
+        let w = unique_id("wasm");
+        let wasm = |args: &[&str]| {
+            let mut a = vec![
+                "run",
+                "--rm",
+                "--runtime",
+                WASM_RUNTIME,
+                BUSYBOX_WASM_REF,
+                &w,
+            ];
+            a.extend_from_slice(args);
+            show(&c, &a);
+        };
+        wasm(&[HELLO_WAT_PATH]);
+        wasm(&["/bin/echo", "a native binary under the same runtime"]);
+    }
     println!("\ndone; containerd stops and its temp dir is removed");
 }
