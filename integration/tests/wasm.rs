@@ -723,3 +723,45 @@ fn cri_pod_with_pause_wasm_and_native_sidecar() {
     );
     assert_eq!(mounts_mentioning(&pod), Vec::<String>::new());
 }
+
+/// A module that grows its linear memory 1 MiB at a time and touches every page.
+const GROW_FOREVER_WAT: &str = r#"(module
+  (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+  (memory 1 65536)
+  (func (export "_start")
+    (local $p i32)
+    (loop $grow
+      (if (i32.eq (memory.grow (i32.const 16)) (i32.const -1))
+        (then (call $exit (i32.const 3))))
+      (local.set $p (i32.mul (i32.sub (memory.size) (i32.const 16)) (i32.const 65536)))
+      (loop $touch
+        (i32.store8 (local.get $p) (i32.const 1))
+        (local.set $p (i32.add (local.get $p) (i32.const 4096)))
+        (br_if $touch (i32.lt_u (local.get $p) (i32.mul (memory.size) (i32.const 65536)))))
+      (br $grow))))"#;
+
+#[test]
+fn oom_kill_of_a_module_is_reported_before_its_exit() {
+    let c = with_wasm_shim();
+    c.import_busybox()
+        .expect("import busybox (the event log's probe runs it)");
+    let events = integration::events::EventLog::start(&c);
+    let image = "localhost/shimtest/grow:1";
+    let module = wat::parse_str(GROW_FOREVER_WAT).expect("assemble the module");
+    let ns = c.namespace().to_string();
+    import_wasm_bytes(&c, &ns, image, WasmImage::Module, &module, "/grow.wasm").expect("import");
+    let id = unique_id("wasmoom");
+    // 64 MiB: the guest's memory lives in the init, so the init is the OOM killer's victim.
+    let out = run_rm(&c, &["--memory-limit", "67108864"], image, &id, &[]);
+    assert_eq!(out.status, 137, "{out:?}");
+    assert!(
+        wait_until(LONG, || !events.positions(&id, "/tasks/delete").is_empty()),
+        "{:#?}",
+        events.for_container(&id)
+    );
+    let ooms = events.positions(&id, "/tasks/oom");
+    let exits = events.positions(&id, "/tasks/exit");
+    assert_eq!(ooms.len(), 1, "{:#?}", events.for_container(&id));
+    assert_eq!(exits.len(), 1, "{:#?}", events.for_container(&id));
+    assert!(ooms[0] < exits[0], "{:#?}", events.for_container(&id));
+}
