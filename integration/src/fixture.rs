@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::checks::wait_until;
+use crate::checks::{mounts_mentioning, processes_mentioning, wait_until};
 use crate::{require_root, target_bin_dir, Containerd};
 
 /// Generous upper bound for something containerd does asynchronously; never a figure.
@@ -59,4 +59,24 @@ pub fn wait_status(c: &Containerd, id: &str, want: &str) {
         "task {id} never became {want}: {:?}",
         task_status(c, id)
     );
+}
+
+/// Nothing of container `id` is left behind: no shim daemon, no mount, no process (cargo and
+/// test binaries aside). Each backend's tests add their runtime's own state on top.
+pub fn assert_nothing_left(c: &Containerd, id: &str) {
+    assert!(
+        wait_until(LONG, || c.shim_pids().is_empty()),
+        "shim still running: {:?}",
+        c.shim_pids()
+    );
+    assert_eq!(
+        mounts_mentioning(id),
+        Vec::<String>::new(),
+        "mounts of {id} left behind"
+    );
+    let procs: Vec<_> = processes_mentioning(id)
+        .into_iter()
+        .filter(|(_, cmd)| !cmd.contains("cargo") && !cmd.contains("/deps/"))
+        .collect();
+    assert!(procs.is_empty(), "processes of {id} left behind: {procs:?}");
 }

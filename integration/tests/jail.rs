@@ -5,8 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use integration::checks::{mounts_mentioning, processes_mentioning, wait_until};
-use integration::fixture::{wait_status, with_our_shims_and, LONG};
+use integration::fixture::{assert_nothing_left, wait_status, with_our_shims_and};
 use integration::{target_bin_dir, unique_id, Containerd, BUSYBOX_REF};
 
 const RUNTIME: &str = "io.containerd.jail.v2";
@@ -49,22 +48,8 @@ fn runj_state(id: &str) -> PathBuf {
 
 /// Nothing of `id` is left: no runj state, no mount, no process, no shim.
 fn assert_gone(c: &Containerd, id: &str) {
-    assert!(
-        wait_until(LONG, || c.shim_pids().is_empty()),
-        "shim still running: {:?}",
-        c.shim_pids()
-    );
+    assert_nothing_left(c, id);
     assert!(!runj_state(id).exists(), "runj state of {id} left behind");
-    assert_eq!(
-        mounts_mentioning(id),
-        Vec::<String>::new(),
-        "mounts of {id} left behind"
-    );
-    let procs: Vec<_> = processes_mentioning(id)
-        .into_iter()
-        .filter(|(_, cmd)| !cmd.contains("cargo") && !cmd.contains("/deps/jail-"))
-        .collect();
-    assert!(procs.is_empty(), "processes of {id} left behind: {procs:?}");
 }
 
 #[test]

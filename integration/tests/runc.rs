@@ -8,30 +8,18 @@ use std::path::Path;
 use sha2::{Digest, Sha256};
 
 use integration::checks::{mounts_mentioning, processes_mentioning, runc_state, wait_until};
-use integration::fixture::{assert_ours, task_status, wait_status, with_our_shims, LONG};
+use integration::fixture::{
+    assert_nothing_left, assert_ours, task_status, wait_status, with_our_shims, LONG,
+};
 use integration::{require_root, target_bin_dir, unique_id, Containerd, BUSYBOX_REF};
 
 /// Nothing of container `id` is left: no shim, no runc state, no mount, no process.
 fn assert_gone(c: &Containerd, id: &str) {
-    assert!(
-        wait_until(LONG, || c.shim_pids().is_empty()),
-        "shim still running: {:?}",
-        c.shim_pids()
-    );
+    assert_nothing_left(c, id);
     assert!(
         !runc_state(c.namespace(), id).exists(),
         "runc state of {id} left behind"
     );
-    assert_eq!(
-        mounts_mentioning(id),
-        Vec::<String>::new(),
-        "mounts of {id} left behind"
-    );
-    let procs: Vec<_> = processes_mentioning(id)
-        .into_iter()
-        .filter(|(_, cmd)| !cmd.contains("cargo") && !cmd.contains("/deps/runc-"))
-        .collect();
-    assert!(procs.is_empty(), "processes of {id} left behind: {procs:?}");
 }
 
 fn run_detached(c: &Containerd, id: &str, args: &[&str]) {

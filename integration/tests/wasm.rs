@@ -7,9 +7,9 @@
 
 use std::time::{Duration, Instant};
 
-use integration::checks::{mounts_mentioning, processes_mentioning, wait_until};
+use integration::checks::{mounts_mentioning, wait_until};
 use integration::cri::{container_config, log_text, pod_config, HANDLER_WASM};
-use integration::fixture::{task_status, wait_status, LONG};
+use integration::fixture::{assert_nothing_left, task_status, wait_status, LONG};
 use integration::wasm_fixture::{
     import_busybox_wasm, import_wasm_bytes, import_wasm_image, require_wasm_shim, shim_daemons,
     with_wasm_shim, BUSYBOX_WASM_REF, HELLO_WAT_PATH,
@@ -61,21 +61,7 @@ fn remove(c: &Containerd, id: &str) {
 
 /// Nothing of container `id` is left: no shim, no mount, no process, no container.
 fn assert_gone(c: &Containerd, id: &str) {
-    assert!(
-        wait_until(LONG, || c.shim_pids().is_empty()),
-        "shim still running: {:?}",
-        c.shim_pids()
-    );
-    assert_eq!(
-        mounts_mentioning(id),
-        Vec::<String>::new(),
-        "mounts of {id} left behind"
-    );
-    let procs: Vec<_> = processes_mentioning(id)
-        .into_iter()
-        .filter(|(_, cmd)| !cmd.contains("cargo") && !cmd.contains("/deps/wasm-"))
-        .collect();
-    assert!(procs.is_empty(), "processes of {id} left behind: {procs:?}");
+    assert_nothing_left(c, id);
     let containers = c.ctr(&["containers", "ls", "-q"]).stdout;
     assert!(
         !containers.lines().any(|l| l.trim() == id),
