@@ -74,6 +74,8 @@ pub enum Program {
     /// and [`HTTP_BODY`]: hand-written WAT against the canonical ABI, componentized
     /// against the WASI 0.2.12 WIT in `integration/wit/wasi-http`.
     HttpComponent,
+    /// A `wasi:http/incoming-handler` component whose handler spins forever.
+    HttpBusyComponent,
 }
 
 impl Program {
@@ -93,6 +95,7 @@ impl Program {
         Program::CToolComponent,
         Program::NoRunComponent,
         Program::HttpComponent,
+        Program::HttpBusyComponent,
     ];
 
     /// File name inside a container's rootfs (`hello.wasm`).
@@ -112,6 +115,7 @@ impl Program {
             Program::CToolComponent => "ctool-component.wasm",
             Program::NoRunComponent => "no-run-component.wasm",
             Program::HttpComponent => "http-component.wasm",
+            Program::HttpBusyComponent => "http-busy-component.wasm",
         }
     }
 
@@ -123,6 +127,7 @@ impl Program {
                 | Program::CToolComponent
                 | Program::NoRunComponent
                 | Program::HttpComponent
+                | Program::HttpBusyComponent
         )
     }
 
@@ -141,7 +146,8 @@ impl Program {
             Program::HelloComponent => Source::Command(Program::Hello),
             Program::CToolComponent => Source::Command(Program::CTool),
             Program::NoRunComponent => Source::Empty,
-            Program::HttpComponent => Source::Http,
+            Program::HttpComponent => Source::Http(HTTP_WAT),
+            Program::HttpBusyComponent => Source::Http(HTTP_BUSY_WAT),
         }
     }
 }
@@ -154,8 +160,8 @@ enum Source {
     Command(Program),
     /// An empty core module wrapped as a component.
     Empty,
-    /// [`HTTP_WAT`] componentized against the `wasi:http` WIT.
-    Http,
+    /// A handler module ([`HTTP_WAT`]) componentized against the `wasi:http` WIT.
+    Http(&'static str),
 }
 
 /// The built program's path (building it on first use in this process, or reusing the
@@ -248,8 +254,8 @@ fn cache_key(program: Program) -> Result<String, Error> {
                 continue;
             }
             Source::Empty => h.update(b"empty component"),
-            Source::Http => {
-                h.update(HTTP_WAT);
+            Source::Http(wat) => {
+                h.update(wat);
                 for (_, wit) in WASI_HTTP_WIT {
                     h.update(wit);
                 }
@@ -287,7 +293,7 @@ fn build(program: Program) -> Result<Vec<u8>, Error> {
             let core = build_cached(inner)?;
             command_component(&fs::read(&core).ctx_path("reading", &core)?)
         }
-        Source::Http => http_component(),
+        Source::Http(wat) => http_component(wat),
         Source::Empty => {
             let core = wat::parse_str("(module)").map_err(|e| wasm_error("parsing WAT", e))?;
             wit_component::ComponentEncoder::default()
@@ -317,6 +323,8 @@ pub fn command_component(core: &[u8]) -> Result<Vec<u8>, Error> {
 
 /// What [`Program::HttpComponent`] answers to every request.
 pub const HTTP_BODY: &str = "hello from a wasi:http component\n";
+/// What [`Program::HttpComponent`] writes to its stdout for every request.
+pub const HTTP_LOG_LINE: &str = "wasi:http request\n";
 
 /// The WASI 0.2.12 packages `wasi:http/types` needs, dependencies first (`push_str` resolves
 /// each against those already pushed).
@@ -333,17 +341,18 @@ const WASI_HTTP_WIT: &[(&str, &str)] = &[
     ("http.wit", include_str!("../wit/wasi-http/http.wit")),
 ];
 
-/// The world the handler is built against: it only needs `wasi:http/types`.
+/// The world the handlers are built against: `wasi:http/types`, and stdout for a log line.
 const HTTP_WORLD_WIT: &str = "package shimtest:http;
 
 world responder {
   import wasi:http/types@0.2.12;
+  import wasi:cli/stdout@0.2.12;
   export wasi:http/incoming-handler@0.2.12;
 }
 ";
 
-/// Embeds the `responder` world into [`HTTP_WAT`] and encodes the component.
-fn http_component() -> Result<Vec<u8>, Error> {
+/// Embeds the `responder` world into the handler module `wat` and encodes the component.
+fn http_component(wat: &str) -> Result<Vec<u8>, Error> {
     let mut resolve = wit_parser::Resolve::default();
     for (name, text) in WASI_HTTP_WIT {
         resolve
@@ -356,7 +365,7 @@ fn http_component() -> Result<Vec<u8>, Error> {
     let world = resolve
         .select_world(&[pkg], Some("responder"))
         .map_err(|e| wasm_error("selecting the responder world", e))?;
-    let mut core = wat::parse_str(HTTP_WAT).map_err(|e| wasm_error("parsing WAT", e))?;
+    let mut core = wat::parse_str(wat).map_err(|e| wasm_error("parsing WAT", e))?;
     wit_component::embed_component_metadata(
         &mut core,
         &resolve,
@@ -554,9 +563,10 @@ const UNKNOWN_IMPORT_WAT: &str = r#"(module
   (func (export "_start") (call $missing)))
 "#;
 
-/// The handler, by the canonical ABI: results wider than one value come back through a
-/// pointer (scratch at 16..64); `response-outparam.set` takes
-/// `result<own<outgoing-response>, error-code>` flattened to 8 values.
+/// The handler (writes [`HTTP_LOG_LINE`] to stdout first), by the canonical ABI: results
+/// wider than one value come back through a pointer (scratch at 16..64);
+/// `response-outparam.set` takes `result<own<outgoing-response>, error-code>` flattened to
+/// 8 values.
 const HTTP_WAT: &str = r#"(module
   (import "wasi:http/types@0.2.12" "[constructor]fields" (func $fields (result i32)))
   (import "wasi:http/types@0.2.12" "[constructor]outgoing-response" (func $response (param i32) (result i32)))
@@ -566,8 +576,10 @@ const HTTP_WAT: &str = r#"(module
   (import "wasi:http/types@0.2.12" "[static]response-outparam.set" (func $set (param i32 i32 i32 i32 i64 i32 i32 i32 i32)))
   (import "wasi:io/streams@0.2.12" "[method]output-stream.blocking-write-and-flush" (func $write (param i32 i32 i32 i32)))
   (import "wasi:io/streams@0.2.12" "[resource-drop]output-stream" (func $drop_stream (param i32)))
+  (import "wasi:cli/stdout@0.2.12" "get-stdout" (func $stdout (result i32)))
   (memory (export "memory") 2)
   (data (i32.const 1024) "hello from a wasi:http component\n")
+  (data (i32.const 1100) "wasi:http request\n")
   ;; The canonical ABI's allocator, which wit-component requires: a bump allocator from 8192
   ;; (one request per instance; nothing is freed).
   (global $heap (mut i32) (i32.const 8192))
@@ -580,6 +592,10 @@ const HTTP_WAT: &str = r#"(module
     (local.get $p))
   (func (export "wasi:http/incoming-handler@0.2.12#handle") (param $request i32) (param $out i32)
     (local $response i32) (local $body i32) (local $stream i32)
+    ;; One line on the container's stdout per request.
+    (local.set $stream (call $stdout))
+    (call $write (local.get $stream) (i32.const 1100) (i32.const 18) (i32.const 32))
+    (call $drop_stream (local.get $stream))
     (local.set $response (call $response (call $fields)))
     (call $response_body (local.get $response) (i32.const 16))
     (local.set $body (i32.load (i32.const 20)))
@@ -590,6 +606,15 @@ const HTTP_WAT: &str = r#"(module
     (call $write (local.get $stream) (i32.const 1024) (i32.const 33) (i32.const 32))
     (call $drop_stream (local.get $stream))
     (call $body_finish (local.get $body) (i32.const 0) (i32.const 0) (i32.const 48)))
+)
+"#;
+
+/// A handler that never returns nor answers: stopped only through the epoch.
+const HTTP_BUSY_WAT: &str = r#"(module
+  (memory (export "memory") 1)
+  (func (export "cabi_realloc") (param i32 i32 i32 i32) (result i32) (i32.const 1024))
+  (func (export "wasi:http/incoming-handler@0.2.12#handle") (param $request i32) (param $out i32)
+    (loop $spin (br $spin)))
 )
 "#;
 
@@ -702,6 +727,7 @@ mod tests {
             Program::CToolComponent,
             Program::NoRunComponent,
             Program::HttpComponent,
+            Program::HttpBusyComponent,
         ] {
             validate(p);
         }

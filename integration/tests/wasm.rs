@@ -1,6 +1,7 @@
 //! `containerd-shim-wasm-v2` through a real containerd 1.6: WASI modules and components
-//! from a rootfs and from OCI Wasm images, signals, the precompile cache, exec, stats, a CRI
-//! pod mixing Wasm and native containers, and bad input.
+//! from a rootfs and from OCI Wasm images, `wasi:http` components serving in the container's
+//! network namespace, signals, the precompile cache, exec, stats, a CRI pod mixing Wasm and
+//! native containers, and bad input.
 //!
 //! Every program is built from source by `integration::wasm_modules` (WAT, C through clang
 //! and wasi-libc, components through wit-component). Each test runs its own containerd.
@@ -16,7 +17,8 @@ use integration::wasm_fixture::{
 };
 use integration::wasm_image::{layer_digest, WasmImage};
 use integration::wasm_modules::{
-    self, Program, EXIT42_STATUS, GREET_OUTPUT, HELLO_OUTPUT, HTTP_BODY, UNKNOWN_IMPORT,
+    self, Program, EXIT42_STATUS, GREET_OUTPUT, HELLO_OUTPUT, HTTP_BODY, HTTP_LOG_LINE,
+    UNKNOWN_IMPORT,
 };
 use integration::{
     require_root, target_bin_dir, unique_id, Containerd, CtrOutput, BUSYBOX_REF, WASM_RUNTIME,
@@ -304,42 +306,192 @@ fn module_and_component_from_oci_wasm_images() {
     }
 }
 
+/// busybox `wget -q -O- <url>` run inside container `id` through exec.
+fn wget(c: &Containerd, id: &str, url: &str) -> CtrOutput {
+    let exec_id = unique_id("wget");
+    c.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        &exec_id,
+        id,
+        "wget",
+        "-q",
+        "-O-",
+        url,
+    ])
+}
+
+/// Asks `url` from inside `id` until the component answers (its server binds after the
+/// task is RUNNING); the answer's body.
+fn wait_for_answer(c: &Containerd, id: &str, url: &str) -> String {
+    wait_status(c, id, "RUNNING");
+    let mut last = None;
+    let answered = wait_until(LONG, || {
+        let out = wget(c, id, url);
+        let ok = out.success();
+        last = Some(out);
+        ok || task_status(c, id).as_deref() != Some("RUNNING")
+    });
+    let out = last.expect("at least one request");
+    assert!(
+        answered && out.success(),
+        "no answer from the wasi:http component on {url} ({:?}): {}\n--- containerd log ---\n{}",
+        task_status(c, id),
+        out.stderr,
+        c.log_tail(30)
+    );
+    out.stdout
+}
+
 #[test]
-#[ignore = "serving wasi:http/incoming-handler components is not implemented yet (issue #5)"]
 fn http_component_answers_on_loopback() {
     let c = with_wasm_shim();
     let id = unique_id("http");
     // Default address 0.0.0.0:8080, in the container's own network namespace: asked from
     // inside it by busybox's wget, run through exec.
     run_detached(&c, &id, BUSYBOX_WASM_REF, &["/http-component.wasm"]);
-    wait_status(&c, &id, "RUNNING");
-    let mut last = None;
-    let answered = wait_until(LONG, || {
-        let exec_id = unique_id("wget");
-        let out = c.ctr(&[
-            "task",
-            "exec",
-            "--exec-id",
-            &exec_id,
-            &id,
-            "wget",
-            "-q",
-            "-O-",
-            "http://127.0.0.1:8080/",
-        ]);
-        let ok = out.success();
-        last = Some(out);
-        ok || task_status(&c, &id).as_deref() != Some("RUNNING")
-    });
-    let out = last.expect("at least one request");
-    assert!(
-        answered && out.success(),
-        "no answer from the wasi:http component ({:?}): {}\n--- containerd log ---\n{}",
-        task_status(&c, &id),
-        out.stderr,
-        c.log_tail(30)
+    assert_eq!(
+        wait_for_answer(&c, &id, "http://127.0.0.1:8080/"),
+        HTTP_BODY
     );
-    assert_eq!(out.stdout, HTTP_BODY);
+    // A fresh instance per request: the second answers the same.
+    assert_eq!(
+        wait_for_answer(&c, &id, "http://127.0.0.1:8080/again?x=1"),
+        HTTP_BODY
+    );
+    remove(&c, &id);
+    assert_gone(&c, &id);
+}
+
+#[test]
+fn http_component_serves_on_the_address_from_its_env() {
+    let c = with_wasm_shim();
+    let id = unique_id("httpaddr");
+    c.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        WASM_RUNTIME,
+        "--env",
+        "WASI_HTTP_ADDR=127.0.0.1:9090",
+        BUSYBOX_WASM_REF,
+        &id,
+        "/http-component.wasm",
+    ]);
+    assert_eq!(
+        wait_for_answer(&c, &id, "http://127.0.0.1:9090/"),
+        HTTP_BODY
+    );
+    let out = wget(&c, &id, "http://127.0.0.1:8080/");
+    assert!(
+        !out.success(),
+        "the default address answered too: {}",
+        out.stdout
+    );
+    remove(&c, &id);
+    assert_gone(&c, &id);
+}
+
+#[test]
+fn http_component_with_a_bad_address_says_so_in_the_shim_log() {
+    let c = with_wasm_shim();
+    let id = unique_id("httpbad");
+    let mark = log_len(&c);
+    let out = run_rm(
+        &c,
+        &["--env", "WASI_HTTP_ADDR=nowhere"],
+        BUSYBOX_WASM_REF,
+        &id,
+        &["/http-component.wasm"],
+    );
+    assert_eq!(out.status, 137, "stderr: {}", out.stderr);
+    assert!(
+        wait_until(LONG, || log_since(&c, mark)
+            .contains("WASI_HTTP_ADDR=nowhere")),
+        "the bad address is not in the shim log:\n{}",
+        log_since(&c, mark)
+    );
+    assert_gone(&c, &id);
+}
+
+#[test]
+fn http_component_stops_on_sigterm_within_a_second() {
+    let c = with_wasm_shim();
+    let id = unique_id("httpterm");
+    std::thread::scope(|s| {
+        // Attached, so ctr's exit status is the container's.
+        let run = s.spawn(|| run_rm(&c, &[], BUSYBOX_WASM_REF, &id, &["/http-component.wasm"]));
+        assert_eq!(
+            wait_for_answer(&c, &id, "http://127.0.0.1:8080/"),
+            HTTP_BODY
+        );
+        let t0 = Instant::now();
+        c.ctr_ok(&["task", "kill", "-s", "SIGTERM", &id]);
+        // `--rm` deletes the task right after its exit: STOPPED or gone.
+        let stopped = wait_until(LONG, || {
+            !matches!(task_status(&c, &id).as_deref(), Some("RUNNING"))
+        });
+        let took = t0.elapsed();
+        eprintln!("wasi:http server: SIGTERM to stopped (through ctr) in {took:?}");
+        assert!(stopped, "the server ignored SIGTERM for {LONG:?}");
+        assert!(
+            took < Duration::from_secs(1),
+            "took {took:?} to stop on SIGTERM"
+        );
+        let out = run.join().expect("ctr run thread");
+        assert_eq!(
+            out.status,
+            0,
+            "a server stopped by SIGTERM exits cleanly: {}\n--- containerd log ---\n{}",
+            out.stderr,
+            c.log_tail(30)
+        );
+        // The guest's stdout is the container's, as for `wasi:cli/run`.
+        assert!(
+            out.stdout.contains(HTTP_LOG_LINE),
+            "no request line on the container's stdout: {:?}",
+            out.stdout
+        );
+    });
+    assert_gone(&c, &id);
+}
+
+#[test]
+fn busy_http_handler_stops_on_sigterm_within_a_second() {
+    let c = with_wasm_shim();
+    let id = unique_id("httpbusy");
+    run_detached(&c, &id, BUSYBOX_WASM_REF, &["/http-busy-component.wasm"]);
+    wait_status(&c, &id, "RUNNING");
+    std::thread::scope(|s| {
+        // A request whose handler spins on the server's only thread: wget hangs. One that
+        // ends at once found no server yet: ask again.
+        let mut hanging = None;
+        for _ in 0..50 {
+            let request = s.spawn(|| wget(&c, &id, "http://127.0.0.1:8080/"));
+            std::thread::sleep(Duration::from_millis(300));
+            if !request.is_finished() {
+                hanging = Some(request);
+                break;
+            }
+        }
+        let request = hanging.expect("the busy handler never got a request");
+        let t0 = Instant::now();
+        c.ctr_ok(&["task", "kill", "-s", "SIGTERM", &id]);
+        let stopped = wait_until(LONG, || task_status(&c, &id).as_deref() == Some("STOPPED"));
+        let took = t0.elapsed();
+        eprintln!("busy wasi:http handler: SIGTERM to STOPPED (through ctr) in {took:?}");
+        assert!(
+            stopped,
+            "a busy handler kept the server from stopping for {LONG:?}"
+        );
+        assert!(
+            took < Duration::from_secs(1),
+            "took {took:?} to stop a busy handler on SIGTERM"
+        );
+        let out = request.join().expect("wget thread");
+        assert!(!out.success(), "a busy handler answered: {}", out.stdout);
+    });
     remove(&c, &id);
     assert_gone(&c, &id);
 }

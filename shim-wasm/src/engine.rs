@@ -2,7 +2,11 @@
 //! loads the artifact and runs it. Same `Config` on both sides, or the artifact is refused.
 //!
 //! The shim never runs guest code and creates no wasmtime threads (no parallel
-//! compilation, no async), because it forks containers afterwards.
+//! compilation, no runtime), because it forks containers afterwards.
+//!
+//! One `Config` serves `wasi:cli/run` (sync calls) and `wasi:http` (async calls): since
+//! wasmtime 48 a store chooses per call (`Config::async_support` is a no-op), so the
+//! compatibility hash, and with it the precompile cache key, is the same for both.
 
 use std::hash::{Hash, Hasher};
 
@@ -11,6 +15,8 @@ use wasmtime::component::{Component, ResourceTable};
 use wasmtime::{Config, Engine, Module};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::{WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
 use shim_common::{Error, Result};
 
@@ -162,9 +168,13 @@ pub fn check(engine: &Engine, kind: Kind, artifact: &[u8], func: Option<&str>) -
             match component_entry(engine, &component) {
                 Some(Entry::Run) => {}
                 Some(Entry::HttpHandler) => {
-                    return Err(Error::Unimplemented(
-                        "serving wasi:http/incoming-handler components".into(),
-                    ))
+                    let pre = http_linker(engine)?
+                        .instantiate_pre(&component)
+                        .map_err(|e| {
+                            bad(e.context("component imports an interface WASI does not provide"))
+                        })?;
+                    ProxyPre::new(pre).map_err(bad)?;
+                    return Ok(());
                 }
                 None => {
                     return Err(Error::InvalidArgument(
@@ -232,6 +242,73 @@ pub fn component_linker(engine: &Engine) -> Result<wasmtime::component::Linker<C
     let mut linker = wasmtime::component::Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
         .map_err(|e| Error::Runtime(format!("WASI preview 2 linker: {e:#}")))?;
+    Ok(linker)
+}
+
+/// One HTTP request's store data: WASI, `wasi:http`, and their shared resource table.
+pub struct HttpState {
+    pub ctx: WasiCtx,
+    pub http: WasiHttpCtx,
+    pub table: ResourceTable,
+    pub hooks: DenyOutgoing,
+}
+
+impl HttpState {
+    pub fn new(ctx: WasiCtx) -> HttpState {
+        HttpState {
+            ctx,
+            http: WasiHttpCtx::new(),
+            table: ResourceTable::new(),
+            hooks: DenyOutgoing,
+        }
+    }
+}
+
+impl WasiView for HttpState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.ctx,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for HttpState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.hooks,
+        }
+    }
+}
+
+/// `wasi:http/outgoing-handler` answers `HTTP-request-denied`: wasmtime-wasi-http's own
+/// client needs its `default-send-request` feature, which links rustls for HTTPS. A guest
+/// still reaches the network through `wasi:sockets`.
+pub struct DenyOutgoing;
+
+/// A future as `WasiHttpHooks::send_request` takes and returns them.
+type HttpFuture<T> = Box<dyn std::future::Future<Output = wasmtime_wasi_http::Result<T>> + Send>;
+
+impl WasiHttpHooks for DenyOutgoing {
+    fn send_request(
+        &mut self,
+        _request: http::Request<WasiBody>,
+        _options: Option<wasmtime_wasi_http::RequestOptions>,
+        _fut: HttpFuture<()>,
+    ) -> HttpFuture<(http::Response<WasiBody>, HttpFuture<()>)> {
+        Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
+    }
+}
+
+/// WASI preview 2 and `wasi:http`, async: request handlers run as tasks of the init's
+/// HTTP server.
+pub fn http_linker(engine: &Engine) -> Result<wasmtime::component::Linker<HttpState>> {
+    let mut linker = wasmtime::component::Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+        .and_then(|()| wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker))
+        .map_err(|e| Error::Runtime(format!("wasi:http linker: {e:#}")))?;
     Ok(linker)
 }
 

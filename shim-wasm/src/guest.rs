@@ -17,9 +17,9 @@ use wasmtime_wasi::cli::OutputFile;
 use wasmtime_wasi::p2::bindings::sync::Command;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
-use crate::engine::{self, ComponentState, Kind};
+use crate::engine::{self, ComponentState, Entry, Kind};
 use crate::entrypoint::Entrypoint;
-use crate::log;
+use crate::{http, log};
 
 /// What the init runs, prepared by the shim: an artifact on an inherited fd.
 #[derive(Debug, Clone)]
@@ -36,7 +36,7 @@ pub struct Guest {
 const SIGNAL_GRACE: Duration = Duration::from_millis(100);
 
 /// The signal that stopped the guest, 0 while none has.
-static STOPPED_BY: AtomicI32 = AtomicI32::new(0);
+pub(crate) static STOPPED_BY: AtomicI32 = AtomicI32::new(0);
 
 /// Runs the guest to completion and exits the process with its exit code.
 pub fn run(guest: &Guest, spec: &Spec) -> ! {
@@ -60,7 +60,6 @@ fn execute(guest: &Guest, spec: &Spec) -> Result<i32, String> {
     close_inherited_fds(guest.artifact_fd);
     let engine = engine::engine().map_err(|e| e.to_string())?;
     watch_signals(&engine)?;
-    let mut wasi = wasi_context(spec)?;
     // SAFETY: the fd is the artifact the shim wrote and checked; nothing writes to it while
     // it is mapped (the shim replaces cache entries by rename, never in place).
     let file = unsafe { File::from_raw_fd(guest.artifact_fd) };
@@ -70,7 +69,7 @@ fn execute(guest: &Guest, spec: &Spec) -> Result<i32, String> {
             let module = unsafe { Module::deserialize_open_file(&engine, file) }
                 .map_err(|e| format!("load module: {e:#}"))?;
             let linker = engine::module_linker(&engine).map_err(|e| e.to_string())?;
-            let mut store = Store::new(&engine, wasi.build_p1());
+            let mut store = Store::new(&engine, wasi_context(spec)?.build_p1());
             arm_epoch(&mut store);
             let instance = linker
                 .instantiate(&mut store, &module)
@@ -83,9 +82,12 @@ fn execute(guest: &Guest, spec: &Spec) -> Result<i32, String> {
         }
         Kind::Component => {
             let component = load_component(&engine, file)?;
+            if engine::component_entry(&engine, &component) == Some(Entry::HttpHandler) {
+                return http::serve(&engine, &component, spec, &guest.id);
+            }
             let linker = engine::component_linker(&engine).map_err(|e| e.to_string())?;
             let state = ComponentState {
-                ctx: wasi.build(),
+                ctx: wasi_context(spec)?.build(),
                 table: ResourceTable::new(),
             };
             let mut store = Store::new(&engine, state);
@@ -141,7 +143,7 @@ fn close_inherited_fds(artifact_fd: RawFd) {
 
 /// The guest traps at the next epoch tick: only a signal ticks it, so a running guest pays
 /// nothing until it must stop.
-fn arm_epoch<T>(store: &mut Store<T>) {
+pub(crate) fn arm_epoch<T>(store: &mut Store<T>) {
     store.set_epoch_deadline(1);
     store.epoch_deadline_trap();
 }
@@ -164,9 +166,9 @@ fn exit_code(result: wasmtime::Result<i32>) -> Result<i32, String> {
 }
 
 /// SIGTERM/SIGINT: blocked here and taken by a thread that ticks the epoch (the guest traps
-/// at its next loop back-edge or call) and exits the process if the guest is stuck in a
-/// host call. The init is PID 1 of its namespace, where an unhandled signal is ignored;
-/// a blocked one is not.
+/// at its next loop back-edge or call), tells an HTTP server to stop, and exits the process
+/// if the guest is stuck in a host call. The init is PID 1 of its namespace, where an
+/// unhandled signal is ignored; a blocked one is not.
 fn watch_signals(engine: &Engine) -> Result<(), String> {
     let mut set = SigSet::empty();
     set.add(Signal::SIGTERM);
@@ -181,6 +183,7 @@ fn watch_signals(engine: &Engine) -> Result<(), String> {
             let Ok(sig) = set.wait() else { return };
             STOPPED_BY.store(sig as i32, Ordering::SeqCst);
             engine.increment_epoch();
+            http::SHUTDOWN.notify_one();
             std::thread::sleep(SIGNAL_GRACE);
             // SAFETY: _exit ends the process without running anything else.
             unsafe { libc::_exit(128 + sig as i32) }
@@ -190,7 +193,7 @@ fn watch_signals(engine: &Engine) -> Result<(), String> {
 }
 
 /// args, env, stdio (fds 0-2 are the container's stdio) and preopened dirs from the spec.
-fn wasi_context(spec: &Spec) -> Result<WasiCtxBuilder, String> {
+pub(crate) fn wasi_context(spec: &Spec) -> Result<WasiCtxBuilder, String> {
     let mut b = WasiCtxBuilder::new();
     let process = spec.process().as_ref();
     let mut args: Vec<String> = process.and_then(|p| p.args().clone()).unwrap_or_default();

@@ -18,7 +18,7 @@ use shim_common::stdio::ChildStdio;
 use shim_common::{Context, Error, Result};
 
 use crate::executor::WasmExecutor;
-use crate::fork;
+use crate::{fork, loopback};
 
 /// The root of one namespace's container states.
 #[derive(Debug, Clone)]
@@ -99,7 +99,10 @@ impl Youki {
             let pid = container.pid().ok_or_else(|| {
                 Error::Runtime("libcontainer created a container without a pid".into())
             })?;
-            Ok(pid.as_raw() as u32)
+            let pid = pid.as_raw() as u32;
+            // Last: it moves this throwaway process into the container's network namespace.
+            loopback::up_in(pid)?;
+            Ok(pid)
         });
         match created.and_then(|pid| Ok((self.load(id)?, pid))) {
             Ok(c) => Ok(c),
