@@ -6,7 +6,7 @@ BIN_DIR := $(CURDIR)/target/$(TARGET)/release
 APT_PKGS := containerd runc crun busybox-static criu containernetworking-plugins protobuf-compiler clang lld wasi-libc libclang-rt-14-dev-wasm32
 export SHIM_BIN_DIR := $(BIN_DIR)
 
-.PHONY: demo test bench deps build fmt lint install
+.PHONY: demo test bench deps build fmt lint install check-freebsd
 
 deps:
 	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -39,3 +39,22 @@ lint:
 # Install the shims where containerd looks for them (its PATH).
 install: build
 	install -m 0755 $(BIN_DIR)/containerd-shim-runc-v2 $(BIN_DIR)/containerd-shim-wasm-v2 $(BIN_DIR)/containerd-shim-jail-v2 /usr/local/bin/
+
+# Type-checks the portable SDK and the jail shim for FreeBSD. rustup cannot fetch FreeBSD's
+# std on these machines, so Debian's rustc-web builds it from its own sources (rust-web-src)
+# through cargo's build-std, which is unstable (hence RUSTC_BOOTSTRAP). Checks only: there is
+# no FreeBSD libc or linker here to link with.
+FREEBSD_PKGS := rustc-web cargo-web rust-web-src
+FREEBSD_LOG  := $(CURDIR)/target/freebsd-check.log
+check-freebsd:
+	@missing=""; for p in $(FREEBSD_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@mkdir -p target
+	RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 CARGO_TARGET_DIR=$(CURDIR)/target/freebsd \
+		/usr/bin/cargo check -Zbuild-std=std,panic_abort --target x86_64-unknown-freebsd \
+		-p shim-common -p shim-jail >$(FREEBSD_LOG) 2>&1 || { cat $(FREEBSD_LOG); exit 1; }
+	@if grep -qE '^(warning|error)' $(FREEBSD_LOG); then cat $(FREEBSD_LOG); echo "FreeBSD check: warnings"; exit 1; fi
+	@tail -1 $(FREEBSD_LOG)

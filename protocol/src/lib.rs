@@ -34,10 +34,8 @@ generated!(
     task,
     metrics,
     shim,
-    shim_ttrpc,
     task_events,
     events,
-    events_ttrpc,
     options,
     runtimeoptions,
     cgroups_v1,
@@ -50,6 +48,10 @@ generated!(
     containers,
     leases,
 );
+
+// ttrpc's sync glue: clients for test harnesses (the SDK dispatches the task methods itself).
+#[cfg(feature = "sync")]
+generated!(shim_ttrpc, events_ttrpc);
 
 /// `containerd.task.v2.Task` as containerd names it on the wire.
 pub const TASK_SERVICE_V2: &str = "containerd.task.v2.Task";

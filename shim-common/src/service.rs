@@ -13,16 +13,14 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use protobuf::well_known_types::empty::Empty;
 use protobuf::{Message, MessageField};
 use protocol::shim::*;
-use protocol::shim_ttrpc::{create_task, Task};
 use protocol::task::{ProcessInfo, Status};
 use protocol::task_events::*;
 use protocol::topics;
-use ttrpc::{MethodHandler, TtrpcContext};
 
 use crate::backend::{Backend, CreateRequest, ExecRequest, Target};
 use crate::console::{Console, ConsoleSocket};
@@ -157,7 +155,6 @@ impl Container {
 
 struct Cell {
     state: Mutex<Container>,
-    exited: Condvar,
 }
 
 /// Which process each pid belongs to, and exits reaped before their pid was known.
@@ -251,41 +248,84 @@ impl<B: Backend> TaskService<B> {
         Ok(TaskService { inner })
     }
 
-    /// A ttrpc server for this service, under both `containerd.task.v2.Task` and
-    /// `containerd.task.v3.Task` (containerd 2.x). `Wait` is answered when the process
-    /// exits rather than by a thread blocked until then.
+    /// A ttrpc server for this service.
     pub fn into_server(self) -> rpc::Server {
-        let inner = self.inner.clone();
-        let mut server = rpc::Server::new(self.methods());
-        for service in [protocol::TASK_SERVICE_V2, protocol::TASK_SERVICE_V3] {
-            let inner = inner.clone();
-            let wait: rpc::Deferred = Box::new(
-                move |req, reply| match WaitRequest::parse_from_bytes(&req.payload) {
-                    Ok(r) => {
-                        inner.wait_later(r, Box::new(move |res| reply.send(answer("Wait", res))))
-                    }
-                    Err(e) => reply.send::<WaitResponse>(answer(
-                        "Wait",
-                        Err(Error::InvalidArgument(format!("decode WaitRequest: {e}"))),
-                    )),
-                },
-            );
-            server = server.defer(&format!("/{service}/Wait"), wait);
-        }
-        server
+        rpc::Server::new(self.methods())
     }
 
     /// The ttrpc method table, under both `containerd.task.v2.Task` and
-    /// `containerd.task.v3.Task` (containerd 2.x).
-    pub fn methods(self) -> HashMap<String, Box<dyn MethodHandler + Send + Sync>> {
-        let svc: Arc<dyn Task + Send + Sync> = Arc::new(self);
-        let mut methods = create_task(svc.clone());
-        for (name, handler) in create_task(svc) {
-            let v3 = name.replace(protocol::TASK_SERVICE_V2, protocol::TASK_SERVICE_V3);
-            methods.insert(v3, handler);
+    /// `containerd.task.v3.Task` (containerd 2.x). `Wait` is answered when the process
+    /// exits rather than by a thread blocked until then.
+    pub fn methods(self) -> rpc::Methods {
+        let mut methods = rpc::Methods::new();
+        for service in [protocol::TASK_SERVICE_V2, protocol::TASK_SERVICE_V3] {
+            let mut add = |name: &str, handler: rpc::Handler| {
+                methods.insert(format!("/{service}/{name}"), handler);
+            };
+            let inner = &self.inner;
+            add("State", route(inner, "State", Inner::state));
+            add("Create", route(inner, "Create", Inner::create));
+            add("Start", route(inner, "Start", Inner::start));
+            add("Delete", route(inner, "Delete", Inner::delete));
+            add("Pids", route(inner, "Pids", Inner::pids));
+            add(
+                "Pause",
+                route(inner, "Pause", |i, r: PauseRequest| {
+                    empty(i.set_paused(&r.id, true))
+                }),
+            );
+            add(
+                "Resume",
+                route(inner, "Resume", |i, r: ResumeRequest| {
+                    empty(i.set_paused(&r.id, false))
+                }),
+            );
+            add("Checkpoint", route(inner, "Checkpoint", Inner::checkpoint));
+            add("Kill", route(inner, "Kill", |i, r| empty(i.kill(r))));
+            add("Exec", route(inner, "Exec", |i, r| empty(i.exec(r))));
+            add(
+                "ResizePty",
+                route(inner, "ResizePty", |i, r| empty(i.resize_pty(r))),
+            );
+            add(
+                "CloseIO",
+                route(inner, "CloseIO", |i, r| empty(i.close_io(r))),
+            );
+            add("Update", route(inner, "Update", Inner::update));
+            add("Stats", route(inner, "Stats", Inner::stats));
+            add("Connect", route(inner, "Connect", Inner::connect));
+            add(
+                "Shutdown",
+                route(inner, "Shutdown", |i, r| empty(i.shutdown(r))),
+            );
+            let inner = inner.clone();
+            add(
+                "Wait",
+                Box::new(move |req, reply| match rpc::decode::<WaitRequest>(&req) {
+                    Ok(r) => {
+                        inner.wait_later(r, Box::new(move |res| reply.send(answer("Wait", res))))
+                    }
+                    Err(e) => reply.send::<WaitResponse>(Err(e)),
+                }),
+            );
         }
         methods
     }
+}
+
+/// A unary task method answered by `f` on the service's state.
+fn route<B, Req, Res>(
+    inner: &Arc<Inner<B>>,
+    method: &'static str,
+    f: fn(&Inner<B>, Req) -> Result<Res>,
+) -> rpc::Handler
+where
+    B: Backend,
+    Req: Message,
+    Res: Message,
+{
+    let inner = inner.clone();
+    rpc::unary(move |req| answer(method, f(&inner, req)))
 }
 
 impl<B: Backend> Inner<B> {
@@ -345,10 +385,10 @@ impl<B: Backend> Inner<B> {
         };
         let Ok(cell) = self.cell(&id) else { return };
         let mut c = lock(&cell.state);
-        self.apply_exit(&cell, &mut c, &exec_id, exit);
+        self.apply_exit(&mut c, &exec_id, exit);
     }
 
-    fn apply_exit(&self, cell: &Cell, c: &mut Container, exec_id: &str, exit: Exit) {
+    fn apply_exit(&self, c: &mut Container, exec_id: &str, exit: Exit) {
         if exec_id.is_empty() {
             if c.running_execs > 0 {
                 // Execs outlive init only in a shared pid namespace; end them, then report init.
@@ -366,23 +406,23 @@ impl<B: Backend> Inner<B> {
                 c.deferred_init_exit = Some(exit);
                 return;
             }
-            self.finish(cell, c, "", exit);
+            self.finish(c, "", exit);
             return;
         }
-        self.finish(cell, c, exec_id, exit);
+        self.finish(c, exec_id, exit);
         c.running_execs = c.running_execs.saturating_sub(1);
-        self.release_init_exit(cell, c);
+        self.release_init_exit(c);
     }
 
-    fn release_init_exit(&self, cell: &Cell, c: &mut Container) {
+    fn release_init_exit(&self, c: &mut Container) {
         if c.running_execs == 0 {
             if let Some(exit) = c.deferred_init_exit.take() {
-                self.finish(cell, c, "", exit);
+                self.finish(c, "", exit);
             }
         }
     }
 
-    fn finish(&self, cell: &Cell, c: &mut Container, exec_id: &str, exit: Exit) {
+    fn finish(&self, c: &mut Container, exec_id: &str, exit: Exit) {
         let id = c.id.clone();
         let Ok(p) = c.process_mut(exec_id) else {
             return;
@@ -408,7 +448,6 @@ impl<B: Backend> Inner<B> {
             ..Default::default()
         };
         publish(&*self.publisher, topics::TASK_EXIT, &event);
-        cell.exited.notify_all();
         let (done, waiting) = std::mem::take(&mut c.waiters)
             .into_iter()
             .partition(|(e, _)| e == exec_id);
@@ -470,7 +509,6 @@ impl<B: Backend> Inner<B> {
                 waiters: Vec::new(),
                 deleted: false,
             }),
-            exited: Condvar::new(),
         });
         lock(&self.containers).insert(req.id.clone(), cell.clone());
         let event = TaskCreate {
@@ -498,7 +536,7 @@ impl<B: Backend> Inner<B> {
         }
         if let Some(exit) = early {
             let mut c = lock(&cell.state);
-            self.apply_exit(&cell, &mut c, "", exit);
+            self.apply_exit(&mut c, "", exit);
         }
         drop(starting);
         Ok(CreateTaskResponse {
@@ -534,7 +572,7 @@ impl<B: Backend> Inner<B> {
             };
             publish(&*self.publisher, topics::TASK_START, &event);
             if let Some(exit) = early {
-                self.apply_exit(&cell, &mut c, "", exit);
+                self.apply_exit(&mut c, "", exit);
             }
             drop(starting);
             return Ok(StartResponse {
@@ -591,7 +629,7 @@ impl<B: Backend> Inner<B> {
             Ok(s) => s,
             Err(e) => {
                 c.running_execs -= 1;
-                self.release_init_exit(&cell, &mut c);
+                self.release_init_exit(&mut c);
                 return Err(e);
             }
         };
@@ -608,7 +646,7 @@ impl<B: Backend> Inner<B> {
         };
         publish(&*self.publisher, topics::TASK_EXEC_STARTED, &event);
         if let Some(exit) = early {
-            self.apply_exit(&cell, &mut c, &req.exec_id, exit);
+            self.apply_exit(&mut c, &req.exec_id, exit);
         }
         Ok(StartResponse {
             pid,
@@ -752,7 +790,6 @@ impl<B: Backend> Inner<B> {
         }
         drop(c);
         lock(&self.containers).remove(&req.id);
-        cell.exited.notify_all();
         Ok(resp)
     }
 
@@ -806,20 +843,6 @@ impl<B: Backend> Inner<B> {
                 drop(c);
                 done(Err(e))
             }
-        }
-    }
-
-    fn wait(&self, req: WaitRequest) -> Result<WaitResponse> {
-        let cell = self.cell(&req.id)?;
-        let mut c = lock(&cell.state);
-        loop {
-            if let Some(exit) = c.process(&req.exec_id)?.exit {
-                return Ok(wait_response(exit));
-            }
-            if !lock(&self.containers).contains_key(&req.id) {
-                return Err(Error::NotFound(format!("container {}", req.id)));
-            }
-            c = cell.exited.wait(c).unwrap_or_else(|e| e.into_inner());
         }
     }
 
@@ -913,6 +936,24 @@ impl<B: Backend> Inner<B> {
         Ok(())
     }
 
+    fn checkpoint(&self, r: CheckpointTaskRequest) -> Result<Empty> {
+        self.cell(&r.id)?;
+        empty(self.backend.checkpoint(&r.id, &r.path, r.options.as_ref()))
+    }
+
+    fn update(&self, r: UpdateTaskRequest) -> Result<Empty> {
+        self.cell(&r.id)?;
+        empty(self.backend.update(&r.id, r.resources.as_ref()))
+    }
+
+    fn stats(&self, r: StatsRequest) -> Result<StatsResponse> {
+        let pid = lock(&self.cell(&r.id)?.state).init.pid;
+        Ok(StatsResponse {
+            stats: MessageField::some(self.backend.stats(&r.id, pid)?),
+            ..Default::default()
+        })
+    }
+
     fn connect(&self, req: ConnectRequest) -> Result<ConnectResponse> {
         let task_pid = match self.cell(&req.id) {
             Ok(cell) => lock(&cell.state).init.pid,
@@ -943,79 +984,6 @@ fn answer<T>(method: &str, r: Result<T>) -> ttrpc::Result<T> {
 
 fn empty(r: Result<()>) -> Result<Empty> {
     r.map(|()| Empty::new())
-}
-
-impl<B: Backend> Task for TaskService<B> {
-    fn state(&self, _: &TtrpcContext, r: StateRequest) -> ttrpc::Result<StateResponse> {
-        answer("State", self.inner.state(r))
-    }
-    fn create(&self, _: &TtrpcContext, r: CreateTaskRequest) -> ttrpc::Result<CreateTaskResponse> {
-        answer("Create", self.inner.create(r))
-    }
-    fn start(&self, _: &TtrpcContext, r: StartRequest) -> ttrpc::Result<StartResponse> {
-        answer("Start", self.inner.start(r))
-    }
-    fn delete(&self, _: &TtrpcContext, r: DeleteRequest) -> ttrpc::Result<DeleteResponse> {
-        answer("Delete", self.inner.delete(r))
-    }
-    fn pids(&self, _: &TtrpcContext, r: PidsRequest) -> ttrpc::Result<PidsResponse> {
-        answer("Pids", self.inner.pids(r))
-    }
-    fn pause(&self, _: &TtrpcContext, r: PauseRequest) -> ttrpc::Result<Empty> {
-        answer("Pause", empty(self.inner.set_paused(&r.id, true)))
-    }
-    fn resume(&self, _: &TtrpcContext, r: ResumeRequest) -> ttrpc::Result<Empty> {
-        answer("Resume", empty(self.inner.set_paused(&r.id, false)))
-    }
-    fn checkpoint(&self, _: &TtrpcContext, r: CheckpointTaskRequest) -> ttrpc::Result<Empty> {
-        let res = self.inner.cell(&r.id).and_then(|_| {
-            self.inner
-                .backend
-                .checkpoint(&r.id, &r.path, r.options.as_ref())
-        });
-        answer("Checkpoint", empty(res))
-    }
-    fn kill(&self, _: &TtrpcContext, r: KillRequest) -> ttrpc::Result<Empty> {
-        answer("Kill", empty(self.inner.kill(r)))
-    }
-    fn exec(&self, _: &TtrpcContext, r: ExecProcessRequest) -> ttrpc::Result<Empty> {
-        answer("Exec", empty(self.inner.exec(r)))
-    }
-    fn resize_pty(&self, _: &TtrpcContext, r: ResizePtyRequest) -> ttrpc::Result<Empty> {
-        answer("ResizePty", empty(self.inner.resize_pty(r)))
-    }
-    fn close_io(&self, _: &TtrpcContext, r: CloseIORequest) -> ttrpc::Result<Empty> {
-        answer("CloseIO", empty(self.inner.close_io(r)))
-    }
-    fn update(&self, _: &TtrpcContext, r: UpdateTaskRequest) -> ttrpc::Result<Empty> {
-        let res = self
-            .inner
-            .cell(&r.id)
-            .and_then(|_| self.inner.backend.update(&r.id, r.resources.as_ref()));
-        answer("Update", empty(res))
-    }
-    fn wait(&self, _: &TtrpcContext, r: WaitRequest) -> ttrpc::Result<WaitResponse> {
-        answer("Wait", self.inner.wait(r))
-    }
-    fn stats(&self, _: &TtrpcContext, r: StatsRequest) -> ttrpc::Result<StatsResponse> {
-        let res = self.inner.cell(&r.id).and_then(|cell| {
-            let pid = lock(&cell.state).init.pid;
-            self.inner.backend.stats(&r.id, pid)
-        });
-        answer(
-            "Stats",
-            res.map(|s| StatsResponse {
-                stats: MessageField::some(s),
-                ..Default::default()
-            }),
-        )
-    }
-    fn connect(&self, _: &TtrpcContext, r: ConnectRequest) -> ttrpc::Result<ConnectResponse> {
-        answer("Connect", self.inner.connect(r))
-    }
-    fn shutdown(&self, _: &TtrpcContext, r: ShutdownRequest) -> ttrpc::Result<Empty> {
-        answer("Shutdown", empty(self.inner.shutdown(r)))
-    }
 }
 
 #[cfg(test)]
@@ -1159,14 +1127,14 @@ mod tests {
             status: 3,
             at: std::time::SystemTime::now(),
         });
-        let wait = svc
-            .inner
-            .wait(WaitRequest {
-                id: "c1".into(),
-                ..Default::default()
-            })
-            .unwrap();
-        assert_eq!(wait.exit_status, 3);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let req = WaitRequest {
+            id: "c1".into(),
+            ..Default::default()
+        };
+        svc.inner
+            .wait_later(req, Box::new(move |r| tx.send(r).unwrap()));
+        assert_eq!(rx.try_recv().unwrap().unwrap().exit_status, 3);
         svc.inner
             .delete(DeleteRequest {
                 id: "c1".into(),

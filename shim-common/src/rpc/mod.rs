@@ -1,7 +1,7 @@
 //! ttrpc on our own threads.
 //!
-//! The `ttrpc` crate gives us the wire types and the handlers its codegen writes; its sync
-//! server and client are not used. They start several threads per connection (reader,
+//! The `ttrpc` crate gives us the wire types only; its sync server, client and generated
+//! handler glue are not used (that transport does not build on FreeBSD either). They start several threads per connection (reader,
 //! writer, control, a worker pool), and containerd opens one connection per task: a pod of
 //! five containers cost a shim ~60 threads. Here one poll loop reads every connection, one
 //! shared pool runs handlers, and responses are written by the worker that made them. The
@@ -13,4 +13,4 @@ mod pool;
 mod server;
 
 pub use client::Client;
-pub use server::{Deferred, Methods, Reply, Server};
+pub use server::{decode, unary, Handler, Methods, Reply, Server};

@@ -3,33 +3,53 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{ErrorKind, Read};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 
 use ttrpc::proto::{Code, Codec, ResponseInit, MESSAGE_TYPE_REQUEST, MESSAGE_TYPE_RESPONSE};
-use ttrpc::{ConnectionContext, MessageHeader, MethodHandler, Request, Response, TtrpcContext};
+use ttrpc::{MessageHeader, Request, Response};
 
 use super::frame;
 use super::pool::{Job, Pool};
 use crate::error::{Context, Result};
 
-/// Handlers by `/service/method`, as ttrpc's codegen builds them (`create_task`, ...).
-pub type Methods = HashMap<String, Box<dyn MethodHandler + Send + Sync>>;
-
-/// A handler that may answer after it returns, through the [`Reply`] it is given: a call
+/// A method: it gets the request and answers through the [`Reply`], now or later. A call
 /// that waits for something (a task's `Wait`) then costs no thread while it waits.
-pub type Deferred = Box<dyn Fn(Request, Reply) + Send + Sync>;
+pub type Handler = Box<dyn Fn(Request, Reply) + Send + Sync>;
 
-/// The way back to the caller of a deferred call; answer exactly once.
+/// Handlers by `/service/method`.
+pub type Methods = HashMap<String, Handler>;
+
+/// A handler for a unary method that answers before it returns: decodes the request
+/// (`InvalidArgument` if it cannot), calls `f`, encodes what it answers.
+pub fn unary<Req, Res, F>(f: F) -> Handler
+where
+    Req: protobuf::Message,
+    Res: protobuf::Message,
+    F: Fn(Req) -> ttrpc::Result<Res> + Send + Sync + 'static,
+{
+    Box::new(move |req, reply| reply.send(decode(&req).and_then(&f)))
+}
+
+/// A request's payload as `M`; `InvalidArgument` naming the method if it does not decode.
+pub fn decode<M: protobuf::Message>(req: &Request) -> ttrpc::Result<M> {
+    M::parse_from_bytes(&req.payload).map_err(|e| {
+        ttrpc::Error::RpcStatus(ttrpc::get_status(
+            Code::INVALID_ARGUMENT,
+            format!("{}.{}: decode request: {e}", req.service, req.method),
+        ))
+    })
+}
+
+/// The way back to the caller; answer exactly once.
 pub struct Reply {
     stream: Arc<Stream>,
     stream_id: u32,
 }
 
 impl Reply {
-    /// Sends `res` the way ttrpc's generated handlers do: OK status and payload, or the
-    /// error's status.
+    /// Sends `res`: OK status and payload, or the error's status.
     pub fn send<M: protobuf::Message>(self, res: ttrpc::Result<M>) {
         let response = match res.and_then(|m| {
             m.write_to_bytes()
@@ -56,7 +76,6 @@ const READ_CHUNK: usize = 16 * 1024;
 /// Serves ttrpc services on a listener and/or already-connected streams.
 pub struct Server {
     methods: Arc<Methods>,
-    deferred: Arc<HashMap<String, Deferred>>,
     pool: Arc<Pool>,
 }
 
@@ -86,17 +105,8 @@ impl Server {
     pub fn new(methods: Methods) -> Server {
         Server {
             methods: Arc::new(methods),
-            deferred: Arc::new(HashMap::new()),
             pool: Pool::new(),
         }
-    }
-
-    /// Serves `path` (`/service/method`) with a deferred handler instead of `methods`'.
-    pub fn defer(mut self, path: &str, handler: Deferred) -> Server {
-        if let Some(d) = Arc::get_mut(&mut self.deferred) {
-            d.insert(path.to_string(), handler);
-        }
-        self
     }
 
     /// Serves on a new thread until the process exits: connections accepted on `listener`,
@@ -169,7 +179,7 @@ impl Server {
         match frame::split(&mut c.buf) {
             Ok(frames) => {
                 for (mh, payload) in frames {
-                    self.dispatch(&c.stream, fd, mh, &payload);
+                    self.dispatch(&c.stream, mh, &payload);
                 }
                 true
             }
@@ -180,7 +190,7 @@ impl Server {
         }
     }
 
-    fn dispatch(&self, stream: &Arc<Stream>, fd: RawFd, mh: MessageHeader, payload: &[u8]) {
+    fn dispatch(&self, stream: &Arc<Stream>, mh: MessageHeader, payload: &[u8]) {
         if mh.type_ != MESSAGE_TYPE_REQUEST {
             return;
         }
@@ -189,61 +199,22 @@ impl Server {
             Err(e) => return answer_status(stream, mh.stream_id, Code::INVALID_ARGUMENT, e),
         };
         let path = format!("/{}/{}", req.service, req.method);
-        if self.deferred.contains_key(&path) {
-            let deferred = self.deferred.clone();
-            let reply = Reply {
-                stream: stream.clone(),
-                stream_id: mh.stream_id,
-            };
-            let job: Job = Box::new(move || {
-                if let Some(h) = deferred.get(&path) {
-                    h(req, reply)
-                }
-            });
-            return self.pool.submit(job);
-        }
         if !self.methods.contains_key(&path) {
             // What Go's ttrpc answers, and what a client probing for a service expects.
             let msg = format!("{path} is not implemented");
             return answer_status(stream, mh.stream_id, Code::UNIMPLEMENTED, msg);
         }
         let methods = self.methods.clone();
-        let stream = stream.clone();
-        let job: Job = Box::new(move || handle(&methods, &path, &stream, fd, mh, req));
+        let reply = Reply {
+            stream: stream.clone(),
+            stream_id: mh.stream_id,
+        };
+        let job: Job = Box::new(move || {
+            if let Some(h) = methods.get(&path) {
+                h(req, reply)
+            }
+        });
         self.pool.submit(job);
-    }
-}
-
-/// Runs one handler and writes whatever it answered.
-fn handle(
-    methods: &Methods,
-    path: &str,
-    stream: &Stream,
-    fd: RawFd,
-    mh: MessageHeader,
-    req: Request,
-) {
-    let Some(method) = methods.get(path) else {
-        return;
-    };
-    let (tx, rx) = mpsc::channel();
-    let ctx = TtrpcContext {
-        fd,
-        cancel_rx: crossbeam_channel::never(),
-        mh,
-        res_tx: tx.clone(),
-        metadata: ttrpc::context::from_pb(&req.metadata),
-        timeout_nano: req.timeout_nano,
-        conn_ctx: Arc::new(ConnectionContext::default()),
-    };
-    if let Err(e) = method.handler(ctx, req) {
-        let ctx = ConnectionContext::default();
-        if let Err(e) = ttrpc::send_response(mh.stream_id, Response::from(e), tx, &ctx) {
-            log::warn!("{path}: encode error response: {e}");
-        }
-    }
-    while let Ok((mh, payload)) = rx.try_recv() {
-        stream.send(mh.stream_id, &payload);
     }
 }
 
@@ -273,33 +244,18 @@ mod tests {
     use crate::rpc::Client;
     use protobuf::well_known_types::wrappers::StringValue;
     use protobuf::Message;
-    use std::sync::mpsc::Receiver;
+    use std::sync::mpsc;
     use std::time::Duration;
 
-    /// Echoes a `StringValue`; `block` first waits for a release, like `Wait` does.
-    struct Echo {
-        release: Option<Mutex<Receiver<()>>>,
-    }
-
-    impl MethodHandler for Echo {
-        fn handler(&self, ctx: TtrpcContext, req: Request) -> ttrpc::Result<()> {
-            if let Some(rx) = &self.release {
-                let _ = rx.lock().unwrap().recv();
-            }
-            let v = StringValue::parse_from_bytes(&req.payload)
-                .map_err(|e| ttrpc::Error::Others(e.to_string()))?;
-            if v.value == "fail" {
-                return Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
-                    Code::NOT_FOUND,
-                    "no such thing",
-                )));
-            }
-            let res = Response {
-                payload: v.write_to_bytes().unwrap(),
-                ..Default::default()
-            };
-            ctx.respond(ctx.mh.stream_id, res)
+    /// Echoes a `StringValue`; "fail" answers NOT_FOUND.
+    fn echo_value(v: StringValue) -> ttrpc::Result<StringValue> {
+        if v.value == "fail" {
+            return Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
+                Code::NOT_FOUND,
+                "no such thing",
+            )));
         }
+        Ok(v)
     }
 
     fn string(s: &str) -> StringValue {
@@ -314,22 +270,24 @@ mod tests {
         let path = dir.path().join("s").to_string_lossy().into_owned();
         let (tx, rx) = mpsc::channel();
         let mut methods: Methods = HashMap::new();
-        methods.insert("/t.E/Echo".into(), Box::new(Echo { release: None }));
-        let release = Some(Mutex::new(rx));
-        methods.insert("/t.E/Block".into(), Box::new(Echo { release }));
-        let listener = UnixListener::bind(&path).unwrap();
-        let later: Deferred = Box::new(|req, reply| {
-            // Answers from another thread after the handler has returned.
+        methods.insert("/t.E/Echo".into(), unary(echo_value));
+        // Blocks a worker until released, like a `Wait` done the blocking way.
+        let release = Mutex::new(rx);
+        let block = move |v| {
+            let _ = release.lock().unwrap().recv();
+            echo_value(v)
+        };
+        methods.insert("/t.E/Block".into(), unary(block));
+        // Answers from another thread after the handler has returned.
+        let later: Handler = Box::new(|req, reply| {
             std::thread::spawn(move || {
                 std::thread::sleep(Duration::from_millis(20));
-                reply.send(
-                    StringValue::parse_from_bytes(&req.payload)
-                        .map_err(|e| ttrpc::Error::Others(e.to_string())),
-                )
+                reply.send(decode::<StringValue>(&req))
             });
         });
+        methods.insert("/t.E/Later".into(), later);
+        let listener = UnixListener::bind(&path).unwrap();
         Server::new(methods)
-            .defer("/t.E/Later", later)
             .spawn(Some(listener), Vec::new())
             .unwrap();
         (dir, path, tx)
@@ -370,6 +328,18 @@ mod tests {
             StringValue::parse_from_bytes(&res.payload).unwrap().value,
             "both"
         );
+        // A payload that is not the method's request message: INVALID_ARGUMENT, by name.
+        let res = tc.request(Request {
+            service: "t.E".into(),
+            method: "Echo".into(),
+            payload: vec![0xff, 0xff, 0xff],
+            ..Default::default()
+        });
+        let Err(ttrpc::Error::RpcStatus(s)) = res else {
+            panic!("{res:?}")
+        };
+        assert_eq!(s.code(), Code::INVALID_ARGUMENT);
+        assert!(s.message().contains("t.E.Echo: decode request"), "{s:?}");
     }
 
     /// A blocked call (`Wait`) on one connection holds up neither that connection's other
