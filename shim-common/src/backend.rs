@@ -107,6 +107,7 @@ pub trait Backend: Send + Sync + 'static {
         Err(Error::Unimplemented("Resume".into()))
     }
 
+    /// New resource limits for a running container; [`linux_resources`] checks the payload.
     fn update(&self, _id: &str, _resources: Option<&Any>) -> Result<()> {
         Err(Error::Unimplemented("Update".into()))
     }
@@ -139,4 +140,58 @@ pub trait Backend: Send + Sync + 'static {
     fn cleanup(ctx: &ShimContext, id: &str, bundle: &Path) -> Result<()>
     where
         Self: Sized;
+}
+
+/// The type containerd (and CRI's `UpdateContainerResources`) sends in `Update`.
+pub const LINUX_RESOURCES_TYPE: &str = "LinuxResources";
+
+/// The OCI `LinuxResources` JSON of an `Update` request, checked to be a JSON object of that
+/// type: anything else is `InvalidArgument` before a runtime or cgroup sees it.
+pub fn linux_resources(resources: Option<&Any>) -> Result<&[u8]> {
+    let any = resources.ok_or_else(|| Error::InvalidArgument("update: no resources".into()))?;
+    // `types.containerd.io/opencontainers/runtime-spec/1/LinuxResources`; older clients
+    // leave the URL empty.
+    let name = any.type_url.rsplit('/').next().unwrap_or_default();
+    if !any.type_url.is_empty() && name != LINUX_RESOURCES_TYPE {
+        return Err(Error::InvalidArgument(format!(
+            "update resources of type {:?}: expected {LINUX_RESOURCES_TYPE}",
+            any.type_url
+        )));
+    }
+    serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&any.value)
+        .map_err(|e| Error::InvalidArgument(format!("update resources: {e}")))?;
+    Ok(&any.value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn any(type_url: &str, value: &str) -> Any {
+        Any {
+            type_url: type_url.into(),
+            value: value.as_bytes().to_vec(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn update_payload_must_be_linux_resources_json() {
+        let url = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources";
+        let ok = any(url, r#"{"pids":{"limit":7}}"#);
+        assert_eq!(linux_resources(Some(&ok)).unwrap(), ok.value.as_slice());
+        assert!(linux_resources(Some(&any("", "{}"))).is_ok());
+        for bad in [
+            any(url, "not json"),
+            any(url, "[1]"),
+            any(
+                "types.containerd.io/opencontainers/runtime-spec/1/WindowsResources",
+                "{}",
+            ),
+        ] {
+            let e = linux_resources(Some(&bad)).unwrap_err();
+            assert_eq!(e.code(), ttrpc::Code::INVALID_ARGUMENT, "{e}");
+        }
+        assert!(linux_resources(None).is_err());
+    }
 }

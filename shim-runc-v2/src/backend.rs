@@ -212,10 +212,7 @@ impl Backend for RuncBackend {
     }
 
     fn update(&self, id: &str, resources: Option<&Any>) -> Result<()> {
-        let resources = resources.map(|r| r.value.as_slice()).unwrap_or_default();
-        // containerd sends an OCI LinuxResources as JSON; refuse anything else up front.
-        serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(resources)
-            .map_err(|e| Error::InvalidArgument(format!("update resources: {e}")))?;
+        let resources = shim_common::backend::linux_resources(resources)?;
         let c = self.get(id)?;
         c.runc.update(id, &c.bundle, resources)
     }
