@@ -555,6 +555,87 @@ fn stats_are_not_empty() {
     assert_gone(&c, &id);
 }
 
+/// The content of cgroup file `file` of `controller` for process `pid` (v1 hierarchy, or the
+/// unified one with `v2_file`).
+fn cgroup_file(pid: u32, controller: &str, file: &str, v2_file: &str) -> String {
+    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let v1 = cg.lines().find_map(|l| {
+        let mut f = l.splitn(3, ':');
+        let (_, names, path) = (f.next()?, f.next()?, f.next()?);
+        names.split(',').any(|n| n == controller).then_some(path)
+    });
+    let path = match v1 {
+        Some(path) => format!("/sys/fs/cgroup/{controller}{path}/{file}"),
+        None => {
+            let path = cg.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
+            format!("/sys/fs/cgroup{path}/{v2_file}")
+        }
+    };
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("read {path}: {e}"))
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn update_writes_new_limits_to_the_cgroup_and_refuses_bad_input() {
+    use integration::shim_client::{code, connect, ctx};
+    use protocol::shim::{StateRequest, UpdateTaskRequest};
+    let c = with_wasm_shim();
+    let id = unique_id("update");
+    run_detached(&c, &id, BUSYBOX_WASM_REF, &["/idle.wasm"]);
+    wait_status(&c, &id, "RUNNING");
+    let shim = connect(&c, &id);
+    let update = |json: &str| UpdateTaskRequest {
+        id: id.clone(),
+        resources: protobuf::MessageField::some(protobuf::well_known_types::any::Any {
+            type_url: "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources".into(),
+            value: json.as_bytes().to_vec(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let state = StateRequest {
+        id: id.clone(),
+        ..Default::default()
+    };
+    let pid = shim.state(ctx(), &state).unwrap().pid;
+    let limit = 96 * 1024 * 1024;
+    shim.update(
+        ctx(),
+        &update(&format!(
+            r#"{{"pids":{{"limit":77}},"memory":{{"limit":{limit}}}}}"#
+        )),
+    )
+    .unwrap_or_else(|e| panic!("update: {e:?}\n{}", c.log_tail(20)));
+    assert_eq!(cgroup_file(pid, "pids", "pids.max", "pids.max"), "77");
+    assert_eq!(
+        cgroup_file(pid, "memory", "memory.limit_in_bytes", "memory.max"),
+        limit.to_string()
+    );
+    for bad in ["not json", r#"{"memory":{"limit":"lots"}}"#] {
+        let r = shim.update(ctx(), &update(bad));
+        assert_eq!(
+            code(&r),
+            Some(ttrpc::Code::INVALID_ARGUMENT),
+            "{bad}: {r:?}"
+        );
+    }
+    // Unknown container: NOT_FOUND; the limits and the guest are untouched.
+    let r = shim.update(
+        ctx(),
+        &UpdateTaskRequest {
+            id: "nope".into(),
+            ..update("{}")
+        },
+    );
+    assert_eq!(code(&r), Some(ttrpc::Code::NOT_FOUND), "{r:?}");
+    assert_eq!(cgroup_file(pid, "pids", "pids.max", "pids.max"), "77");
+    assert_eq!(task_status(&c, &id).as_deref(), Some("RUNNING"));
+    remove(&c, &id);
+    assert_gone(&c, &id);
+}
+
 #[test]
 fn exec_runs_a_native_binary_in_a_wasm_container() {
     let c = with_wasm_shim();

@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use oci_spec::runtime::{Process, Spec};
+use oci_spec::runtime::{LinuxResources, Process, Spec};
+use protobuf::well_known_types::any::Any;
 use shim_common::cgroups::Cgroup;
 use shim_common::mount::{unmount_all, BundleRootfs};
 use shim_common::{
@@ -317,6 +318,15 @@ impl Backend for WasmBackend {
             .lines()
             .filter_map(|l| l.trim().parse().ok())
             .collect())
+    }
+
+    fn update(&self, id: &str, resources: Option<&Any>) -> Result<()> {
+        let json = shim_common::backend::linux_resources(resources)?;
+        let resources: LinuxResources = serde_json::from_slice(json)
+            .map_err(|e| Error::InvalidArgument(format!("update resources: {e}")))?;
+        let c = self.get(id)?;
+        let state = c.state.lock().unwrap_or_else(PoisonError::into_inner);
+        Youki::update(&state, &resources)
     }
 
     fn pause(&self, id: &str) -> Result<()> {

@@ -1,5 +1,5 @@
 //! youki's `libcontainer`, driven for one namespace: create (init waits for start), start,
-//! exec into a running container, signal, pause, delete.
+//! exec into a running container, signal, pause, update, delete.
 //!
 //! State lives under `/run/containerd/wasm/<namespace>/<id>`, next to runc's
 //! `/run/containerd/runc/<namespace>`. Cgroups are plain cgroupfs paths (`with_systemd(false)`):
@@ -9,10 +9,12 @@ use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
+use libcgroups::common::{create_cgroup_manager, CgroupConfig, CgroupManager, ControllerOpt};
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
 use libcontainer::signal::Signal;
 use libcontainer::syscall::syscall::SyscallType;
+use oci_spec::runtime::LinuxResources;
 
 use shim_common::stdio::ChildStdio;
 use shim_common::{Context, Error, Result};
@@ -151,6 +153,28 @@ impl Youki {
         let sig = Signal::try_from(signal as i32)
             .map_err(|_| Error::InvalidArgument(format!("signal {signal}")))?;
         container.kill(sig, true).map_err(|e| runtime("kill", e))
+    }
+
+    /// Writes new limits to the container's cgroup (CRI `UpdateContainerResources`), through
+    /// the same cgroup manager libcontainer used at create.
+    pub fn update(container: &Container, resources: &LinuxResources) -> Result<()> {
+        let config = container
+            .spec()
+            .map_err(|e| runtime("container config", e))?;
+        let manager = create_cgroup_manager(CgroupConfig {
+            cgroup_path: config.cgroup_path,
+            systemd_cgroup: container.systemd(),
+            container_name: container.id().to_string(),
+        })
+        .map_err(|e| runtime("cgroup manager", e))?;
+        manager
+            .apply(&ControllerOpt {
+                resources,
+                disable_oom_killer: false,
+                oom_score_adj: None,
+                freezer_state: None,
+            })
+            .map_err(|e| runtime("update resources", e))
     }
 
     pub fn pause(container: &mut Container) -> Result<()> {
