@@ -53,9 +53,11 @@ fn main() {
         })
         .run()
         .expect("generating the shim protocol failed");
+    // Both lite sets in one run: same options, and one parse of the shared imports.
+    let lite: Vec<&str> = LITE_PROTOS.iter().chain(GRPC_PROTOS).copied().collect();
     Codegen::new()
         .out_dir(&out)
-        .inputs(LITE_PROTOS)
+        .inputs(&lite)
         .include("proto")
         .rust_protobuf()
         .rust_protobuf_customize(
@@ -64,19 +66,7 @@ fn main() {
                 .lite_runtime(true),
         )
         .run()
-        .expect("generating the cgroup metrics failed");
-    Codegen::new()
-        .out_dir(&out)
-        .inputs(GRPC_PROTOS)
-        .include("proto")
-        .rust_protobuf()
-        .rust_protobuf_customize(
-            ProtobufCustomize::default()
-                .gen_mod_rs(false)
-                .lite_runtime(true),
-        )
-        .run()
-        .expect("generating containerd's gRPC service messages failed");
+        .expect("generating the cgroup metrics and containerd's gRPC messages failed");
     strip_inner_attributes(&out);
 }
 
