@@ -89,6 +89,24 @@ impl EventLog {
             .collect()
     }
 
+    /// Asserts that `container` (whose init the OOM killer took) got exactly one `TaskOOM`
+    /// and one `TaskExit`, the OOM first, once its delete event has arrived.
+    pub fn assert_oom_before_exit(&self, container: &str) {
+        let all = || self.for_container(container);
+        assert!(
+            wait_until(Duration::from_secs(20), || !self
+                .positions(container, "/tasks/delete")
+                .is_empty()),
+            "no delete event: {:#?}",
+            all()
+        );
+        let ooms = self.positions(container, "/tasks/oom");
+        let exits = self.positions(container, "/tasks/exit");
+        assert_eq!(ooms.len(), 1, "one kill, one event: {:#?}", all());
+        assert_eq!(exits.len(), 1, "{:#?}", all());
+        assert!(ooms[0] < exits[0], "OOM after exit: {:#?}", all());
+    }
+
     /// Waits until an event with `topic` about `container` arrived.
     pub fn wait_for(&self, container: &str, topic: &str) -> bool {
         wait_until(Duration::from_secs(20), || {

@@ -52,3 +52,16 @@ pub fn process_spec(args: &[&str]) -> protobuf::well_known_types::any::Any {
         ..Default::default()
     }
 }
+
+/// An `Update` of task `id` with `json` as its OCI `LinuxResources`, as containerd sends it.
+pub fn update_request(id: &str, json: &str) -> protocol::shim::UpdateTaskRequest {
+    protocol::shim::UpdateTaskRequest {
+        id: id.to_string(),
+        resources: protobuf::MessageField::some(protobuf::well_known_types::any::Any {
+            type_url: "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources".into(),
+            value: json.as_bytes().to_vec(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use integration::checks::{processes_mentioning, runc_state, wait_until};
 use integration::fixture::with_our_shims;
-use integration::shim_client::{bundle, code, connect, ctx, process_spec};
+use integration::shim_client::{bundle, code, connect, ctx, process_spec, update_request};
 use integration::{unique_id, Containerd, BUSYBOX_REF};
 use protocol::shim::*;
 use ttrpc::Code;
@@ -156,15 +156,7 @@ fn update_applies_valid_resources_and_refuses_invalid_ones() {
     let c = with_our_shims();
     let id = running(&c);
     let shim = connect(&c, &id);
-    let update = |json: &str| UpdateTaskRequest {
-        id: id.clone(),
-        resources: protobuf::MessageField::some(protobuf::well_known_types::any::Any {
-            type_url: "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources".into(),
-            value: json.as_bytes().to_vec(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let update = |json: &str| update_request(&id, json);
     shim.update(ctx(), &update(r#"{"pids":{"limit":77}}"#))
         .unwrap();
     let pid = shim

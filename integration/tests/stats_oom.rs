@@ -84,25 +84,7 @@ fn oom_kill_is_reported_before_the_exit() {
         "x=0123456789abcdef; while :; do x=$x$x; done",
     ]);
     assert_eq!(out.status, 137, "{out:?}");
-    assert!(
-        wait_until(LONG, || !events.positions(&id, "/tasks/delete").is_empty()),
-        "{:#?}",
-        events.for_container(&id)
-    );
-    let ooms = events.positions(&id, "/tasks/oom");
-    let exits = events.positions(&id, "/tasks/exit");
-    assert_eq!(
-        ooms.len(),
-        1,
-        "one kill, one event: {:#?}",
-        events.for_container(&id)
-    );
-    assert_eq!(exits.len(), 1, "{:#?}", events.for_container(&id));
-    assert!(
-        ooms[0] < exits[0],
-        "OOM after exit: {:#?}",
-        events.for_container(&id)
-    );
+    events.assert_oom_before_exit(&id);
 }
 
 #[test]

@@ -579,22 +579,14 @@ fn cgroup_file(pid: u32, controller: &str, file: &str, v2_file: &str) -> String 
 
 #[test]
 fn update_writes_new_limits_to_the_cgroup_and_refuses_bad_input() {
-    use integration::shim_client::{code, connect, ctx};
+    use integration::shim_client::{code, connect, ctx, update_request};
     use protocol::shim::{StateRequest, UpdateTaskRequest};
     let c = with_wasm_shim();
     let id = unique_id("update");
     run_detached(&c, &id, BUSYBOX_WASM_REF, &["/idle.wasm"]);
     wait_status(&c, &id, "RUNNING");
     let shim = connect(&c, &id);
-    let update = |json: &str| UpdateTaskRequest {
-        id: id.clone(),
-        resources: protobuf::MessageField::some(protobuf::well_known_types::any::Any {
-            type_url: "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources".into(),
-            value: json.as_bytes().to_vec(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let update = |json: &str| update_request(&id, json);
     let state = StateRequest {
         id: id.clone(),
         ..Default::default()
@@ -973,14 +965,5 @@ fn oom_kill_of_a_module_is_reported_before_its_exit() {
     // 64 MiB: the guest's memory lives in the init, so the init is the OOM killer's victim.
     let out = run_rm(&c, &["--memory-limit", "67108864"], image, &id, &[]);
     assert_eq!(out.status, 137, "{out:?}");
-    assert!(
-        wait_until(LONG, || !events.positions(&id, "/tasks/delete").is_empty()),
-        "{:#?}",
-        events.for_container(&id)
-    );
-    let ooms = events.positions(&id, "/tasks/oom");
-    let exits = events.positions(&id, "/tasks/exit");
-    assert_eq!(ooms.len(), 1, "{:#?}", events.for_container(&id));
-    assert_eq!(exits.len(), 1, "{:#?}", events.for_container(&id));
-    assert!(ooms[0] < exits[0], "{:#?}", events.for_container(&id));
+    events.assert_oom_before_exit(&id);
 }
