@@ -1,30 +1,45 @@
-# Two entry points on a fresh Debian 12 machine (as root):
+# Two entry points on a fresh Debian 12 machine (as root, with a Rust toolchain):
 #   make demo   installs what is missing, builds, runs containers through our shims
 #   make test   installs what is missing, builds once, runs every test
 TARGET  := x86_64-unknown-linux-gnu
 BIN_DIR := $(CURDIR)/target/$(TARGET)/release
-APT_PKGS := containerd runc crun busybox-static criu containernetworking-plugins protobuf-compiler clang lld wasi-libc libclang-rt-14-dev-wasm32
+# wasmtime 48 needs 1.95 (the workspace's rust-version).
+RUST_MIN := 1.95
+# Every Debian package that `make demo`, `make test` and `make bench` need; README.md says
+# why each is here. Nothing else is assumed but the Rust toolchain.
+APT_PKGS := \
+	ca-certificates \
+	gcc libc6-dev \
+	libseccomp-dev \
+	protobuf-compiler \
+	containerd \
+	runc \
+	crun \
+	busybox-static \
+	containernetworking-plugins \
+	iproute2 \
+	criu \
+	clang lld wasi-libc libclang-rt-14-dev-wasm32
 export SHIM_BIN_DIR := $(BIN_DIR)
+# The tests and the build steps print names of things that failed; colour codes only hide them in logs.
+export CARGO_TERM_COLOR ?= never
 
 .PHONY: demo test bench deps build fmt lint install check-freebsd
 
 deps:
-	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
-		echo "installing:$$missing"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
-	fi
-	@command -v cargo >/dev/null || { echo "cargo not found: install a Rust toolchain (>= 1.87) with rustup"; exit 1; }
+	@scripts/deps.sh $(RUST_MIN) $(APT_PKGS)
 
+# Binaries and test harnesses in one invocation: built separately, cargo resolves
+# dev-dependency features differently and rebuilds most crates for the tests.
 build: deps
-	cargo build --release --workspace --bins
+	@scripts/step.sh build cargo build --release --workspace --bins --tests
 
 demo: build
 	$(BIN_DIR)/shim-demo
 
 # One release build serves the unit tests, the end-to-end tests and the binaries they drive.
 test: build
-	cargo test --release --workspace
+	@scripts/step.sh test cargo test --release --workspace --no-fail-fast
 
 bench: build
 	$(BIN_DIR)/shim-bench --runs 30

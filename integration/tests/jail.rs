@@ -3,7 +3,6 @@
 //! contract, the process a chrooted Linux child). Jail isolation itself is not tested here.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use integration::fixture::{assert_nothing_left, wait_status, with_our_shims_and};
 use integration::{target_bin_dir, unique_id, Containerd, BUSYBOX_REF};
@@ -183,7 +182,10 @@ fn kill_of_a_jail_that_is_gone_is_not_found() {
     assert!(!out.timed_out && !out.success(), "{out:?}");
     assert!(out.stderr.contains("not found"), "{out:?}");
     // Clean up behind the shim's back, as the operator would.
-    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
     wait_status(&c, &id, "STOPPED");
     c.ctr_ok(&["task", "delete", &id]);
     c.ctr_ok(&["container", "delete", &id]);
