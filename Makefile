@@ -62,11 +62,7 @@ install: build
 FREEBSD_PKGS := rustc-web cargo-web rust-web-src
 FREEBSD_LOG  := $(CURDIR)/target/freebsd-check.log
 check-freebsd:
-	@missing=""; for p in $(FREEBSD_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
-		echo "installing:$$missing"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
-	fi
+	@scripts/deps.sh $(RUST_MIN) $(FREEBSD_PKGS)
 	@mkdir -p target
 	RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 CARGO_TARGET_DIR=$(CURDIR)/target/freebsd \
 		/usr/bin/cargo check -Zbuild-std=std,panic_abort --target x86_64-unknown-freebsd \
