@@ -18,7 +18,10 @@ rc=${PIPESTATUS[0]}
 if [ "$name" = test ]; then
 	# One closing line for the whole run, whatever the number of test binaries.
 	awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1); if ($(i) ~ /^ignored;?$/) s += $(i-1) } }
-		END { printf "\ntests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+		END { printf "\ntests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log" >"$log.total"
+	# On the terminal and at the end of the log, where .ci/run reads it back.
+	tee -a "$log" <"$log.total"
+	rm -f "$log.total"
 fi
 [ "$rc" -eq 0 ] && exit 0
 
