@@ -230,18 +230,18 @@ fn malformed_runtimeoptions_toml_fails_create_and_leaves_nothing() {
     );
 }
 
-#[test]
-fn info_prints_runtime_info() {
-    let shim = our_shim();
+/// `containerd-shim-runc-v2 -info` with runc options naming `binary`, as containerd 2.x runs it.
+fn info_for(binary: &str) -> std::process::Output {
     let options = protocol::pack(&protocol::options::Options {
-        binary_name: "crun".into(),
+        binary_name: binary.into(),
         ..Default::default()
     })
     .unwrap();
-    let mut child = std::process::Command::new(&shim)
+    let mut child = std::process::Command::new(our_shim())
         .arg("-info")
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     std::io::Write::write_all(
@@ -249,10 +249,307 @@ fn info_prints_runtime_info() {
         &options.write_to_bytes().unwrap(),
     )
     .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
+    child.wait_with_output().unwrap()
+}
+
+/// containerd 2.x's introspection: the runtime's name and version, the options echoed, and
+/// `runc features` as an OCI `features.Features` (JSON in an `Any`), which clients decode.
+#[test]
+fn info_prints_runtime_info_with_runc_features() {
+    let out = info_for("runc");
+    assert!(out.status.success(), "{out:?}");
     let info = RuntimeInfo::parse_from_bytes(&out.stdout).unwrap();
     assert_eq!(info.name, "io.containerd.runc.v2");
     assert!(!info.version.version.is_empty());
     assert_eq!(info.options.type_url, "containerd.runc.v1.Options");
+    assert_eq!(info.features.type_url, protocol::type_urls::OCI_FEATURES);
+    let got: serde_json::Value = serde_json::from_slice(&info.features.value).unwrap();
+    let runc = std::process::Command::new("runc")
+        .arg("features")
+        .output()
+        .unwrap();
+    let want: serde_json::Value = serde_json::from_slice(&runc.stdout).unwrap();
+    assert_eq!(got, want, "not what `runc features` prints");
+    assert!(got["ociVersionMax"].is_string(), "{got}");
+
+    // A runtime without the command (Debian's crun 1.8): no features, no error.
+    let out = info_for("crun");
+    assert!(out.status.success(), "{out:?}");
+    let info = RuntimeInfo::parse_from_bytes(&out.stdout).unwrap();
+    assert!(info.features.is_none(), "{:?}", info.features);
+
+    // No runtime at all: a clear error, as containerd shows it.
+    let out = info_for("/nonexistent/runc");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("/nonexistent/runc") && err.contains("not found"),
+        "{err}"
+    );
+}
+
+/// A cgroup made the way containerd's `TestShimInCgroup` makes one: in every cgroup v1
+/// hierarchy (or the one v2 tree), removed on drop.
+struct TestCgroup {
+    path: String,
+    dirs: Vec<PathBuf>,
+}
+
+impl TestCgroup {
+    fn new(name: &str) -> TestCgroup {
+        let root = PathBuf::from("/sys/fs/cgroup");
+        let roots: Vec<PathBuf> = if root.join("cgroup.controllers").exists() {
+            vec![root]
+        } else {
+            std::fs::read_dir(&root)
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| !p.is_symlink() && p.join("cgroup.procs").exists())
+                // A hybrid host's v2 tree is not one of runc's v1 hierarchies.
+                .filter(|p| !p.join("cgroup.controllers").exists())
+                .collect()
+        };
+        let dirs: Vec<PathBuf> = roots.iter().map(|r| r.join(name)).collect();
+        for d in &dirs {
+            std::fs::create_dir_all(d).unwrap_or_else(|e| panic!("mkdir {}: {e}", d.display()));
+            // A new v1 cpuset has no cpus or mems, and takes no process until it has: copy
+            // the parent's, as containerd's cgroup library does.
+            for file in ["cpuset.cpus", "cpuset.mems"] {
+                let parent = d.parent().unwrap().join(file);
+                if let Ok(v) = std::fs::read_to_string(&parent) {
+                    std::fs::write(d.join(file), v.trim()).unwrap();
+                }
+            }
+        }
+        TestCgroup {
+            path: format!("/{name}"),
+            dirs,
+        }
+    }
+
+    /// The hierarchies whose `cgroup.procs` does not list `pid`.
+    fn missing(&self, pid: u32) -> Vec<PathBuf> {
+        self.dirs
+            .iter()
+            .filter(|d| {
+                let procs = std::fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
+                !procs.lines().any(|l| l.trim() == pid.to_string())
+            })
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        for d in &self.dirs {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+/// Starts `shim` as `generation` with runc options naming `cgroup` as `ShimCgroup`.
+fn start_in_cgroup(
+    shim: &std::path::Path,
+    generation: Generation,
+    cgroup: &str,
+) -> (Playground, integration::conformance::StartOutput) {
+    let pg = Playground::new(shim, generation, &unique_id("shimcg")).unwrap();
+    let options = protocol::pack(&protocol::options::Options {
+        shim_cgroup: cgroup.into(),
+        ..Default::default()
+    })
+    .unwrap();
+    let out = pg.run_start(&pg.start_stdin(Some(&options))).unwrap();
+    (pg, out)
+}
+
+/// containerd's `TestShimInCgroup`: runc options' `ShimCgroup` (on `start`'s stdin up to
+/// 2.2, a `BootstrapParams` extension from 2.3) puts the shim daemon in that cgroup, on
+/// every hierarchy. Debian's Go shim, as 1.6, checks the test itself.
+#[test]
+fn shim_cgroup_option_moves_the_daemon_into_that_cgroup() {
+    let ours = our_shim();
+    let go = PathBuf::from(GO_SHIM_BINARY);
+    let mut cases = vec![
+        (ours.clone(), Generation::V1_6),
+        (ours.clone(), Generation::V2_0),
+        (ours, Generation::V2_3),
+    ];
+    if go.exists() {
+        cases.push((go, Generation::V1_6));
+    }
+    for (shim, generation) in cases {
+        let cg = TestCgroup::new(&unique_id("shimtest-cg"));
+        let (pg, out) = start_in_cgroup(&shim, generation, &cg.path);
+        assert!(
+            out.success,
+            "{} as {generation:?}: {}",
+            shim.display(),
+            out.stderr
+        );
+        let answer = parse_answer(generation, &out.stdout).unwrap();
+        pg.set_address(&answer.address);
+        let api = TaskApi::connect(&answer.address, answer.version, &pg.namespace).unwrap();
+        let c: ConnectResponse = api
+            .call(
+                "Connect",
+                &ConnectRequest {
+                    id: pg.id.clone(),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        drop(api);
+        let missing = cg.missing(c.shim_pid);
+        assert!(
+            missing.is_empty(),
+            "{} as {generation:?}: shim {} not in {missing:?}",
+            shim.display(),
+            c.shim_pid
+        );
+        shut_down(&pg, &answer.address, answer.version);
+    }
+}
+
+/// A `ShimCgroup` that does not exist fails `start` with a clear error, and no daemon or
+/// socket is left behind.
+#[test]
+fn missing_shim_cgroup_fails_start_and_leaves_nothing() {
+    let path = format!("/{}", unique_id("shimtest-nocg"));
+    let (pg, out) = start_in_cgroup(&our_shim(), Generation::V1_6, &path);
+    assert!(!out.success, "start succeeded: {:?}", out.stdout);
+    assert!(
+        out.stderr.contains(&path) && out.stderr.contains("does not exist"),
+        "{}",
+        out.stderr
+    );
+    assert_nothing_left(&pg, &pg.default_socket());
+}
+
+/// A process of a container without a pid namespace of its own is dead, or has SIGKILL
+/// on its way (pending), or is a zombie: what containerd's runc shim guarantees for each
+/// of them when it publishes the init's exit.
+fn doomed(pid: i32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return true;
+    };
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .unwrap_or_default()
+            .to_string()
+    };
+    let pending = |name: &str| u64::from_str_radix(&field(name), 16).unwrap_or(0);
+    let sigkill = 1u64 << (libc::SIGKILL - 1);
+    field("State:").starts_with(['Z', 'X'])
+        || (pending("SigPnd:") | pending("ShdPnd:")) & sigkill != 0
+}
+
+/// containerd's `TestContainerKillInitPidHost`: without a pid namespace of its own (here
+/// the host's: the spec has none) the kernel does not end a container's processes with its
+/// init, so the shim must: when `Wait` answers for the init, every other process of the
+/// container is dead or has SIGKILL pending. Repeated, since the init's exit and the kill
+/// race; Debian's Go shim runs it too, as a check of the test.
+#[test]
+fn host_pid_namespace_processes_die_with_the_init() {
+    let go = PathBuf::from(GO_SHIM_BINARY);
+    let mut cases = vec![(our_shim(), 12)];
+    if go.exists() {
+        cases.push((go, 3));
+    }
+    for (shim, rounds) in cases {
+        for round in 1..=rounds {
+            host_pid_round(
+                &shim,
+                &format!("{} round {round} of {rounds}", shim.display()),
+            );
+        }
+    }
+}
+
+fn host_pid_round(shim: &std::path::Path, what: &str) {
+    use integration::conformance::spec;
+    use protocol::shim::{DeleteRequest, KillRequest, StartRequest, WaitRequest, WaitResponse};
+    let pg = Playground::new(shim, Generation::V1_6, &unique_id("hostpid")).unwrap();
+    // Numbers nobody else sleeps for, to find the container's processes by.
+    let n = std::process::id() % 100_000;
+    let (child, init) = (
+        format!("sleep {}", 4_100_000 + n),
+        format!("sleep {}", 4_200_000 + n),
+    );
+    let script = format!("{child} & {child} & exec {init}");
+    let mut config = spec(&pg.rootfs(), &["sh", "-c", &script]);
+    config["linux"]["namespaces"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|ns| ns["type"] != "pid");
+    std::fs::write(pg.bundle().join("config.json"), config.to_string()).unwrap();
+    let out = pg.run_start(&pg.start_stdin(None)).unwrap();
+    assert!(out.success, "{what}: start: {}", out.stderr);
+    let answer = parse_answer(Generation::V1_6, &out.stdout).unwrap();
+    pg.set_address(&answer.address);
+    let api = TaskApi::connect(&answer.address, answer.version, &pg.namespace).unwrap();
+    let c: ConnectResponse = api
+        .call(
+            "Connect",
+            &ConnectRequest {
+                id: pg.id.clone(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    pg.set_shim_pid(c.shim_pid);
+    let _: CreateTaskResponse = api
+        .call("Create", &pg.create_request(None).unwrap())
+        .unwrap();
+    let key = StartRequest {
+        id: pg.id.clone(),
+        ..Default::default()
+    };
+    let _: protocol::shim::StartResponse = api.call("Start", &key).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || processes_mentioning(&child)
+            .len()
+            == 2
+            && processes_mentioning(&init).len() == 1),
+        "{what}: the container never started its processes"
+    );
+    let children: Vec<i32> = processes_mentioning(&child)
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect();
+    let kill = KillRequest {
+        id: pg.id.clone(),
+        signal: libc::SIGKILL as u32,
+        ..Default::default()
+    };
+    let _: Empty = api.call("Kill", &kill).unwrap();
+    let wait = WaitRequest {
+        id: pg.id.clone(),
+        ..Default::default()
+    };
+    let waited: WaitResponse = api.call("Wait", &wait).unwrap();
+    assert_eq!(waited.exit_status, 137, "{what}");
+    let alive: Vec<i32> = children.iter().copied().filter(|&p| !doomed(p)).collect();
+    assert!(
+        alive.is_empty(),
+        "{what}: the init's exit answered while {alive:?} still live"
+    );
+    let delete = DeleteRequest {
+        id: pg.id.clone(),
+        ..Default::default()
+    };
+    let _: protocol::shim::DeleteResponse = api.call("Delete", &delete).unwrap();
+    drop(api);
+    shut_down(&pg, &answer.address, answer.version);
+    assert!(
+        wait_until(Duration::from_secs(20), || processes_mentioning(&child)
+            .is_empty()),
+        "{what}: processes left: {:?}",
+        processes_mentioning(&child)
+    );
 }

@@ -91,6 +91,10 @@ pub mod type_urls {
     pub const RUNTIME_OPTIONS: &str = "runtimeoptions.v1.Options";
     /// An OCI runtime-spec `Process`, JSON-encoded, carried by `ExecProcessRequest.spec`.
     pub const OCI_PROCESS: &str = "types.containerd.io/opencontainers/runtime-spec/1/Process";
+    /// An OCI runtime's `features` JSON (what `runc features` prints), as containerd 2.x reads
+    /// it from a shim's `-info` (`RuntimeInfo.features`).
+    pub const OCI_FEATURES: &str =
+        "types.containerd.io/opencontainers/runtime-spec/1/features/Features";
     /// Per-process details the runc shim attaches to `Pids` answers.
     pub const PROCESS_DETAILS: &str = "containerd.runc.v1.ProcessDetails";
     /// cgroups v1 `Stats` answer; containerd picks the decoder by this name. The cgroup

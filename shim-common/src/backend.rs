@@ -140,6 +140,27 @@ pub trait Backend: Send + Sync + 'static {
     fn cleanup(ctx: &ShimContext, id: &str, bundle: &Path) -> Result<()>
     where
         Self: Sized;
+
+    /// The cgroup the shim daemon must run in, from the runtime options `start` received
+    /// (runc's `ShimCgroup`, relative to the cgroup root). `None`: where containerd started
+    /// it. Options this cannot read are for `Create` to refuse, not `start`.
+    fn shim_cgroup(_options: Option<&Any>) -> Option<String>
+    where
+        Self: Sized,
+    {
+        None
+    }
+
+    /// The runtime's features for `-info` (containerd 2.x introspection), for the runtime
+    /// `options` would select: an `Any` clients read, such as an OCI runtime's `features`
+    /// JSON ([`protocol::type_urls::OCI_FEATURES`]). `None`: nothing to tell. Runs without
+    /// a daemon.
+    fn features(_options: Option<&Any>) -> Result<Option<Any>>
+    where
+        Self: Sized,
+    {
+        Ok(None)
+    }
 }
 
 /// The type containerd (and CRI's `UpdateContainerResources`) sends in `Update`.

@@ -280,8 +280,13 @@ pub fn runtime_name(binary: &str) -> String {
 
 /// The `-info` answer containerd 2.x asks for (introspection of a runtime): a
 /// `containerd.types.RuntimeInfo` with the shim's runtime name and version, and the options
-/// read from `stdin` (an `Any`, possibly empty) echoed back.
-pub fn info(binary: &str, stdin: &[u8]) -> Result<Vec<u8>> {
+/// read from `stdin` (an `Any`, possibly empty) echoed back, and the runtime's `features`
+/// for those options (see [`crate::Backend::features`]).
+pub fn info(
+    binary: &str,
+    stdin: &[u8],
+    features: impl FnOnce(Option<&Any>) -> Result<Option<Any>>,
+) -> Result<Vec<u8>> {
     let options = if stdin.is_empty() {
         None
     } else {
@@ -289,6 +294,7 @@ pub fn info(binary: &str, stdin: &[u8]) -> Result<Vec<u8>> {
             Error::InvalidArgument(format!("-info: stdin is not runtime options (an Any): {e}"))
         })?)
     };
+    let features = features(options.as_ref())?;
     let info = RuntimeInfo {
         name: runtime_name(binary),
         version: protobuf::MessageField::some(RuntimeVersion {
@@ -299,6 +305,7 @@ pub fn info(binary: &str, stdin: &[u8]) -> Result<Vec<u8>> {
             ..Default::default()
         }),
         options: options.into(),
+        features: features.into(),
         ..Default::default()
     };
     info.write_to_bytes().context("encode RuntimeInfo")
@@ -478,13 +485,30 @@ mod tests {
     }
 
     #[test]
-    fn info_names_the_runtime_and_echoes_options() {
+    fn info_names_the_runtime_echoes_options_and_carries_features() {
         let opts = runc_options();
-        let bytes = info("containerd-shim-runc-v2", &opts.write_to_bytes().unwrap()).unwrap();
+        let features = |o: Option<&Any>| {
+            assert_eq!(o.map(|o| o.type_url.as_str()), Some(opts.type_url.as_str()));
+            Ok(Some(Any {
+                type_url: protocol::type_urls::OCI_FEATURES.into(),
+                value: br#"{"ociVersionMin":"1.0.0"}"#.to_vec(),
+                ..Default::default()
+            }))
+        };
+        let bytes = info(
+            "containerd-shim-runc-v2",
+            &opts.write_to_bytes().unwrap(),
+            features,
+        )
+        .unwrap();
         let i = RuntimeInfo::parse_from_bytes(&bytes).unwrap();
         assert_eq!(i.name, "io.containerd.runc.v2");
         assert_eq!(i.version.version, env!("CARGO_PKG_VERSION"));
         assert_eq!(i.options.type_url, opts.type_url);
-        assert!(info("containerd-shim-runc-v2", b"\xff\xff").is_err());
+        assert_eq!(i.features.type_url, protocol::type_urls::OCI_FEATURES);
+        assert!(info("containerd-shim-runc-v2", b"\xff\xff", |_| Ok(None)).is_err());
+        let failing = |_: Option<&Any>| Err(Error::NotFound("runtime runc".into()));
+        let err = info("containerd-shim-runc-v2", &[], failing).unwrap_err();
+        assert!(err.to_string().contains("runtime runc"), "{err}");
     }
 }

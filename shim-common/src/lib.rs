@@ -84,7 +84,7 @@ fn dispatch<B: Backend>(name: &str) -> Result<()> {
             Ok(())
         }
         Action::Start => {
-            let answer = start::start(&flags)?;
+            let answer = start::start(&flags, B::shim_cgroup)?;
             let mut out = std::io::stdout().lock();
             out.write_all(&answer).context("write start answer")?;
             out.flush().context("write start answer")
@@ -95,7 +95,7 @@ fn dispatch<B: Backend>(name: &str) -> Result<()> {
                 .take(bootstrap::STDIN_LIMIT)
                 .read_to_end(&mut options)
                 .context("read runtime options")?;
-            let info = bootstrap::info(name, &options)?;
+            let info = bootstrap::info(name, &options, B::features)?;
             let mut out = std::io::stdout().lock();
             out.write_all(&info).context("write runtime info")?;
             out.flush().context("write runtime info")

@@ -8,6 +8,8 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+use protobuf::well_known_types::any::Any;
+
 use crate::bootstrap::{StartInput, MAX_SHIM_VERSION_ENV, STDIN_LIMIT};
 use crate::error::{Context, Error, Result};
 use crate::flags::Flags;
@@ -39,7 +41,13 @@ pub fn group_id(bundle: &Path, id: &str) -> Result<String> {
 
 /// Runs `start` and returns what to print on stdout: the address, JSON or a
 /// `BootstrapResult`, depending on what containerd wrote on stdin.
-pub fn start(flags: &Flags) -> Result<Vec<u8>> {
+///
+/// `shim_cgroup` names the cgroup the daemon must run in, from the runtime options (see
+/// [`crate::Backend::shim_cgroup`]).
+pub fn start(
+    flags: &Flags,
+    shim_cgroup: impl FnOnce(Option<&Any>) -> Option<String>,
+) -> Result<Vec<u8>> {
     // Read all of stdin first (containerd's writer must never block), and refuse bad input
     // before anything is bound or spawned.
     let mut stdin = Vec::new();
@@ -51,12 +59,13 @@ pub fn start(flags: &Flags) -> Result<Vec<u8>> {
     let input = StartInput::read(&stdin, flags, max_shim_version.as_deref())?;
     let mut flags = flags.clone();
     input.apply(&mut flags);
-    let address = start_daemon(&flags, input.socket_dir())?;
+    let cgroup = shim_cgroup(input.options());
+    let address = start_daemon(&flags, input.socket_dir(), cgroup.as_deref())?;
     input.answer(&address)
 }
 
 /// Finds the live daemon of this container's group or spawns one; returns its address.
-fn start_daemon(flags: &Flags, socket_dir: Option<&str>) -> Result<String> {
+fn start_daemon(flags: &Flags, socket_dir: Option<&str>, cgroup: Option<&str>) -> Result<String> {
     let bundle = Path::new(&flags.bundle);
     let group = group_id(bundle, &flags.id)?;
     let address = socket::address(&flags.address, &flags.namespace, &group);
@@ -74,7 +83,7 @@ fn start_daemon(flags: &Flags, socket_dir: Option<&str>) -> Result<String> {
     match socket::bind(&address)? {
         Bound::Existing => {}
         Bound::New(listener) => {
-            if let Err(e) = spawn_daemon(flags, &address, listener.into()) {
+            if let Err(e) = spawn_daemon(flags, &address, listener.into(), cgroup) {
                 let _ = socket::remove(&address);
                 return Err(e);
             }
@@ -87,7 +96,12 @@ fn start_daemon(flags: &Flags, socket_dir: Option<&str>) -> Result<String> {
 
 /// Re-executes this binary as the daemon: its own session (a signal to containerd's process
 /// group must not reach it), the bundle as cwd, the listener as fd 3.
-fn spawn_daemon(flags: &Flags, address: &str, listener: OwnedFd) -> Result<()> {
+fn spawn_daemon(
+    flags: &Flags,
+    address: &str,
+    listener: OwnedFd,
+    cgroup: Option<&str>,
+) -> Result<()> {
     let exe = std::env::current_exe().context("find own executable")?;
     let mut cmd = Command::new(exe);
     cmd.args(["-namespace", &flags.namespace, "-id", &flags.id])
@@ -123,7 +137,15 @@ fn spawn_daemon(flags: &Flags, address: &str, listener: OwnedFd) -> Result<()> {
         });
     }
     // The daemon is not waited for: once `start` exits it is re-parented to containerd.
-    cmd.spawn().context("spawn shim daemon")?;
+    let mut daemon = cmd.spawn().context("spawn shim daemon")?;
+    if let Some(path) = cgroup {
+        // Before it serves anything: everything it starts is then accounted there too.
+        if let Err(e) = crate::cgroups::join(path, daemon.id()) {
+            let _ = daemon.kill();
+            let _ = daemon.wait();
+            return Err(e);
+        }
+    }
     Ok(())
 }
 

@@ -238,4 +238,15 @@ impl Backend for RuncBackend {
         unmount_all(&bundle.join("rootfs"))?;
         result
     }
+
+    /// runc options' `ShimCgroup` (containerd's `WithShimCgroup`).
+    fn shim_cgroup(options: Option<&Any>) -> Option<String> {
+        let config = RuncConfig::from_any(options, "").ok()?;
+        Some(config.shim_cgroup).filter(|c| !c.is_empty())
+    }
+
+    /// What `runc features` says, for containerd 2.x's `-info`.
+    fn features(options: Option<&Any>) -> Result<Option<Any>> {
+        crate::runc::features(&RuncConfig::from_any(options, "")?)
+    }
 }

@@ -36,6 +36,8 @@ pub struct RuncConfig {
     pub io_gid: u32,
     /// CRIU binary for checkpoint/restore (`criu` on `PATH` when empty).
     pub criu: String,
+    /// The cgroup `start` moves the shim daemon into; empty: none.
+    pub shim_cgroup: String,
 }
 
 impl RuncConfig {
@@ -90,6 +92,7 @@ impl RuncConfig {
             } else {
                 o.criu_path.clone()
             },
+            shim_cgroup: o.shim_cgroup.clone(),
         }
     }
 

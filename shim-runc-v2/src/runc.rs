@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::unistd::Pid;
+use protobuf::well_known_types::any::Any;
 use protocol::options::CheckpointOptions;
 
 use shim_common::executable::{self, read_pid};
@@ -26,6 +27,35 @@ pub struct Runc {
     config: RuncConfig,
     /// runc's `--log`: JSON lines whose last error is the reason a command failed.
     log: PathBuf,
+}
+
+/// `runc features` (runc 1.1 and later), for `-info`. The binary must be there: a missing
+/// one is a clear error. A runtime too old for the command has no features to tell, which
+/// is no error: containerd's runc shim only logs it and answers without features.
+pub fn features(config: &RuncConfig) -> Result<Option<Any>> {
+    let binary = executable::resolve("runtime", &config.binary)?;
+    let out = Command::new(&binary)
+        .arg("features")
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("run {} features", binary.display()))?;
+    let valid = out.status.success()
+        && serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&out.stdout)
+            .is_ok();
+    if !valid {
+        log::debug!(
+            "{} features: {} ({}); answering without features",
+            binary.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        return Ok(None);
+    }
+    Ok(Some(Any {
+        type_url: protocol::type_urls::OCI_FEATURES.into(),
+        value: out.stdout,
+        ..Default::default()
+    }))
 }
 
 impl Runc {

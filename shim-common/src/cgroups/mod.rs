@@ -82,6 +82,35 @@ impl Cgroup {
     }
 }
 
+/// Moves `pid` into the existing cgroup `path` (relative to the cgroup root, as runc's
+/// `ShimCgroup` option names it): on cgroup v2 its one directory; on v1 every hierarchy,
+/// named ones included, where `path` exists (at least one must). containerd's runc shim does the same with the
+/// daemon it starts.
+pub fn join(path: &str, pid: u32) -> Result<()> {
+    let mounts = mounts();
+    let dirs: Vec<PathBuf> = if mounts.unified_host {
+        vec![under(&mounts.v2, path)]
+    } else {
+        mounts
+            .v1_hierarchies
+            .iter()
+            .map(|m| under(m, path))
+            .filter(|d| d.is_dir())
+            .collect()
+    };
+    if !dirs.iter().any(|d| d.is_dir()) {
+        return Err(crate::Error::NotFound(format!(
+            "cgroup {path} does not exist"
+        )));
+    }
+    for dir in dirs {
+        let procs = dir.join("cgroup.procs");
+        std::fs::write(&procs, pid.to_string())
+            .with_context(|| format!("join cgroup {path}: write {}", procs.display()))?;
+    }
+    Ok(())
+}
+
 /// containerd's `Stats` payload for the cgroup `pid` belongs to.
 pub fn metrics(pid: u32) -> Result<Any> {
     let (type_url, value) = match Cgroup::of(pid)? {
@@ -136,6 +165,8 @@ struct Mounts {
     unified_host: bool,
     /// v1 controller name → mount point.
     v1: HashMap<String, PathBuf>,
+    /// Every v1 hierarchy, named ones (`name=systemd`) included.
+    v1_hierarchies: Vec<PathBuf>,
     v2: PathBuf,
 }
 
@@ -147,6 +178,7 @@ fn mounts() -> &'static Mounts {
         Mounts {
             unified_host: is_cgroup2(Path::new(CGROUP_ROOT)),
             v1,
+            v1_hierarchies: v1_hierarchies(&info),
             v2: v2.unwrap_or_else(|| PathBuf::from(CGROUP_ROOT)),
         }
     })
@@ -206,6 +238,21 @@ fn parse_mountinfo(text: &str) -> (HashMap<String, PathBuf>, Option<PathBuf>) {
         }
     }
     (v1, v2)
+}
+
+/// The mount point of every cgroup v1 hierarchy in `/proc/self/mountinfo` text.
+fn v1_hierarchies(text: &str) -> Vec<PathBuf> {
+    let mut all: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|line| {
+            let (pre, post) = line.split_once(" - ")?;
+            let mount_point = pre.split(' ').nth(4)?;
+            (post.split(' ').next() == Some("cgroup")).then(|| PathBuf::from(mount_point))
+        })
+        .collect();
+    all.sort();
+    all.dedup();
+    all
 }
 
 fn is_v1_controller(opt: &str) -> bool {
@@ -309,6 +356,15 @@ mod tests {
         assert_eq!(v1["cpuacct"], Path::new("/sys/fs/cgroup/cpu,cpuacct"));
         assert_eq!(v1["memory"], Path::new("/sys/fs/cgroup/memory"));
         assert!(!v1.contains_key("name=systemd"));
+        // Joining a cgroup (`ShimCgroup`) takes every hierarchy, the named one too.
+        assert_eq!(
+            v1_hierarchies(text),
+            [
+                Path::new("/sys/fs/cgroup/cpu,cpuacct"),
+                Path::new("/sys/fs/cgroup/memory"),
+                Path::new("/sys/fs/cgroup/systemd")
+            ]
+        );
         assert_eq!(v2.as_deref(), Some(Path::new("/sys/fs/cgroup/unified")));
     }
 
