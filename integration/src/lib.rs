@@ -23,6 +23,7 @@ pub mod error;
 pub mod events;
 pub mod fixture;
 pub mod image;
+pub mod output;
 pub mod shim_client;
 pub mod soak;
 pub mod wasm_fixture;

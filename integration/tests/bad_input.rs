@@ -133,22 +133,43 @@ fn kill_of_a_finished_process_is_not_found() {
     assert_eq!(code(&r), Some(Code::NOT_FOUND), "{r:?}");
 }
 
+/// A client that resizes without asking whether the process has a terminal gets success and
+/// nothing happens, as from containerd's runc shim (its `Resize` is a no-op without a console).
 #[test]
-fn resize_of_a_process_without_terminal_is_refused() {
+fn resize_of_a_process_without_terminal_is_a_no_op() {
     let c = with_our_shims();
     let id = running(&c);
     let shim = connect(&c, &id);
-    let r = shim.resize_pty(
-        ctx(),
-        &ResizePtyRequest {
-            id: id.clone(),
-            width: 80,
-            height: 24,
-            ..Default::default()
-        },
-    );
-    assert_eq!(code(&r), Some(Code::FAILED_PRECONDITION), "{r:?}");
-    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);
+    let resize = |id: &str, exec_id: &str| {
+        shim.resize_pty(
+            ctx(),
+            &ResizePtyRequest {
+                id: id.into(),
+                exec_id: exec_id.into(),
+                width: 80,
+                height: 24,
+                ..Default::default()
+            },
+        )
+    };
+    resize(&id, "").expect("resize of the init, not a tty");
+    shim.exec(ctx(), &exec_req(&id, "plain", &["sleep", "100"]))
+        .unwrap();
+    resize(&id, "plain").expect("resize of a created exec, not a tty");
+    let start = StartRequest {
+        id: id.clone(),
+        exec_id: "plain".into(),
+        ..Default::default()
+    };
+    shim.start(ctx(), &start).unwrap();
+    resize(&id, "plain").expect("resize of a running exec, not a tty");
+    // Unknown ids are still NotFound.
+    let r = resize("nope", "");
+    assert_eq!(code(&r), Some(Code::NOT_FOUND), "{r:?}");
+    let r = resize(&id, "nope");
+    assert_eq!(code(&r), Some(Code::NOT_FOUND), "{r:?}");
+    assert_still_running(&shim, &id);
+    c.ctr_ok(&["task", "kill", "-a", "-s", "SIGKILL", &id]);
 }
 
 #[test]

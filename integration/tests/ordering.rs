@@ -179,3 +179,108 @@ fn slow_create_keeps_order() {
     let calls = std::fs::read_to_string(runc.with_file_name("runc-calls.log")).unwrap();
     assert!(calls.lines().any(|l| l.contains(" create ")), "{calls}");
 }
+
+/// While one exec's `runc exec` is slow (held by the wrapper until the test lets it go),
+/// the task's State, the exec's own State and Pids answer at once, and the exec cannot be
+/// started twice or deleted; once runc answers, the exec runs. Before, every call on the
+/// container waited behind the exec's start (its lock was held across `runc exec`).
+#[test]
+fn state_answers_while_an_exec_is_starting() {
+    use integration::fixture::{wait_status, LONG};
+    use integration::shim_client::{code, connect, ctx, process_spec};
+    use protocol::shim::{
+        DeleteRequest, ExecProcessRequest, KillRequest, PidsRequest, StartRequest, StateRequest,
+    };
+    use protocol::task::Status;
+    let c = with_our_shims();
+    let runc = wrapper(&c, "hold exec\n");
+    let dir = runc.parent().unwrap().to_path_buf();
+    let id = unique_id("slowexec");
+    c.ctr_ok(&[
+        "run",
+        "-d",
+        "--runc-binary",
+        runc.to_str().unwrap(),
+        BUSYBOX_REF,
+        &id,
+        "sleep",
+        "1000",
+    ]);
+    let shim = connect(&c, &id);
+    let exec = ExecProcessRequest {
+        id: id.clone(),
+        exec_id: "slow".into(),
+        spec: protobuf::MessageField::some(process_spec(&["sleep", "1000"])),
+        ..Default::default()
+    };
+    shim.exec(ctx(), &exec).unwrap();
+    let start = StartRequest {
+        id: id.clone(),
+        exec_id: "slow".into(),
+        ..Default::default()
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let starter = {
+        let (shim, start) = (connect(&c, &id), start.clone());
+        std::thread::spawn(move || tx.send(shim.start(ctx(), &start)))
+    };
+    assert!(
+        wait_until(LONG, || dir.join("held-exec").exists()),
+        "runc exec never ran"
+    );
+    // runc exec is held now; each call below fails with a timeout if it waits behind it.
+    let state = |exec_id: &str| {
+        let req = StateRequest {
+            id: id.clone(),
+            exec_id: exec_id.into(),
+            ..Default::default()
+        };
+        shim.state(ctx(), &req)
+            .unwrap_or_else(|e| panic!("State of {exec_id:?} while the exec starts: {e}"))
+    };
+    assert_eq!(state("").status, Status::RUNNING.into());
+    assert_eq!(state("slow").status, Status::CREATED.into());
+    let pids = PidsRequest {
+        id: id.clone(),
+        ..Default::default()
+    };
+    assert!(!shim.pids(ctx(), &pids).unwrap().processes.is_empty());
+    let again = shim.start(ctx(), &start);
+    assert_eq!(
+        code(&again),
+        Some(ttrpc::Code::FAILED_PRECONDITION),
+        "{again:?}"
+    );
+    let delete = DeleteRequest {
+        id: id.clone(),
+        exec_id: "slow".into(),
+        ..Default::default()
+    };
+    let deleted = shim.delete(ctx(), &delete);
+    assert_eq!(
+        code(&deleted),
+        Some(ttrpc::Code::FAILED_PRECONDITION),
+        "{deleted:?}"
+    );
+    assert!(
+        rx.try_recv().is_err(),
+        "Start answered while runc exec was still held"
+    );
+    std::fs::write(dir.join("release-exec"), "").unwrap();
+    let started = rx
+        .recv_timeout(LONG)
+        .expect("Start never answered")
+        .unwrap();
+    assert!(started.pid > 0);
+    starter.join().unwrap().unwrap();
+    assert_eq!(state("slow").status, Status::RUNNING.into());
+    let kill = KillRequest {
+        id: id.clone(),
+        signal: libc::SIGKILL as u32,
+        ..Default::default()
+    };
+    shim.kill(ctx(), &kill).unwrap();
+    wait_status(&c, &id, "STOPPED");
+    c.ctr_ok(&["task", "delete", &id]);
+    c.ctr_ok(&["container", "delete", &id]);
+}

@@ -11,7 +11,9 @@ use integration::checks::{mounts_mentioning, processes_mentioning, runc_state, w
 use integration::fixture::{
     assert_nothing_left, assert_ours, task_status, wait_status, with_our_shims, LONG,
 };
+use integration::shim_client::{bundle, code, connect, ctx, process_spec};
 use integration::{require_root, target_bin_dir, unique_id, Containerd, BUSYBOX_REF};
+use protocol::shim::{DeleteRequest, ExecProcessRequest, PidsRequest, StateRequest, WaitRequest};
 
 /// Nothing of container `id` is left: no shim, no runc state, no mount, no process.
 fn assert_gone(c: &Containerd, id: &str) {
@@ -164,6 +166,147 @@ fn exec_output_and_exit_code() {
     // The exec id is free again once the exec is deleted.
     let out = c.ctr_ok(&["task", "exec", "--exec-id", "e1", &id, "echo", "again"]);
     assert_eq!(out.stdout.trim(), "again");
+    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);
+    wait_status(&c, &id, "STOPPED");
+    remove(&c, &id);
+    assert_gone(&c, &id);
+}
+
+/// containerd's `TestDeleteContainerExecCreated`: the Go client's `task.Exec` with null IO,
+/// then `process.Delete` without `Start` (ctr cannot do that). containerd's runc shim answers
+/// exit status 0, pid 0 and Go's zero time (0001-01-01, the exec never exited), and forgets
+/// the exec.
+#[test]
+fn delete_of_an_exec_never_started() {
+    let c = with_our_shims();
+    let id = unique_id("execnew");
+    run_detached(&c, &id, &["sleep", "1000"]);
+    let shim = connect(&c, &id);
+    let exec = ExecProcessRequest {
+        id: id.clone(),
+        exec_id: "never".into(),
+        spec: protobuf::MessageField::some(process_spec(&["sh", "-c", "exit 6"])),
+        ..Default::default()
+    };
+    shim.exec(ctx(), &exec).unwrap();
+    let delete = DeleteRequest {
+        id: id.clone(),
+        exec_id: "never".into(),
+        ..Default::default()
+    };
+    let deleted = shim.delete(ctx(), &delete).unwrap();
+    assert_eq!(deleted.exit_status, 0, "{deleted:?}");
+    assert_eq!(deleted.pid, 0, "{deleted:?}");
+    let at = deleted.exited_at.as_ref().expect("exited_at");
+    assert_eq!((at.seconds, at.nanos), (-62_135_596_800, 0), "{deleted:?}");
+    // Nothing is left of it: unknown to the shim, no process, no file in the bundle.
+    let state = StateRequest {
+        id: id.clone(),
+        exec_id: "never".into(),
+        ..Default::default()
+    };
+    let r = shim.state(ctx(), &state);
+    assert_eq!(code(&r), Some(ttrpc::Code::NOT_FOUND), "{r:?}");
+    let r = shim.delete(ctx(), &delete);
+    assert_eq!(code(&r), Some(ttrpc::Code::NOT_FOUND), "{r:?}");
+    let pids = PidsRequest {
+        id: id.clone(),
+        ..Default::default()
+    };
+    assert_eq!(shim.pids(ctx(), &pids).unwrap().processes.len(), 1);
+    let leftovers: Vec<_> = std::fs::read_dir(bundle(&c, &id))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|name| name.contains("never"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    // The id is free again, and the init's exit is not held back by the deleted exec.
+    shim.exec(ctx(), &exec).unwrap();
+    shim.delete(ctx(), &delete).unwrap();
+    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);
+    let wait = WaitRequest {
+        id: id.clone(),
+        ..Default::default()
+    };
+    assert_eq!(shim.wait(ctx(), &wait).unwrap().exit_status, 137);
+    remove(&c, &id);
+    assert_gone(&c, &id);
+}
+
+/// containerd's `TestContainerAttach`: a client writes to an exec's stdin fifo and closes
+/// it without `CloseIO` (a detach); a second client opens the fifo again and is read too.
+/// Only `CloseIO` ends the input. Before the shim held its own writer of the fifo, the
+/// first close was an EOF for the process, and the second open found no reader.
+#[test]
+fn stdin_is_read_again_after_a_client_reattaches() {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let c = with_our_shims();
+    let id = unique_id("attach");
+    run_detached(&c, &id, &["sleep", "1000"]);
+    let shim = connect(&c, &id);
+    let stdin = c.dir().join(format!("{id}.stdin"));
+    nix::unistd::mkfifo(&stdin, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let log = c.dir().join(format!("{id}.log"));
+    let uri = format!("file://{}", log.display());
+    let exec = ExecProcessRequest {
+        id: id.clone(),
+        exec_id: "cat".into(),
+        stdin: stdin.to_string_lossy().into(),
+        stdout: uri.clone(),
+        stderr: uri,
+        spec: protobuf::MessageField::some(process_spec(&["cat"])),
+        ..Default::default()
+    };
+    shim.exec(ctx(), &exec).unwrap();
+    let (cid, eid) = (id.clone(), "cat".to_string());
+    let start = protocol::shim::StartRequest {
+        id: cid.clone(),
+        exec_id: eid.clone(),
+        ..Default::default()
+    };
+    shim.start(ctx(), &start).unwrap();
+    for (attach, line) in ["first\n", "second\n", "third\n"].into_iter().enumerate() {
+        // Non-blocking: with no reader left on the fifo this fails (ENXIO) instead of hanging.
+        let mut w = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&stdin)
+            .unwrap_or_else(|e| panic!("attach {}: nobody reads the stdin fifo: {e}", attach + 1));
+        w.write_all(line.as_bytes()).unwrap();
+        drop(w); // the client detaches without CloseIO
+        // Once cat has echoed it, the shim has read past this client's close.
+        let want = ["first\n", "second\n", "third\n"][..=attach].concat();
+        assert!(
+            wait_until(LONG, || std::fs::read_to_string(&log).unwrap_or_default() == want),
+            "attach {}: cat never echoed {line:?}",
+            attach + 1
+        );
+    }
+    let close = protocol::shim::CloseIORequest {
+        id: cid.clone(),
+        exec_id: eid.clone(),
+        stdin: true,
+        ..Default::default()
+    };
+    shim.close_io(ctx(), &close).unwrap();
+    let wait = WaitRequest {
+        id: cid.clone(),
+        exec_id: eid.clone(),
+        ..Default::default()
+    };
+    assert_eq!(shim.wait(ctx(), &wait).unwrap().exit_status, 0);
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "first\nsecond\nthird\n",
+        "what cat read from its three writers"
+    );
+    let delete = DeleteRequest {
+        id: cid,
+        exec_id: eid,
+        ..Default::default()
+    };
+    shim.delete(ctx(), &delete).unwrap();
     c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);
     wait_status(&c, &id, "STOPPED");
     remove(&c, &id);

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 
 use crate::error::{Context, Error, Result};
-use crate::stdio::StdioPaths;
+use crate::stdio::{Drain, StdinFifo, StdioPaths};
 
 /// A listening socket for one process's pty master; its file is removed on drop.
 pub struct ConsoleSocket {
@@ -97,6 +97,13 @@ impl Drop for ConsoleSocket {
 pub struct Console {
     master: Arc<File>,
     stdin_open: Arc<Mutex<bool>>,
+    /// The shim's own writer of the stdin fifo ([`StdinFifo`]), closed at `CloseIO`.
+    stdin_fifo: Option<StdinFifo>,
+    /// The master → stdout copy. It reports when the master reads EIO (every slave fd
+    /// closed): a blocking read cannot tell "caught up" from "quiet", and the master is
+    /// shared with the stdin copy, so it cannot be made non-blocking for the pump. A child
+    /// left holding the terminal makes the exit wait out its grace.
+    drain: Drain,
 }
 
 impl Console {
@@ -105,14 +112,14 @@ impl Console {
     pub fn start(master: OwnedFd, paths: &StdioPaths) -> Result<Console> {
         let master = Arc::new(File::from(master));
         let stdin_open = Arc::new(Mutex::new(true));
+        let mut stdin_fifo = None;
         if !paths.stdin.is_empty() {
-            let (m, path, open) = (master.clone(), paths.stdin.clone(), stdin_open.clone());
+            let (fifo, mut reader) = StdinFifo::open(&paths.stdin)?;
+            stdin_fifo = Some(fifo);
+            let (m, open) = (master.clone(), stdin_open.clone());
             spawn("pty-in", move || {
-                let Ok(mut fifo) = File::open(&path) else {
-                    return;
-                };
                 let mut buf = [0u8; 4096];
-                while let Ok(n @ 1..) = fifo.read(&mut buf) {
+                while let Ok(n @ 1..) = reader.read(&mut buf) {
                     if !*open.lock().unwrap_or_else(|e| e.into_inner())
                         || (&*m).write_all(&buf[..n]).is_err()
                     {
@@ -121,9 +128,12 @@ impl Console {
                 }
             })?;
         }
+        let drain = Drain::new();
         if !paths.stdout.is_empty() {
             let (m, path) = (master.clone(), paths.stdout.clone());
+            let copying = drain.copying();
             spawn("pty-out", move || {
+                let _copying = copying;
                 let mut sink = OpenOptions::new().write(true).open(&path).ok();
                 let mut buf = [0u8; 8192];
                 // EIO once every slave fd is closed: the process and its children are gone.
@@ -136,7 +146,17 @@ impl Console {
                 }
             })?;
         }
-        Ok(Console { master, stdin_open })
+        Ok(Console {
+            master,
+            stdin_open,
+            stdin_fifo,
+            drain,
+        })
+    }
+
+    /// The copy of the terminal's output, to wait for once the process has exited.
+    pub fn drain(&self) -> &Drain {
+        &self.drain
     }
 
     /// `ResizePty`.
@@ -162,6 +182,9 @@ impl Console {
         if *open {
             *open = false;
             let _ = (&*self.master).write_all(&[4]);
+        }
+        if let Some(fifo) = &self.stdin_fifo {
+            fifo.close();
         }
     }
 }

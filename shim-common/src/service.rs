@@ -6,14 +6,18 @@
 //! - a process that exits before `Start` returns still gets its start event first (the
 //!   container's lock is held across the backend call and the event);
 //! - an init process's exit is published only after the exits of all its execs;
-//! - an exit reaped before the backend even reported the pid is kept and applied.
+//! - an exit reaped before the backend even reported the pid is kept and applied;
+//! - an exit is published, and `Wait` answered, only once the process's output has all
+//!   reached its destination (or [`OUTPUT_GRACE`] ran out), so a client that takes the exit
+//!   as the end of the output loses nothing ([`crate::stdio::Drain`]).
 //!
 //! Nothing here assumes a unix socket or the host's containerd: the service takes a
 //! [`Publisher`] and a shutdown callback, and serves whatever ttrpc transport it is given.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::Duration;
 
 use protobuf::well_known_types::empty::Empty;
 use protobuf::{Message, MessageField};
@@ -29,14 +33,26 @@ use crate::events::{publish, timestamp, Publisher};
 use crate::os::OomWatcher;
 use crate::reaper::{self, Exit};
 use crate::rpc;
-use crate::stdio::{ChildStdio, IoContext, IoOwner, ProcessIo, StdioPaths};
+use crate::stdio::{ChildStdio, Drain, IoContext, IoOwner, ProcessIo, StdioPaths};
 
 /// Called when `Shutdown` finds no task left: the daemon stops serving and exits.
 pub type ShutdownHook = Box<dyn Fn() + Send + Sync>;
 
+/// How long an exit waits for the process's output to reach its destination. Once the
+/// process is gone at most a pipe's worth (64 KiB) per stream is left to copy, which a live
+/// reader takes in milliseconds; what this bounds is a destination that takes nothing (a
+/// fifo nobody opened) or a child still writing into the stream without pause. Go's shim
+/// gives an init's IO 2 s; this leaves room for a loaded machine.
+pub const OUTPUT_GRACE: Duration = Duration::from_secs(5);
+
 struct Proc {
     pid: u32,
     status: Status,
+    /// Reaped, its exit waiting for its output to be delivered: its pid may already belong
+    /// to another process, so it is never signalled again.
+    reaped: bool,
+    /// An exec between `Start` and the runtime's answer (the container is not locked then).
+    starting: bool,
     exit: Option<Exit>,
     paths: StdioPaths,
     io: Option<Io>,
@@ -49,6 +65,8 @@ impl Proc {
         Proc {
             pid: 0,
             status: Status::CREATED,
+            reaped: false,
+            starting: false,
             exit: None,
             paths,
             io: None,
@@ -61,6 +79,15 @@ impl Proc {
 enum Io {
     Pipes(ProcessIo),
     Console(Console),
+}
+
+impl Io {
+    fn drain(&self) -> &Drain {
+        match self {
+            Io::Pipes(io) => io.drain(),
+            Io::Console(console) => console.drain(),
+        }
+    }
 }
 
 /// Stdio set up before the runtime runs: pipes are ready; a terminal arrives later through
@@ -119,6 +146,8 @@ struct Container {
     waiters: Vec<(String, Waiter)>,
     /// Deleted: waits that arrive now find nothing.
     deleted: bool,
+    /// No pid namespace of its own ([`shares_pid_namespace`]).
+    kill_all_on_exit: bool,
 }
 
 /// The answer to a `Wait`, delivered whenever the process exits.
@@ -167,6 +196,8 @@ struct PidTable {
 }
 
 struct Inner<B> {
+    /// Itself, for exits applied later from the drain thread.
+    me: Weak<Inner<B>>,
     /// The containerd namespace served, told to logging binaries.
     namespace: String,
     backend: B,
@@ -218,7 +249,8 @@ impl<B: Backend> TaskService<B> {
         publisher: Arc<dyn Publisher>,
         on_shutdown: ShutdownHook,
     ) -> Result<Self> {
-        let inner = Arc::new(Inner {
+        let inner = Arc::new_cyclic(|me| Inner {
+            me: me.clone(),
             namespace: namespace.into(),
             backend,
             publisher,
@@ -384,8 +416,52 @@ impl<B: Backend> Inner<B> {
             }
         };
         let Ok(cell) = self.cell(&id) else { return };
-        let mut c = lock(&cell.state);
-        self.apply_exit(&mut c, &exec_id, exit);
+        let drain = reaped(&mut lock(&cell.state), &exec_id);
+        self.exit_after_output(cell, exec_id, exit, drain);
+    }
+
+    /// Applies `exit` once the process's output is delivered (see [`OUTPUT_GRACE`]), at
+    /// once if it is already. Call without holding the container's lock: the wait runs on
+    /// the drain thread, so neither this caller nor other containers' exits wait for it.
+    fn exit_after_output(
+        &self,
+        cell: Arc<Cell>,
+        exec_id: String,
+        exit: Exit,
+        drain: Option<Drain>,
+    ) {
+        let (id, kill_all) = {
+            let c = lock(&cell.state);
+            (c.id.clone(), c.kill_all_on_exit)
+        };
+        if exec_id.is_empty() && kill_all {
+            // No pid namespace of its own: the init's end is not the end of its processes.
+            // End them before its exit is published, as containerd's runc shim does.
+            if let Err(e) = self
+                .backend
+                .kill(&id, Target::Init, libc::SIGKILL as u32, true)
+            {
+                log::warn!("container {id}: kill what is left after its init exited: {e}");
+            }
+        }
+        let what = drain.as_ref().map(|_| {
+            if exec_id.is_empty() {
+                format!("container {id}")
+            } else {
+                format!("exec {exec_id} of container {id}")
+            }
+        });
+        let me = self.me.clone();
+        let apply = move |_delivered: bool| {
+            if let Some(inner) = me.upgrade() {
+                let mut c = lock(&cell.state);
+                inner.apply_exit(&mut c, &exec_id, exit);
+            }
+        };
+        match (drain, what) {
+            (Some(drain), Some(what)) => drain.after_exit(&what, OUTPUT_GRACE, apply),
+            _ => apply(true),
+        }
     }
 
     fn apply_exit(&self, c: &mut Container, exec_id: &str, exit: Exit) {
@@ -393,7 +469,7 @@ impl<B: Backend> Inner<B> {
             if c.running_execs > 0 {
                 // Execs outlive init only in a shared pid namespace; end them, then report init.
                 for (exec_id, p) in &c.execs {
-                    if p.status == Status::RUNNING {
+                    if p.status == Status::RUNNING && !p.reaped {
                         let target = Target::Exec {
                             exec_id,
                             pid: p.pid,
@@ -508,6 +584,7 @@ impl<B: Backend> Inner<B> {
                 io_owner: owner,
                 waiters: Vec::new(),
                 deleted: false,
+                kill_all_on_exit: shares_pid_namespace(&bundle),
             }),
         });
         lock(&self.containers).insert(req.id.clone(), cell.clone());
@@ -535,8 +612,8 @@ impl<B: Backend> Inner<B> {
             }
         }
         if let Some(exit) = early {
-            let mut c = lock(&cell.state);
-            self.apply_exit(&mut c, "", exit);
+            let drain = reaped(&mut lock(&cell.state), "");
+            self.exit_after_output(cell, String::new(), exit, drain);
         }
         drop(starting);
         Ok(CreateTaskResponse {
@@ -572,7 +649,9 @@ impl<B: Backend> Inner<B> {
             };
             publish(&*self.publisher, topics::TASK_START, &event);
             if let Some(exit) = early {
-                self.apply_exit(&mut c, "", exit);
+                let drain = reaped(&mut c, "");
+                drop(c);
+                self.exit_after_output(cell.clone(), String::new(), exit, drain);
             }
             drop(starting);
             return Ok(StartResponse {
@@ -593,14 +672,25 @@ impl<B: Backend> Inner<B> {
                 req.exec_id
             )));
         }
-        let (paths, spec) = (p.paths.clone(), p.spec.clone());
+        if p.starting {
+            return Err(Error::FailedPrecondition(format!(
+                "exec {} is already starting",
+                req.exec_id
+            )));
+        }
+        let (paths, spec, owner) = (p.paths.clone(), p.spec.clone(), c.io_owner);
         c.running_execs += 1;
+        c.process_mut(&req.exec_id)?.starting = true;
+        // Not under the container's lock: `runc exec` can take seconds, and State, Pids or
+        // another exec of the container must not wait for it. `starting` keeps the exec
+        // from being started twice or deleted meanwhile.
+        drop(c);
         let ctx = IoContext {
             id: &req.id,
             namespace: &self.namespace,
         };
-        let started = PendingIo::open(&paths, c.io_owner, ctx).and_then(|(pending, stdio)| {
-            let _starting = self.starting();
+        let launched = PendingIo::open(&paths, owner, ctx).and_then(|(pending, stdio)| {
+            let starting = self.starting();
             let pid = self.backend.exec(ExecRequest {
                 id: &req.id,
                 exec_id: &req.exec_id,
@@ -609,11 +699,9 @@ impl<B: Backend> Inner<B> {
                 console_socket: pending.console_socket(),
                 stdio,
             })?;
-            let early = self.claim(pid, &req.id, &req.exec_id);
             match pending.finish(&paths) {
-                Ok(io) => Ok((io, pid, early)),
+                Ok(io) => Ok((io, pid, starting)),
                 Err(e) => {
-                    lock(&self.pids).owners.remove(&(pid as i32));
                     let target = Target::Exec {
                         exec_id: &req.exec_id,
                         pid,
@@ -625,7 +713,11 @@ impl<B: Backend> Inner<B> {
                 }
             }
         });
-        let (io, pid, early) = match started {
+        let mut c = lock(&cell.state);
+        if let Ok(p) = c.process_mut(&req.exec_id) {
+            p.starting = false;
+        }
+        let (io, pid, starting) = match launched {
             Ok(s) => s,
             Err(e) => {
                 c.running_execs -= 1;
@@ -633,6 +725,20 @@ impl<B: Backend> Inner<B> {
                 return Err(e);
             }
         };
+        // Under the lock, so the exit (held as early until now, or waiting for the lock)
+        // is applied after the start event.
+        let early = self.claim(pid, &req.id, &req.exec_id);
+        drop(starting);
+        if early.is_none() && c.deferred_init_exit.is_some() {
+            // The init exited while this started: end it, as the init's exit did the others.
+            let target = Target::Exec {
+                exec_id: &req.exec_id,
+                pid,
+            };
+            let _ = self
+                .backend
+                .kill(&req.id, target, libc::SIGKILL as u32, false);
+        }
         let p = c.process_mut(&req.exec_id)?;
         p.pid = pid;
         p.status = Status::RUNNING;
@@ -646,7 +752,9 @@ impl<B: Backend> Inner<B> {
         };
         publish(&*self.publisher, topics::TASK_EXEC_STARTED, &event);
         if let Some(exit) = early {
-            self.apply_exit(&mut c, &req.exec_id, exit);
+            let drain = reaped(&mut c, &req.exec_id);
+            drop(c);
+            self.exit_after_output(cell.clone(), req.exec_id.clone(), exit, drain);
         }
         Ok(StartResponse {
             pid,
@@ -659,11 +767,18 @@ impl<B: Backend> Inner<B> {
         let spec = req
             .spec
             .as_ref()
-            .map(|s| s.value.clone())
+            .map(|s| s.value.as_slice())
             .unwrap_or_default();
-        serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&spec).map_err(
-            |e| Error::InvalidArgument(format!("exec {} process spec: {e}", req.exec_id)),
-        )?;
+        let spec = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(spec)
+            .and_then(|mut spec| {
+                // The request decides, as in containerd's runc shim: the Go client sends the
+                // container's process spec (`terminal: false`) with `terminal` on the request.
+                spec.insert("terminal".into(), req.terminal.into());
+                serde_json::to_vec(&spec)
+            })
+            .map_err(|e| {
+                Error::InvalidArgument(format!("exec {} process spec: {e}", req.exec_id))
+            })?;
         let cell = self.cell(&req.id)?;
         let mut c = lock(&cell.state);
         if c.init.status == Status::STOPPED {
@@ -706,6 +821,12 @@ impl<B: Backend> Inner<B> {
                 }
             )));
         }
+        if p.reaped && !req.exec_id.is_empty() {
+            return Err(Error::NotFound(format!(
+                "process {}: process already finished",
+                req.exec_id
+            )));
+        }
         if req.exec_id.is_empty() {
             drop(c); // runc kill takes a while; do not block the container meanwhile
             return self
@@ -744,14 +865,35 @@ impl<B: Backend> Inner<B> {
         };
         if !req.exec_id.is_empty() {
             let p = c.process(&req.exec_id)?;
+            if p.starting {
+                return Err(Error::FailedPrecondition(format!(
+                    "exec {} is starting",
+                    req.exec_id
+                )));
+            }
             if p.status == Status::RUNNING {
                 return Err(Error::FailedPrecondition(format!(
                     "exec {} is running; kill it first",
                     req.exec_id
                 )));
             }
-            let resp = response(p.pid, p.exit);
-            c.execs.remove(&req.exec_id);
+            let resp = match p.exit {
+                Some(exit) => response(p.pid, Some(exit)),
+                // Never started: containerd's runc shim answers its exec's zero values,
+                // status 0 and Go's zero time (0001-01-01T00:00:00Z).
+                None => DeleteResponse {
+                    pid: p.pid,
+                    exit_status: 0,
+                    exited_at: MessageField::some(
+                        protobuf::well_known_types::timestamp::Timestamp {
+                            seconds: -62_135_596_800,
+                            ..Default::default()
+                        },
+                    ),
+                    ..Default::default()
+                },
+            };
+            let proc = c.execs.remove(&req.exec_id);
             let (gone, waiting) = std::mem::take(&mut c.waiters)
                 .into_iter()
                 .partition(|(e, _)| e == &req.exec_id);
@@ -759,6 +901,9 @@ impl<B: Backend> Inner<B> {
             for (_, w) in gone {
                 w(Err(Error::NotFound(format!("exec {}", req.exec_id))));
             }
+            // Outside the lock: closing a logging binary waits for it to exit.
+            drop(c);
+            drop(proc);
             return Ok(resp);
         }
         if matches!(c.init.status, Status::RUNNING | Status::PAUSED) {
@@ -896,16 +1041,11 @@ impl<B: Backend> Inner<B> {
         let cell = self.cell(&req.id)?;
         let c = lock(&cell.state);
         let p = c.process(&req.exec_id)?;
-        let name = if req.exec_id.is_empty() {
-            &req.id
-        } else {
-            &req.exec_id
-        };
         match &p.io {
             Some(Io::Console(console)) => console.resize(req.width, req.height),
-            _ if !p.paths.terminal => Err(Error::FailedPrecondition(format!(
-                "process {name} has no terminal to resize"
-            ))),
+            // Nothing to resize, and no error: containerd's runc shim does the same, and
+            // clients resize without asking first.
+            _ if !p.paths.terminal => Ok(()),
             // A terminal the shim does not hold (a VM guest's, say): the backend's.
             _ => self
                 .backend
@@ -975,6 +1115,32 @@ impl<B: Backend> Inner<B> {
     }
 }
 
+/// Whether the processes of the container in `bundle` can outlive its init: it has no pid
+/// namespace of its own (the host's, or one it joins by path), so the kernel does not end
+/// them with the init. An unreadable spec counts as yes, the safe side; containerd's runc
+/// shim decides the same way (`ShouldKillAllOnExit`).
+fn shares_pid_namespace(bundle: &std::path::Path) -> bool {
+    let path = bundle.join("config.json");
+    let spec = std::fs::read(&path)
+        .ok()
+        .and_then(|text| serde_json::from_slice::<serde_json::Value>(&text).ok());
+    let Some(spec) = spec else {
+        return true;
+    };
+    let own = spec["linux"]["namespaces"].as_array().is_some_and(|ns| {
+        ns.iter()
+            .any(|n| n["type"] == "pid" && n["path"].as_str().is_none_or(str::is_empty))
+    });
+    !own
+}
+
+/// Marks `exec_id`'s process reaped; the drain its exit must wait for, if it has stdio.
+fn reaped(c: &mut Container, exec_id: &str) -> Option<Drain> {
+    let p = c.process_mut(exec_id).ok()?;
+    p.reaped = true;
+    p.io.as_ref().map(|io| io.drain().clone())
+}
+
 fn answer<T>(method: &str, r: Result<T>) -> ttrpc::Result<T> {
     r.map_err(|e| {
         log::debug!("{method}: {e}");
@@ -993,16 +1159,19 @@ mod tests {
     use std::path::Path;
 
     /// A backend with only the required methods, living outside host cgroups.
-    struct Minimal;
+    /// Answers every call; keeps the init's stdio, so that a test can play the process.
+    #[derive(Default)]
+    struct Minimal(Mutex<Option<ChildStdio>>);
 
     impl Backend for Minimal {
         fn new(_: &ShimContext) -> Result<Self> {
-            Ok(Minimal)
+            Ok(Minimal::default())
         }
         fn host_cgroups(&self) -> bool {
             false
         }
-        fn create(&self, _: CreateRequest<'_>) -> Result<u32> {
+        fn create(&self, req: CreateRequest<'_>) -> Result<u32> {
+            *lock(&self.0) = Some(req.stdio);
             Ok(4242)
         }
         fn start(&self, _: &str) -> Result<u32> {
@@ -1035,7 +1204,8 @@ mod tests {
 
     fn service() -> (TaskService<Minimal>, Arc<Events>) {
         let events = Arc::new(Events(Mutex::new(Vec::new())));
-        let svc = TaskService::new("ns", Minimal, events.clone(), Box::new(|| {})).unwrap();
+        let svc =
+            TaskService::new("ns", Minimal::default(), events.clone(), Box::new(|| {})).unwrap();
         let create = CreateTaskRequest {
             id: "c1".into(),
             bundle: "/nonexistent".into(),
@@ -1076,18 +1246,56 @@ mod tests {
     }
 
     #[test]
-    fn resize_of_a_process_without_terminal_is_a_failed_precondition() {
+    fn resize_of_a_process_without_terminal_does_nothing() {
         let (svc, _) = service();
-        let req = ResizePtyRequest {
+        let req = |exec_id: &str| ResizePtyRequest {
             id: "c1".into(),
+            exec_id: exec_id.into(),
             width: 80,
             height: 24,
             ..Default::default()
         };
+        svc.inner.resize_pty(req("")).unwrap();
         assert_eq!(
-            code(svc.inner.resize_pty(req)),
-            ttrpc::Code::FAILED_PRECONDITION
+            code(svc.inner.resize_pty(req("nope"))),
+            ttrpc::Code::NOT_FOUND
         );
+    }
+
+    #[test]
+    fn exec_spec_takes_terminal_from_the_request_and_delete_before_start_is_zero() {
+        let (svc, events) = service();
+        let spec = protobuf::well_known_types::any::Any {
+            value: br#"{"args":["sh"],"cwd":"/","terminal":false}"#.to_vec(),
+            ..Default::default()
+        };
+        svc.inner
+            .exec(ExecProcessRequest {
+                id: "c1".into(),
+                exec_id: "e1".into(),
+                terminal: true,
+                spec: MessageField::some(spec),
+                ..Default::default()
+            })
+            .unwrap();
+        {
+            let cell = svc.inner.cell("c1").unwrap();
+            let c = lock(&cell.state);
+            let spec: serde_json::Value = serde_json::from_slice(&c.execs["e1"].spec).unwrap();
+            assert_eq!(spec["terminal"], true);
+            assert_eq!(spec["args"][0], "sh");
+        }
+        let del = svc
+            .inner
+            .delete(DeleteRequest {
+                id: "c1".into(),
+                exec_id: "e1".into(),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!((del.pid, del.exit_status), (0, 0));
+        assert_eq!(del.exited_at.seconds, -62_135_596_800, "Go's zero time");
+        assert!(!lock(&events.0).contains(&topics::TASK_EXIT.to_string()));
     }
 
     #[test]
@@ -1185,6 +1393,57 @@ mod tests {
         assert_eq!(rx.try_recv().unwrap().unwrap().exit_status, 7);
         svc.inner.wait_later(req("nope"), waiter(tx.clone()));
         assert_eq!(code(rx.try_recv().unwrap()), ttrpc::Code::NOT_FOUND);
+    }
+
+    /// The exit waits for the copy: when `Wait` answers, every byte the process wrote is
+    /// in the log — even though a "child" still holds the pipe open, so no EOF comes.
+    #[test]
+    fn wait_answers_only_once_the_output_is_in_its_file() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("c.log");
+        let uri = format!("file://{}", log.display());
+        let events = Arc::new(Events(Mutex::new(Vec::new())));
+        let svc =
+            TaskService::new("ns", Minimal::default(), events.clone(), Box::new(|| {})).unwrap();
+        svc.inner
+            .create(CreateTaskRequest {
+                id: "c1".into(),
+                bundle: "/nonexistent".into(),
+                stdout: uri,
+                ..Default::default()
+            })
+            .unwrap();
+        svc.inner
+            .start(StartRequest {
+                id: "c1".into(),
+                ..Default::default()
+            })
+            .unwrap();
+        let stdout = lock(&svc.inner.backend.0)
+            .take()
+            .and_then(|s| s.stdout)
+            .unwrap();
+        let _child_holds_it = stdout.try_clone().unwrap();
+        // 4 MiB through a 64 KiB pipe: when this returns, the last of it is still in the pipe.
+        let data = vec![b'x'; 4 << 20];
+        std::fs::File::from(stdout).write_all(&data).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        svc.inner.on_exit(Exit {
+            pid: 4242,
+            status: 0,
+            at: std::time::SystemTime::now(),
+        });
+        let req = WaitRequest {
+            id: "c1".into(),
+            ..Default::default()
+        };
+        svc.inner
+            .wait_later(req, Box::new(move |r| tx.send(r).unwrap()));
+        let waited = rx.recv_timeout(std::time::Duration::from_secs(30)).unwrap();
+        assert_eq!(waited.unwrap().exit_status, 0);
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), data.len() as u64);
+        assert!(lock(&events.0).contains(&topics::TASK_EXIT.to_string()));
     }
 
     #[test]

@@ -5,6 +5,9 @@
 //! It reads `runc-wrapper.conf` next to its own path (argv[0]), one rule per line:
 //! `delay <subcommand> <before-ms> <after-ms>` — sleep around the real command;
 //! `fake <subcommand> <exit-code>` — do not run the real command, exit with the code;
+//! `hold <subcommand>` — once the real command is done, create `held-<subcommand>` beside it
+//! and wait until the test creates `release-<subcommand>` (a runtime as slow as the test
+//! wants, with no clock involved);
 //! `real <path>` — the real runtime (default `/usr/sbin/runc`).
 //! Every invocation's arguments are appended to `runc-calls.log` beside it.
 
@@ -49,6 +52,7 @@ fn main() {
     let conf = std::fs::read_to_string(dir.join("runc-wrapper.conf")).unwrap_or_default();
     let mut real = "/usr/sbin/runc".to_string();
     let (mut before, mut after) = (0u64, 0u64);
+    let mut hold = false;
     for line in conf.lines() {
         let f: Vec<&str> = line.split_whitespace().collect();
         match f.as_slice() {
@@ -58,12 +62,20 @@ fn main() {
                 after = a.parse().unwrap_or(0);
             }
             ["fake", s, code] if *s == sub => std::process::exit(code.parse().unwrap_or(0)),
+            ["hold", s] if *s == sub => hold = true,
             _ => {}
         }
     }
     std::thread::sleep(Duration::from_millis(before));
     let status = Command::new(&real).args(args).status();
     std::thread::sleep(Duration::from_millis(after));
+    if hold {
+        let _ = std::fs::write(dir.join(format!("held-{sub}")), "");
+        let release = dir.join(format!("release-{sub}"));
+        while !release.exists() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
     let code = match status {
         Ok(s) => s.code().unwrap_or(128),
         Err(e) => {

@@ -12,7 +12,12 @@
 //!    (ours) and `gorunc` (Go) in one CRI-enabled containerd: shim processes, total shim
 //!    PSS, median RunPodSandbox and StartContainer latency.
 //!
-//! Usage: `shim-bench [--runs N] [--containers N] [--execs N] [--soak N] [--pods N]` (as root).
+//! 6. Exec-with-output rounds per S seconds (issue 17 item 1): 4 execs at once, each
+//!    writing 2.7 MB to stdout and to stderr through fifos, every byte counted and
+//!    checksummed when `Wait` answers (`src/output.rs`); rounds done, and bytes lost.
+//!
+//! Usage: `shim-bench [--runs N] [--containers N] [--execs N] [--soak N] [--pods N]
+//! [--output-secs S]` (as root). `0` skips a figure where it says N or S.
 
 use std::time::{Duration, Instant};
 
@@ -28,6 +33,7 @@ struct Args {
     execs: usize,
     soak: usize,
     pods: usize,
+    output_secs: u64,
 }
 
 fn args() -> Args {
@@ -37,6 +43,7 @@ fn args() -> Args {
         execs: 200,
         soak: 10_000,
         pods: 10,
+        output_secs: 30,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut it = argv.iter();
@@ -48,9 +55,11 @@ fn args() -> Args {
             ("--execs", Some(v)) => a.execs = v,
             ("--soak", Some(v)) => a.soak = v,
             ("--pods", Some(v)) => a.pods = v,
+            ("--output-secs", Some(v)) => a.output_secs = v as u64,
             _ => {
                 eprintln!(
-                    "usage: shim-bench [--runs N] [--containers N] [--execs N] [--soak N] [--pods N]"
+                    "usage: shim-bench [--runs N] [--containers N] [--execs N] [--soak N] \
+                     [--pods N] [--output-secs S]"
                 );
                 std::process::exit(2);
             }
@@ -200,6 +209,55 @@ fn soak(c: &Containerd, runtime: &str, n: usize) -> (f64, f64) {
         s.rss_after_warmup_kb as f64 / 1024.0,
         s.rss_after_kb as f64 / 1024.0,
     )
+}
+
+/// What [`output_rounds`] measured on one shim.
+struct OutputFigures {
+    rounds: usize,
+    bytes: u64,
+    /// Streams that were not whole when `Wait` answered, and the bytes they were short.
+    short_streams: usize,
+    missing: u64,
+}
+
+/// Rounds of 4 concurrent execs with large outputs (fifos, checked at `Wait`) on one
+/// container of `runtime` until `secs` have passed. Losses are counted, not fatal: the
+/// figure is how the shims compare.
+fn output_rounds(c: &Containerd, runtime: &str, secs: u64) -> OutputFigures {
+    use integration::output::{Dest, ExecStress, Loss};
+    let id = unique_id("output");
+    c.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        runtime,
+        BUSYBOX_REF,
+        &id,
+        "sleep",
+        "100000",
+    ]);
+    let shim = integration::shim_client::connect(c, &id);
+    let stress = ExecStress::new(4, 400_000, target_bin_dir().join("test-logger"));
+    let mut f = OutputFigures {
+        rounds: 0,
+        bytes: 0,
+        short_streams: 0,
+        missing: 0,
+    };
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(secs) {
+        let losses = stress.round(&shim, &id, c.dir(), &format!("r{}", f.rounds), Dest::Fifo);
+        f.rounds += 1;
+        f.bytes += stress.bytes_per_round();
+        f.short_streams += losses.len();
+        f.missing += losses.iter().map(Loss::missing).sum::<u64>();
+    }
+    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);
+    wait_until(Duration::from_secs(10), || {
+        c.ctr(&["task", "delete", &id]).success()
+    });
+    c.ctr_ok(&["container", "delete", &id]);
+    f
 }
 
 /// Containers per pod in the CRI figures: a typical pod with sidecars.
@@ -377,6 +435,12 @@ fn main() {
     } else {
         ((f64::NAN, f64::NAN), (f64::NAN, f64::NAN))
     };
+    let output = (a.output_secs > 0).then(|| {
+        (
+            output_rounds(&c, OUR_RUNTIME, a.output_secs),
+            output_rounds(&c, GO_RUNTIME, a.output_secs),
+        )
+    });
 
     println!(
         "shim-bench: containerd 1.6 (Debian), runc, busybox; {} runs each, alternating",
@@ -416,6 +480,25 @@ fn main() {
         go_soak.0,
         go_soak.1
     );
+    }
+    if let Some((o, g)) = &output {
+        let secs = a.output_secs;
+        println!(
+            "| exec-with-output rounds in {secs} s (4 execs × 5.4 MB, fifos, checked at `Wait`) \
+             | {} | {} | {:.2} |",
+            o.rounds,
+            g.rounds,
+            o.rounds as f64 / g.rounds.max(1) as f64
+        );
+        let lost = |f: &OutputFigures| {
+            format!(
+                "{} of {:.1} MB ({} streams short)",
+                f.missing,
+                f.bytes as f64 / 1e6,
+                f.short_streams
+            )
+        };
+        println!("| bytes lost, same | {} | {} | |", lost(o), lost(g));
     }
     // The CRI figures need a containerd of their own (CRI on); free the first one's shims
     // and mounts before.

@@ -18,8 +18,12 @@
 //!
 //! Query keys: `out=<file>` (required); `v2=1` signals ready with one byte on fd 5 instead
 //! of closing it; `exit=now` exits with status 3 before it is ready, `exit=after-ready`
-//! with status 4 just after. It runs until `SIGTERM`, then finishes copying what the pipes
-//! still hold and exits 0.
+//! with status 4 just after; `raw=1` copies fd 3 and fd 4 byte for byte into `<out>.stdout`
+//! and `<out>.stderr` instead of as lines (for output that is not text, and for counting
+//! bytes: `tests/output.rs`), and records `eof:stdout <bytes>` when a stream ends. It runs
+//! until `SIGTERM`, then finishes copying what the pipes still hold and exits 0; with
+//! `raw=1` it waits for both streams' EOF however long that takes, so a test that counts
+//! bytes never races the logger's own deadline.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -87,13 +91,20 @@ fn run() -> Result<(), String> {
         std::process::exit(4);
     }
 
+    let raw = opts.contains_key("raw");
     let (done_tx, done_rx) = mpsc::channel();
     for (fd, prefix) in [(stdout, "stdout"), (stderr, "stderr")] {
         let (out, done) = (out.clone(), done_tx.clone());
+        let raw_path = format!("{out_path}.{prefix}");
         std::thread::spawn(move || {
-            for line in BufReader::new(File::from(fd)).lines() {
-                let Ok(line) = line else { break };
-                record(&out, &format!("{prefix}:{line}"));
+            if raw {
+                let n = copy_raw(File::from(fd), &raw_path);
+                record(&out, &format!("eof:{prefix} {n}"));
+            } else {
+                for line in BufReader::new(File::from(fd)).lines() {
+                    let Ok(line) = line else { break };
+                    record(&out, &format!("{prefix}:{line}"));
+                }
             }
             let _ = done.send(());
         });
@@ -108,7 +119,7 @@ fn run() -> Result<(), String> {
     let sig = unsafe { libc::sigtimedwait(&term, std::ptr::null_mut(), &timeout) };
     if sig == libc::SIGTERM {
         // Whatever the container wrote before it exited is still in the pipes.
-        let deadline = Instant::now() + FLUSH;
+        let deadline = Instant::now() + if raw { MAX_LIFE } else { FLUSH };
         for _ in 0..2 {
             let left = deadline.saturating_duration_since(Instant::now());
             if done_rx.recv_timeout(left).is_err() {
@@ -124,6 +135,13 @@ fn run() -> Result<(), String> {
 fn record(out: &Mutex<File>, line: &str) {
     let mut f = out.lock().unwrap_or_else(|e| e.into_inner());
     let _ = f.write_all(format!("{line}\n").as_bytes());
+}
+
+/// Copies `src` to a new file at `path` until EOF; the number of bytes copied.
+fn copy_raw(mut src: File, path: &str) -> u64 {
+    File::create(path)
+        .and_then(|mut dst| std::io::copy(&mut src, &mut dst))
+        .unwrap_or(0)
 }
 
 /// Takes ownership of an inherited fd, after checking the shim really passed it.

@@ -182,7 +182,8 @@ impl Logger {
             if let Some([out, err]) = readers {
                 // The process may still write: keep its pipes flowing.
                 for pipe in [out, err] {
-                    if let Err(e) = pump::copy(pipe, Sink::Discard) {
+                    // Nobody is waiting for these bytes: the logger was their destination.
+                    if let Err(e) = pump::copy(pipe, Sink::Discard, None) {
                         log::error!("drain output after the logger exited: {e}");
                     }
                 }

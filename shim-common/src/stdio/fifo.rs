@@ -3,47 +3,90 @@
 //! The process never touches the fifos: the shim copies between them and the process's
 //! pipes, so a reader that goes away costs the process nothing.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::sync::{Arc, Mutex};
 
-use super::pump::{self, Sink};
-use super::{lock, output_pipe, spawn, ChildStdio, IoOwner, StdioPaths};
-use crate::error::Result;
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
 
-/// Gives the process a pipe for each output stream containerd asked for, copied to its fifo.
+use super::pump::{self, Sink};
+use super::{lock, output_pipe, spawn, ChildStdio, Drain, IoOwner, StdioPaths};
+use crate::error::{Context, Result};
+
+/// Gives the process a pipe for each output stream containerd asked for, copied to its fifo
+/// under `drain`.
 pub(super) fn open_outputs(
     paths: &StdioPaths,
     owner: IoOwner,
+    drain: &Drain,
     child: &mut ChildStdio,
 ) -> Result<()> {
     if !paths.stdout.is_empty() {
         let (r, w) = output_pipe(owner)?;
         child.stdout = Some(w.into());
-        copy_output(r, paths.stdout.clone())?;
+        copy_output(r, paths.stdout.clone(), drain)?;
     }
     if !paths.stderr.is_empty() {
         let (r, w) = output_pipe(owner)?;
         child.stderr = Some(w.into());
-        copy_output(r, paths.stderr.clone())?;
+        copy_output(r, paths.stderr.clone(), drain)?;
     }
     Ok(())
 }
 
-/// containerd's stdin fifo → the process's stdin pipe, until EOF or `CloseIO`.
-pub(super) fn copy_stdin(
-    path: String,
-    pipe: Arc<Mutex<Option<std::io::PipeWriter>>>,
-) -> Result<()> {
-    spawn("stdin", move || {
-        // Blocks until containerd opens its end for writing.
-        let Ok(mut fifo) = File::open(&path) else {
-            lock(&pipe).take();
-            return;
+/// containerd's stdin fifo, held open for writing by the shim itself as well, so that a
+/// client closing its end is not the end of the input: a second client (`ctr task attach`
+/// after a detach) writes into the same fifo and is read. The input ends once the shim's
+/// own writer is closed — `CloseIO`, or the process's stdio dropped — and every client's
+/// is too. containerd's Go shim keeps the same writer (`openStdin`).
+#[derive(Debug)]
+pub(crate) struct StdinFifo {
+    writer: Mutex<Option<File>>,
+}
+
+impl StdinFifo {
+    /// Opens `path` for reading (blocking reads) and for the shim's own writer; neither
+    /// open waits for a client. Returns the reader for the copy.
+    pub(crate) fn open(path: &str) -> Result<(StdinFifo, File)> {
+        let reader = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .with_context(|| format!("open stdin fifo {path}"))?;
+        // Non-blocking only so that the open does not wait for a writer.
+        fcntl(reader.as_raw_fd(), FcntlArg::F_SETFL(OFlag::O_RDONLY))
+            .map_err(std::io::Error::from)
+            .with_context(|| format!("make stdin fifo {path} blocking"))?;
+        let writer = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .with_context(|| format!("hold stdin fifo {path} open"))?;
+        let fifo = StdinFifo {
+            writer: Mutex::new(Some(writer)),
         };
+        Ok((fifo, reader))
+    }
+
+    /// Lets the copy see EOF once the clients' writers are closed.
+    pub(crate) fn close(&self) {
+        lock(&self.writer).take();
+    }
+}
+
+/// containerd's stdin fifo → the process's stdin pipe, until EOF (see [`StdinFifo`]) or
+/// `CloseIO`.
+pub(super) fn copy_stdin(
+    path: &str,
+    pipe: Arc<Mutex<Option<std::io::PipeWriter>>>,
+) -> Result<StdinFifo> {
+    let (fifo, mut reader) = StdinFifo::open(path)?;
+    spawn("stdin", move || {
         let mut buf = [0u8; 8192];
         loop {
-            let n = match fifo.read(&mut buf) {
+            let n = match reader.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
@@ -54,20 +97,21 @@ pub(super) fn copy_stdin(
             }
         }
         lock(&pipe).take();
-    })
+    })?;
+    Ok(fifo)
 }
 
 /// The process's output pipe → containerd's fifo. When the fifo's reader is gone, keep
 /// draining so the process never blocks or dies of `SIGPIPE`.
-fn copy_output(pipe: std::io::PipeReader, path: String) -> Result<()> {
-    pump::copy(pipe, Sink::Fifo(path))
+fn copy_output(pipe: std::io::PipeReader, path: String, drain: &Drain) -> Result<()> {
+    pump::copy(pipe, Sink::Fifo(path), Some(drain.copying()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::{IoContext, ProcessIo};
     use super::*;
-    use std::os::unix::fs::FileTypeExt;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     use std::process::Command;
 
     fn mkfifo(p: &std::path::Path) {
@@ -90,17 +134,67 @@ mod tests {
             stdout: o.to_string_lossy().into(),
             ..Default::default()
         };
-        let (_io, child) = open(&paths);
+        let (io, child) = open(&paths);
         let reader = std::thread::spawn(move || std::fs::read(o).unwrap());
         let mut cmd = Command::new("cat");
         child.apply(&mut cmd);
         let mut proc = cmd.spawn().unwrap();
         drop(cmd); // close the shim's copies of the child's ends
-        let mut w = std::fs::OpenOptions::new().write(true).open(&i).unwrap();
-        w.write_all(b"ping\n").unwrap();
-        drop(w);
+                   // Two clients one after the other (a detach, then an attach): both are read.
+        for line in [&b"ping\n"[..], b"pong\n"] {
+            let mut w = std::fs::OpenOptions::new().write(true).open(&i).unwrap();
+            w.write_all(line).unwrap();
+        }
+        // Only CloseIO ends the input.
+        io.close_stdin();
         proc.wait().unwrap();
-        assert_eq!(reader.join().unwrap(), b"ping\n");
+        assert_eq!(reader.join().unwrap(), b"ping\npong\n");
+    }
+
+    /// A child left holding the pipe (`sleep &`) must not hold the exit: once the process
+    /// is gone, the copy is caught up as soon as it has read the pipe empty, and by then
+    /// every byte is in the fifo.
+    #[test]
+    fn drain_reports_once_output_is_in_the_fifo_even_if_a_child_holds_the_pipe() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = dir.path().join("out");
+        mkfifo(&o);
+        // Read-write and never read until the end, like a client that never sees EOF: the
+        // output (48,890 bytes) fits in the fifo, so only the drain says "all there".
+        let mut reader = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&o)
+            .unwrap();
+        let paths = StdioPaths {
+            stdout: o.to_string_lossy().into(),
+            ..Default::default()
+        };
+        let (io, child) = open(&paths);
+        let pidfile = dir.path().join("bg.pid");
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg(format!(
+            "sleep 60 & echo $! > {}; i=0; while [ $i -lt 5000 ]; do echo line-$i; i=$((i+1)); done",
+            pidfile.display()
+        ));
+        child.apply(&mut cmd);
+        let mut proc = cmd.spawn().unwrap();
+        drop(cmd);
+        assert!(proc.wait().unwrap().success());
+        // EOF is 60 s away (the background `sleep` holds the pipe).
+        let caught_up = io.drain().wait(std::time::Duration::from_secs(30));
+        let mut got = Vec::new();
+        let _ = reader.read_to_end(&mut got); // WouldBlock once the fifo is empty
+        if let Ok(pid) = std::fs::read_to_string(&pidfile) {
+            let _ = Command::new("kill").arg(pid.trim()).status();
+        }
+        assert!(caught_up, "the drain waited for the background child");
+        let want: Vec<u8> = (0..5000)
+            .flat_map(|i| format!("line-{i}\n").into_bytes())
+            .collect();
+        assert_eq!(got.len(), want.len());
+        assert!(got == want, "output differs");
     }
 
     #[test]

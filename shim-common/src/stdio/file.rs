@@ -12,15 +12,16 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use super::pump::{self, Sink};
-use super::{output_pipe, ChildStdio, IoOwner, StdioPaths};
+use super::{output_pipe, ChildStdio, Drain, IoOwner, StdioPaths};
 use crate::error::{Context, Result};
 
 /// Opens (creating, mode 0644) the log file for appending and copies each output stream
-/// containerd asked for into it.
+/// containerd asked for into it, under `drain`.
 pub(super) fn open_outputs(
     path: &Path,
     paths: &StdioPaths,
     owner: IoOwner,
+    drain: &Drain,
     child: &mut ChildStdio,
 ) -> Result<()> {
     let file = OpenOptions::new()
@@ -46,7 +47,7 @@ pub(super) fn open_outputs(
         let sink: File = file.try_clone().context("duplicate log file fd")?;
         let (r, w) = output_pipe(owner)?;
         *slot = Some(w.into());
-        pump::copy(r, Sink::File(sink))?;
+        pump::copy(r, Sink::File(sink), Some(drain.copying()))?;
     }
     Ok(())
 }
@@ -79,17 +80,13 @@ mod tests {
         let status = cmd.spawn().unwrap().wait().unwrap();
         drop(cmd);
         assert!(status.success());
+        assert!(
+            io.drain().wait(std::time::Duration::from_secs(10)),
+            "copies never caught up"
+        );
         drop(io);
-        // The copies end when the pipes' writers are gone; give them a moment to flush.
-        let mut lines = Vec::new();
-        for _ in 0..200 {
-            let text = std::fs::read_to_string(&log).unwrap();
-            lines = text.lines().map(str::to_string).collect();
-            if lines.len() == 3 {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        let text = std::fs::read_to_string(&log).unwrap();
+        let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
         assert_eq!(lines[0], "before", "{lines:?}");
         lines.sort();
         assert_eq!(lines, ["before", "err", "out"]);

@@ -11,6 +11,9 @@
 //! for. If the far end goes away (containerd or `ctr` exits, a logger dies) the shim keeps
 //! draining, so the container is never killed by `SIGPIPE` nor blocked on a full pipe.
 //!
+//! Each process's copies report to its [`Drain`], which tells the task service when the
+//! output has all reached its destination: the exit is published only then ([`drain`]).
+//!
 //! ```no_run
 //! use shim_common::stdio::{IoContext, IoOwner, ProcessIo, StdioPaths};
 //! let paths = StdioPaths {
@@ -26,9 +29,13 @@
 //! ```
 
 mod binary;
+mod drain;
 mod fifo;
 mod file;
 mod pump;
+
+pub use drain::{Copying, Drain};
+pub(crate) use fifo::StdinFifo;
 
 use std::ffi::OsString;
 use std::io::{self, PipeReader, PipeWriter};
@@ -92,7 +99,13 @@ impl ChildStdio {
 #[derive(Debug, Default)]
 pub struct ProcessIo {
     stdin: Arc<Mutex<Option<PipeWriter>>>,
+    /// The shim's own writer of the stdin fifo, closed at `CloseIO` or with this.
+    stdin_fifo: Option<StdinFifo>,
     logger: Option<binary::Logger>,
+    /// The fifo and file copies. A logging binary reads the process's pipes itself: the
+    /// bytes are in its hands the moment they are written, and flushing them is its part
+    /// of the contract (it is told with `SIGTERM`, and `Delete` waits for it to exit).
+    drain: Drain,
 }
 
 impl ProcessIo {
@@ -112,8 +125,8 @@ impl ProcessIo {
         let mut child = ChildStdio::default();
         let mut io = ProcessIo::default();
         match Output::parse(paths)? {
-            Output::Fifo => fifo::open_outputs(paths, owner, &mut child)?,
-            Output::File(path) => file::open_outputs(&path, paths, owner, &mut child)?,
+            Output::Fifo => fifo::open_outputs(paths, owner, &io.drain, &mut child)?,
+            Output::File(path) => file::open_outputs(&path, paths, owner, &io.drain, &mut child)?,
             Output::Binary(spec) => {
                 io.logger = Some(binary::Logger::start(&spec, owner, ctx, &mut child)?);
             }
@@ -123,14 +136,24 @@ impl ProcessIo {
             let (r, w) = io::pipe().context("create stdin pipe")?;
             *lock(&io.stdin) = Some(w);
             child.stdin = Some(r.into());
-            fifo::copy_stdin(paths.stdin.clone(), io.stdin.clone())?;
+            io.stdin_fifo = Some(fifo::copy_stdin(&paths.stdin, io.stdin.clone())?);
         }
         Ok((io, child))
     }
 
-    /// Closes the process's stdin so it reads EOF (`CloseIO`).
+    /// `CloseIO`: the process reads EOF once what clients wrote into the stdin fifo is
+    /// copied (and every client closed its end). Closing the process's pipe at once would
+    /// drop the input still in the fifo: clients write, close, then call `CloseIO`.
     pub fn close_stdin(&self) {
-        lock(&self.stdin).take();
+        match &self.stdin_fifo {
+            Some(fifo) => fifo.close(),
+            None => drop(lock(&self.stdin).take()),
+        }
+    }
+
+    /// The copies of the process's output, to wait for once it has exited.
+    pub fn drain(&self) -> &Drain {
+        &self.drain
     }
 }
 

@@ -4,6 +4,10 @@
 //! container. Here one poll loop serves them all; writes are non-blocking, so a reader that
 //! stops reading holds up its own stream only: its pipe is not read until the sink takes
 //! the pending bytes, which is the back-pressure a thread blocked in `write` gave.
+//!
+//! A stream reports to its process's [`Drain`] once it is done: at EOF with every byte
+//! written (or its sink gone), or — after the process exited — as soon as it has read its
+//! pipe empty and written what it read, whoever else still holds the pipe open.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, ErrorKind, PipeReader, Read, Write};
@@ -11,6 +15,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::{Mutex, OnceLock};
 
+use super::drain::Copying;
 use super::lock;
 use crate::error::{Context, Result};
 
@@ -24,8 +29,9 @@ pub(super) enum Sink {
     Fifo(String),
 }
 
-/// Copies `pipe` to `sink` until every writer of the pipe is gone.
-pub(super) fn copy(pipe: PipeReader, sink: Sink) -> Result<()> {
+/// Copies `pipe` to `sink` until every writer of the pipe is gone, reporting to `copying`
+/// (see the module doc).
+pub(super) fn copy(pipe: PipeReader, sink: Sink, copying: Option<Copying>) -> Result<()> {
     set_nonblocking(pipe.as_raw_fd())?;
     let sink = match sink {
         Sink::Discard => None,
@@ -39,7 +45,7 @@ pub(super) fn copy(pipe: PipeReader, sink: Sink) -> Result<()> {
                 Ok(f) => Some(f),
                 // No reader yet: wait for one off the pump, as a blocking open would.
                 Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
-                    return open_later(pipe, path);
+                    return open_later(pipe, path, copying);
                 }
                 Err(e) => {
                     log::warn!("open stdio fifo {path}: {e}; discarding its output");
@@ -48,24 +54,17 @@ pub(super) fn copy(pipe: PipeReader, sink: Sink) -> Result<()> {
             }
         }
     };
-    pump()?.add(Stream {
-        src: pipe,
-        sink,
-        pending: Vec::new(),
-        eof: false,
-    })
+    pump()?.add(Stream::new(pipe, sink, copying))
 }
 
-fn open_later(pipe: PipeReader, path: String) -> Result<()> {
+/// Waits (off the pump) for the fifo's reader, as a blocking open would. Until one comes,
+/// the pipe is not read: the process blocks once it is full, and its exit waits out its
+/// grace, as with containerd's Go shim, whose open blocks the same way.
+fn open_later(pipe: PipeReader, path: String, copying: Option<Copying>) -> Result<()> {
     super::spawn("stdout-open", move || {
         let sink = OpenOptions::new().write(true).open(&path).ok();
         let sink = sink.filter(|f| set_nonblocking(f.as_raw_fd()).is_ok());
-        let stream = Stream {
-            src: pipe,
-            sink,
-            pending: Vec::new(),
-            eof: false,
-        };
+        let stream = Stream::new(pipe, sink, copying);
         if let Err(e) = pump().and_then(|p| p.add(stream)) {
             log::error!("stdio for {path}: {e}");
         }
@@ -78,6 +77,8 @@ struct Stream {
     /// Read from `src`, not yet taken by `sink`.
     pending: Vec<u8>,
     eof: bool,
+    /// Reports when the stream is done; dropped with it at the latest.
+    copying: Option<Copying>,
 }
 
 struct Pump {
@@ -112,9 +113,21 @@ impl Pump {
 
     fn add(&self, s: Stream) -> Result<()> {
         lock(&self.new).push(s);
+        self.wake()
+    }
+
+    fn wake(&self) -> Result<()> {
         (&self.wake)
             .write_all(&1u64.to_ne_bytes())
             .context("wake stdio thread")
+    }
+}
+
+/// Makes the pump look at every stream now: a process exited, and its streams must check
+/// whether they have caught up even if their pipes stay quiet.
+pub(super) fn wake() {
+    if let Err(e) = pump().and_then(Pump::wake) {
+        log::error!("{e}");
     }
 }
 
@@ -153,12 +166,54 @@ fn run(mut wake: File) {
             if ready.next().unwrap_or(false) {
                 s.service(&mut buf);
             }
+            s.report_if_caught_up(&mut buf);
             !(s.eof && (s.pending.is_empty() || s.sink.is_none()))
         });
     }
 }
 
 impl Stream {
+    fn new(src: PipeReader, sink: Option<File>, copying: Option<Copying>) -> Stream {
+        Stream {
+            src,
+            sink,
+            pending: Vec::new(),
+            eof: false,
+            copying,
+        }
+    }
+
+    /// After the process's exit: done once a read finds the pipe empty with nothing
+    /// pending. The read is made here, not on `POLLIN`, since an empty pipe raises none.
+    /// At EOF the stream is dropped, which reports.
+    fn report_if_caught_up(&mut self, buf: &mut [u8]) {
+        match &self.copying {
+            Some(c) if c.asked() && !c.reported() => {}
+            _ => return,
+        }
+        // Bounded, so a child that keeps writing cannot keep the pump here: what is left
+        // raises POLLIN and brings it back.
+        for _ in 0..16 {
+            if self.eof || (!self.pending.is_empty() && self.sink.is_some()) {
+                return; // dropped soon, or waiting for POLLOUT
+            }
+            match self.src.read(buf) {
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    if let Some(c) = self.copying.as_mut() {
+                        c.caught_up();
+                    }
+                    return;
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Ok(0) | Err(_) => self.eof = true,
+                Ok(n) => {
+                    self.pending.extend_from_slice(&buf[..n]);
+                    self.flush();
+                }
+            }
+        }
+    }
+
     fn service(&mut self, buf: &mut [u8]) {
         if !self.pending.is_empty() {
             self.flush();
