@@ -275,10 +275,11 @@ fn stdin_is_read_again_after_a_client_reattaches() {
             .unwrap_or_else(|e| panic!("attach {}: nobody reads the stdin fifo: {e}", attach + 1));
         w.write_all(line.as_bytes()).unwrap();
         drop(w); // the client detaches without CloseIO
-        // Once cat has echoed it, the shim has read past this client's close.
+                 // Once cat has echoed it, the shim has read past this client's close.
         let want = ["first\n", "second\n", "third\n"][..=attach].concat();
         assert!(
-            wait_until(LONG, || std::fs::read_to_string(&log).unwrap_or_default() == want),
+            wait_until(LONG, || std::fs::read_to_string(&log).unwrap_or_default()
+                == want),
             "attach {}: cat never echoed {line:?}",
             attach + 1
         );
