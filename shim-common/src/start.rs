@@ -140,13 +140,26 @@ fn spawn_daemon(
     let mut daemon = cmd.spawn().context("spawn shim daemon")?;
     if let Some(path) = cgroup {
         // Before it serves anything: everything it starts is then accounted there too.
-        if let Err(e) = crate::cgroups::join(path, daemon.id()) {
+        if let Err(e) = join_cgroup(path, daemon.id()) {
             let _ = daemon.kill();
             let _ = daemon.wait();
             return Err(e);
         }
     }
     Ok(())
+}
+
+#[cfg(target_os = "linux")]
+fn join_cgroup(path: &str, pid: u32) -> Result<()> {
+    crate::cgroups::join(path, pid)
+}
+
+/// cgroups are Linux's: elsewhere (a FreeBSD jail shim) asking for one is an error.
+#[cfg(not(target_os = "linux"))]
+fn join_cgroup(path: &str, _pid: u32) -> Result<()> {
+    Err(Error::Unimplemented(format!(
+        "shim cgroup {path}: cgroups exist on Linux only"
+    )))
 }
 
 #[cfg(test)]
