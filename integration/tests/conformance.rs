@@ -161,6 +161,28 @@ fn bootstrap_params_with_unknown_fields_are_accepted() {
     shut_down(&pg, &answer.address, answer.version);
 }
 
+/// Reads `start`'s answer, connects to the daemon and learns its pid (kept by `pg`, whose
+/// drop kills a daemon a failed test leaves).
+fn connected(
+    pg: &Playground,
+    start_stdout: &[u8],
+) -> (integration::conformance::Answer, TaskApi, u32) {
+    let answer = parse_answer(pg.generation, start_stdout).unwrap();
+    pg.set_address(&answer.address);
+    let api = TaskApi::connect(&answer.address, answer.version, &pg.namespace).unwrap();
+    let c: ConnectResponse = api
+        .call(
+            "Connect",
+            &ConnectRequest {
+                id: pg.id.clone(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    pg.set_shim_pid(c.shim_pid);
+    (answer, api, c.shim_pid)
+}
+
 /// Connects, learns the daemon's pid, shuts it down and waits until it and its socket are gone.
 fn shut_down(pg: &Playground, address: &str, version: u32) {
     let api = TaskApi::connect(address, version, &pg.namespace).unwrap();
@@ -389,25 +411,14 @@ fn shim_cgroup_option_moves_the_daemon_into_that_cgroup() {
             shim.display(),
             out.stderr
         );
-        let answer = parse_answer(generation, &out.stdout).unwrap();
-        pg.set_address(&answer.address);
-        let api = TaskApi::connect(&answer.address, answer.version, &pg.namespace).unwrap();
-        let c: ConnectResponse = api
-            .call(
-                "Connect",
-                &ConnectRequest {
-                    id: pg.id.clone(),
-                    ..Default::default()
-                },
-            )
-            .unwrap();
+        let (answer, api, shim_pid) = connected(&pg, &out.stdout);
         drop(api);
-        let missing = cg.missing(c.shim_pid);
+        let missing = cg.missing(shim_pid);
         assert!(
             missing.is_empty(),
             "{} as {generation:?}: shim {} not in {missing:?}",
             shim.display(),
-            c.shim_pid
+            shim_pid
         );
         shut_down(&pg, &answer.address, answer.version);
     }
@@ -490,19 +501,7 @@ fn host_pid_round(shim: &std::path::Path, what: &str) {
     std::fs::write(pg.bundle().join("config.json"), config.to_string()).unwrap();
     let out = pg.run_start(&pg.start_stdin(None)).unwrap();
     assert!(out.success, "{what}: start: {}", out.stderr);
-    let answer = parse_answer(Generation::V1_6, &out.stdout).unwrap();
-    pg.set_address(&answer.address);
-    let api = TaskApi::connect(&answer.address, answer.version, &pg.namespace).unwrap();
-    let c: ConnectResponse = api
-        .call(
-            "Connect",
-            &ConnectRequest {
-                id: pg.id.clone(),
-                ..Default::default()
-            },
-        )
-        .unwrap();
-    pg.set_shim_pid(c.shim_pid);
+    let (answer, api, _) = connected(&pg, &out.stdout);
     let _: CreateTaskResponse = api
         .call("Create", &pg.create_request(None).unwrap())
         .unwrap();

@@ -20,6 +20,21 @@ fn wrapper(c: &Containerd, conf: &str) -> PathBuf {
     bin
 }
 
+/// `ctr run -d` of a sleeping busybox with `runc` as its runtime binary.
+fn sleep_detached(c: &Containerd, runc: &std::path::Path, id: &str) {
+    let runc = runc.to_string_lossy();
+    c.ctr_ok(&[
+        "run",
+        "-d",
+        "--runc-binary",
+        &runc,
+        BUSYBOX_REF,
+        id,
+        "sleep",
+        "1000",
+    ]);
+}
+
 fn task_topics(log: &EventLog, id: &str) -> Vec<String> {
     log.topics(id)
         .into_iter()
@@ -62,16 +77,7 @@ fn exec_that_exits_before_its_start_returns() {
     let runc = wrapper(&c, "delay exec 0 400\n");
     let id = unique_id("early");
     let log = EventLog::start(&c);
-    c.ctr_ok(&[
-        "run",
-        "-d",
-        "--runc-binary",
-        runc.to_str().unwrap(),
-        BUSYBOX_REF,
-        &id,
-        "sleep",
-        "1000",
-    ]);
+    sleep_detached(&c, &runc, &id);
     let out = c.ctr(&[
         "task",
         "exec",
@@ -196,16 +202,7 @@ fn state_answers_while_an_exec_is_starting() {
     let runc = wrapper(&c, "hold exec\n");
     let dir = runc.parent().unwrap().to_path_buf();
     let id = unique_id("slowexec");
-    c.ctr_ok(&[
-        "run",
-        "-d",
-        "--runc-binary",
-        runc.to_str().unwrap(),
-        BUSYBOX_REF,
-        &id,
-        "sleep",
-        "1000",
-    ]);
+    sleep_detached(&c, &runc, &id);
     let shim = connect(&c, &id);
     let exec = ExecProcessRequest {
         id: id.clone(),

@@ -470,13 +470,7 @@ impl<B: Backend> Inner<B> {
                 // Execs outlive init only in a shared pid namespace; end them, then report init.
                 for (exec_id, p) in &c.execs {
                     if p.status == Status::RUNNING && !p.reaped {
-                        let target = Target::Exec {
-                            exec_id,
-                            pid: p.pid,
-                        };
-                        let _ = self
-                            .backend
-                            .kill(&c.id, target, libc::SIGKILL as u32, false);
+                        self.kill_exec(&c.id, exec_id, p.pid);
                     }
                 }
                 c.deferred_init_exit = Some(exit);
@@ -488,6 +482,12 @@ impl<B: Backend> Inner<B> {
         self.finish(c, exec_id, exit);
         c.running_execs = c.running_execs.saturating_sub(1);
         self.release_init_exit(c);
+    }
+
+    /// SIGKILLs an exec's process; it is gone or going either way, so errors are moot.
+    fn kill_exec(&self, id: &str, exec_id: &str, pid: u32) {
+        let target = Target::Exec { exec_id, pid };
+        let _ = self.backend.kill(id, target, libc::SIGKILL as u32, false);
     }
 
     fn release_init_exit(&self, c: &mut Container) {
@@ -702,13 +702,7 @@ impl<B: Backend> Inner<B> {
             match pending.finish(&paths) {
                 Ok(io) => Ok((io, pid, starting)),
                 Err(e) => {
-                    let target = Target::Exec {
-                        exec_id: &req.exec_id,
-                        pid,
-                    };
-                    let _ = self
-                        .backend
-                        .kill(&req.id, target, libc::SIGKILL as u32, false);
+                    self.kill_exec(&req.id, &req.exec_id, pid);
                     Err(e)
                 }
             }
@@ -731,13 +725,7 @@ impl<B: Backend> Inner<B> {
         drop(starting);
         if early.is_none() && c.deferred_init_exit.is_some() {
             // The init exited while this started: end it, as the init's exit did the others.
-            let target = Target::Exec {
-                exec_id: &req.exec_id,
-                pid,
-            };
-            let _ = self
-                .backend
-                .kill(&req.id, target, libc::SIGKILL as u32, false);
+            self.kill_exec(&req.id, &req.exec_id, pid);
         }
         let p = c.process_mut(&req.exec_id)?;
         p.pid = pid;
