@@ -21,6 +21,9 @@ pub enum Error {
     /// The runtime (runc, wasmtime, runj, ...) failed; the message carries its own words.
     #[error("{0}")]
     Runtime(String),
+    /// What another ttrpc server answered (containerd, or another shim), with its code.
+    #[error("{message}")]
+    Remote { code: Code, message: String },
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -89,6 +92,7 @@ impl Error {
             Error::InvalidArgument(_) => Code::INVALID_ARGUMENT,
             Error::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
             Error::Unimplemented(_) => Code::UNIMPLEMENTED,
+            Error::Remote { code, .. } => *code,
             Error::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => Code::NOT_FOUND,
             _ => Code::UNKNOWN,
         }

@@ -119,6 +119,7 @@ fn delete<B: Backend>(flags: &Flags) -> Result<Vec<u8>> {
     // removed even if the backend's cleanup failed, since nothing can use it any more.
     if let Ok(address) = std::fs::read_to_string(bundle.join("address")) {
         let address = address.trim();
+        let _held = socket::lock_dir(address)?;
         if std::os::unix::net::UnixStream::connect(socket::path(address)).is_err() {
             socket::remove(address)?;
         }

@@ -16,6 +16,10 @@ use crate::{logger, reaper, signals, socket};
 /// The fd on which the daemon finds its listening socket.
 pub const LISTENER_FD: i32 = 3;
 
+/// Why the daemon stops.
+const SIGNAL: &str = "signal";
+const SHUTDOWN_REQUEST: &str = "shutdown request";
+
 /// Serves until `Shutdown` (with no task left), `SIGTERM` or `SIGINT`, then exits.
 pub fn serve<B: Backend>(flags: &Flags) -> Result<()> {
     limit_malloc_arenas();
@@ -28,17 +32,21 @@ pub fn serve<B: Backend>(flags: &Flags) -> Result<()> {
     let (tx, rx) = mpsc::channel::<&'static str>();
     let on_signal = Mutex::new(tx.clone());
     signals::spawn(move || {
-        let _ = on_signal.lock().map(|tx| tx.send("signal"));
+        let _ = on_signal.lock().map(|tx| tx.send(SIGNAL));
     })?;
     let publisher = RemotePublisher::new(&flags.ttrpc_address, &flags.namespace)?;
     let backend = B::new(&context(flags))?;
     let on_shutdown = Mutex::new(tx);
+    let address = flags.socket.clone();
     let service = TaskService::new(
         flags.namespace.clone(),
         backend,
         publisher.clone(),
+        // Runs while the service refuses new containers: once the name is gone, the next
+        // `start` of this group binds it afresh instead of finding a shim about to exit.
         Box::new(move || {
-            let _ = on_shutdown.lock().map(|tx| tx.send("shutdown request"));
+            remove_socket(&address);
+            let _ = on_shutdown.lock().map(|tx| tx.send(SHUTDOWN_REQUEST));
         }),
     )?;
     // SAFETY: fd 3 is the listening socket `start` handed over (checked above); nothing
@@ -47,13 +55,22 @@ pub fn serve<B: Backend>(flags: &Flags) -> Result<()> {
     service.into_server().spawn(Some(listener), Vec::new())?;
     log::info!("serving {} for namespace {}", flags.socket, flags.namespace);
 
-    let why = rx.recv().unwrap_or("channel closed");
+    let why = rx.recv().unwrap_or(SIGNAL);
     log::info!("shutting down ({why})");
-    publisher.close(Duration::from_secs(2));
-    if !flags.socket.is_empty() {
-        let _ = socket::remove(&flags.socket);
+    // After a shutdown request the name may already be another shim's.
+    if why != SHUTDOWN_REQUEST {
+        remove_socket(&flags.socket);
     }
+    publisher.close(Duration::from_secs(2));
     std::process::exit(0)
+}
+
+fn remove_socket(address: &str) {
+    if !address.is_empty() {
+        if let Err(e) = socket::remove(address) {
+            log::warn!("{e}");
+        }
+    }
 }
 
 /// glibc gives each thread that allocates its own arena (up to 8 per core). A shim's

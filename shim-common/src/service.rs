@@ -14,10 +14,10 @@
 //! Nothing here assumes a unix socket or the host's containerd: the service takes a
 //! [`Publisher`] and a shutdown callback, and serves whatever ttrpc transport it is given.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use protobuf::well_known_types::empty::Empty;
 use protobuf::{Message, MessageField};
@@ -35,8 +35,18 @@ use crate::reaper::{self, Exit};
 use crate::rpc;
 use crate::stdio::{ChildStdio, Drain, IoContext, IoOwner, ProcessIo, StdioPaths};
 
-/// Called when `Shutdown` finds no task left: the daemon stops serving and exits.
+/// Called when `Shutdown` finds no task left and nothing on its way: the daemon stops
+/// serving and exits. It runs while new containers are refused, so it can take the daemon's
+/// address away before anyone else finds it.
 pub type ShutdownHook = Box<dyn Fn() + Send + Sync>;
+
+/// The SDK's own ttrpc service next to containerd's task API, for its own `start` action.
+pub const GROUP_SERVICE: &str = "containerd.shim.sdk.v1.Group";
+
+/// How long a container announced by `start` ([`GROUP_SERVICE`]'s `Join`) holds off the
+/// shim's shutdown while containerd has not sent its `Create`. containerd sends it right
+/// after `start` answers; this bounds a daemon that then never does.
+pub const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long an exit waits for the process's output to reach its destination. Once the
 /// process is gone at most a pipe's worth (64 KiB) per stream is left to copy, which a live
@@ -186,6 +196,38 @@ struct Cell {
     state: Mutex<Container>,
 }
 
+/// The shim's containers, and the ones on their way: what `Shutdown` must not abandon.
+///
+/// containerd shuts a group's shim down when its last task is deleted, while `start` for
+/// the group's next container may already have found that shim, or its `Create` may be in
+/// flight. So a `Create` reserves its id here before anything runs (a duplicate is refused,
+/// not let through to undo the first), `start` announces the container it found the shim
+/// for (`Join`), and `Shutdown` declines while either is pending. Once it accepts, new
+/// containers are refused and `start` makes a new shim.
+#[derive(Default)]
+struct Table {
+    cells: HashMap<String, Arc<Cell>>,
+    creating: HashSet<String>,
+    /// Containers `start` found this shim for, and when, until their `Create` arrives.
+    joined: HashMap<String, Instant>,
+    /// Shutdown accepted: the shim is exiting.
+    closing: bool,
+}
+
+impl Table {
+    /// Why the shim may not exit now, or `None` if it may. Forgets expired joins.
+    fn busy(&mut self) -> Option<String> {
+        self.joined.retain(|_, at| at.elapsed() < JOIN_TIMEOUT);
+        if let Some(id) = self.cells.keys().chain(&self.creating).next() {
+            return Some(format!("container {id}"));
+        }
+        self.joined
+            .keys()
+            .next()
+            .map(|id| format!("container {id} announced by start"))
+    }
+}
+
 /// Which process each pid belongs to, and exits reaped before their pid was known.
 #[derive(Default)]
 struct PidTable {
@@ -202,7 +244,7 @@ struct Inner<B> {
     namespace: String,
     backend: B,
     publisher: Arc<dyn Publisher>,
-    containers: Mutex<HashMap<String, Arc<Cell>>>,
+    containers: Mutex<Table>,
     pids: Mutex<PidTable>,
     on_shutdown: ShutdownHook,
     /// One OOM watcher for every container of the shim, started with the first container
@@ -225,6 +267,18 @@ fn validate_id(kind: &str, id: &str) -> Result<()> {
         return Err(Error::InvalidArgument(format!("invalid {kind} id {id:?}")));
     }
     Ok(())
+}
+
+/// An id reserved for a `Create` in flight ([`Inner::reserve`]).
+struct Reserved<'a, B> {
+    inner: &'a Inner<B>,
+    id: String,
+}
+
+impl<B> Drop for Reserved<'_, B> {
+    fn drop(&mut self) {
+        lock(&self.inner.containers).creating.remove(&self.id);
+    }
 }
 
 /// Marks a backend call that will report a new pid; exits of unknown pids are kept meanwhile.
@@ -254,7 +308,7 @@ impl<B: Backend> TaskService<B> {
             namespace: namespace.into(),
             backend,
             publisher,
-            containers: Mutex::new(HashMap::new()),
+            containers: Mutex::new(Table::default()),
             pids: Mutex::new(PidTable::default()),
             on_shutdown,
             oom: OnceLock::new(),
@@ -341,6 +395,10 @@ impl<B: Backend> TaskService<B> {
                 }),
             );
         }
+        methods.insert(
+            format!("/{GROUP_SERVICE}/Join"),
+            route(&self.inner, "Join", |i, r| empty(i.join(r))),
+        );
         methods
     }
 }
@@ -363,6 +421,7 @@ where
 impl<B: Backend> Inner<B> {
     fn cell(&self, id: &str) -> Result<Arc<Cell>> {
         lock(&self.containers)
+            .cells
             .get(id)
             .cloned()
             .ok_or_else(|| Error::NotFound(format!("container {id}")))
@@ -535,9 +594,7 @@ impl<B: Backend> Inner<B> {
 
     fn create(&self, req: CreateTaskRequest) -> Result<CreateTaskResponse> {
         validate_id("container", &req.id)?;
-        if lock(&self.containers).contains_key(&req.id) {
-            return Err(Error::AlreadyExists(format!("container {}", req.id)));
-        }
+        let reserved = self.reserve(&req.id)?;
         let paths = StdioPaths {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
@@ -587,7 +644,10 @@ impl<B: Backend> Inner<B> {
                 kill_all_on_exit: shares_pid_namespace(&bundle),
             }),
         });
-        lock(&self.containers).insert(req.id.clone(), cell.clone());
+        lock(&self.containers)
+            .cells
+            .insert(req.id.clone(), cell.clone());
+        drop(reserved);
         let event = TaskCreate {
             container_id: req.id.clone(),
             bundle: req.bundle.clone(),
@@ -922,7 +982,7 @@ impl<B: Backend> Inner<B> {
             w(Err(Error::NotFound(format!("container {}", req.id))));
         }
         drop(c);
-        lock(&self.containers).remove(&req.id);
+        lock(&self.containers).cells.remove(&req.id);
         Ok(resp)
     }
 
@@ -1095,11 +1155,75 @@ impl<B: Backend> Inner<B> {
         })
     }
 
+    /// Exits (through the hook) unless a container is there or on its way ([`Table`]). A
+    /// shutdown declined only for a container `start` announced is tried again when that
+    /// announcement expires, so a `Create` that never comes does not keep the shim alive.
     fn shutdown(&self, _req: ShutdownRequest) -> Result<()> {
-        if lock(&self.containers).is_empty() {
-            (self.on_shutdown)();
+        let mut t = lock(&self.containers);
+        match t.busy() {
+            None => {
+                t.closing = true;
+                (self.on_shutdown)();
+            }
+            Some(why) => {
+                log::debug!("shutdown declined: {why}");
+                let only_joined = t.cells.is_empty() && t.creating.is_empty();
+                if only_joined {
+                    self.shutdown_after(JOIN_TIMEOUT);
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Tries [`Inner::shutdown`] again after `delay`, if the service is still there.
+    fn shutdown_after(&self, delay: Duration) {
+        let me = self.me.clone();
+        let spawned = std::thread::Builder::new()
+            .name("shutdown-retry".into())
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                std::thread::sleep(delay);
+                if let Some(inner) = me.upgrade() {
+                    let _ = inner.shutdown(ShutdownRequest::default());
+                }
+            });
+        if let Err(e) = spawned {
+            log::warn!("cannot schedule a later shutdown: {e}");
+        }
+    }
+
+    /// `start` found this shim for container `id` ([`GROUP_SERVICE`]): refused once the
+    /// shim is exiting, so `start` makes a new one; otherwise shutdown waits for its `Create`.
+    fn join(&self, req: ConnectRequest) -> Result<()> {
+        validate_id("container", &req.id)?;
+        let mut t = lock(&self.containers);
+        if t.closing {
+            return Err(Error::FailedPrecondition(
+                "the shim is shutting down".into(),
+            ));
+        }
+        t.joined.insert(req.id, Instant::now());
+        Ok(())
+    }
+
+    /// Reserves `id` for a `Create`: refused if the container exists or is being created,
+    /// or the shim is exiting. The reservation ends with the returned guard.
+    fn reserve(&self, id: &str) -> Result<Reserved<'_, B>> {
+        let mut t = lock(&self.containers);
+        if t.closing {
+            return Err(Error::FailedPrecondition(format!(
+                "container {id}: the shim is shutting down"
+            )));
+        }
+        if t.cells.contains_key(id) || !t.creating.insert(id.to_string()) {
+            return Err(Error::AlreadyExists(format!("container {id}")));
+        }
+        t.joined.remove(id);
+        Ok(Reserved {
+            inner: self,
+            id: id.to_string(),
+        })
     }
 }
 
@@ -1205,6 +1329,53 @@ mod tests {
 
     fn code<T: std::fmt::Debug>(r: Result<T>) -> ttrpc::Code {
         r.unwrap_err().code()
+    }
+
+    #[test]
+    fn shutdown_waits_for_containers_on_their_way_and_then_refuses_them() {
+        let events = Arc::new(Events(Mutex::new(Vec::new())));
+        let exits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let hook = exits.clone();
+        let svc = TaskService::new(
+            "ns",
+            Minimal::default(),
+            events,
+            Box::new(move || {
+                hook.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }),
+        )
+        .unwrap();
+        let i = &svc.inner;
+        let exited = || exits.load(std::sync::atomic::Ordering::SeqCst);
+        let join = |id: &str| {
+            i.join(ConnectRequest {
+                id: id.into(),
+                ..Default::default()
+            })
+        };
+        let create = |id: &str| {
+            i.create(CreateTaskRequest {
+                id: id.into(),
+                bundle: "/nonexistent".into(),
+                ..Default::default()
+            })
+        };
+        // Announced by `start`: shutdown waits for its Create.
+        join("c1").unwrap();
+        i.shutdown(ShutdownRequest::default()).unwrap();
+        assert_eq!(exited(), 0);
+        // A Create in flight holds it too, and its id cannot be created twice meanwhile.
+        let in_flight = i.reserve("c1").unwrap();
+        assert_eq!(code(create("c1")), ttrpc::Code::ALREADY_EXISTS);
+        i.shutdown(ShutdownRequest::default()).unwrap();
+        assert_eq!(exited(), 0);
+        // It failed: nothing is left, so the shim may go.
+        drop(in_flight);
+        i.shutdown(ShutdownRequest::default()).unwrap();
+        assert_eq!(exited(), 1);
+        // Exiting: `start` and containerd are sent elsewhere.
+        assert_eq!(code(join("c2")), ttrpc::Code::FAILED_PRECONDITION);
+        assert_eq!(code(create("c2")), ttrpc::Code::FAILED_PRECONDITION);
     }
 
     #[test]

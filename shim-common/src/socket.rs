@@ -10,6 +10,7 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
+use nix::fcntl::{Flock, FlockArg};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Context, Result};
@@ -51,6 +52,36 @@ pub fn path(address: &str) -> PathBuf {
     PathBuf::from(address.strip_prefix("unix://").unwrap_or(address))
 }
 
+/// Held while a process decides who owns a socket name in the directory (`start` binding
+/// or taking it over, the `delete` action removing a dead shim's): such a decision is a
+/// check, then an act, and another process acting in between would remove a socket just
+/// bound — orphaning the shim behind it. A lock on the directory itself leaves no lock
+/// files behind. A daemon removing its own socket needs no lock: while it listens no one
+/// else can decide the name is dead.
+pub struct DirLock(#[allow(dead_code)] Flock<fs::File>);
+
+/// Takes [`DirLock`] on the directory of `address`, creating it (mode 0700) if needed.
+pub fn lock_dir(address: &str) -> Result<DirLock> {
+    let path = path(address);
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("create socket directory {}", dir.display()))?;
+    let file = fs::File::open(dir).with_context(|| format!("open {}", dir.display()))?;
+    loop {
+        match Flock::lock(
+            file.try_clone().context("dup directory fd")?,
+            FlockArg::LockExclusive,
+        ) {
+            Ok(lock) => return Ok(DirLock(lock)),
+            Err((_, nix::Error::EINTR)) => continue,
+            Err((_, e)) => return Err(e).with_context(|| format!("lock {}", dir.display())),
+        }
+    }
+}
+
 /// Outcome of [`bind`].
 pub enum Bound {
     /// We own the socket now; hand the listener to the daemon.
@@ -60,16 +91,9 @@ pub enum Bound {
 }
 
 /// Binds `address`, replacing a stale socket left by a dead shim, or reports that a live
-/// shim already answers there.
-pub fn bind(address: &str) -> Result<Bound> {
+/// shim already answers there. Only under the directory's lock ([`lock_dir`]).
+pub fn bind(address: &str, _held: &DirLock) -> Result<Bound> {
     let path = path(address);
-    if let Some(dir) = path.parent() {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .with_context(|| format!("create socket directory {}", dir.display()))?;
-    }
     match listen(&path) {
         Ok(l) => Ok(Bound::New(l)),
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
@@ -125,14 +149,15 @@ mod tests {
     fn stale_socket_is_replaced_and_live_one_reused() {
         let dir = tempfile::tempdir().unwrap();
         let addr = address_in(dir.path(), "/c.sock", "ns", "g");
-        let first = match bind(&addr).unwrap() {
+        let held = lock_dir(&addr).unwrap();
+        let first = match bind(&addr, &held).unwrap() {
             Bound::New(l) => l,
             Bound::Existing => panic!("nothing listens yet"),
         };
-        assert!(matches!(bind(&addr).unwrap(), Bound::Existing));
+        assert!(matches!(bind(&addr, &held).unwrap(), Bound::Existing));
         drop(first); // the socket file stays behind, like after a SIGKILLed shim
         assert!(path(&addr).exists());
-        assert!(matches!(bind(&addr).unwrap(), Bound::New(_)));
+        assert!(matches!(bind(&addr, &held).unwrap(), Bound::New(_)));
         let mode = fs::metadata(path(&addr).parent().unwrap())
             .unwrap()
             .permissions()

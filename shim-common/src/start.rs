@@ -7,12 +7,15 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use protobuf::well_known_types::any::Any;
 
 use crate::bootstrap::{StartInput, MAX_SHIM_VERSION_ENV, STDIN_LIMIT};
 use crate::error::{Context, Error, Result};
 use crate::flags::Flags;
+use crate::rpc;
+use crate::service::GROUP_SERVICE;
 use crate::socket::{self, Bound};
 
 /// Annotation that puts containers in one shim (containerd's runc shim honours it too).
@@ -80,18 +83,51 @@ fn start_daemon(flags: &Flags, socket_dir: Option<&str>, cgroup: Option<&str>) -
         }
         None => address,
     };
-    match socket::bind(&address)? {
-        Bound::Existing => {}
-        Bound::New(listener) => {
-            if let Err(e) = spawn_daemon(flags, &address, listener.into(), cgroup) {
-                let _ = socket::remove(&address);
-                return Err(e);
+    // A daemon found may be exiting (its last container just went): it then refuses the
+    // join, having already given up its name, so the next bind is ours.
+    let held = socket::lock_dir(&address)?;
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match socket::bind(&address, &held)? {
+            Bound::Existing => match join(&address, &flags.id) {
+                Ok(()) => break,
+                Err(e) if attempts < JOIN_ATTEMPTS => {
+                    log::debug!("shim at {address} cannot take {}: {e}", flags.id);
+                }
+                Err(e) => return Err(e),
+            },
+            Bound::New(listener) => {
+                if let Err(e) = spawn_daemon(flags, &address, listener.into(), cgroup) {
+                    let _ = socket::remove(&address);
+                    return Err(e);
+                }
+                break;
             }
         }
     }
     // containerd reads this back when it restarts and reconnects.
     fs::write(bundle.join("address"), &address).context("write address file")?;
     Ok(address)
+}
+
+/// How often `start` tries a group's socket that another shim answers but will not join.
+const JOIN_ATTEMPTS: usize = 5;
+
+/// Tells the group's daemon at `address` that containerd's `Create` of `id` is coming, so
+/// it does not exit meanwhile ([`crate::service::GROUP_SERVICE`]). A daemon without that
+/// service (an older build) is joined as before, unannounced.
+fn join(address: &str, id: &str) -> Result<()> {
+    let req = protocol::shim::ConnectRequest {
+        id: id.to_string(),
+        ..Default::default()
+    };
+    let joined = rpc::Client::connect(address)
+        .and_then(|c| c.call(GROUP_SERVICE, "Join", &req, Duration::from_secs(10)));
+    match joined {
+        Err(e) if e.code() == ttrpc::Code::UNIMPLEMENTED => Ok(()),
+        r => r.map(drop),
+    }
 }
 
 /// Re-executes this binary as the daemon: its own session (a signal to containerd's process

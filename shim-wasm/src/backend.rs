@@ -42,8 +42,9 @@ pub struct WasmBackend {
     images: Images,
     /// Made on first use: a shim running only native containers never loads wasmtime.
     engine: OnceLock<Engine>,
-    /// Held while wasmtime runs in the shim and while libcontainer clones: a clone taken
-    /// while another thread holds one of wasmtime's locks would inherit it locked.
+    /// Held while the shim forks libcontainer's helper (see `fork`), while wasmtime
+    /// compiles in the shim, and by `start`, which changes the process's cwd that a fork
+    /// copies (see [`Youki::start`]).
     fork: Mutex<()>,
     containers: Mutex<HashMap<String, Arc<Container>>>,
 }
@@ -223,7 +224,9 @@ impl Backend for WasmBackend {
 
     fn start(&self, id: &str) -> Result<u32> {
         let c = self.get(id)?;
-        Youki::start(&mut c.state.lock().unwrap_or_else(PoisonError::into_inner))?;
+        let mut state = c.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let _fork = self.fork.lock().unwrap_or_else(PoisonError::into_inner);
+        self.youki.start(&mut state)?;
         Ok(c.init_pid)
     }
 

@@ -15,7 +15,7 @@ use shim_common::{Context, Error, Result};
 
 /// Brings `lo` up in the network namespace of `pid`, unless that is this process's own
 /// (host networking: the host's `lo` is not ours to touch). Joins the namespace, so call it
-/// only from a throwaway single-threaded process (`fork::isolated`).
+/// only from a throwaway single-threaded process (libcontainer's helper, see `fork`).
 pub fn up_in(pid: u32) -> Result<()> {
     let theirs = format!("/proc/{pid}/ns/net");
     let ino = |p: &str| std::fs::metadata(p).map(|m| (m.dev(), m.ino()));

@@ -19,5 +19,9 @@ mod precompiled;
 mod youki;
 
 fn main() {
+    // The shim re-executes itself to run libcontainer in a fresh process (see `fork`).
+    if let Some(code) = fork::helper_main() {
+        std::process::exit(code)
+    }
     shim_common::run::<backend::WasmBackend>("containerd-shim-wasm-v2")
 }

@@ -68,7 +68,10 @@ impl Client {
             let code = status.map(|s| s.code()).unwrap_or(Code::OK);
             if code != Code::OK {
                 let msg = status.map(|s| s.message.clone()).unwrap_or_default();
-                return Err(Error::Runtime(format!("{what}: {code:?}: {msg}")));
+                return Err(Error::Remote {
+                    code,
+                    message: format!("{what}: {code:?}: {msg}"),
+                });
             }
             return Ok(res.payload);
         }
