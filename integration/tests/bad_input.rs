@@ -258,3 +258,186 @@ fn non_executable_runc_binary_is_a_clear_error() {
         .is_empty()));
     assert!(processes_mentioning(&id).is_empty());
 }
+
+/// The annotation that puts containers in one shim, as a pod's are.
+const GROUP_ANNOTATION: &str = "io.containerd.runc.v2.group";
+
+/// A container of its own group (`ctr run -d ... sleep 1000`); returns its id and the
+/// `--annotation` that puts another container beside it.
+fn running_in_group(c: &Containerd) -> (String, String) {
+    let id = unique_id("pod");
+    let annotation = format!("{GROUP_ANNOTATION}={id}");
+    c.ctr_ok(&[
+        "run",
+        "-d",
+        "--annotation",
+        &annotation,
+        BUSYBOX_REF,
+        &id,
+        "sleep",
+        "1000",
+    ]);
+    (id, annotation)
+}
+
+fn shim_pid(shim: &protocol::shim_ttrpc::TaskClient, id: &str) -> u32 {
+    let req = ConnectRequest {
+        id: id.into(),
+        ..Default::default()
+    };
+    shim.connect(ctx(), &req).unwrap().shim_pid
+}
+
+/// A logging binary that does not exist costs its own container's create, with an error
+/// naming it, and nothing else: the group's shim keeps serving its running container.
+/// Before the fix std's spawn panicked when the reaper took the failed child first, and the
+/// shim died with the pod within a few rounds.
+#[test]
+fn missing_logging_binary_fails_its_container_not_the_pod() {
+    let c = with_our_shims();
+    let (anchor, annotation) = running_in_group(&c);
+    let shim = connect(&c, &anchor);
+    let pid = shim_pid(&shim, &anchor);
+    for round in 0..40 {
+        let id = format!("{anchor}-log{round}");
+        let out = c.ctr(&[
+            "run",
+            "--rm",
+            "--annotation",
+            &annotation,
+            "--log-uri",
+            "binary:///nonexistent/logger",
+            BUSYBOX_REF,
+            &id,
+            "true",
+        ]);
+        assert!(!out.success(), "round {round}: the container ran");
+        assert!(
+            out.stderr
+                .contains("start logging binary /nonexistent/logger"),
+            "round {round}: {}",
+            out.stderr
+        );
+        let _ = c.ctr(&["container", "delete", &id]);
+        assert!(!runc_state(c.namespace(), &id).exists(), "round {round}");
+        assert_still_running(&shim, &anchor);
+    }
+    assert_eq!(shim_pid(&shim, &anchor), pid, "the pod's shim was replaced");
+    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &anchor]);
+}
+
+/// Two `Create`s of one id at once, in the shim of a running pod: one creates the
+/// container, the other is `AlreadyExists` before anything runs — its undo must not
+/// destroy the first (runc's state, the rootfs).
+#[test]
+fn concurrent_create_of_one_id_creates_it_once() {
+    let c = with_our_shims();
+    let (anchor, _) = running_in_group(&c);
+    let shim = connect(&c, &anchor);
+    for round in 0..5 {
+        let id = format!("{anchor}-dup{round}");
+        let dir = c.dir().join(&id);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut spec: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(bundle(&c, &anchor).join("config.json")).unwrap(),
+        )
+        .unwrap();
+        // The pod's rootfs, read-only: a bundle of its own without a snapshot.
+        spec["root"] = serde_json::json!({
+            "path": bundle(&c, &anchor).join("rootfs"),
+            "readonly": true,
+        });
+        spec["process"]["args"] = serde_json::json!(["sleep", "1000"]);
+        spec["linux"]["cgroupsPath"] = format!("/{}/{id}", c.namespace()).into();
+        std::fs::write(dir.join("config.json"), spec.to_string()).unwrap();
+        let req = CreateTaskRequest {
+            id: id.clone(),
+            bundle: dir.to_string_lossy().into(),
+            ..Default::default()
+        };
+        let results: Vec<_> = std::thread::scope(|s| {
+            let calls: Vec<_> = (0..2)
+                .map(|_| s.spawn(|| shim.create(ctx(), &req)))
+                .collect();
+            calls.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        let created: Vec<_> = results.iter().filter(|r| r.is_ok()).collect();
+        let refused: Vec<_> = results
+            .iter()
+            .filter(|r| code(r) == Some(Code::ALREADY_EXISTS))
+            .collect();
+        assert_eq!(
+            (created.len(), refused.len()),
+            (1, 1),
+            "round {round}: {results:?}"
+        );
+        // The one created is whole: runc knows it, and it starts and runs.
+        assert!(runc_state(c.namespace(), &id).exists(), "round {round}");
+        let start = StartRequest {
+            id: id.clone(),
+            ..Default::default()
+        };
+        assert!(shim.start(ctx(), &start).unwrap().pid > 0, "round {round}");
+        assert_still_running(&shim, &id);
+        let kill = KillRequest {
+            id: id.clone(),
+            signal: 9,
+            ..Default::default()
+        };
+        shim.kill(ctx(), &kill).unwrap();
+        let wait = WaitRequest {
+            id: id.clone(),
+            ..Default::default()
+        };
+        assert_eq!(shim.wait(ctx(), &wait).unwrap().exit_status, 137);
+        let delete = DeleteRequest {
+            id: id.clone(),
+            ..Default::default()
+        };
+        shim.delete(ctx(), &delete).unwrap();
+        assert!(!runc_state(c.namespace(), &id).exists(), "round {round}");
+    }
+    assert_still_running(&shim, &anchor);
+    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &anchor]);
+}
+
+/// The runtime binary removed between `Create` and `Delete`: the delete fails with an error
+/// naming it — not `NotFound`, which containerd takes for "already gone" and forgets a task
+/// whose runc state is still there. Once the binary is back, the delete goes through.
+#[test]
+fn runc_removed_before_delete_is_a_clear_error_not_not_found() {
+    let c = with_our_shims();
+    let id = unique_id("norunc");
+    let runc = c.dir().join("runc-copy");
+    std::fs::copy("/usr/sbin/runc", &runc)
+        .or_else(|_| std::fs::copy("/usr/bin/runc", &runc))
+        .expect("copy runc");
+    let runc_arg = runc.to_str().unwrap();
+    c.ctr_ok(&[
+        "run",
+        "-d",
+        "--runc-binary",
+        runc_arg,
+        BUSYBOX_REF,
+        &id,
+        "true",
+    ]);
+    // The container's own `true` exits; its task is then stopped.
+    let shim = connect(&c, &id);
+    let wait = WaitRequest {
+        id: id.clone(),
+        ..Default::default()
+    };
+    assert_eq!(shim.wait(ctx(), &wait).unwrap().exit_status, 0);
+    let moved = c.dir().join("runc-moved");
+    std::fs::rename(&runc, &moved).unwrap();
+    let out = c.ctr(&["task", "delete", &id]);
+    assert!(!out.success(), "the delete claimed success without runc");
+    assert!(out.stderr.contains(runc_arg), "{}", out.stderr);
+    assert!(!out.stderr.contains("not found"), "{}", out.stderr);
+    assert!(runc_state(c.namespace(), &id).exists());
+    std::fs::rename(&moved, &runc).unwrap();
+    c.ctr_ok(&["task", "delete", &id]);
+    assert!(!runc_state(c.namespace(), &id).exists());
+    c.ctr_ok(&["container", "delete", &id]);
+}

@@ -84,7 +84,10 @@ context_for!(protobuf::Error, Protobuf);
 context_for!(ttrpc::Error, Ttrpc);
 
 impl Error {
-    /// The ttrpc status code containerd maps back onto its `errdefs` kinds.
+    /// The ttrpc status code containerd maps back onto its `errdefs` kinds. Only the SDK's
+    /// own verdicts are `NotFound`: a file missing on the way (a runtime binary removed,
+    /// a state dir gone) is the shim's failure, not word that the task is gone — containerd
+    /// would take it as that and forget the task.
     pub fn code(&self) -> Code {
         match self {
             Error::NotFound(_) => Code::NOT_FOUND,
@@ -93,7 +96,6 @@ impl Error {
             Error::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
             Error::Unimplemented(_) => Code::UNIMPLEMENTED,
             Error::Remote { code, .. } => *code,
-            Error::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => Code::NOT_FOUND,
             _ => Code::UNKNOWN,
         }
     }

@@ -5,12 +5,18 @@
 //! Every exit therefore goes through one [`Reaper`]: it broadcasts each reaped exit to all
 //! subscribers, and [`run`] subscribes *before* spawning, so a command's exit can never slip
 //! past it.
+//!
+//! Every process the shim starts goes through [`spawn`]. std's `Command::spawn` reaps a
+//! child whose `execve` failed itself, with `waitpid(pid)`, and panics if that child is
+//! already gone — which it is when the reaper's `waitpid(-1)` got there first. So a spawn
+//! and a reap never overlap: a logging binary or runtime that is missing is then a clear
+//! error for its request, not the end of the shim.
 
 use std::io::Read;
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock, RwLock};
 use std::time::SystemTime;
 
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
@@ -50,6 +56,10 @@ pub struct Reaper {
 
 static REAPER: OnceLock<Reaper> = OnceLock::new();
 
+/// Spawns hold it shared, the reaper exclusively (see the module's doc). A spawn holds it
+/// from fork until `execve` succeeded or failed: a millisecond or two.
+static SPAWNING: RwLock<()> = RwLock::new(());
+
 /// Makes this process the subreaper of its descendants and enables exit subscriptions.
 ///
 /// The caller must deliver `SIGCHLD` to [`reap`] (the SDK's signal thread does).
@@ -64,6 +74,7 @@ pub fn install() -> Result<&'static Reaper> {
 /// Collects every exited child and tells every subscriber. Call on `SIGCHLD`.
 pub fn reap() {
     let Some(reaper) = REAPER.get() else { return };
+    let _no_spawn = SPAWNING.write().unwrap_or_else(|e| e.into_inner());
     loop {
         match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::StillAlive) | Err(_) => break,
@@ -126,6 +137,16 @@ impl Drop for Subscription {
     }
 }
 
+/// Starts `cmd` with a fresh process's signal state ([`crate::signals::reset_in_child`])
+/// and never collides with the reaper (see the module's doc): a program that cannot be run
+/// is an error (its `execve`'s), nothing worse. Its exit is the reaper's: subscribe before
+/// the spawn to learn of it, and never `wait` on the [`Child`] while a reaper is installed.
+pub fn spawn(cmd: &mut Command) -> std::io::Result<Child> {
+    crate::signals::reset_in_child(cmd);
+    let _no_reap = SPAWNING.read().unwrap_or_else(|e| e.into_inner());
+    cmd.spawn()
+}
+
 /// What a command run through [`run`] left behind.
 #[derive(Debug, Default)]
 pub struct Output {
@@ -151,8 +172,8 @@ impl Output {
 /// ```
 pub fn run(cmd: &mut Command) -> Result<Output> {
     let program = cmd.get_program().to_string_lossy().into_owned();
-    crate::signals::reset_in_child(cmd);
     let Some(sub) = subscribe() else {
+        crate::signals::reset_in_child(cmd);
         let out = cmd.output().with_context(|| format!("run {program}"))?;
         let status = out
             .status
@@ -169,7 +190,7 @@ pub fn run(cmd: &mut Command) -> Result<Output> {
             stderr: out.stderr,
         });
     };
-    let mut child = cmd.spawn().with_context(|| format!("run {program}"))?;
+    let mut child = spawn(cmd).with_context(|| format!("run {program}"))?;
     let (stdout, stderr) = collect(&mut child);
     let pid = child.id() as i32;
     // Never call child.wait(): the reaper owns waitpid.

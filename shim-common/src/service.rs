@@ -320,9 +320,14 @@ impl<B: Backend> TaskService<B> {
                 .stack_size(256 * 1024)
                 .spawn(move || {
                     while let Some(exit) = sub.recv() {
-                        match weak.upgrade() {
-                            Some(inner) => inner.on_exit(exit),
-                            None => return,
+                        let Some(inner) = weak.upgrade() else { return };
+                        // A bug applying one exit must not stop every later one.
+                        let applied =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                inner.on_exit(exit)
+                            }));
+                        if applied.is_err() {
+                            log::error!("applying the exit of pid {} panicked", exit.pid);
                         }
                     }
                 })

@@ -46,7 +46,7 @@ pub fn spawn(on_term: impl Fn() + Send + 'static) -> Result<()> {
 }
 
 /// Makes `cmd` start with the signal state of a fresh process: nothing blocked, `SIGPIPE`
-/// at its default. Applied by [`crate::reaper::run`]; call it for any other spawn.
+/// at its default. [`crate::reaper::spawn`] applies it to every process the shim starts.
 pub fn reset_in_child(cmd: &mut Command) {
     // SAFETY: sigemptyset, sigprocmask and signal are async-signal-safe.
     unsafe {

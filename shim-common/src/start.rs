@@ -173,7 +173,7 @@ fn spawn_daemon(
         });
     }
     // The daemon is not waited for: once `start` exits it is re-parented to containerd.
-    let mut daemon = cmd.spawn().context("spawn shim daemon")?;
+    let mut daemon = crate::reaper::spawn(&mut cmd).context("spawn shim daemon")?;
     if let Some(path) = cgroup {
         // Before it serves anything: everything it starts is then accounted there too.
         if let Err(e) = join_cgroup(path, daemon.id()) {

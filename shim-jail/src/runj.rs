@@ -187,12 +187,8 @@ impl Runj {
         }
         cmd.arg("-p").arg(process_json).arg(id);
         stdio.apply(&mut cmd);
-        // runj becomes the process: it must not inherit the shim's blocked signals.
-        // (`reaper::run` does this for every other command.)
-        shim_common::signals::reset_in_child(&mut cmd);
-        // The reaper owns waitpid: the Child is dropped without wait().
-        let child = cmd
-            .spawn()
+        // runj becomes the process. The reaper owns waitpid: the Child is dropped unwaited.
+        let child = shim_common::reaper::spawn(&mut cmd)
             .with_context(|| format!("run {}", self.binary.display()))?;
         Ok(child.id())
     }

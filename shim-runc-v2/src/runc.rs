@@ -34,12 +34,14 @@ pub struct Runc {
 /// is no error: containerd's runc shim only logs it and answers without features.
 pub fn features(config: &RuncConfig) -> Result<Option<Any>> {
     let binary = executable::resolve("runtime", &config.binary)?;
-    let out = Command::new(&binary)
-        .arg("features")
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("run {} features", binary.display()))?;
-    let valid = out.status.success()
+    let out = reaper::run(
+        Command::new(&binary)
+            .arg("features")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )?;
+    let valid = out.success()
         && serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&out.stdout)
             .is_ok();
     if !valid {

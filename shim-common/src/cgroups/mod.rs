@@ -33,7 +33,7 @@ use std::sync::OnceLock;
 use protobuf::well_known_types::any::Any;
 use protobuf::Message;
 
-use crate::error::{Context, Result};
+use crate::error::{Context, Error, Result};
 
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
@@ -60,7 +60,13 @@ impl Cgroup {
     /// ```
     pub fn of(pid: u32) -> Result<Cgroup> {
         let file = format!("/proc/{pid}/cgroup");
-        let text = std::fs::read_to_string(&file).with_context(|| format!("read {file}"))?;
+        let text = match std::fs::read_to_string(&file) {
+            // The process is gone: what containerd asked about no longer exists.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NotFound(format!("process {pid}")))
+            }
+            r => r.with_context(|| format!("read {file}"))?,
+        };
         let mounts = mounts();
         if mounts.unified_host {
             let rel = parse_proc_cgroup(&text)

@@ -5,6 +5,7 @@ use std::fs::File;
 use std::io::{ErrorKind, Read};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
 
 use ttrpc::proto::{Code, Codec, ResponseInit, MESSAGE_TYPE_REQUEST, MESSAGE_TYPE_RESPONSE};
@@ -42,15 +43,27 @@ pub fn decode<M: protobuf::Message>(req: &Request) -> ttrpc::Result<M> {
     })
 }
 
-/// The way back to the caller; answer exactly once.
+/// The way back to the caller; answer exactly once. One dropped unanswered (its handler
+/// panicked, or forgot it) answers `Internal`, so no caller waits forever.
 pub struct Reply {
     stream: Arc<Stream>,
     stream_id: u32,
+    sent: bool,
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        if !self.sent {
+            let msg = "the shim failed to answer this request (see its log)";
+            answer_status(&self.stream, self.stream_id, Code::INTERNAL, msg);
+        }
+    }
 }
 
 impl Reply {
     /// Sends `res`: OK status and payload, or the error's status.
-    pub fn send<M: protobuf::Message>(self, res: ttrpc::Result<M>) {
+    pub fn send<M: protobuf::Message>(mut self, res: ttrpc::Result<M>) {
+        self.sent = true;
         let response = match res.and_then(|m| {
             m.write_to_bytes()
                 .map_err(|e| ttrpc::Error::Others(format!("encode response: {e}")))
@@ -208,10 +221,15 @@ impl Server {
         let reply = Reply {
             stream: stream.clone(),
             stream_id: mh.stream_id,
+            sent: false,
         };
+        // A bug in one request costs that request (its `Reply` answers `Internal` as the
+        // panic unwinds), not the shim serving the rest of the pod.
         let job: Job = Box::new(move || {
             if let Some(h) = methods.get(&path) {
-                h(req, reply)
+                if catch_unwind(AssertUnwindSafe(|| h(req, reply))).is_err() {
+                    log::error!("{path} panicked (above); answered Internal");
+                }
             }
         });
         self.pool.submit(job);
@@ -286,6 +304,8 @@ mod tests {
             });
         });
         methods.insert("/t.E/Later".into(), later);
+        let bug: Handler = Box::new(|_, _| panic!("a bug in one request"));
+        methods.insert("/t.E/Bug".into(), bug);
         let listener = UnixListener::bind(&path).unwrap();
         Server::new(methods)
             .spawn(Some(listener), Vec::new())
@@ -296,6 +316,17 @@ mod tests {
     fn echo(c: &Client, method: &str, s: &str) -> Result<String> {
         let out = c.call("t.E", method, &string(s), Duration::from_secs(5))?;
         Ok(StringValue::parse_from_bytes(&out).unwrap().value)
+    }
+
+    #[test]
+    fn a_panicking_request_is_answered_internal_and_the_server_goes_on() {
+        let (_dir, path, _release) = serve();
+        let c = Client::connect(&format!("unix://{path}")).unwrap();
+        for _ in 0..3 {
+            let e = echo(&c, "Bug", "x").unwrap_err();
+            assert_eq!(e.code(), Code::INTERNAL, "{e}");
+            assert_eq!(echo(&c, "Echo", "still here").unwrap(), "still here");
+        }
     }
 
     #[test]

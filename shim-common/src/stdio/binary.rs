@@ -151,12 +151,11 @@ impl Logger {
                 Ok(())
             });
         }
-        crate::signals::reset_in_child(&mut cmd);
         // Subscribe before the spawn: a logger that exits at once must not slip past.
         let sub = reaper::subscribe();
-        let proc = cmd
-            .spawn()
-            .with_context(|| format!("start logging binary {}", spec.path.display()))?;
+        let proc = reaper::spawn(&mut cmd).map_err(|e| {
+            Error::InvalidArgument(format!("start logging binary {}: {e}", spec.path.display()))
+        })?;
         // From here only the logger holds the ready pipe's write end: EOF means it let go.
         drop(cmd);
         drop(fds);
