@@ -116,12 +116,18 @@ fn delete<B: Backend>(flags: &Flags) -> Result<Vec<u8>> {
     let bundle = Path::new(&flags.bundle);
     let cleaned = B::cleanup(&serve::context(flags), &flags.id, bundle);
     // The dead daemon's socket, unless a live shim of the same group still answers there;
-    // removed even if the backend's cleanup failed, since nothing can use it any more.
+    // removed even if the backend's cleanup failed, since nothing can use it any more. Under
+    // the socket directory's lock: a `start` may be binding that name for a new shim.
     if let Ok(address) = std::fs::read_to_string(bundle.join("address")) {
         let address = address.trim();
-        let _held = socket::lock_dir(address)?;
-        if std::os::unix::net::UnixStream::connect(socket::path(address)).is_err() {
-            socket::remove(address)?;
+        match socket::lock_dir(address) {
+            Ok(_held) => {
+                if std::os::unix::net::UnixStream::connect(socket::path(address)).is_err() {
+                    socket::remove(address)?;
+                }
+            }
+            // The task's cleanup is done; a socket left behind is replaced by the next start.
+            Err(e) => log::warn!("leaving socket {address}: {e}"),
         }
     }
     cleaned?;
