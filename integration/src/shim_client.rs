@@ -65,3 +65,23 @@ pub fn update_request(id: &str, json: &str) -> protocol::shim::UpdateTaskRequest
         ..Default::default()
     }
 }
+
+/// Adds exec `exec_id` running `args` to container `id` and starts it; returns its pid.
+pub fn start_exec(shim: &TaskClient, id: &str, exec_id: &str, args: &[&str]) -> u32 {
+    let exec = protocol::shim::ExecProcessRequest {
+        id: id.into(),
+        exec_id: exec_id.into(),
+        spec: protobuf::MessageField::some(process_spec(args)),
+        ..Default::default()
+    };
+    shim.exec(ctx(), &exec)
+        .unwrap_or_else(|e| panic!("exec {exec_id} in {id}: {e}"));
+    let start = protocol::shim::StartRequest {
+        id: id.into(),
+        exec_id: exec_id.into(),
+        ..Default::default()
+    };
+    shim.start(ctx(), &start)
+        .unwrap_or_else(|e| panic!("start exec {exec_id} in {id}: {e}"))
+        .pid
+}

@@ -22,17 +22,16 @@ fn wrapper(c: &Containerd, conf: &str) -> PathBuf {
 
 /// `ctr run -d` of a sleeping busybox with `runc` as its runtime binary.
 fn sleep_detached(c: &Containerd, runc: &std::path::Path, id: &str) {
+    sleep_detached_with(c, runc, id, &[]);
+}
+
+/// [`sleep_detached`] with more `ctr run` flags.
+fn sleep_detached_with(c: &Containerd, runc: &std::path::Path, id: &str, flags: &[&str]) {
     let runc = runc.to_string_lossy();
-    c.ctr_ok(&[
-        "run",
-        "-d",
-        "--runc-binary",
-        &runc,
-        BUSYBOX_REF,
-        id,
-        "sleep",
-        "1000",
-    ]);
+    let mut args = vec!["run", "-d", "--runc-binary", &runc];
+    args.extend_from_slice(flags);
+    args.extend_from_slice(&[BUSYBOX_REF, id, "sleep", "1000"]);
+    c.ctr_ok(&args);
 }
 
 fn task_topics(log: &EventLog, id: &str) -> Vec<String> {
@@ -280,4 +279,88 @@ fn state_answers_while_an_exec_is_starting() {
     wait_status(&c, &id, "STOPPED");
     c.ctr_ok(&["task", "delete", &id]);
     c.ctr_ok(&["container", "delete", &id]);
+}
+
+/// Two containers in one shim. While A is busy in a slow runtime call that holds its lock
+/// (`runc resume`, held by the wrapper until the test lets it go), an exec of A exits, and
+/// then B's init: B's `Wait` answers before A's resume returns. Before, the one exits thread
+/// waited for A's lock to apply the exec's exit, and B's exit waited behind it.
+#[test]
+fn exits_are_applied_while_another_container_is_busy() {
+    use integration::fixture::{wait_status, LONG};
+    use integration::shim_client::{connect, ctx, start_exec};
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    use protocol::shim::{PauseRequest, ResumeRequest, StateRequest, WaitRequest};
+    let c = with_our_shims();
+    let runc = wrapper(&c, "hold resume\n");
+    let dir = runc.parent().unwrap().to_path_buf();
+    let a = unique_id("busy");
+    let b = format!("{a}-b");
+    let annotation = format!("io.containerd.runc.v2.group={a}");
+    for id in [&a, &b] {
+        sleep_detached_with(&c, &runc, id, &["--annotation", &annotation]);
+    }
+    let shim = connect(&c, &a);
+    let exec_pid = start_exec(&shim, &a, "e", &["sleep", "1000"]) as i32;
+    let state = StateRequest {
+        id: b.clone(),
+        ..Default::default()
+    };
+    let b_pid = shim.state(ctx(), &state).unwrap().pid as i32;
+    let pause = PauseRequest {
+        id: a.clone(),
+        ..Default::default()
+    };
+    shim.pause(ctx(), &pause).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let resumer = {
+        let shim = connect(&c, &a);
+        let resume = ResumeRequest {
+            id: a.clone(),
+            ..Default::default()
+        };
+        std::thread::spawn(move || tx.send(shim.resume(ctx(), &resume)))
+    };
+    assert!(
+        wait_until(LONG, || dir.join("held-resume").exists()),
+        "runc resume never ran"
+    );
+    // A is thawed and its lock held. Its exec exits first (reaped: gone from /proc)...
+    kill(Pid::from_raw(exec_pid), Signal::SIGKILL).unwrap();
+    let gone = |pid: i32| !std::path::Path::new(&format!("/proc/{pid}")).exists();
+    assert!(
+        wait_until(LONG, || gone(exec_pid)),
+        "the exec was not reaped"
+    );
+    // ...then B's init, whose exit must not wait for A.
+    kill(Pid::from_raw(b_pid), Signal::SIGKILL).unwrap();
+    let wait = |id: &str, exec_id: &str| {
+        let req = WaitRequest {
+            id: id.into(),
+            exec_id: exec_id.into(),
+            ..Default::default()
+        };
+        shim.wait(ctx(), &req)
+            .unwrap_or_else(|e| panic!("Wait of {id} {exec_id:?}: {e}"))
+            .exit_status
+    };
+    assert_eq!(wait(&b, ""), 137);
+    assert!(
+        rx.try_recv().is_err(),
+        "Resume answered before B's exit: A was not busy, the test proved nothing"
+    );
+    std::fs::write(dir.join("release-resume"), "").unwrap();
+    rx.recv_timeout(LONG)
+        .expect("Resume never answered")
+        .unwrap();
+    resumer.join().unwrap().unwrap();
+    // A's exec exit was kept, and applied once A was free.
+    assert_eq!(wait(&a, "e"), 137);
+    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &a]);
+    wait_status(&c, &a, "STOPPED");
+    for id in [&a, &b] {
+        c.ctr_ok(&["task", "delete", id]);
+        c.ctr_ok(&["container", "delete", id]);
+    }
 }

@@ -14,9 +14,9 @@
 //! Nothing here assumes a unix socket or the host's containerd: the service takes a
 //! [`Publisher`] and a shutdown callback, and serves whatever ttrpc transport it is given.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, TryLockError, Weak};
 use std::time::{Duration, Instant};
 
 use protobuf::well_known_types::empty::Empty;
@@ -194,6 +194,19 @@ impl Container {
 
 struct Cell {
     state: Mutex<Container>,
+    /// Exits reaped for this container and not yet applied, in reap order.
+    exits: Mutex<ExitQueue>,
+}
+
+/// A container's exits wait here while the container is busy in another call (its lock
+/// is held across `runc pause`, `runc delete`, ...): the exits thread never waits for one
+/// container, so no other container's exit events or `Wait` answers wait behind it. One
+/// thread at a time applies a container's queue, so its exits keep their order.
+#[derive(Default)]
+struct ExitQueue {
+    queue: VecDeque<(String, Exit)>,
+    /// A thread is applying the queue; whoever adds to it leaves the rest to that thread.
+    applying: bool,
 }
 
 /// The shim's containers, and the ones on their way: what `Shutdown` must not abandon.
@@ -480,8 +493,51 @@ impl<B: Backend> Inner<B> {
             }
         };
         let Ok(cell) = self.cell(&id) else { return };
-        let drain = reaped(&mut lock(&cell.state), &exec_id);
-        self.exit_after_output(cell, exec_id, exit, drain);
+        {
+            let mut q = lock(&cell.exits);
+            q.queue.push_back((exec_id, exit));
+            if q.applying {
+                return;
+            }
+            q.applying = true;
+        }
+        // A free container's exit is applied here; a busy one's on a thread of its own.
+        let busy = matches!(cell.state.try_lock(), Err(TryLockError::WouldBlock));
+        if busy {
+            let me = self.me.clone();
+            let queued = cell.clone();
+            let spawned = std::thread::Builder::new()
+                .name("exits-busy".into())
+                .stack_size(256 * 1024)
+                .spawn(move || {
+                    if let Some(inner) = me.upgrade() {
+                        inner.apply_queued_exits(&queued);
+                    }
+                });
+            match spawned {
+                Ok(_) => return,
+                Err(e) => log::warn!("container {id}: exits applied in line: {e}"),
+            }
+        }
+        self.apply_queued_exits(&cell);
+    }
+
+    /// Applies `cell`'s queued exits in order until none is left (see [`ExitQueue`]).
+    fn apply_queued_exits(&self, cell: &Arc<Cell>) {
+        loop {
+            let (exec_id, exit) = {
+                let mut q = lock(&cell.exits);
+                match q.queue.pop_front() {
+                    Some(next) => next,
+                    None => {
+                        q.applying = false;
+                        return;
+                    }
+                }
+            };
+            let drain = reaped(&mut lock(&cell.state), &exec_id);
+            self.exit_after_output(cell.clone(), exec_id, exit, drain);
+        }
     }
 
     /// Applies `exit` once the process's output is delivered (see [`OUTPUT_GRACE`]), at
@@ -636,6 +692,7 @@ impl<B: Backend> Inner<B> {
         init.pid = pid;
         init.io = Some(io);
         let cell = Arc::new(Cell {
+            exits: Mutex::new(ExitQueue::default()),
             state: Mutex::new(Container {
                 id: req.id.clone(),
                 bundle: req.bundle.clone(),
