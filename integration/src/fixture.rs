@@ -80,3 +80,21 @@ pub fn assert_nothing_left(c: &Containerd, id: &str) {
         .collect();
     assert!(procs.is_empty(), "processes of {id} left behind: {procs:?}");
 }
+
+/// The annotation that puts containers in one shim, as a pod's are.
+pub const GROUP_ANNOTATION: &str = "io.containerd.runc.v2.group";
+
+/// `ctr run -d` of a sleeping busybox `id` in shim group `group` (on `c`'s default runtime).
+pub fn sleep_in_group(c: &Containerd, group: &str, id: &str) {
+    let annotation = format!("{GROUP_ANNOTATION}={group}");
+    c.ctr_ok(&[
+        "run",
+        "-d",
+        "--annotation",
+        &annotation,
+        crate::BUSYBOX_REF,
+        id,
+        "sleep",
+        "1000",
+    ]);
+}

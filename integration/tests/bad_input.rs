@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use integration::checks::{processes_mentioning, runc_state, wait_until};
-use integration::fixture::with_our_shims;
+use integration::fixture::{sleep_in_group, with_our_shims, GROUP_ANNOTATION};
 use integration::shim_client::{bundle, code, connect, ctx, process_spec, update_request};
 use integration::{unique_id, Containerd, BUSYBOX_REF};
 use protocol::shim::*;
@@ -259,25 +259,12 @@ fn non_executable_runc_binary_is_a_clear_error() {
     assert!(processes_mentioning(&id).is_empty());
 }
 
-/// The annotation that puts containers in one shim, as a pod's are.
-const GROUP_ANNOTATION: &str = "io.containerd.runc.v2.group";
-
 /// A container of its own group (`ctr run -d ... sleep 1000`); returns its id and the
 /// `--annotation` that puts another container beside it.
 fn running_in_group(c: &Containerd) -> (String, String) {
     let id = unique_id("pod");
-    let annotation = format!("{GROUP_ANNOTATION}={id}");
-    c.ctr_ok(&[
-        "run",
-        "-d",
-        "--annotation",
-        &annotation,
-        BUSYBOX_REF,
-        &id,
-        "sleep",
-        "1000",
-    ]);
-    (id, annotation)
+    sleep_in_group(c, &id, &id);
+    (id.clone(), format!("{GROUP_ANNOTATION}={id}"))
 }
 
 fn shim_pid(shim: &protocol::shim_ttrpc::TaskClient, id: &str) -> u32 {

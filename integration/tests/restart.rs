@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use integration::checks::{mounts_mentioning, processes_mentioning, runc_state, wait_until};
-use integration::fixture::{task_status, with_our_shims, LONG};
+use integration::fixture::{sleep_in_group, task_status, with_our_shims, LONG};
 use integration::{unique_id, BUSYBOX_REF};
 
 #[test]
@@ -116,4 +116,102 @@ fn killed_shim_leaves_no_cgroup_socket_or_state() {
         wait_until(LONG, || !std::path::Path::new(&cgroup).exists()),
         "cgroup {cgroup} left"
     );
+}
+
+/// Events the shim publishes while containerd is down wait for it, and arrive in the order
+/// they happened once it is back. containerd stays stopped for 30 s while, through the shim's
+/// own socket, an exec exits, a container is paused and resumed, and both containers of the
+/// shim exit; containerd's debug log names every event a shim forwards, and the topics tell
+/// the five apart. Before, an event was given up after ~10 s of retries, so the first three
+/// of the outage were lost.
+#[test]
+fn events_of_a_30_s_outage_arrive_in_order_when_containerd_returns() {
+    use integration::shim_client::{connect, ctx, start_exec};
+    use integration::{target_bin_dir, Containerd};
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    use protocol::shim::*;
+    let mut c = Containerd::builder()
+        .bin_dir(target_bin_dir())
+        .log_level("debug")
+        .start()
+        .expect("start containerd");
+    c.import_busybox().expect("import busybox image");
+    let (a, b) = (unique_id("outage"), unique_id("outage"));
+    for id in [&a, &b] {
+        sleep_in_group(&c, &a, id);
+    }
+    let shim = connect(&c, &a);
+    let exec_pid = start_exec(&shim, &a, "e", &["sleep", "1000"]) as i32;
+    let pid_of = |id: &str| {
+        let req = StateRequest {
+            id: id.into(),
+            ..Default::default()
+        };
+        shim.state(ctx(), &req).unwrap().pid as i32
+    };
+    let (a_pid, b_pid) = (pid_of(&a), pid_of(&b));
+    let wait = |id: &str, exec_id: &str| {
+        let req = WaitRequest {
+            id: id.into(),
+            exec_id: exec_id.into(),
+            ..Default::default()
+        };
+        shim.wait(ctx(), &req).unwrap().exit_status
+    };
+
+    c.stop_containerd();
+    let mark = std::fs::metadata(c.log_path())
+        .map(|m| m.len())
+        .unwrap_or(0) as usize;
+    kill(Pid::from_raw(exec_pid), Signal::SIGKILL).unwrap();
+    assert_eq!(wait(&a, "e"), 137);
+    let pause = PauseRequest {
+        id: a.clone(),
+        ..Default::default()
+    };
+    shim.pause(ctx(), &pause).unwrap();
+    let resume = ResumeRequest {
+        id: a.clone(),
+        ..Default::default()
+    };
+    shim.resume(ctx(), &resume).unwrap();
+    kill(Pid::from_raw(b_pid), Signal::SIGKILL).unwrap();
+    assert_eq!(wait(&b, ""), 137);
+    kill(Pid::from_raw(a_pid), Signal::SIGKILL).unwrap();
+    assert_eq!(wait(&a, ""), 137);
+    // The outage itself: a length of time, not a stand-in for an event.
+    std::thread::sleep(Duration::from_secs(30));
+    c.restart_containerd().expect("restart containerd");
+
+    let want = [
+        "/tasks/exit",
+        "/tasks/paused",
+        "/tasks/resumed",
+        "/tasks/exit",
+        "/tasks/exit",
+    ];
+    let namespace = format!("ns={}", c.namespace());
+    let forwarded = || -> Vec<String> {
+        let log = std::fs::read(c.log_path()).unwrap_or_default();
+        String::from_utf8_lossy(&log[mark.min(log.len())..])
+            .lines()
+            .filter(|l| l.contains("msg=\"event forwarded\"") && l.contains(&namespace))
+            .filter_map(|l| {
+                l.split_whitespace()
+                    .find_map(|f| f.strip_prefix("topic="))
+                    .map(|t| t.trim_matches('"').to_string())
+            })
+            .collect()
+    };
+    assert!(
+        wait_until(LONG, || forwarded().len() >= want.len()),
+        "forwarded after the restart: {:?}",
+        forwarded()
+    );
+    assert_eq!(forwarded(), want);
+    for id in [&a, &b] {
+        c.ctr_ok(&["task", "delete", id]);
+        c.ctr_ok(&["container", "delete", id]);
+    }
 }

@@ -1,10 +1,12 @@
 //! Publishing task events to containerd.
 //!
 //! Events go through a bounded queue to one sender thread, so they leave in the order they
-//! were published, a slow containerd slows the shim down instead of growing its memory, and
-//! a containerd restart costs a few retries instead of lost events.
+//! were published. While containerd is unreachable (restarting, upgraded, stuck) they wait:
+//! the oldest is retried until it is delivered or [`PATIENCE`] old, and the ones behind it
+//! keep their place, so a containerd that is back within a minute gets every event, in order.
 
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
@@ -34,9 +36,13 @@ pub fn publish<M: protocol::TypeUrl>(p: &dyn Publisher, topic: &str, event: &M) 
     }
 }
 
-const QUEUE: usize = 128;
-/// Retries per event: 20 ms doubling to 1 s, about 10 s in all — a containerd restart.
-const ATTEMPTS: u32 = 15;
+/// Events held at most: a busy pod's minute (a few execs a second, three events each) with
+/// room to spare. Only the queued events take memory, a few hundred bytes each.
+pub const QUEUE: usize = 4096;
+/// How long an event is retried after it was published before it is given up.
+pub const PATIENCE: Duration = Duration::from_secs(90);
+/// The pause between attempts to reach containerd: 20 ms doubling to this.
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 struct Queued {
     topic: String,
@@ -46,14 +52,18 @@ struct Queued {
 
 /// Forwards events to containerd's `containerd.services.events.ttrpc.v1.Events` service.
 pub struct RemotePublisher {
-    tx: Mutex<Option<SyncSender<Queued>>>,
+    tx: Mutex<Option<Sender<Queued>>>,
+    /// Events queued and not yet delivered or given up (the queue's bound, [`QUEUE`]).
+    queued: Arc<AtomicUsize>,
     worker: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl RemotePublisher {
     /// Starts the sender thread; it connects to `ttrpc_address` lazily and reconnects.
     pub fn new(ttrpc_address: &str, namespace: &str) -> Result<Arc<RemotePublisher>> {
-        let (tx, rx) = mpsc::sync_channel(QUEUE);
+        let (tx, rx) = mpsc::channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let taken = queued.clone();
         let address = if ttrpc_address.contains("://") {
             ttrpc_address.to_string()
         } else {
@@ -63,10 +73,11 @@ impl RemotePublisher {
         let worker = std::thread::Builder::new()
             .name("events".into())
             .stack_size(256 * 1024)
-            .spawn(move || forward(rx, &address, &namespace))
+            .spawn(move || forward(rx, &taken, &address, &namespace))
             .context("spawn event publisher")?;
         Ok(Arc::new(RemotePublisher {
             tx: Mutex::new(Some(tx)),
+            queued,
             worker: Mutex::new(Some(worker)),
         }))
     }
@@ -89,21 +100,21 @@ impl Publisher for RemotePublisher {
         let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).clone();
         match tx {
             Some(tx) => {
+                // Never block the caller (it may hold a container's lock): a full queue means
+                // containerd has been unreachable for a long while; drop and say so.
+                if self.queued.fetch_add(1, Ordering::SeqCst) >= QUEUE {
+                    self.queued.fetch_sub(1, Ordering::SeqCst);
+                    log::error!("event queue full ({QUEUE}); dropped {topic}");
+                    return;
+                }
                 let q = Queued {
                     topic: topic.to_string(),
                     event,
                     at: SystemTime::now(),
                 };
-                // Never block the caller (it may hold a container's lock): a full queue means
-                // containerd has been unreachable for a while; drop and say so.
-                match tx.try_send(q) {
-                    Ok(()) => {}
-                    Err(mpsc::TrySendError::Full(_)) => {
-                        log::error!("event queue full; dropped {topic}")
-                    }
-                    Err(mpsc::TrySendError::Disconnected(_)) => {
-                        log::warn!("event publisher stopped; dropped {topic}")
-                    }
+                if tx.send(q).is_err() {
+                    self.queued.fetch_sub(1, Ordering::SeqCst);
+                    log::warn!("event publisher stopped; dropped {topic}");
                 }
             }
             None => log::warn!("event publisher closed; dropped {topic}"),
@@ -111,14 +122,10 @@ impl Publisher for RemotePublisher {
     }
 }
 
-fn forward(rx: Receiver<Queued>, address: &str, namespace: &str) {
+fn forward(rx: Receiver<Queued>, queued: &AtomicUsize, address: &str, namespace: &str) {
     let mut client: Option<Client> = None;
     loop {
-        let q = match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(q) => q,
-            Err(RecvTimeoutError::Timeout) => continue,
-            Err(RecvTimeoutError::Disconnected) => return,
-        };
+        let Ok(q) = rx.recv() else { return };
         let req = ForwardRequest {
             envelope: protobuf::MessageField::some(Envelope {
                 timestamp: protobuf::MessageField::some(timestamp(q.at)),
@@ -129,28 +136,35 @@ fn forward(rx: Receiver<Queued>, address: &str, namespace: &str) {
             }),
             ..Default::default()
         };
-        let mut delivered = false;
-        for attempt in 0..ATTEMPTS {
+        let mut backoff = Duration::from_millis(20);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
             if client.is_none() {
                 client = Client::connect(address).ok();
             }
             if let Some(c) = &client {
                 match c.call(EVENTS_SERVICE, "Forward", &req, FORWARD_TIMEOUT) {
-                    Ok(_) => {
-                        delivered = true;
-                        break;
-                    }
+                    Ok(_) => break,
                     Err(e) => {
-                        log::debug!("forward {} (attempt {}): {e}", q.topic, attempt + 1);
+                        log::debug!("forward {} (attempt {attempt}): {e}", q.topic);
                         client = None;
                     }
                 }
             }
-            std::thread::sleep(Duration::from_millis((20u64 << attempt.min(6)).min(1000)));
+            let age = q.at.elapsed().unwrap_or_default();
+            if age >= PATIENCE {
+                log::error!(
+                    "could not deliver {} event to {address} in {:?}; dropped",
+                    q.topic,
+                    PATIENCE
+                );
+                break;
+            }
+            std::thread::sleep(backoff.min(PATIENCE - age));
+            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
-        if !delivered {
-            log::error!("could not deliver {} event to {address}", q.topic);
-        }
+        queued.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
