@@ -52,7 +52,7 @@ pub fn serve<B: Backend>(flags: &Flags) -> Result<()> {
     // SAFETY: fd 3 is the listening socket `start` handed over (checked above); nothing
     // else owns it.
     let listener = unsafe { UnixListener::from_raw_fd(LISTENER_FD) };
-    service.into_server().spawn(Some(listener), Vec::new())?;
+    let idle = service.into_server().spawn(Some(listener), Vec::new())?;
     log::info!("serving {} for namespace {}", flags.socket, flags.namespace);
 
     let why = rx.recv().unwrap_or(SIGNAL);
@@ -60,6 +60,11 @@ pub fn serve<B: Backend>(flags: &Flags) -> Result<()> {
     // After a shutdown request the name may already be another shim's.
     if why != SHUTDOWN_REQUEST {
         remove_socket(&flags.socket);
+    }
+    // The Shutdown's own answer, and any call that raced it (a Delete), must reach
+    // containerd before the connection closes with the process.
+    if !idle.wait(Duration::from_secs(2)) {
+        log::warn!("exiting with requests still being handled");
     }
     publisher.close(Duration::from_secs(2));
     std::process::exit(0)

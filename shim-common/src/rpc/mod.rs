@@ -13,4 +13,4 @@ mod pool;
 mod server;
 
 pub use client::Client;
-pub use server::{decode, unary, Handler, Methods, Reply, Server};
+pub use server::{decode, unary, Handler, Idle, Methods, Reply, Server};

@@ -20,12 +20,16 @@ struct State {
     queue: VecDeque<Job>,
     idle: usize,
     workers: usize,
+    /// Jobs running now.
+    running: usize,
 }
 
 #[derive(Default)]
 pub(crate) struct Pool {
     state: Mutex<State>,
     ready: Condvar,
+    /// Signalled when the last job in flight is done.
+    drained: Condvar,
 }
 
 impl Pool {
@@ -63,10 +67,15 @@ impl Pool {
         let mut st = self.lock();
         loop {
             if let Some(job) = st.queue.pop_front() {
+                st.running += 1;
                 drop(st);
                 job();
                 st = self.lock();
+                st.running -= 1;
                 if st.queue.is_empty() {
+                    if st.running == 0 {
+                        self.drained.notify_all();
+                    }
                     release_free_memory();
                 }
                 continue;
@@ -83,6 +92,16 @@ impl Pool {
                 return;
             }
         }
+    }
+
+    /// Waits until no job is queued or running, or `timeout` passed; whether it got there.
+    pub(crate) fn wait_idle(&self, timeout: Duration) -> bool {
+        let st = self.lock();
+        let (st, _) = self
+            .drained
+            .wait_timeout_while(st, timeout, |st| st.running > 0 || !st.queue.is_empty())
+            .unwrap_or_else(|e| e.into_inner());
+        st.running == 0 && st.queue.is_empty()
     }
 
     #[cfg(test)]

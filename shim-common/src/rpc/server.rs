@@ -83,6 +83,18 @@ impl Reply {
     }
 }
 
+/// Tells when a spawned server has answered every request it took.
+pub struct Idle(Arc<Pool>);
+
+impl Idle {
+    /// Waits until no request is being handled, or `timeout` passed; whether it got there.
+    /// A process about to exit calls it so the answers in flight (the `Shutdown` that ends
+    /// it, a `Delete` that raced it) reach their callers instead of a closed connection.
+    pub fn wait(&self, timeout: std::time::Duration) -> bool {
+        self.0.wait_idle(timeout)
+    }
+}
+
 /// Bytes read from a connection per wakeup.
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -124,12 +136,13 @@ impl Server {
 
     /// Serves on a new thread until the process exits: connections accepted on `listener`,
     /// plus `streams` already connected (a guest agent's port, a socketpair).
-    pub fn spawn(self, listener: Option<UnixListener>, streams: Vec<OwnedFd>) -> Result<()> {
+    pub fn spawn(self, listener: Option<UnixListener>, streams: Vec<OwnedFd>) -> Result<Idle> {
+        let idle = Idle(self.pool.clone());
         std::thread::Builder::new()
             .name("ttrpc".into())
             .spawn(move || self.run(listener, streams))
             .context("spawn ttrpc server")?;
-        Ok(())
+        Ok(idle)
     }
 
     /// The poll loop. Returns when there is no listener and the last stream has closed.
