@@ -313,6 +313,24 @@ fn missing_logging_binary_fails_its_container_not_the_pod() {
     c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &anchor]);
 }
 
+/// A bundle for a container `id` of its own beside the running `anchor` (a `sleep 1000`
+/// on the anchor's rootfs, read-only: no snapshot needed), to create through the shim.
+fn bundle_beside(c: &Containerd, anchor: &str, id: &str) -> std::path::PathBuf {
+    let dir = c.dir().join(id);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bundle(c, anchor).join("config.json")).unwrap())
+            .unwrap();
+    spec["root"] = serde_json::json!({
+        "path": bundle(c, anchor).join("rootfs"),
+        "readonly": true,
+    });
+    spec["process"]["args"] = serde_json::json!(["sleep", "1000"]);
+    spec["linux"]["cgroupsPath"] = format!("/{}/{id}", c.namespace()).into();
+    std::fs::write(dir.join("config.json"), spec.to_string()).unwrap();
+    dir
+}
+
 /// Two `Create`s of one id at once, in the shim of a running pod: one creates the
 /// container, the other is `AlreadyExists` before anything runs — its undo must not
 /// destroy the first (runc's state, the rootfs).
@@ -323,20 +341,7 @@ fn concurrent_create_of_one_id_creates_it_once() {
     let shim = connect(&c, &anchor);
     for round in 0..5 {
         let id = format!("{anchor}-dup{round}");
-        let dir = c.dir().join(&id);
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut spec: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(bundle(&c, &anchor).join("config.json")).unwrap(),
-        )
-        .unwrap();
-        // The pod's rootfs, read-only: a bundle of its own without a snapshot.
-        spec["root"] = serde_json::json!({
-            "path": bundle(&c, &anchor).join("rootfs"),
-            "readonly": true,
-        });
-        spec["process"]["args"] = serde_json::json!(["sleep", "1000"]);
-        spec["linux"]["cgroupsPath"] = format!("/{}/{id}", c.namespace()).into();
-        std::fs::write(dir.join("config.json"), spec.to_string()).unwrap();
+        let dir = bundle_beside(&c, &anchor, &id);
         let req = CreateTaskRequest {
             id: id.clone(),
             bundle: dir.to_string_lossy().into(),
@@ -427,4 +432,65 @@ fn runc_removed_before_delete_is_a_clear_error_not_not_found() {
     c.ctr_ok(&["task", "delete", &id]);
     assert!(!runc_state(c.namespace(), &id).exists());
     c.ctr_ok(&["container", "delete", &id]);
+}
+
+/// runc options naming a CRIU that does not exist: checkpoint is refused with an error
+/// naming it, 10 times over, and neither the container nor its pod notices.
+#[test]
+fn missing_criu_path_is_a_clear_checkpoint_error() {
+    let c = with_our_shims();
+    let (anchor, _) = running_in_group(&c);
+    let shim = connect(&c, &anchor);
+    let id = format!("{anchor}-criu");
+    let dir = bundle_beside(&c, &anchor, &id);
+    let options = protocol::options::Options {
+        criu_path: "/nonexistent/criu".into(),
+        ..Default::default()
+    };
+    let req = CreateTaskRequest {
+        id: id.clone(),
+        bundle: dir.to_string_lossy().into(),
+        options: protobuf::MessageField::some(protocol::pack(&options).unwrap()),
+        ..Default::default()
+    };
+    shim.create(ctx(), &req).unwrap();
+    let start = StartRequest {
+        id: id.clone(),
+        ..Default::default()
+    };
+    shim.start(ctx(), &start).unwrap();
+    for round in 0..10 {
+        let req = CheckpointTaskRequest {
+            id: id.clone(),
+            path: c.dir().join("ckpt").to_string_lossy().into(),
+            ..Default::default()
+        };
+        let r = shim.checkpoint(ctx(), &req);
+        assert_eq!(
+            code(&r),
+            Some(Code::FAILED_PRECONDITION),
+            "round {round}: {r:?}"
+        );
+        let msg = format!("{r:?}");
+        assert!(msg.contains("/nonexistent/criu"), "round {round}: {msg}");
+        assert_still_running(&shim, &id);
+        assert_still_running(&shim, &anchor);
+    }
+    let kill = KillRequest {
+        id: id.clone(),
+        signal: 9,
+        ..Default::default()
+    };
+    shim.kill(ctx(), &kill).unwrap();
+    let wait = WaitRequest {
+        id: id.clone(),
+        ..Default::default()
+    };
+    assert_eq!(shim.wait(ctx(), &wait).unwrap().exit_status, 137);
+    let delete = DeleteRequest {
+        id,
+        ..Default::default()
+    };
+    shim.delete(ctx(), &delete).unwrap();
+    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &anchor]);
 }
