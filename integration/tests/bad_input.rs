@@ -371,22 +371,7 @@ fn concurrent_create_of_one_id_creates_it_once() {
         };
         assert!(shim.start(ctx(), &start).unwrap().pid > 0, "round {round}");
         assert_still_running(&shim, &id);
-        let kill = KillRequest {
-            id: id.clone(),
-            signal: 9,
-            ..Default::default()
-        };
-        shim.kill(ctx(), &kill).unwrap();
-        let wait = WaitRequest {
-            id: id.clone(),
-            ..Default::default()
-        };
-        assert_eq!(shim.wait(ctx(), &wait).unwrap().exit_status, 137);
-        let delete = DeleteRequest {
-            id: id.clone(),
-            ..Default::default()
-        };
-        shim.delete(ctx(), &delete).unwrap();
+        kill_and_delete(&shim, &id);
         assert!(!runc_state(c.namespace(), &id).exists(), "round {round}");
     }
     assert_still_running(&shim, &anchor);
@@ -476,21 +461,26 @@ fn missing_criu_path_is_a_clear_checkpoint_error() {
         assert_still_running(&shim, &id);
         assert_still_running(&shim, &anchor);
     }
+    kill_and_delete(&shim, &id);
+    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &anchor]);
+}
+
+/// SIGKILLs container `id` through the shim, waits for its 137 and deletes it.
+fn kill_and_delete(shim: &protocol::shim_ttrpc::TaskClient, id: &str) {
     let kill = KillRequest {
-        id: id.clone(),
+        id: id.into(),
         signal: 9,
         ..Default::default()
     };
     shim.kill(ctx(), &kill).unwrap();
     let wait = WaitRequest {
-        id: id.clone(),
+        id: id.into(),
         ..Default::default()
     };
     assert_eq!(shim.wait(ctx(), &wait).unwrap().exit_status, 137);
     let delete = DeleteRequest {
-        id,
+        id: id.into(),
         ..Default::default()
     };
     shim.delete(ctx(), &delete).unwrap();
-    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &anchor]);
 }
