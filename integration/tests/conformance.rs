@@ -169,22 +169,12 @@ fn connected(
 ) -> (integration::conformance::Answer, TaskApi, u32) {
     let answer = parse_answer(pg.generation, start_stdout).unwrap();
     pg.set_address(&answer.address);
-    let api = TaskApi::connect(&answer.address, answer.version, &pg.namespace).unwrap();
-    let c: ConnectResponse = api
-        .call(
-            "Connect",
-            &ConnectRequest {
-                id: pg.id.clone(),
-                ..Default::default()
-            },
-        )
-        .unwrap();
-    pg.set_shim_pid(c.shim_pid);
-    (answer, api, c.shim_pid)
+    let (api, pid) = connect_daemon(pg, &answer.address, answer.version);
+    (answer, api, pid)
 }
 
-/// Connects, learns the daemon's pid, shuts it down and waits until it and its socket are gone.
-fn shut_down(pg: &Playground, address: &str, version: u32) {
+/// Connects to the daemon at `address` and learns its pid (which `pg` kills if a test fails).
+fn connect_daemon(pg: &Playground, address: &str, version: u32) -> (TaskApi, u32) {
     let api = TaskApi::connect(address, version, &pg.namespace).unwrap();
     let c: ConnectResponse = api
         .call(
@@ -196,6 +186,12 @@ fn shut_down(pg: &Playground, address: &str, version: u32) {
         )
         .unwrap();
     pg.set_shim_pid(c.shim_pid);
+    (api, c.shim_pid)
+}
+
+/// Connects, learns the daemon's pid, shuts it down and waits until it and its socket are gone.
+fn shut_down(pg: &Playground, address: &str, version: u32) {
+    let (api, shim_pid) = connect_daemon(pg, address, version);
     let _ = api.call::<_, Empty>(
         "Shutdown",
         &ShutdownRequest {
@@ -205,9 +201,9 @@ fn shut_down(pg: &Playground, address: &str, version: u32) {
     );
     drop(api);
     assert!(
-        wait_until(Duration::from_secs(20), || !process_alive(c.shim_pid)),
+        wait_until(Duration::from_secs(20), || !process_alive(shim_pid)),
         "shim {} still running",
-        c.shim_pid
+        shim_pid
     );
     let socket = PathBuf::from(address.trim_start_matches("unix://"));
     assert!(
