@@ -9,30 +9,40 @@ use protobuf::well_known_types::any::Any;
 use protocol::mount::Mount;
 
 use crate::error::{Error, Result};
-use crate::stdio::{ChildStdio, IoOwner};
+use crate::options::RuntimeOptions;
+use crate::stdio::ChildStdio;
 
 /// Who this shim is serving: the flags containerd started it with.
 #[derive(Debug, Clone)]
 pub struct ShimContext {
+    /// The containerd namespace of every container this shim serves.
     pub namespace: String,
     /// The id containerd started the shim for (the first container of its group).
     pub id: String,
+    /// That container's bundle.
     pub bundle: String,
+    /// Whether containerd runs with debug logging (the shim log then says more).
     pub debug: bool,
     /// containerd's gRPC socket, for backends that read its content store (empty when the
     /// shim runs without a containerd, e.g. inside a VM).
     pub address: String,
 }
 
-/// A container's init process, as `Create` asks for it.
-pub struct CreateRequest<'a> {
+/// A container's init process, as `Create` asks for it. By the time a backend sees it, the
+/// SDK has reserved the id, opened the stdio, mounted the rootfs at `bundle/rootfs` (when
+/// [`Backend::MOUNTS_ROOTFS`]) and kept the options in the bundle.
+pub struct CreateRequest<'a, O> {
+    /// The container's id, unique in the shim.
     pub id: &'a str,
+    /// The OCI bundle: `config.json`, and `rootfs`.
     pub bundle: &'a Path,
+    /// The rootfs mounts as containerd sent them (already mounted when the SDK mounts them).
     pub rootfs: &'a [Mount],
-    /// Runtime options (`containerd.runc.v1.Options`, ...) exactly as containerd sent them.
-    pub options: Option<&'a Any>,
+    /// The runtime options, decoded.
+    pub options: &'a O,
     /// A checkpoint image directory to restore from instead of creating afresh (empty: none).
     pub checkpoint: &'a str,
+    /// Whether the process gets a pty instead of pipes.
     pub terminal: bool,
     /// With a terminal: where the runtime must send the pty master (`--console-socket`).
     pub console_socket: Option<&'a Path>,
@@ -40,75 +50,194 @@ pub struct CreateRequest<'a> {
     pub stdio: ChildStdio,
 }
 
+/// What `create` made: the backend's container, which the SDK keeps and hands back to every
+/// later call, and the init's pid.
+pub struct Created<C> {
+    /// The backend's own state of the container.
+    pub container: C,
+    /// The init process, which exists (stopped before the user's program) — or `None` when
+    /// it only comes to exist at `start` (a restore from a checkpoint).
+    pub pid: Option<u32>,
+}
+
 /// An extra process in a running container, as `Exec` + `Start` ask for it.
 pub struct ExecRequest<'a> {
-    pub id: &'a str,
+    /// The process's id within its container.
     pub exec_id: &'a str,
     /// The OCI runtime-spec `Process`, JSON, as containerd sent it.
     pub spec: &'a [u8],
+    /// Whether the process gets a pty instead of pipes.
     pub terminal: bool,
     /// With a terminal: where the runtime must send the pty master (`--console-socket`).
     pub console_socket: Option<&'a Path>,
+    /// The fds the process must get as stdin, stdout and stderr (unused with a terminal).
     pub stdio: ChildStdio,
 }
 
 /// Which process a signal is for.
 #[derive(Debug, Clone, Copy)]
 pub enum Target<'a> {
-    Init,
-    Exec { exec_id: &'a str, pid: u32 },
+    /// The container's init process.
+    Init {
+        /// Its pid.
+        pid: u32,
+    },
+    /// An exec'd process.
+    Exec {
+        /// Its exec id.
+        exec_id: &'a str,
+        /// Its pid.
+        pid: u32,
+    },
+}
+
+impl Target<'_> {
+    /// The target's pid.
+    pub fn pid(&self) -> u32 {
+        match *self {
+            Target::Init { pid } | Target::Exec { pid, .. } => pid,
+        }
+    }
+}
+
+impl std::fmt::Display for Target<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Init { pid } => write!(f, "init (pid {pid})"),
+            Target::Exec { exec_id, pid } => write!(f, "exec {exec_id} (pid {pid})"),
+        }
+    }
+}
+
+/// A signal number the host knows (real-time signals included), checked by the SDK before a
+/// backend sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Signal(i32);
+
+impl Signal {
+    /// `SIGKILL`.
+    pub const KILL: Signal = Signal(libc::SIGKILL);
+
+    /// `number` if it is a signal of this host; `InvalidArgument` otherwise.
+    pub fn new(number: u32) -> Result<Signal> {
+        let max = max_signal();
+        match i32::try_from(number) {
+            Ok(n) if (1..=max).contains(&n) => Ok(Signal(n)),
+            _ => Err(Error::InvalidArgument(format!(
+                "signal {number}: not a signal of this host (1 to {max})"
+            ))),
+        }
+    }
+
+    /// The signal's number.
+    pub fn number(self) -> i32 {
+        self.0
+    }
+
+    /// Sends the signal to the process `pid` (`what` names it in errors). A process that is
+    /// gone is `NotFound`, which is what containerd expects of a finished process.
+    pub fn send(self, pid: u32, what: &str) -> Result<()> {
+        let pid = i32::try_from(pid)
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| Error::InvalidArgument(format!("{what}: no process to signal")))?;
+        // SAFETY: kill(2) takes plain integers.
+        if unsafe { libc::kill(pid, self.0) } == 0 {
+            return Ok(());
+        }
+        match nix::Error::last() {
+            nix::Error::ESRCH => Err(Error::NotFound(format!("{what}: process already finished"))),
+            e => Err(Error::Sys {
+                context: format!("signal {} to {what}", self.0),
+                source: e,
+            }),
+        }
+    }
+}
+
+/// The highest signal number: real-time signals end at `SIGRTMAX`.
+#[cfg(target_os = "linux")]
+fn max_signal() -> i32 {
+    libc::SIGRTMAX()
+}
+
+/// FreeBSD's `SIGRTMAX` (`<sys/signal.h>`).
+#[cfg(not(target_os = "linux"))]
+fn max_signal() -> i32 {
+    126
+}
+
+impl std::fmt::Display for Signal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
 }
 
 /// A container runtime behind the shim SDK.
 ///
-/// Only `create`, `start`, `exec`, `kill`, `delete` and `pids` are required; what a runtime
-/// cannot do answers ttrpc `Unimplemented` by default.
+/// Only `create`, `start`, `exec`, `kill`, `delete`, `pids` and `cleanup` are required; what
+/// a runtime cannot do answers ttrpc `Unimplemented` by default. The SDK keeps each
+/// container's [`Backend::Container`] and hands it to every call about that container; it
+/// never holds its own locks while a backend call runs, so a backend may take its time.
 ///
 /// Every process a backend creates must be a descendant of the shim (directly, or
-/// re-parented to it as the subreaper), and any helper command it runs must go through
-/// [`crate::reaper::run`], so the SDK sees every exit.
+/// re-parented to it as the subreaper), and any command it runs must go through
+/// [`crate::reaper::spawn`] or [`crate::reaper::run`], so the SDK sees every exit.
 pub trait Backend: Send + Sync + 'static {
+    /// The backend's state of one container.
+    type Container: Send + Sync + 'static;
+    /// The runtime options, decoded and kept by the SDK; `()` for none.
+    type Options: RuntimeOptions;
+
+    /// Whether the SDK mounts `Create`'s rootfs at `bundle/rootfs` before `create`, and
+    /// unmounts it after `delete` and `cleanup`. A backend that hands the mounts to someone
+    /// else (a VM's guest) says `false`.
+    const MOUNTS_ROOTFS: bool = true;
+
     /// Builds the backend for a daemon serving `ctx`.
     fn new(ctx: &ShimContext) -> Result<Self>
     where
         Self: Sized;
 
-    /// Owner of the stdio pipes (`io_uid`/`io_gid`) for a container created with `options`.
-    fn io_owner(&self, _options: Option<&Any>) -> Result<IoOwner> {
-        Ok(IoOwner::default())
-    }
-
-    /// Creates the container; its init process must exist (stopped before the user's
-    /// program) when this returns. Returns the init's pid — or 0 when the init only comes
-    /// to exist at `start` (a restore from a checkpoint).
-    fn create(&self, req: CreateRequest<'_>) -> Result<u32>;
+    /// Creates the container. A failure must leave nothing of the backend's behind; the SDK
+    /// undoes its own steps.
+    fn create(&self, req: CreateRequest<'_, Self::Options>) -> Result<Created<Self::Container>>;
 
     /// Lets the init process run the user's program. Returns the init's pid (new for a
     /// restore, the created one otherwise).
-    fn start(&self, id: &str) -> Result<u32>;
+    fn start(&self, c: &Self::Container) -> Result<u32>;
 
     /// Starts an extra process in the container and returns its pid.
-    fn exec(&self, req: ExecRequest<'_>) -> Result<u32>;
+    fn exec(&self, c: &Self::Container, req: ExecRequest<'_>) -> Result<u32>;
 
     /// Sends `signal` to the target; with `all`, to every process of the container.
-    fn kill(&self, id: &str, target: Target<'_>, signal: u32, all: bool) -> Result<()>;
+    fn kill(
+        &self,
+        c: &Self::Container,
+        target: Target<'_>,
+        signal: Signal,
+        all: bool,
+    ) -> Result<()>;
 
-    /// Removes the container and everything the backend set up for it (mounts, state).
-    fn delete(&self, id: &str) -> Result<()>;
+    /// Removes the container and everything the backend set up for it.
+    fn delete(&self, c: &Self::Container) -> Result<()>;
 
     /// Pids of every process in the container.
-    fn pids(&self, id: &str) -> Result<Vec<u32>>;
+    fn pids(&self, c: &Self::Container) -> Result<Vec<u32>>;
 
-    fn pause(&self, _id: &str) -> Result<()> {
+    /// Freezes every process of the container.
+    fn pause(&self, _c: &Self::Container) -> Result<()> {
         Err(Error::Unimplemented("Pause".into()))
     }
 
-    fn resume(&self, _id: &str) -> Result<()> {
+    /// Thaws a paused container.
+    fn resume(&self, _c: &Self::Container) -> Result<()> {
         Err(Error::Unimplemented("Resume".into()))
     }
 
-    /// New resource limits for a running container; [`linux_resources`] checks the payload.
-    fn update(&self, _id: &str, _resources: Option<&Any>) -> Result<()> {
+    /// New resource limits for a running container: an OCI `LinuxResources` JSON object,
+    /// checked by the SDK.
+    fn update(&self, _c: &Self::Container, _resources: &[u8]) -> Result<()> {
         Err(Error::Unimplemented("Update".into()))
     }
 
@@ -120,31 +249,33 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Metrics for `Stats`. The default reads the cgroup of the init process (`init_pid`)
     /// when [`Backend::host_cgroups`] holds.
-    fn stats(&self, _id: &str, init_pid: u32) -> Result<Any> {
+    fn stats(&self, _c: &Self::Container, init_pid: u32) -> Result<Any> {
         if !self.host_cgroups() {
             return Err(Error::Unimplemented("Stats".into()));
         }
         crate::os::metrics(init_pid)
     }
 
-    fn checkpoint(&self, _id: &str, _path: &str, _options: Option<&Any>) -> Result<()> {
+    /// Dumps the container to `path` (the request's options as containerd sent them).
+    fn checkpoint(&self, _c: &Self::Container, _path: &str, _options: Option<&Any>) -> Result<()> {
         Err(Error::Unimplemented("Checkpoint".into()))
     }
 
-    fn resize_pty(&self, _id: &str, _exec_id: &str, _width: u32, _height: u32) -> Result<()> {
+    /// Resizes a terminal the SDK does not hold itself (a VM guest's, say).
+    fn resize_pty(&self, _c: &Self::Container, _exec_id: &str, _w: u32, _h: u32) -> Result<()> {
         Err(Error::Unimplemented("ResizePty".into()))
     }
 
     /// The `delete` action: containerd found the shim dead and asks the binary to remove
-    /// whatever the dead daemon left for container `id` in `bundle`. Runs without a daemon.
-    fn cleanup(ctx: &ShimContext, id: &str, bundle: &Path) -> Result<()>
+    /// whatever the dead daemon left for container `id` in `bundle`, created with `options`.
+    /// Runs without a daemon; the SDK unmounts the rootfs afterwards.
+    fn cleanup(ctx: &ShimContext, id: &str, bundle: &Path, options: &Self::Options) -> Result<()>
     where
         Self: Sized;
 
-    /// The cgroup the shim daemon must run in, from the runtime options `start` received
-    /// (runc's `ShimCgroup`, relative to the cgroup root). `None`: where containerd started
-    /// it. Options this cannot read are for `Create` to refuse, not `start`.
-    fn shim_cgroup(_options: Option<&Any>) -> Option<String>
+    /// The cgroup the shim daemon must run in, from the options `start` received (runc's
+    /// `ShimCgroup`, relative to the cgroup root). `None`: where containerd started it.
+    fn shim_cgroup(_options: &Self::Options) -> Option<String>
     where
         Self: Sized,
     {
@@ -152,10 +283,10 @@ pub trait Backend: Send + Sync + 'static {
     }
 
     /// The runtime's features for `-info` (containerd 2.x introspection), for the runtime
-    /// `options` would select: an `Any` clients read, such as an OCI runtime's `features`
-    /// JSON ([`protocol::type_urls::OCI_FEATURES`]). `None`: nothing to tell. Runs without
-    /// a daemon.
-    fn features(_options: Option<&Any>) -> Result<Option<Any>>
+    /// `options` select: an `Any` clients read, such as an OCI runtime's `features` JSON
+    /// ([`protocol::type_urls::OCI_FEATURES`]). `None`: nothing to tell. Runs without a
+    /// daemon.
+    fn features(_options: &Self::Options) -> Result<Option<Any>>
     where
         Self: Sized,
     {

@@ -8,21 +8,26 @@
 //! subreaping, stdio plumbing and the shim log.
 //!
 //! ```no_run
-//! use shim_common::{Backend, CreateRequest, ExecRequest, Result, ShimContext, Target};
+//! use shim_common::{Backend, Created, CreateRequest, ExecRequest, Result, ShimContext, Signal, Target};
 //! # use std::path::Path;
 //! struct Mine;
 //! impl Backend for Mine {
+//!     type Container = ();
+//!     type Options = ();
 //!     fn new(_: &ShimContext) -> Result<Self> { Ok(Mine) }
-//!     fn create(&self, req: CreateRequest<'_>) -> Result<u32> { todo!("make the container") }
-//!     fn start(&self, id: &str) -> Result<u32> { todo!() }
-//!     fn exec(&self, req: ExecRequest<'_>) -> Result<u32> { todo!() }
-//!     fn kill(&self, id: &str, t: Target<'_>, sig: u32, all: bool) -> Result<()> { todo!() }
-//!     fn delete(&self, id: &str) -> Result<()> { todo!() }
-//!     fn pids(&self, id: &str) -> Result<Vec<u32>> { todo!() }
-//!     fn cleanup(_: &ShimContext, _: &str, _: &Path) -> Result<()> { Ok(()) }
+//!     fn create(&self, req: CreateRequest<'_, ()>) -> Result<Created<()>> { todo!("make it") }
+//!     fn start(&self, c: &()) -> Result<u32> { todo!() }
+//!     fn exec(&self, c: &(), req: ExecRequest<'_>) -> Result<u32> { todo!() }
+//!     fn kill(&self, c: &(), t: Target<'_>, sig: Signal, all: bool) -> Result<()> { todo!() }
+//!     fn delete(&self, c: &()) -> Result<()> { todo!() }
+//!     fn pids(&self, c: &()) -> Result<Vec<u32>> { todo!() }
+//!     fn cleanup(_: &ShimContext, _: &str, _: &Path, _: &()) -> Result<()> { Ok(()) }
 //! }
 //! fn main() { shim_common::run::<Mine>("containerd-shim-mine-v2") }
 //! ```
+//!
+//! A complete one, which runs a bundle's process as a plain child, is
+//! `shim-common/examples/skeleton.rs`.
 
 pub mod backend;
 pub mod bootstrap;
@@ -35,6 +40,7 @@ pub mod executable;
 pub mod flags;
 pub mod logger;
 pub mod mount;
+pub mod options;
 pub mod reaper;
 pub mod rpc;
 pub mod service;
@@ -46,8 +52,9 @@ pub mod stdio;
 mod os;
 mod serve;
 
-pub use backend::{Backend, CreateRequest, ExecRequest, ShimContext, Target};
+pub use backend::{Backend, CreateRequest, Created, ExecRequest, ShimContext, Signal, Target};
 pub use error::{Context, Error, Result};
+pub use options::RuntimeOptions;
 pub use protocol;
 pub use service::TaskService;
 
@@ -84,18 +91,21 @@ fn dispatch<B: Backend>(name: &str) -> Result<()> {
             Ok(())
         }
         Action::Start => {
-            let answer = start::start(&flags, B::shim_cgroup)?;
+            // Options `start` cannot read are for `Create` to refuse, with the reason.
+            let shim_cgroup = |any: Option<&_>| B::shim_cgroup(&options::decode(any).ok()?);
+            let answer = start::start(&flags, shim_cgroup)?;
             let mut out = std::io::stdout().lock();
             out.write_all(&answer).context("write start answer")?;
             out.flush().context("write start answer")
         }
         Action::Info => {
-            let mut options = Vec::new();
+            let mut input = Vec::new();
             std::io::stdin()
                 .take(bootstrap::STDIN_LIMIT)
-                .read_to_end(&mut options)
+                .read_to_end(&mut input)
                 .context("read runtime options")?;
-            let info = bootstrap::info(name, &options, B::features)?;
+            let features = |any: Option<&_>| B::features(&options::decode(any)?);
+            let info = bootstrap::info(name, &input, features)?;
             let mut out = std::io::stdout().lock();
             out.write_all(&info).context("write runtime info")?;
             out.flush().context("write runtime info")
@@ -114,7 +124,13 @@ fn dispatch<B: Backend>(name: &str) -> Result<()> {
 /// with a `DeleteResponse` (exit status 137: the task died with its shim).
 fn delete<B: Backend>(flags: &Flags) -> Result<Vec<u8>> {
     let bundle = Path::new(&flags.bundle);
-    let cleaned = B::cleanup(&serve::context(flags), &flags.id, bundle);
+    let options = options::load::<B::Options>(bundle);
+    let mut cleaned = B::cleanup(&serve::context(flags), &flags.id, bundle, &options);
+    if B::MOUNTS_ROOTFS {
+        // Even if the backend failed: a leaked mount outlives everything else.
+        let unmounted = mount::unmount_all(&bundle.join("rootfs"));
+        cleaned = cleaned.and(unmounted);
+    }
     // The dead daemon's socket, unless a live shim of the same group still answers there;
     // removed even if the backend's cleanup failed, since nothing can use it any more. Under
     // the socket directory's lock: a `start` may be binding that name for a new shim.

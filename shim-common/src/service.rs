@@ -26,10 +26,12 @@ use protocol::task::{ProcessInfo, Status};
 use protocol::task_events::*;
 use protocol::topics;
 
-use crate::backend::{Backend, CreateRequest, ExecRequest, Target};
+use crate::backend::{linux_resources, Backend, CreateRequest, ExecRequest, Signal, Target};
 use crate::console::{Console, ConsoleSocket};
 use crate::error::{Error, Result};
 use crate::events::{publish, timestamp, Publisher};
+use crate::mount::{unmount_all, BundleRootfs};
+use crate::options::{self, RuntimeOptions};
 use crate::os::OomWatcher;
 use crate::reaper::{self, Exit};
 use crate::rpc;
@@ -142,9 +144,15 @@ impl PendingIo {
     }
 }
 
-struct Container {
+/// A container as the SDK keeps it; `C` is the backend's own state of it.
+struct Container<C> {
     id: String,
     bundle: String,
+    /// The backend's container, for every backend call about it. Cloned out of the lock, so
+    /// a call that takes its time does not hold the container.
+    runtime: Arc<C>,
+    /// Whether the SDK mounted the rootfs (and unmounts it after the backend's delete).
+    rootfs_mounted: bool,
     init: Proc,
     execs: HashMap<String, Proc>,
     /// Execs started (or starting) and not yet exited: the init's exit waits for them.
@@ -171,7 +179,7 @@ fn wait_response(exit: Exit) -> WaitResponse {
     }
 }
 
-impl Container {
+impl<C> Container<C> {
     fn process(&self, exec_id: &str) -> Result<&Proc> {
         if exec_id.is_empty() {
             return Ok(&self.init);
@@ -192,8 +200,8 @@ impl Container {
     }
 }
 
-struct Cell {
-    state: Mutex<Container>,
+struct Cell<C> {
+    state: Mutex<Container<C>>,
     /// Exits reaped for this container and not yet applied, in reap order.
     exits: Mutex<ExitQueue>,
 }
@@ -217,9 +225,8 @@ struct ExitQueue {
 /// not let through to undo the first), `start` announces the container it found the shim
 /// for (`Join`), and `Shutdown` declines while either is pending. Once it accepts, new
 /// containers are refused and `start` makes a new shim.
-#[derive(Default)]
-struct Table {
-    cells: HashMap<String, Arc<Cell>>,
+struct Table<C> {
+    cells: HashMap<String, Arc<Cell<C>>>,
     creating: HashSet<String>,
     /// Containers `start` found this shim for, and when, until their `Create` arrives.
     joined: HashMap<String, Instant>,
@@ -227,7 +234,18 @@ struct Table {
     closing: bool,
 }
 
-impl Table {
+impl<C> Default for Table<C> {
+    fn default() -> Self {
+        Table {
+            cells: HashMap::new(),
+            creating: HashSet::new(),
+            joined: HashMap::new(),
+            closing: false,
+        }
+    }
+}
+
+impl<C> Table<C> {
     /// Why the shim may not exit now, or `None` if it may. Forgets expired joins.
     fn busy(&mut self) -> Option<String> {
         self.joined.retain(|_, at| at.elapsed() < JOIN_TIMEOUT);
@@ -250,14 +268,14 @@ struct PidTable {
     starting: usize,
 }
 
-struct Inner<B> {
+struct Inner<B: Backend> {
     /// Itself, for exits applied later from the drain thread.
     me: Weak<Inner<B>>,
     /// The containerd namespace served, told to logging binaries.
     namespace: String,
     backend: B,
     publisher: Arc<dyn Publisher>,
-    containers: Mutex<Table>,
+    containers: Mutex<Table<B::Container>>,
     pids: Mutex<PidTable>,
     on_shutdown: ShutdownHook,
     /// One OOM watcher for every container of the shim, started with the first container
@@ -283,21 +301,21 @@ fn validate_id(kind: &str, id: &str) -> Result<()> {
 }
 
 /// An id reserved for a `Create` in flight ([`Inner::reserve`]).
-struct Reserved<'a, B> {
+struct Reserved<'a, B: Backend> {
     inner: &'a Inner<B>,
     id: String,
 }
 
-impl<B> Drop for Reserved<'_, B> {
+impl<B: Backend> Drop for Reserved<'_, B> {
     fn drop(&mut self) {
         lock(&self.inner.containers).creating.remove(&self.id);
     }
 }
 
 /// Marks a backend call that will report a new pid; exits of unknown pids are kept meanwhile.
-struct Starting<'a, B>(&'a Inner<B>);
+struct Starting<'a, B: Backend>(&'a Inner<B>);
 
-impl<B> Drop for Starting<'_, B> {
+impl<B: Backend> Drop for Starting<'_, B> {
     fn drop(&mut self) {
         let mut t = lock(&self.0.pids);
         t.starting -= 1;
@@ -437,7 +455,7 @@ where
 }
 
 impl<B: Backend> Inner<B> {
-    fn cell(&self, id: &str) -> Result<Arc<Cell>> {
+    fn cell(&self, id: &str) -> Result<Arc<Cell<B::Container>>> {
         lock(&self.containers)
             .cells
             .get(id)
@@ -523,7 +541,7 @@ impl<B: Backend> Inner<B> {
     }
 
     /// Applies `cell`'s queued exits in order until none is left (see [`ExitQueue`]).
-    fn apply_queued_exits(&self, cell: &Arc<Cell>) {
+    fn apply_queued_exits(&self, cell: &Arc<Cell<B::Container>>) {
         loop {
             let (exec_id, exit) = {
                 let mut q = lock(&cell.exits);
@@ -545,22 +563,25 @@ impl<B: Backend> Inner<B> {
     /// the drain thread, so neither this caller nor other containers' exits wait for it.
     fn exit_after_output(
         &self,
-        cell: Arc<Cell>,
+        cell: Arc<Cell<B::Container>>,
         exec_id: String,
         exit: Exit,
         drain: Option<Drain>,
     ) {
-        let (id, kill_all) = {
+        let (id, kill_all, runtime, pid) = {
             let c = lock(&cell.state);
-            (c.id.clone(), c.kill_all_on_exit)
+            (
+                c.id.clone(),
+                c.kill_all_on_exit,
+                c.runtime.clone(),
+                c.init.pid,
+            )
         };
         if exec_id.is_empty() && kill_all {
             // No pid namespace of its own: the init's end is not the end of its processes.
             // End them before its exit is published, as containerd's runc shim does.
-            if let Err(e) = self
-                .backend
-                .kill(&id, Target::Init, libc::SIGKILL as u32, true)
-            {
+            let target = Target::Init { pid };
+            if let Err(e) = self.backend.kill(&runtime, target, Signal::KILL, true) {
                 log::warn!("container {id}: kill what is left after its init exited: {e}");
             }
         }
@@ -584,13 +605,13 @@ impl<B: Backend> Inner<B> {
         }
     }
 
-    fn apply_exit(&self, c: &mut Container, exec_id: &str, exit: Exit) {
+    fn apply_exit(&self, c: &mut Container<B::Container>, exec_id: &str, exit: Exit) {
         if exec_id.is_empty() {
             if c.running_execs > 0 {
                 // Execs outlive init only in a shared pid namespace; end them, then report init.
                 for (exec_id, p) in &c.execs {
                     if p.status == Status::RUNNING && !p.reaped {
-                        self.kill_exec(&c.id, exec_id, p.pid);
+                        self.kill_exec(&c.runtime, exec_id, p.pid);
                     }
                 }
                 c.deferred_init_exit = Some(exit);
@@ -605,12 +626,12 @@ impl<B: Backend> Inner<B> {
     }
 
     /// SIGKILLs an exec's process; it is gone or going either way, so errors are moot.
-    fn kill_exec(&self, id: &str, exec_id: &str, pid: u32) {
+    fn kill_exec(&self, runtime: &B::Container, exec_id: &str, pid: u32) {
         let target = Target::Exec { exec_id, pid };
-        let _ = self.backend.kill(id, target, libc::SIGKILL as u32, false);
+        let _ = self.backend.kill(runtime, target, Signal::KILL, false);
     }
 
-    fn release_init_exit(&self, c: &mut Container) {
+    fn release_init_exit(&self, c: &mut Container<B::Container>) {
         if c.running_execs == 0 {
             if let Some(exit) = c.deferred_init_exit.take() {
                 self.finish(c, "", exit);
@@ -618,7 +639,7 @@ impl<B: Backend> Inner<B> {
         }
     }
 
-    fn finish(&self, c: &mut Container, exec_id: &str, exit: Exit) {
+    fn finish(&self, c: &mut Container<B::Container>, exec_id: &str, exit: Exit) {
         let id = c.id.clone();
         let Ok(p) = c.process_mut(exec_id) else {
             return;
@@ -653,41 +674,54 @@ impl<B: Backend> Inner<B> {
         }
     }
 
+    /// A chain of steps, each undone by a guard if a later one fails: reserve the id (a
+    /// duplicate is refused before anything runs), decode and keep the options, open the
+    /// stdio, mount the rootfs, let the backend create; a terminal's master comes last.
     fn create(&self, req: CreateTaskRequest) -> Result<CreateTaskResponse> {
         validate_id("container", &req.id)?;
         let reserved = self.reserve(&req.id)?;
+        let options: B::Options = options::decode(req.options.as_ref())?;
+        let bundle = PathBuf::from(&req.bundle);
+        options::save(&bundle, &options)?;
         let paths = StdioPaths {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
-        let owner = self.backend.io_owner(req.options.as_ref())?;
+        let owner = options.io_owner();
         let ctx = IoContext {
             id: &req.id,
             namespace: &self.namespace,
         };
         let (pending, stdio) = PendingIo::open(&paths, owner, ctx)?;
+        let rootfs = match B::MOUNTS_ROOTFS {
+            true => Some(BundleRootfs::mount(&bundle, &req.rootfs)?),
+            false => None,
+        };
         let starting = self.starting();
-        let bundle = PathBuf::from(&req.bundle);
-        let pid = self.backend.create(CreateRequest {
+        let created = self.backend.create(CreateRequest {
             id: &req.id,
             bundle: &bundle,
             rootfs: &req.rootfs,
-            options: req.options.as_ref(),
+            options: &options,
             checkpoint: &req.checkpoint,
             terminal: req.terminal,
             console_socket: pending.console_socket(),
             stdio,
         })?;
+        let runtime = Arc::new(created.container);
         let io = match pending.finish(&paths) {
             Ok(io) => io,
             Err(e) => {
-                let _ = self.backend.delete(&req.id);
+                // Before the rootfs guard unmounts what the container still uses.
+                let _ = self.backend.delete(&runtime);
                 return Err(e);
             }
         };
-        let early = self.claim(pid, &req.id, "");
+        let rootfs_mounted = rootfs.is_some_and(BundleRootfs::keep);
+        let pid = created.pid.unwrap_or(0);
+        let early = created.pid.and_then(|pid| self.claim(pid, &req.id, ""));
         let mut init = Proc::new(paths.clone());
         init.pid = pid;
         init.io = Some(io);
@@ -696,6 +730,8 @@ impl<B: Backend> Inner<B> {
             state: Mutex::new(Container {
                 id: req.id.clone(),
                 bundle: req.bundle.clone(),
+                runtime,
+                rootfs_mounted,
                 init,
                 execs: HashMap::new(),
                 running_execs: 0,
@@ -755,7 +791,7 @@ impl<B: Backend> Inner<B> {
                 )));
             }
             let starting = self.starting();
-            let pid = self.backend.start(&req.id)?;
+            let pid = self.backend.start(&c.runtime)?;
             // A restored init is born here: claim its pid like create does.
             let early = if pid != c.init.pid {
                 c.init.pid = pid;
@@ -801,6 +837,7 @@ impl<B: Backend> Inner<B> {
             )));
         }
         let (paths, spec, owner) = (p.paths.clone(), p.spec.clone(), c.io_owner);
+        let runtime = c.runtime.clone();
         c.running_execs += 1;
         c.process_mut(&req.exec_id)?.starting = true;
         // Not under the container's lock: `runc exec` can take seconds, and State, Pids or
@@ -813,18 +850,18 @@ impl<B: Backend> Inner<B> {
         };
         let launched = PendingIo::open(&paths, owner, ctx).and_then(|(pending, stdio)| {
             let starting = self.starting();
-            let pid = self.backend.exec(ExecRequest {
-                id: &req.id,
+            let exec = ExecRequest {
                 exec_id: &req.exec_id,
                 spec: &spec,
                 terminal: paths.terminal,
                 console_socket: pending.console_socket(),
                 stdio,
-            })?;
+            };
+            let pid = self.backend.exec(&runtime, exec)?;
             match pending.finish(&paths) {
                 Ok(io) => Ok((io, pid, starting)),
                 Err(e) => {
-                    self.kill_exec(&req.id, &req.exec_id, pid);
+                    self.kill_exec(&runtime, &req.exec_id, pid);
                     Err(e)
                 }
             }
@@ -847,7 +884,7 @@ impl<B: Backend> Inner<B> {
         drop(starting);
         if early.is_none() && c.deferred_init_exit.is_some() {
             // The init exited while this started: end it, as the init's exit did the others.
-            self.kill_exec(&req.id, &req.exec_id, pid);
+            self.kill_exec(&runtime, &req.exec_id, pid);
         }
         let p = c.process_mut(&req.exec_id)?;
         p.pid = pid;
@@ -918,6 +955,7 @@ impl<B: Backend> Inner<B> {
     }
 
     fn kill(&self, req: KillRequest) -> Result<()> {
+        let signal = Signal::new(req.signal)?;
         let cell = self.cell(&req.id)?;
         let c = lock(&cell.state);
         let p = c.process(&req.exec_id)?;
@@ -938,10 +976,17 @@ impl<B: Backend> Inner<B> {
             )));
         }
         if req.exec_id.is_empty() {
+            let (runtime, pid) = (c.runtime.clone(), p.pid);
             drop(c); // runc kill takes a while; do not block the container meanwhile
-            return self
-                .backend
-                .kill(&req.id, Target::Init, req.signal, req.all);
+            if pid == 0 {
+                // A restore's init is born at start.
+                return Err(Error::NotFound(format!(
+                    "container {}: process not started",
+                    req.id
+                )));
+            }
+            let target = Target::Init { pid };
+            return self.backend.kill(&runtime, target, signal, req.all);
         }
         if p.status == Status::CREATED {
             return Err(Error::FailedPrecondition(format!(
@@ -954,7 +999,7 @@ impl<B: Backend> Inner<B> {
             exec_id: &req.exec_id,
             pid: p.pid,
         };
-        self.backend.kill(&req.id, target, req.signal, req.all)
+        self.backend.kill(&c.runtime, target, signal, req.all)
     }
 
     fn delete(&self, req: DeleteRequest) -> Result<DeleteResponse> {
@@ -1022,7 +1067,11 @@ impl<B: Backend> Inner<B> {
                 req.id
             )));
         }
-        self.backend.delete(&req.id)?;
+        self.backend.delete(&c.runtime)?;
+        if c.rootfs_mounted {
+            unmount_all(&std::path::Path::new(&c.bundle).join("rootfs"))?;
+            c.rootfs_mounted = false;
+        }
         if let Some(Some(w)) = self.oom.get() {
             w.remove(&req.id);
         }
@@ -1103,7 +1152,8 @@ impl<B: Backend> Inner<B> {
 
     fn pids(&self, req: PidsRequest) -> Result<PidsResponse> {
         let cell = self.cell(&req.id)?;
-        let pids = self.backend.pids(&req.id)?;
+        let runtime = lock(&cell.state).runtime.clone();
+        let pids = self.backend.pids(&runtime)?;
         let c = lock(&cell.state);
         let mut processes = Vec::with_capacity(pids.len());
         for pid in pids {
@@ -1159,7 +1209,7 @@ impl<B: Backend> Inner<B> {
             // A terminal the shim does not hold (a VM guest's, say): the backend's.
             _ => self
                 .backend
-                .resize_pty(&req.id, &req.exec_id, req.width, req.height),
+                .resize_pty(&c.runtime, &req.exec_id, req.width, req.height),
         }
     }
 
@@ -1167,7 +1217,7 @@ impl<B: Backend> Inner<B> {
         let cell = self.cell(id)?;
         let mut c = lock(&cell.state);
         if paused {
-            self.backend.pause(id)?;
+            self.backend.pause(&c.runtime)?;
             c.init.status = Status::PAUSED;
             let e = TaskPaused {
                 container_id: id.into(),
@@ -1175,7 +1225,7 @@ impl<B: Backend> Inner<B> {
             };
             publish(&*self.publisher, topics::TASK_PAUSED, &e);
         } else {
-            self.backend.resume(id)?;
+            self.backend.resume(&c.runtime)?;
             c.init.status = Status::RUNNING;
             let e = TaskResumed {
                 container_id: id.into(),
@@ -1186,20 +1236,32 @@ impl<B: Backend> Inner<B> {
         Ok(())
     }
 
+    fn runtime(&self, id: &str) -> Result<Arc<B::Container>> {
+        Ok(lock(&self.cell(id)?.state).runtime.clone())
+    }
+
     fn checkpoint(&self, r: CheckpointTaskRequest) -> Result<Empty> {
-        self.cell(&r.id)?;
-        empty(self.backend.checkpoint(&r.id, &r.path, r.options.as_ref()))
+        let runtime = self.runtime(&r.id)?;
+        empty(
+            self.backend
+                .checkpoint(&runtime, &r.path, r.options.as_ref()),
+        )
     }
 
     fn update(&self, r: UpdateTaskRequest) -> Result<Empty> {
-        self.cell(&r.id)?;
-        empty(self.backend.update(&r.id, r.resources.as_ref()))
+        let runtime = self.runtime(&r.id)?;
+        let resources = linux_resources(r.resources.as_ref())?;
+        empty(self.backend.update(&runtime, resources))
     }
 
     fn stats(&self, r: StatsRequest) -> Result<StatsResponse> {
-        let pid = lock(&self.cell(&r.id)?.state).init.pid;
+        let (runtime, pid) = {
+            let cell = self.cell(&r.id)?;
+            let c = lock(&cell.state);
+            (c.runtime.clone(), c.init.pid)
+        };
         Ok(StatsResponse {
-            stats: MessageField::some(self.backend.stats(&r.id, pid)?),
+            stats: MessageField::some(self.backend.stats(&runtime, pid)?),
             ..Default::default()
         })
     }
@@ -1309,7 +1371,7 @@ fn shares_pid_namespace(bundle: &std::path::Path) -> bool {
 }
 
 /// Marks `exec_id`'s process reaped; the drain its exit must wait for, if it has stdio.
-fn reaped(c: &mut Container, exec_id: &str) -> Option<Drain> {
+fn reaped<C>(c: &mut Container<C>, exec_id: &str) -> Option<Drain> {
     let p = c.process_mut(exec_id).ok()?;
     p.reaped = true;
     p.io.as_ref().map(|io| io.drain().clone())
@@ -1338,34 +1400,46 @@ mod tests {
     struct Minimal(Mutex<Option<ChildStdio>>);
 
     impl Backend for Minimal {
+        type Container = ();
+        type Options = ();
         fn new(_: &ShimContext) -> Result<Self> {
             Ok(Minimal::default())
         }
         fn host_cgroups(&self) -> bool {
             false
         }
-        fn create(&self, req: CreateRequest<'_>) -> Result<u32> {
+        fn create(&self, req: CreateRequest<'_, ()>) -> Result<crate::Created<()>> {
             *lock(&self.0) = Some(req.stdio);
+            Ok(crate::Created {
+                container: (),
+                pid: Some(4242),
+            })
+        }
+        fn start(&self, _: &()) -> Result<u32> {
             Ok(4242)
         }
-        fn start(&self, _: &str) -> Result<u32> {
-            Ok(4242)
-        }
-        fn exec(&self, _: ExecRequest<'_>) -> Result<u32> {
+        fn exec(&self, _: &(), _: ExecRequest<'_>) -> Result<u32> {
             Ok(4343)
         }
-        fn kill(&self, _: &str, _: Target<'_>, _: u32, _: bool) -> Result<()> {
+        fn kill(&self, _: &(), _: Target<'_>, _: Signal, _: bool) -> Result<()> {
             Ok(())
         }
-        fn delete(&self, _: &str) -> Result<()> {
+        fn delete(&self, _: &()) -> Result<()> {
             Ok(())
         }
-        fn pids(&self, _: &str) -> Result<Vec<u32>> {
+        fn pids(&self, _: &()) -> Result<Vec<u32>> {
             Ok(vec![4242])
         }
-        fn cleanup(_: &ShimContext, _: &str, _: &Path) -> Result<()> {
+        fn cleanup(_: &ShimContext, _: &str, _: &Path, _: &()) -> Result<()> {
             Ok(())
         }
+    }
+
+    /// A bundle directory for the tests' containers (the SDK keeps their options there).
+    fn bundle() -> String {
+        static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+        let dir = DIR.get_or_init(|| tempfile::tempdir().unwrap());
+        dir.path().to_str().unwrap().to_string()
     }
 
     struct Events(Mutex<Vec<String>>);
@@ -1382,7 +1456,7 @@ mod tests {
             TaskService::new("ns", Minimal::default(), events.clone(), Box::new(|| {})).unwrap();
         let create = CreateTaskRequest {
             id: "c1".into(),
-            bundle: "/nonexistent".into(),
+            bundle: bundle(),
             ..Default::default()
         };
         svc.inner.create(create).unwrap();
@@ -1418,7 +1492,7 @@ mod tests {
         let create = |id: &str| {
             i.create(CreateTaskRequest {
                 id: id.into(),
-                bundle: "/nonexistent".into(),
+                bundle: bundle(),
                 ..Default::default()
             })
         };
@@ -1448,15 +1522,29 @@ mod tests {
             ttrpc::Code::UNIMPLEMENTED
         );
         assert_eq!(
-            code(svc.inner.backend.stats("c1", 4242)),
+            code(svc.inner.backend.stats(&(), 4242)),
             ttrpc::Code::UNIMPLEMENTED
         );
+        let resources = protobuf::well_known_types::any::Any {
+            value: b"{}".to_vec(),
+            ..Default::default()
+        };
+        let update = UpdateTaskRequest {
+            id: "c1".into(),
+            resources: MessageField::some(resources),
+            ..Default::default()
+        };
         assert_eq!(
-            code(svc.inner.backend.update("c1", None)),
+            code(svc.inner.update(update.clone())),
             ttrpc::Code::UNIMPLEMENTED
         );
+        let bad = UpdateTaskRequest {
+            resources: MessageField::none(),
+            ..update
+        };
+        assert_eq!(code(svc.inner.update(bad)), ttrpc::Code::INVALID_ARGUMENT);
         assert_eq!(
-            code(svc.inner.backend.checkpoint("c1", "/x", None)),
+            code(svc.inner.backend.checkpoint(&(), "/x", None)),
             ttrpc::Code::UNIMPLEMENTED
         );
         // ...and what the SDK knows is absent is NotFound, not Unimplemented.
@@ -1630,7 +1718,7 @@ mod tests {
         svc.inner
             .create(CreateTaskRequest {
                 id: "c1".into(),
-                bundle: "/nonexistent".into(),
+                bundle: bundle(),
                 stdout: uri,
                 ..Default::default()
             })

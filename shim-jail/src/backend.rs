@@ -1,49 +1,33 @@
-//! The jail backend: translate the spec, mount the rootfs, then let runj do the rest.
+//! The jail backend: translate the spec, then let runj do the rest.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use protobuf::well_known_types::any::Any;
 use serde_json::Value;
-use shim_common::mount::{unmount_all, BundleRootfs};
 use shim_common::{
-    Backend, Context, CreateRequest, Error, ExecRequest, Result, ShimContext, Target,
+    Backend, Context, CreateRequest, Created, Error, ExecRequest, Result, ShimContext, Signal,
+    Target,
 };
 
 use crate::options::{JailConfig, EXT_FILE};
 use crate::runj::Runj;
 use crate::spec::{self, PodRole};
 
-struct Container {
+pub struct Container {
+    id: String,
     bundle: PathBuf,
     init_pid: u32,
     runj: Runj,
-    mounted: bool,
     /// runj signals only a running jail; before `start`, the init is ours to signal.
     started: AtomicBool,
     /// Exec pids, for `pids` (runj has no `ps`).
     execs: Mutex<Vec<u32>>,
 }
 
-pub struct JailBackend {
-    containers: Mutex<HashMap<String, Arc<Container>>>,
-}
-
-impl JailBackend {
-    fn get(&self, id: &str) -> Result<Arc<Container>> {
-        self.containers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(id)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(format!("container {id}")))
-    }
-}
+pub struct JailBackend;
 
 /// Rewrites `bundle/config.json` for runj and logs what runj will not apply.
 fn prepare_spec(id: &str, bundle: &Path) -> Result<()> {
@@ -92,123 +76,105 @@ impl<T> JsonContext<T> for std::result::Result<T, serde_json::Error> {
 }
 
 impl Backend for JailBackend {
+    type Container = Container;
+    type Options = JailConfig;
+
     fn new(_ctx: &ShimContext) -> Result<Self> {
-        Ok(JailBackend {
-            containers: Mutex::new(HashMap::new()),
-        })
+        Ok(JailBackend)
     }
 
-    fn create(&self, req: CreateRequest<'_>) -> Result<u32> {
-        let config = JailConfig::from_any(req.options)?;
-        let runj = Runj::new(&config.binary)?;
-        config.save(req.bundle)?;
+    fn create(&self, req: CreateRequest<'_, JailConfig>) -> Result<Created<Container>> {
+        let runj = Runj::new(&req.options.binary)?;
         prepare_spec(req.id, req.bundle)?;
-        if let Some(ext) = config.ext() {
+        if let Some(ext) = req.options.ext() {
             std::fs::write(req.bundle.join(EXT_FILE), ext.to_string())
                 .context("write runj.ext.json")?;
         }
-        let rootfs = BundleRootfs::mount(req.bundle, req.rootfs)?;
-        let pid = match runj.create(req.id, req.bundle, req.console_socket, req.stdio) {
-            Ok(pid) => pid,
-            Err(e) => {
-                // Leave nothing behind: no half-created jail (the mount goes with `rootfs`).
+        let pid = runj
+            .create(req.id, req.bundle, req.console_socket, req.stdio)
+            .inspect_err(|_| {
+                // Leave no half-created jail behind.
                 let _ = runj.delete(req.id);
-                return Err(e);
-            }
-        };
-        let mounted = rootfs.keep();
+            })?;
         let container = Container {
+            id: req.id.to_string(),
             bundle: req.bundle.to_path_buf(),
             init_pid: pid,
             runj,
-            mounted,
             started: AtomicBool::new(false),
             execs: Mutex::new(Vec::new()),
         };
-        self.containers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(req.id.to_string(), Arc::new(container));
-        Ok(pid)
+        Ok(Created {
+            container,
+            pid: Some(pid),
+        })
     }
 
-    fn start(&self, id: &str) -> Result<u32> {
-        let c = self.get(id)?;
-        c.runj.start(id)?;
+    fn start(&self, c: &Container) -> Result<u32> {
+        c.runj.start(&c.id)?;
         c.started.store(true, Ordering::Release);
         Ok(c.init_pid)
     }
 
-    fn exec(&self, req: ExecRequest<'_>) -> Result<u32> {
-        let c = self.get(req.id)?;
+    fn exec(&self, c: &Container, req: ExecRequest<'_>) -> Result<u32> {
         if let Ok(process) = serde_json::from_slice::<Value>(req.spec) {
             let ignored = spec::process_unsupported(&process);
             if !ignored.is_empty() {
                 log::warn!(
                     "exec {} in {}: runj does not apply these process fields: {}",
                     req.exec_id,
-                    req.id,
+                    c.id,
                     ignored.join(", ")
                 );
             }
         }
         let file = c.bundle.join(format!(".exec-{}.json", req.exec_id));
         std::fs::write(&file, req.spec).context("write exec process spec")?;
-        let pid = c.runj.exec(req.id, &file, req.console_socket, req.stdio)?;
+        let pid = c.runj.exec(&c.id, &file, req.console_socket, req.stdio)?;
         c.execs.lock().unwrap_or_else(|e| e.into_inner()).push(pid);
         Ok(pid)
     }
 
-    fn kill(&self, id: &str, target: Target<'_>, signal: u32, all: bool) -> Result<()> {
-        let c = self.get(id)?;
+    fn kill(&self, c: &Container, target: Target<'_>, signal: Signal, all: bool) -> Result<()> {
         match target {
-            Target::Init if c.started.load(Ordering::Acquire) => c.runj.kill(id, signal, all),
-            Target::Init => signal_pid(c.init_pid, signal, id),
-            Target::Exec { exec_id, pid } => signal_pid(pid, signal, exec_id),
+            Target::Init { .. } if c.started.load(Ordering::Acquire) => {
+                c.runj.kill(&c.id, signal, all)
+            }
+            Target::Init { pid } => signal.send(pid, &format!("container {}", c.id)),
+            Target::Exec { exec_id, pid } => signal.send(pid, &format!("exec {exec_id}")),
         }
     }
 
-    fn delete(&self, id: &str) -> Result<()> {
-        let c = self.get(id)?;
-        c.runj.delete(id)?;
-        if c.mounted {
-            unmount_all(&c.bundle.join("rootfs"))?;
-        }
+    fn delete(&self, c: &Container) -> Result<()> {
+        c.runj.delete(&c.id)?;
         remove_exec_specs(&c.bundle);
-        self.containers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id);
         Ok(())
     }
 
-    fn pids(&self, id: &str) -> Result<Vec<u32>> {
-        let c = self.get(id)?;
-        let alive = |pid: &u32| kill(Pid::from_raw(*pid as i32), None).is_ok();
+    fn pids(&self, c: &Container) -> Result<Vec<u32>> {
+        let alive = |pid: &u32| {
+            let pid = nix::unistd::Pid::from_raw(*pid as i32);
+            nix::sys::signal::kill(pid, None).is_ok()
+        };
         let mut pids = vec![c.init_pid];
-        pids.extend(
-            c.execs
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .iter()
-                .filter(|p| alive(p)),
-        );
+        let execs = c.execs.lock().unwrap_or_else(|e| e.into_inner());
+        pids.extend(execs.iter().filter(|p| alive(p)));
         Ok(pids)
     }
 
-    fn pause(&self, _id: &str) -> Result<()> {
+    fn pause(&self, _c: &Container) -> Result<()> {
         Err(Error::Unimplemented(
             "Pause (runj has no pause: a FreeBSD jail cannot be frozen as a whole)".into(),
         ))
     }
 
-    fn resume(&self, _id: &str) -> Result<()> {
+    fn resume(&self, _c: &Container) -> Result<()> {
         Err(Error::Unimplemented(
             "Resume (runj has no pause, so nothing to resume)".into(),
         ))
     }
 
-    fn update(&self, _id: &str, _resources: Option<&Any>) -> Result<()> {
+    fn update(&self, _c: &Container, _resources: &[u8]) -> Result<()> {
         Err(Error::Unimplemented(
             "Update (runj has no update; a jail's rctl(8) limits are fixed at create)".into(),
         ))
@@ -218,21 +184,18 @@ impl Backend for JailBackend {
         false
     }
 
-    fn stats(&self, _id: &str, _init_pid: u32) -> Result<Any> {
+    fn stats(&self, _c: &Container, _init_pid: u32) -> Result<Any> {
         Err(Error::Unimplemented(
             "Stats (FreeBSD jails have no cgroups and runj reports no rctl usage)".into(),
         ))
     }
 
-    fn cleanup(_ctx: &ShimContext, id: &str, bundle: &Path) -> Result<()> {
-        let config = JailConfig::load(bundle);
-        let result = match Runj::new(&config.binary) {
+    fn cleanup(_ctx: &ShimContext, id: &str, bundle: &Path, options: &JailConfig) -> Result<()> {
+        let result = match Runj::new(&options.binary) {
             Ok(runj) => remove_jail(&runj, id),
             // Without runj there can be no jail of ours to remove.
             Err(_) => Ok(()),
         };
-        // Unmount even if runj failed: a leaked mount outlives everything else.
-        unmount_all(&bundle.join("rootfs"))?;
         remove_exec_specs(bundle);
         result
     }
@@ -244,9 +207,9 @@ fn remove_jail(runj: &Runj, id: &str) -> Result<()> {
         return Ok(());
     };
     if state.status == "running" {
-        let _ = runj.kill(id, Signal::SIGKILL as u32, true);
+        let _ = runj.kill(id, Signal::KILL, true);
     } else if state.status == "created" && state.pid != 0 {
-        let _ = kill(Pid::from_raw(state.pid as i32), Signal::SIGKILL);
+        let _ = Signal::KILL.send(state.pid, &format!("container {id}"));
     }
     // runj refuses to delete a jail until its processes are gone.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -258,18 +221,6 @@ fn remove_jail(runj: &Runj, id: &str) -> Result<()> {
             other => return other,
         }
     }
-}
-
-fn signal_pid(pid: u32, signal: u32, name: &str) -> Result<()> {
-    let sig = Signal::try_from(signal as i32)
-        .map_err(|_| Error::InvalidArgument(format!("signal {signal}")))?;
-    kill(Pid::from_raw(pid as i32), sig).map_err(|e| match e {
-        nix::Error::ESRCH => Error::NotFound(format!("{name}: process already finished")),
-        e => Error::Sys {
-            context: format!("kill {name}"),
-            source: e,
-        },
-    })
 }
 
 fn remove_exec_specs(bundle: &Path) {

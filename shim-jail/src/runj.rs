@@ -19,7 +19,7 @@ use serde_json::Value;
 use shim_common::executable::{self, read_pid};
 use shim_common::reaper::{self, Output};
 use shim_common::stdio::ChildStdio;
-use shim_common::{Context, Error, Result};
+use shim_common::{Context, Error, Result, Signal};
 
 /// runj's state of a container (`runj state`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,7 +138,7 @@ impl Runj {
     }
 
     /// `runj kill`. A jail that is stopped or gone is `NotFound`, as containerd expects.
-    pub fn kill(&self, id: &str, signal: u32, all: bool) -> Result<()> {
+    pub fn kill(&self, id: &str, signal: Signal, all: bool) -> Result<()> {
         let mut cmd = self.command();
         cmd.arg("kill");
         if all {

@@ -1,29 +1,26 @@
-//! The runc backend: mount the rootfs, then let runc do the rest.
+//! The runc backend: the SDK has mounted the rootfs; runc does the rest.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use protobuf::well_known_types::any::Any;
 use protobuf::Message;
 use protocol::options::CheckpointOptions;
-use shim_common::mount::{unmount_all, BundleRootfs};
-use shim_common::stdio::{ChildStdio, IoOwner};
+use shim_common::stdio::ChildStdio;
 use shim_common::{
-    Backend, Context, CreateRequest, Error, ExecRequest, Result, ShimContext, Target,
+    Backend, Context, CreateRequest, Created, Error, ExecRequest, Result, ShimContext, Signal,
+    Target,
 };
 
 use crate::options::RuncConfig;
 use crate::runc::Runc;
 
-struct Container {
+pub struct Container {
+    id: String,
     bundle: PathBuf,
+    /// 0 for a restore, whose init is born at `start`.
     init_pid: u32,
     runc: Runc,
-    /// Whether we mounted `bundle/rootfs` (and so must unmount it).
-    mounted: bool,
     /// A restore waiting for `start`: containerd's runc shim restores there too, since a
     /// restored process runs at once and `create` must leave it not yet started.
     restore: Mutex<Option<Restore>>,
@@ -36,45 +33,23 @@ struct Restore {
 
 pub struct RuncBackend {
     namespace: String,
-    containers: Mutex<HashMap<String, Arc<Container>>>,
-}
-
-impl RuncBackend {
-    fn get(&self, id: &str) -> Result<Arc<Container>> {
-        self.containers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(id)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(format!("container {id}")))
-    }
 }
 
 impl Backend for RuncBackend {
+    type Container = Container;
+    type Options = RuncConfig;
+
     fn new(ctx: &ShimContext) -> Result<Self> {
         Ok(RuncBackend {
             namespace: ctx.namespace.clone(),
-            containers: Mutex::new(HashMap::new()),
         })
     }
 
-    fn io_owner(&self, options: Option<&Any>) -> Result<IoOwner> {
-        let c = RuncConfig::from_any(options, &self.namespace)?;
-        let set = |v: u32| (v != 0).then_some(v);
-        Ok(IoOwner {
-            uid: set(c.io_uid),
-            gid: set(c.io_gid),
-        })
-    }
-
-    fn create(&self, req: CreateRequest<'_>) -> Result<u32> {
-        let config = RuncConfig::from_any(req.options, &self.namespace)?;
-        let runc = Runc::new(config.clone(), req.bundle)?;
-        config.save(req.bundle)?;
-        let rootfs = BundleRootfs::mount(req.bundle, req.rootfs)?;
+    fn create(&self, req: CreateRequest<'_, RuncConfig>) -> Result<Created<Container>> {
+        let runc = Runc::new(req.options, &self.namespace, req.bundle)?;
         let created = if req.checkpoint.is_empty() {
             runc.create(req.id, req.bundle, req.console_socket, req.stdio)
-                .map(|pid| (pid, None))
+                .map(|pid| (Some(pid), None))
         } else if req.terminal {
             Err(Error::Unimplemented(
                 "restore of a container with a terminal".into(),
@@ -84,46 +59,35 @@ impl Backend for RuncBackend {
                 image: req.checkpoint.into(),
                 stdio: req.stdio,
             };
-            runc.criu_check().map(|()| (0, Some(restore)))
+            runc.criu_check().map(|()| (None, Some(restore)))
         };
-        let (pid, restore) = match created {
-            Ok(created) => created,
-            Err(e) => {
-                // Leave nothing behind: no half-created runc state (the mount goes with
-                // `rootfs`).
-                let _ = runc.delete(req.id);
-                return Err(e);
-            }
-        };
-        let mounted = rootfs.keep();
+        let (pid, restore) = created.inspect_err(|_| {
+            // Leave no half-created runc state behind.
+            let _ = runc.delete(req.id);
+        })?;
         let container = Container {
+            id: req.id.to_string(),
             bundle: req.bundle.to_path_buf(),
-            init_pid: pid,
+            init_pid: pid.unwrap_or(0),
             runc,
-            mounted,
             restore: Mutex::new(restore),
         };
-        self.containers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(req.id.to_string(), Arc::new(container));
-        Ok(pid)
+        Ok(Created { container, pid })
     }
 
-    fn start(&self, id: &str) -> Result<u32> {
-        let c = self.get(id)?;
+    fn start(&self, c: &Container) -> Result<u32> {
         let restore = c.restore.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(r) = restore {
             let work = c.bundle.join("criu-work");
-            let pid = c.runc.restore(id, &c.bundle, &r.image, &work, r.stdio);
+            let pid = c.runc.restore(&c.id, &c.bundle, &r.image, &work, r.stdio);
             let _ = std::fs::remove_dir_all(&work);
             return pid;
         }
-        c.runc.start(id, c.init_pid)?;
+        c.runc.start(&c.id, c.init_pid)?;
         Ok(c.init_pid)
     }
 
-    fn checkpoint(&self, id: &str, path: &str, options: Option<&Any>) -> Result<()> {
+    fn checkpoint(&self, c: &Container, path: &str, options: Option<&Any>) -> Result<()> {
         let opts = match options {
             Some(a) if !a.value.is_empty() => {
                 let url = a.type_url.rsplit('/').next().unwrap_or_default();
@@ -138,7 +102,6 @@ impl Backend for RuncBackend {
             }
             _ => CheckpointOptions::default(),
         };
-        let c = self.get(id)?;
         c.runc.criu_check()?;
         let image = if path.is_empty() {
             opts.image_path.as_str()
@@ -155,16 +118,15 @@ impl Backend for RuncBackend {
             "" => (c.bundle.join("criu-work"), true),
             w => (PathBuf::from(w), false),
         };
-        let result = c.runc.checkpoint(id, Path::new(image), &work, &opts);
+        let result = c.runc.checkpoint(&c.id, Path::new(image), &work, &opts);
         if ours {
             let _ = std::fs::remove_dir_all(&work);
         }
         result
     }
 
-    fn exec(&self, req: ExecRequest<'_>) -> Result<u32> {
-        let c = self.get(req.id)?;
-        let (id, exec_id) = (req.id, req.exec_id);
+    fn exec(&self, c: &Container, req: ExecRequest<'_>) -> Result<u32> {
+        let (id, exec_id) = (&c.id, req.exec_id);
         c.runc.exec(
             id,
             &c.bundle,
@@ -175,78 +137,49 @@ impl Backend for RuncBackend {
         )
     }
 
-    fn kill(&self, id: &str, target: Target<'_>, signal: u32, all: bool) -> Result<()> {
+    fn kill(&self, c: &Container, target: Target<'_>, signal: Signal, all: bool) -> Result<()> {
         match target {
-            Target::Init => self.get(id)?.runc.kill(id, signal, all),
-            Target::Exec { exec_id, pid } => {
-                let sig = Signal::try_from(signal as i32)
-                    .map_err(|_| Error::InvalidArgument(format!("signal {signal}")))?;
-                kill(Pid::from_raw(pid as i32), sig).map_err(|e| match e {
-                    nix::Error::ESRCH => {
-                        Error::NotFound(format!("exec {exec_id}: process already finished"))
-                    }
-                    e => Error::Sys {
-                        context: format!("kill exec {exec_id}"),
-                        source: e,
-                    },
-                })
-            }
+            Target::Init { .. } => c.runc.kill(&c.id, signal, all),
+            Target::Exec { exec_id, pid } => signal.send(pid, &format!("exec {exec_id}")),
         }
     }
 
-    fn delete(&self, id: &str) -> Result<()> {
-        let c = self.get(id)?;
-        c.runc.delete(id)?;
-        if c.mounted {
-            unmount_all(&c.bundle.join("rootfs"))?;
-        }
-        self.containers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id);
-        Ok(())
+    fn delete(&self, c: &Container) -> Result<()> {
+        c.runc.delete(&c.id)
     }
 
-    fn pids(&self, id: &str) -> Result<Vec<u32>> {
-        self.get(id)?.runc.ps(id)
+    fn pids(&self, c: &Container) -> Result<Vec<u32>> {
+        c.runc.ps(&c.id)
     }
 
-    fn update(&self, id: &str, resources: Option<&Any>) -> Result<()> {
-        let resources = shim_common::backend::linux_resources(resources)?;
-        let c = self.get(id)?;
-        c.runc.update(id, &c.bundle, resources)
+    fn update(&self, c: &Container, resources: &[u8]) -> Result<()> {
+        c.runc.update(&c.id, &c.bundle, resources)
     }
 
-    fn pause(&self, id: &str) -> Result<()> {
-        self.get(id)?.runc.pause(id)
+    fn pause(&self, c: &Container) -> Result<()> {
+        c.runc.pause(&c.id)
     }
 
-    fn resume(&self, id: &str) -> Result<()> {
-        self.get(id)?.runc.resume(id)
+    fn resume(&self, c: &Container) -> Result<()> {
+        c.runc.resume(&c.id)
     }
 
-    fn cleanup(ctx: &ShimContext, id: &str, bundle: &Path) -> Result<()> {
-        let config = RuncConfig::load(bundle, &ctx.namespace);
+    fn cleanup(ctx: &ShimContext, id: &str, bundle: &Path, options: &RuncConfig) -> Result<()> {
         // containerd runs this after every shim exit, clean or not. Without runc state
         // there is nothing for runc to delete, and skipping it keeps `ctr run --rm` fast.
-        let result = if config.root.join(id).exists() {
-            Runc::new(config, bundle).and_then(|runc| runc.delete(id))
-        } else {
-            Ok(())
-        };
-        // Unmount even if runc failed: a leaked mount outlives everything else.
-        unmount_all(&bundle.join("rootfs"))?;
-        result
+        if !options.root.join(&ctx.namespace).join(id).exists() {
+            return Ok(());
+        }
+        Runc::new(options, &ctx.namespace, bundle)?.delete(id)
     }
 
     /// runc options' `ShimCgroup` (containerd's `WithShimCgroup`).
-    fn shim_cgroup(options: Option<&Any>) -> Option<String> {
-        let config = RuncConfig::from_any(options, "").ok()?;
-        Some(config.shim_cgroup).filter(|c| !c.is_empty())
+    fn shim_cgroup(options: &RuncConfig) -> Option<String> {
+        Some(options.shim_cgroup.clone()).filter(|c| !c.is_empty())
     }
 
     /// What `runc features` says, for containerd 2.x's `-info`.
-    fn features(options: Option<&Any>) -> Result<Option<Any>> {
-        crate::runc::features(&RuncConfig::from_any(options, "")?)
+    fn features(options: &RuncConfig) -> Result<Option<Any>> {
+        crate::runc::features(options)
     }
 }

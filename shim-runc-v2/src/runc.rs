@@ -16,7 +16,7 @@ use protocol::options::CheckpointOptions;
 use shim_common::executable::{self, read_pid};
 use shim_common::reaper::{self, Output};
 use shim_common::stdio::ChildStdio;
-use shim_common::{Context, Error, Result};
+use shim_common::{Context, Error, Result, Signal};
 
 use crate::options::RuncConfig;
 
@@ -25,6 +25,8 @@ use crate::options::RuncConfig;
 pub struct Runc {
     binary: PathBuf,
     config: RuncConfig,
+    /// runc `--root`, the namespace appended.
+    root: PathBuf,
     /// runc's `--log`: JSON lines whose last error is the reason a command failed.
     log: PathBuf,
 }
@@ -62,11 +64,12 @@ pub fn features(config: &RuncConfig) -> Result<Option<Any>> {
 
 impl Runc {
     /// Resolves the binary now, so a wrong `binary_name` fails with a clear message.
-    pub fn new(config: RuncConfig, bundle: &Path) -> Result<Runc> {
+    pub fn new(config: &RuncConfig, namespace: &str, bundle: &Path) -> Result<Runc> {
         let binary = executable::resolve("runtime", &config.binary)?;
         Ok(Runc {
             binary,
-            config,
+            root: config.root.join(namespace),
+            config: config.clone(),
             log: bundle.join("log.json"),
         })
     }
@@ -77,7 +80,7 @@ impl Runc {
             cmd.arg("--criu").arg(&self.config.criu);
         }
         cmd.arg("--root")
-            .arg(&self.config.root)
+            .arg(&self.root)
             .arg("--log")
             .arg(&self.log)
             .args(["--log-format", "json"]);
@@ -147,7 +150,7 @@ impl Runc {
     /// saves a runc process per container start. Without the fifo (an older or different
     /// runtime, or a container that is not in created state), runc does it.
     pub fn start(&self, id: &str, init_pid: u32) -> Result<()> {
-        let fifo = self.config.root.join(id).join("exec.fifo");
+        let fifo = self.root.join(id).join("exec.fifo");
         if start_via_exec_fifo(&fifo, init_pid)? {
             return Ok(());
         }
@@ -192,7 +195,7 @@ impl Runc {
         result
     }
 
-    pub fn kill(&self, id: &str, signal: u32, all: bool) -> Result<()> {
+    pub fn kill(&self, id: &str, signal: Signal, all: bool) -> Result<()> {
         let mut cmd = self.command();
         cmd.arg("kill");
         if all {

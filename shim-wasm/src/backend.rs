@@ -1,20 +1,16 @@
 //! The Wasm backend: mount the rootfs, find the module (image layer or `args[0]`), compile or
 //! fetch its artifact, and let libcontainer make a container whose init runs it.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Mutex, OnceLock, PoisonError};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use oci_spec::runtime::{LinuxResources, Process, Spec};
-use protobuf::well_known_types::any::Any;
 use shim_common::cgroups::Cgroup;
-use shim_common::mount::{unmount_all, BundleRootfs};
 use shim_common::{
-    Backend, Context, CreateRequest, Error, ExecRequest, Result, ShimContext, Target,
+    Backend, Context, CreateRequest, Created, Error, ExecRequest, Result, ShimContext, Signal,
+    Target,
 };
 use wasmtime::Engine;
 
@@ -26,14 +22,13 @@ use crate::image::Images;
 use crate::precompiled::{ArtifactStore, Cache, Source};
 use crate::youki::Youki;
 
-struct Container {
+pub struct Container {
+    id: String,
     bundle: PathBuf,
     /// The rootfs as the host sees it (for exec's lookup).
     rootfs: PathBuf,
     init_pid: u32,
     state: Mutex<libcontainer::container::Container>,
-    /// Whether we mounted `bundle/rootfs` (and so must unmount it).
-    mounted: bool,
 }
 
 pub struct WasmBackend {
@@ -46,19 +41,9 @@ pub struct WasmBackend {
     /// compiles in the shim, and by `start`, which changes the process's cwd that a fork
     /// copies (see [`Youki::start`]).
     fork: Mutex<()>,
-    containers: Mutex<HashMap<String, Arc<Container>>>,
 }
 
 impl WasmBackend {
-    fn get(&self, id: &str) -> Result<Arc<Container>> {
-        self.containers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(id)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(format!("container {id}")))
-    }
-
     fn engine(&self) -> Result<&Engine> {
         if let Some(e) = self.engine.get() {
             return Ok(e);
@@ -157,6 +142,9 @@ fn rootfs_of(spec: &Spec, bundle: &Path) -> PathBuf {
 }
 
 impl Backend for WasmBackend {
+    type Container = Container;
+    type Options = ();
+
     fn new(ctx: &ShimContext) -> Result<Self> {
         crate::log::init(ctx.debug);
         let youki = Youki::new(&ctx.namespace);
@@ -167,16 +155,14 @@ impl Backend for WasmBackend {
             images: Images::new(&ctx.address, &ctx.namespace),
             engine: OnceLock::new(),
             fork: Mutex::new(()),
-            containers: Mutex::new(HashMap::new()),
         })
     }
 
-    fn create(&self, req: CreateRequest<'_>) -> Result<u32> {
+    fn create(&self, req: CreateRequest<'_, ()>) -> Result<Created<Container>> {
         if !req.checkpoint.is_empty() {
             return Err(Error::Unimplemented("restore from a checkpoint".into()));
         }
         let spec = load_spec(req.bundle)?;
-        let rootfs_mount = BundleRootfs::mount(req.bundle, req.rootfs)?;
         let rootfs = rootfs_of(&spec, req.bundle);
         let guest = match self.guest(req.id, req.bundle, &spec, &rootfs) {
             Ok(g) => g,
@@ -209,29 +195,26 @@ impl Backend for WasmBackend {
             }
         };
         let container = Container {
+            id: req.id.to_string(),
             bundle: req.bundle.to_path_buf(),
             rootfs,
             init_pid: pid,
             state: Mutex::new(state),
-            mounted: rootfs_mount.keep(),
         };
-        self.containers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(req.id.to_string(), Arc::new(container));
-        Ok(pid)
+        Ok(Created {
+            container,
+            pid: Some(pid),
+        })
     }
 
-    fn start(&self, id: &str) -> Result<u32> {
-        let c = self.get(id)?;
+    fn start(&self, c: &Container) -> Result<u32> {
         let mut state = c.state.lock().unwrap_or_else(PoisonError::into_inner);
         let _fork = self.fork.lock().unwrap_or_else(PoisonError::into_inner);
         self.youki.start(&mut state)?;
         Ok(c.init_pid)
     }
 
-    fn exec(&self, req: ExecRequest<'_>) -> Result<u32> {
-        let c = self.get(req.id)?;
+    fn exec(&self, c: &Container, req: ExecRequest<'_>) -> Result<u32> {
         let process: Process = serde_json::from_slice(req.spec)
             .map_err(|e| Error::InvalidArgument(format!("exec process spec: {e}")))?;
         let args = process.args().clone().unwrap_or_default();
@@ -257,52 +240,30 @@ impl Backend for WasmBackend {
         std::fs::write(&file, req.spec).with_context(|| format!("write {}", file.display()))?;
         let pid = {
             let _fork = self.fork.lock().unwrap_or_else(PoisonError::into_inner);
-            self.youki
-                .exec(req.id, &file, req.stdio, req.console_socket)
+            self.youki.exec(&c.id, &file, req.stdio, req.console_socket)
         };
         let _ = std::fs::remove_file(&file);
         pid
     }
 
-    fn kill(&self, id: &str, target: Target<'_>, signal: u32, all: bool) -> Result<()> {
-        let c = self.get(id)?;
-        let (pid, what) = match target {
-            Target::Init if all => {
-                return Youki::kill_all(
-                    &mut c.state.lock().unwrap_or_else(PoisonError::into_inner),
-                    signal,
-                )
+    fn kill(&self, c: &Container, target: Target<'_>, signal: Signal, all: bool) -> Result<()> {
+        match target {
+            Target::Init { .. } if all => {
+                let mut state = c.state.lock().unwrap_or_else(PoisonError::into_inner);
+                Youki::kill_all(&mut state, signal)
             }
-            Target::Init => (c.init_pid, format!("container {id}")),
-            Target::Exec { exec_id, pid } => (pid, format!("exec {exec_id}")),
-        };
-        let sig = Signal::try_from(signal as i32)
-            .map_err(|_| Error::InvalidArgument(format!("signal {signal}")))?;
-        kill(Pid::from_raw(pid as i32), sig).map_err(|e| match e {
-            nix::Error::ESRCH => Error::NotFound(format!("{what}: process already finished")),
-            e => Error::Sys {
-                context: format!("kill {what}"),
-                source: e,
-            },
-        })
+            Target::Init { pid } => signal.send(pid, &format!("container {}", c.id)),
+            Target::Exec { exec_id, pid } => signal.send(pid, &format!("exec {exec_id}")),
+        }
     }
 
-    fn delete(&self, id: &str) -> Result<()> {
-        let c = self.get(id)?;
-        self.youki.delete(id)?;
+    fn delete(&self, c: &Container) -> Result<()> {
+        self.youki.delete(&c.id)?;
         self.cache.release(&c.bundle);
-        if c.mounted {
-            unmount_all(&c.bundle.join("rootfs"))?;
-        }
-        self.containers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(id);
         Ok(())
     }
 
-    fn pids(&self, id: &str) -> Result<Vec<u32>> {
-        let c = self.get(id)?;
+    fn pids(&self, c: &Container) -> Result<Vec<u32>> {
         let dir = match Cgroup::of(c.init_pid) {
             Ok(Cgroup::V2(dir)) => dir,
             Ok(Cgroup::V1(dirs)) => match ["pids", "memory", "cpu", "devices"]
@@ -323,41 +284,25 @@ impl Backend for WasmBackend {
             .collect())
     }
 
-    fn update(&self, id: &str, resources: Option<&Any>) -> Result<()> {
-        let json = shim_common::backend::linux_resources(resources)?;
-        let resources: LinuxResources = serde_json::from_slice(json)
+    fn update(&self, c: &Container, resources: &[u8]) -> Result<()> {
+        let resources: LinuxResources = serde_json::from_slice(resources)
             .map_err(|e| Error::InvalidArgument(format!("update resources: {e}")))?;
-        let c = self.get(id)?;
         let state = c.state.lock().unwrap_or_else(PoisonError::into_inner);
         Youki::update(&state, &resources)
     }
 
-    fn pause(&self, id: &str) -> Result<()> {
-        Youki::pause(
-            &mut self
-                .get(id)?
-                .state
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner),
-        )
+    fn pause(&self, c: &Container) -> Result<()> {
+        Youki::pause(&mut c.state.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
-    fn resume(&self, id: &str) -> Result<()> {
-        Youki::resume(
-            &mut self
-                .get(id)?
-                .state
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner),
-        )
+    fn resume(&self, c: &Container) -> Result<()> {
+        Youki::resume(&mut c.state.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
-    fn cleanup(ctx: &ShimContext, id: &str, bundle: &Path) -> Result<()> {
+    fn cleanup(ctx: &ShimContext, id: &str, bundle: &Path, _: &()) -> Result<()> {
         let youki = Youki::new(&ctx.namespace);
         let result = youki.delete(id);
         Cache::new(youki.root().join("precompiled")).release(bundle);
-        // Unmount even if libcontainer failed: a leaked mount outlives everything else.
-        unmount_all(&bundle.join("rootfs"))?;
         result
     }
 }

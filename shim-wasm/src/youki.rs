@@ -293,9 +293,10 @@ impl Youki {
     }
 
     /// Signals every process of the container.
-    pub fn kill_all(container: &mut Container, signal: u32) -> Result<()> {
-        let sig = Signal::try_from(signal as i32)
-            .map_err(|_| Error::InvalidArgument(format!("signal {signal}")))?;
+    pub fn kill_all(container: &mut Container, signal: shim_common::Signal) -> Result<()> {
+        let sig = Signal::try_from(signal.number()).map_err(|_| {
+            Error::InvalidArgument(format!("signal {signal}: libcontainer cannot send it"))
+        })?;
         container.kill(sig, true).map_err(|e| runtime("kill", e))
     }
 
