@@ -20,8 +20,6 @@ use crate::socket::{self, Bound};
 
 /// Annotation that puts containers in one shim (containerd's runc shim honours it too).
 pub const GROUP_ANNOTATION: &str = "io.containerd.runc.v2.group";
-/// Annotation the CRI plugin sets on every container of a pod.
-pub const SANDBOX_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
 
 /// The key that decides which containers share a shim: the group annotation, else the
 /// pod's sandbox id, else the container's own id.
@@ -38,7 +36,7 @@ pub fn group_id(bundle: &Path, id: &str) -> Result<String> {
             .map(str::to_string)
     };
     Ok(annotation(GROUP_ANNOTATION)
-        .or_else(|| annotation(SANDBOX_ANNOTATION))
+        .or_else(|| annotation(crate::pod::SANDBOX_ID))
         .unwrap_or_else(|| id.to_string()))
 }
 

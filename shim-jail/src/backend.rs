@@ -7,20 +7,22 @@ use std::time::{Duration, Instant};
 
 use protobuf::well_known_types::any::Any;
 use serde_json::Value;
+use shim_common::pod::PodRole;
+use shim_common::runtime_cli::RuntimeCli;
 use shim_common::{
     Backend, Context, CreateRequest, Created, Error, ExecRequest, Result, ShimContext, Signal,
     Target,
 };
 
 use crate::options::{JailConfig, EXT_FILE};
-use crate::runj::Runj;
-use crate::spec::{self, PodRole};
+use crate::runj;
+use crate::spec;
 
 pub struct Container {
     id: String,
     bundle: PathBuf,
     init_pid: u32,
-    runj: Runj,
+    runj: RuntimeCli,
     /// runj signals only a running jail; before `start`, the init is ours to signal.
     started: AtomicBool,
     /// Exec pids, for `pids` (runj has no `ps`).
@@ -36,7 +38,7 @@ fn prepare_spec(id: &str, bundle: &Path) -> Result<()> {
     let mut config: Value = serde_json::from_slice(&text)
         .map_err(|e| Error::InvalidArgument(format!("config.json: {e}")))?;
     // A pod's sandbox was created by this same shim, in a sibling bundle.
-    let sandbox = match spec::pod_role(&config) {
+    let sandbox = match PodRole::of(&config) {
         PodRole::Container { sandbox_id } => bundle
             .parent()
             .map(|p| p.join(&sandbox_id).join("config.json"))
@@ -61,18 +63,9 @@ fn prepare_spec(id: &str, bundle: &Path) -> Result<()> {
             t.stripped.join(" ")
         );
     }
-    let out = serde_json::to_vec(&config).context_json()?;
+    let out = serde_json::to_vec(&config)
+        .map_err(|e| Error::Runtime(format!("encode config.json: {e}")))?;
     std::fs::write(&path, out).context("write config.json")
-}
-
-trait JsonContext<T> {
-    fn context_json(self) -> Result<T>;
-}
-
-impl<T> JsonContext<T> for std::result::Result<T, serde_json::Error> {
-    fn context_json(self) -> Result<T> {
-        self.map_err(|e| Error::Runtime(format!("encode config.json: {e}")))
-    }
 }
 
 impl Backend for JailBackend {
@@ -84,17 +77,16 @@ impl Backend for JailBackend {
     }
 
     fn create(&self, req: CreateRequest<'_, JailConfig>) -> Result<Created<Container>> {
-        let runj = Runj::new(&req.options.binary)?;
+        let runj = runj::resolve(&req.options.binary)?;
         prepare_spec(req.id, req.bundle)?;
         if let Some(ext) = req.options.ext() {
             std::fs::write(req.bundle.join(EXT_FILE), ext.to_string())
                 .context("write runj.ext.json")?;
         }
-        let pid = runj
-            .create(req.id, req.bundle, req.console_socket, req.stdio)
+        let pid = runj::create(&runj, req.id, req.bundle, req.console_socket, req.stdio)
             .inspect_err(|_| {
                 // Leave no half-created jail behind.
-                let _ = runj.delete(req.id);
+                let _ = runj::delete(&runj, req.id);
             })?;
         let container = Container {
             id: req.id.to_string(),
@@ -130,7 +122,7 @@ impl Backend for JailBackend {
         }
         let file = c.bundle.join(format!(".exec-{}.json", req.exec_id));
         std::fs::write(&file, req.spec).context("write exec process spec")?;
-        let pid = c.runj.exec(&c.id, &file, req.console_socket, req.stdio)?;
+        let pid = runj::exec(&c.runj, &c.id, &file, req.console_socket, req.stdio)?;
         c.execs.lock().unwrap_or_else(|e| e.into_inner()).push(pid);
         Ok(pid)
     }
@@ -146,7 +138,7 @@ impl Backend for JailBackend {
     }
 
     fn delete(&self, c: &Container) -> Result<()> {
-        c.runj.delete(&c.id)?;
+        runj::delete(&c.runj, &c.id)?;
         remove_exec_specs(&c.bundle);
         Ok(())
     }
@@ -191,7 +183,7 @@ impl Backend for JailBackend {
     }
 
     fn cleanup(_ctx: &ShimContext, id: &str, bundle: &Path, options: &JailConfig) -> Result<()> {
-        let result = match Runj::new(&options.binary) {
+        let result = match runj::resolve(&options.binary) {
             Ok(runj) => remove_jail(&runj, id),
             // Without runj there can be no jail of ours to remove.
             Err(_) => Ok(()),
@@ -202,7 +194,7 @@ impl Backend for JailBackend {
 }
 
 /// After a dead daemon: end whatever still runs in the jail, then delete it.
-fn remove_jail(runj: &Runj, id: &str) -> Result<()> {
+fn remove_jail(runj: &RuntimeCli, id: &str) -> Result<()> {
     let Some(state) = runj.state(id)? else {
         return Ok(());
     };
@@ -214,11 +206,12 @@ fn remove_jail(runj: &Runj, id: &str) -> Result<()> {
     // runj refuses to delete a jail until its processes are gone.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        match runj.delete(id) {
-            Err(e) if Instant::now() < deadline && e.to_string().contains("not stopped") => {
+        match runj.delete(id, false)? {
+            Err(r) if Instant::now() < deadline && r.says(&["not stopped"]) => {
                 std::thread::sleep(Duration::from_millis(20));
             }
-            other => return other,
+            Err(r) if !r.says(&["invalid jail id"]) => return Err(r.into()),
+            _ => return Ok(()),
         }
     }
 }

@@ -26,10 +26,6 @@ const LINUX_MOUNT_TYPES: &[&str] = &[
     "proc", "sysfs", "devpts", "tmpfs", "mqueue", "cgroup", "cgroup2",
 ];
 
-/// CRI's annotations naming a container's role and pod.
-pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
-pub const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
-
 /// Fields of the runtime spec that runj reads; everything else is reported.
 const PROCESS_FIELDS: &[&str] = &["terminal", "args", "env", "consoleSize"];
 const TOP_FIELDS: &[&str] = &[
@@ -55,30 +51,6 @@ pub struct Translation {
     pub unsupported: Vec<String>,
     /// Anything else the operator should know (a pod network that cannot be shared).
     pub notes: Vec<String>,
-}
-
-/// How a container sits in a CRI pod.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PodRole {
-    /// Not created by CRI.
-    None,
-    Sandbox,
-    /// An application container of the pod whose sandbox has this id.
-    Container {
-        sandbox_id: String,
-    },
-}
-
-/// The container's role, from CRI's annotations.
-pub fn pod_role(spec: &Value) -> PodRole {
-    let a = &spec["annotations"];
-    match (a[CONTAINER_TYPE].as_str(), a[SANDBOX_ID].as_str()) {
-        (Some("sandbox"), _) => PodRole::Sandbox,
-        (Some("container"), Some(id)) if !id.is_empty() => PodRole::Container {
-            sandbox_id: id.to_string(),
-        },
-        _ => PodRole::None,
-    }
 }
 
 /// Rewrites `spec` in place for runj. `sandbox` is the pod sandbox's spec (already
@@ -402,22 +374,8 @@ mod tests {
     }
 
     fn cri(spec: &mut Value, kind: &str, sandbox: &str) {
+        use shim_common::pod::{CONTAINER_TYPE, SANDBOX_ID};
         spec["annotations"] = json!({ CONTAINER_TYPE: kind, SANDBOX_ID: sandbox });
-    }
-
-    #[test]
-    fn pod_roles_come_from_cri_annotations() {
-        let mut spec = captured();
-        assert_eq!(pod_role(&spec), PodRole::None);
-        cri(&mut spec, "sandbox", "sb1");
-        assert_eq!(pod_role(&spec), PodRole::Sandbox);
-        cri(&mut spec, "container", "sb1");
-        assert_eq!(
-            pod_role(&spec),
-            PodRole::Container {
-                sandbox_id: "sb1".into()
-            }
-        );
     }
 
     #[test]

@@ -139,7 +139,7 @@ impl Backend for RuncBackend {
 
     fn kill(&self, c: &Container, target: Target<'_>, signal: Signal, all: bool) -> Result<()> {
         match target {
-            Target::Init { .. } => c.runc.kill(&c.id, signal, all),
+            Target::Init { .. } => c.runc.cli.kill(&c.id, signal, all),
             Target::Exec { exec_id, pid } => signal.send(pid, &format!("exec {exec_id}")),
         }
     }
@@ -157,11 +157,11 @@ impl Backend for RuncBackend {
     }
 
     fn pause(&self, c: &Container) -> Result<()> {
-        c.runc.pause(&c.id)
+        c.runc.simple("pause", &c.id)
     }
 
     fn resume(&self, c: &Container) -> Result<()> {
-        c.runc.resume(&c.id)
+        c.runc.simple("resume", &c.id)
     }
 
     fn cleanup(ctx: &ShimContext, id: &str, bundle: &Path, options: &RuncConfig) -> Result<()> {

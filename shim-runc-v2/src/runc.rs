@@ -1,5 +1,5 @@
-//! The runc command line (also spoken by crun): one method per subcommand, with runc's own
-//! error text taken from its JSON log so it reaches the user.
+//! The runc command line (also spoken by crun): runc's own subcommands and flags on top of
+//! the SDK's [`RuntimeCli`].
 
 use std::fs;
 use std::io::Read;
@@ -13,48 +13,37 @@ use nix::unistd::Pid;
 use protobuf::well_known_types::any::Any;
 use protocol::options::CheckpointOptions;
 
-use shim_common::executable::{self, read_pid};
-use shim_common::reaper::{self, Output};
+use shim_common::reaper;
+use shim_common::runtime_cli::RuntimeCli;
 use shim_common::stdio::ChildStdio;
-use shim_common::{Context, Error, Result, Signal};
+use shim_common::{Context, Error, Result};
 
 use crate::options::RuncConfig;
 
 /// runc, configured for one container.
 #[derive(Debug, Clone)]
 pub struct Runc {
-    binary: PathBuf,
+    pub cli: RuntimeCli,
     config: RuncConfig,
     /// runc `--root`, the namespace appended.
     root: PathBuf,
-    /// runc's `--log`: JSON lines whose last error is the reason a command failed.
-    log: PathBuf,
 }
 
 /// `runc features` (runc 1.1 and later), for `-info`. The binary must be there: a missing
 /// one is a clear error. A runtime too old for the command has no features to tell, which
 /// is no error: containerd's runc shim only logs it and answers without features.
 pub fn features(config: &RuncConfig) -> Result<Option<Any>> {
-    let binary = executable::resolve("runtime", &config.binary)?;
-    let out = reaper::run(
-        Command::new(&binary)
-            .arg("features")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped()),
-    )?;
-    let valid = out.success()
-        && serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&out.stdout)
-            .is_ok();
-    if !valid {
-        log::debug!(
-            "{} features: {} ({}); answering without features",
-            binary.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        return Ok(None);
-    }
+    let cli = RuntimeCli::new("runtime", &config.binary)?;
+    let out = match cli.call(&["features"])? {
+        Ok(out) if serde_json::from_slice::<serde_json::Map<_, _>>(&out.stdout).is_ok() => out,
+        other => {
+            log::debug!(
+                "{} features: {other:?}; answering without features",
+                config.binary
+            );
+            return Ok(None);
+        }
+    };
     Ok(Some(Any {
         type_url: protocol::type_urls::OCI_FEATURES.into(),
         value: out.stdout,
@@ -65,53 +54,21 @@ pub fn features(config: &RuncConfig) -> Result<Option<Any>> {
 impl Runc {
     /// Resolves the binary now, so a wrong `binary_name` fails with a clear message.
     pub fn new(config: &RuncConfig, namespace: &str, bundle: &Path) -> Result<Runc> {
-        let binary = executable::resolve("runtime", &config.binary)?;
+        let root = config.root.join(namespace);
+        let mut cli = RuntimeCli::new("runtime", &config.binary)?;
+        if config.criu != "criu" {
+            cli = cli.global(["--criu", &config.criu]);
+        }
+        cli = cli.global(["--root".as_ref(), root.as_os_str()]);
+        cli = cli.json_log(bundle.join("log.json"));
+        if config.systemd_cgroup {
+            cli = cli.global(["--systemd-cgroup"]);
+        }
         Ok(Runc {
-            binary,
-            root: config.root.join(namespace),
+            cli,
+            root,
             config: config.clone(),
-            log: bundle.join("log.json"),
         })
-    }
-
-    fn command(&self) -> Command {
-        let mut cmd = Command::new(&self.binary);
-        if self.config.criu != "criu" {
-            cmd.arg("--criu").arg(&self.config.criu);
-        }
-        cmd.arg("--root")
-            .arg(&self.root)
-            .arg("--log")
-            .arg(&self.log)
-            .args(["--log-format", "json"]);
-        if self.config.systemd_cgroup {
-            cmd.arg("--systemd-cgroup");
-        }
-        cmd
-    }
-
-    /// Runs `cmd`; on failure returns runc's own explanation.
-    fn run(&self, what: &str, cmd: &mut Command) -> Result<Output> {
-        // Only what this command logs explains its failure; earlier lines are history.
-        let offset = fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0);
-        let out = reaper::run(cmd)?;
-        if out.success() {
-            return Ok(out);
-        }
-        let reason = last_error(&self.log, offset)
-            .or_else(|| {
-                let s = String::from_utf8_lossy(&out.stderr).trim().to_string();
-                (!s.is_empty()).then_some(s)
-            })
-            .unwrap_or_else(|| format!("exit status {}", out.status));
-        // runc already says "runc create failed: ..."; crun does not.
-        if reason.contains(&format!("{what} failed")) {
-            return Err(Error::Runtime(reason));
-        }
-        Err(Error::Runtime(format!(
-            "{} {what} failed: {reason}",
-            self.binary.display()
-        )))
     }
 
     /// `runc create`: the init process exists, waiting for `start`. Returns its pid.
@@ -123,12 +80,9 @@ impl Runc {
         stdio: ChildStdio,
     ) -> Result<u32> {
         let pid_file = bundle.join("init.pid");
-        let mut cmd = self.command();
-        cmd.arg("create")
-            .arg("--bundle")
-            .arg(bundle)
-            .arg("--pid-file")
-            .arg(&pid_file);
+        let mut cmd = self.cli.command();
+        cmd.arg("create").arg("--bundle").arg(bundle);
+        cmd.arg("--pid-file").arg(&pid_file);
         if self.config.no_pivot_root {
             cmd.arg("--no-pivot");
         }
@@ -139,10 +93,7 @@ impl Runc {
             cmd.arg("--console-socket").arg(sock);
         }
         cmd.arg(id);
-        stdio.apply(&mut cmd);
-        self.run("create", &mut cmd)?;
-        drop(cmd); // close the shim's copies of the container's stdio
-        read_pid(&pid_file)
+        self.cli.launch("create", cmd, stdio, &pid_file)
     }
 
     /// `runc start`. A created container's init waits on `<root>/<id>/exec.fifo`; reading
@@ -154,15 +105,7 @@ impl Runc {
         if start_via_exec_fifo(&fifo, init_pid)? {
             return Ok(());
         }
-        self.run(
-            "start",
-            self.command()
-                .args(["start", id])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped()),
-        )
-        .map(drop)
+        self.cli.start(id)
     }
 
     /// `runc exec --detach` of a process spec; returns the new process's pid.
@@ -178,77 +121,34 @@ impl Runc {
         let spec_file = bundle.join(format!(".exec-{exec_id}.json"));
         let pid_file = bundle.join(format!(".exec-{exec_id}.pid"));
         fs::write(&spec_file, spec).context("write exec process spec")?;
-        let mut cmd = self.command();
-        cmd.args(["exec", "--detach", "--process"])
-            .arg(&spec_file)
-            .arg("--pid-file")
-            .arg(&pid_file);
+        let mut cmd = self.cli.command();
+        cmd.args(["exec", "--detach", "--process"]).arg(&spec_file);
+        cmd.arg("--pid-file").arg(&pid_file);
         if let Some(sock) = console_socket {
             cmd.arg("--console-socket").arg(sock);
         }
         cmd.arg(id);
-        stdio.apply(&mut cmd);
-        let result = self.run("exec", &mut cmd).and_then(|_| read_pid(&pid_file));
-        drop(cmd);
+        let result = self.cli.launch("exec", cmd, stdio, &pid_file);
         let _ = fs::remove_file(&spec_file);
         let _ = fs::remove_file(&pid_file);
         result
     }
 
-    pub fn kill(&self, id: &str, signal: Signal, all: bool) -> Result<()> {
-        let mut cmd = self.command();
-        cmd.arg("kill");
-        if all {
-            cmd.arg("--all");
-        }
-        cmd.arg(id)
-            .arg(signal.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        self.run("kill", &mut cmd).map(drop).map_err(|e| {
-            let text = e.to_string();
-            if [
-                "not running",
-                "process already finished",
-                "no such process",
-                "does not exist",
-            ]
-            .iter()
-            .any(|s| text.contains(s))
-            {
-                Error::NotFound(format!("container {id}: process already finished"))
-            } else {
-                e
-            }
-        })
-    }
-
     /// `runc delete --force`: gone, whatever state it was in. A missing container is fine.
     pub fn delete(&self, id: &str) -> Result<()> {
-        let mut cmd = self.command();
-        cmd.args(["delete", "--force", id])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        match self.run("delete", &mut cmd) {
-            Err(e)
-                if e.to_string().contains("does not exist")
-                    || e.to_string().contains("not exist") =>
-            {
-                Ok(())
-            }
-            other => other.map(drop),
-        }
+        Ok(self.cli.delete(id, true)??)
     }
 
     pub fn ps(&self, id: &str) -> Result<Vec<u32>> {
-        let mut cmd = self.command();
-        cmd.args(["ps", "--format", "json", id])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let out = self.run("ps", &mut cmd)?;
+        let out = self.cli.call(&["ps", "--format", "json", id])??;
         let pids: Option<Vec<u32>> = serde_json::from_slice(&out.stdout)
             .map_err(|e| Error::Runtime(format!("runc ps output: {e}")))?;
         Ok(pids.unwrap_or_default())
+    }
+
+    /// A subcommand that takes only the id: `pause`, `resume`.
+    pub fn simple(&self, subcommand: &str, id: &str) -> Result<()> {
+        Ok(self.cli.call(&[subcommand, id])?.map(drop)?)
     }
 
     /// `criu check`: checkpoint and restore cannot work without it, and runc's own failure
@@ -287,7 +187,7 @@ impl Runc {
         work: &Path,
         o: &CheckpointOptions,
     ) -> Result<()> {
-        let mut cmd = self.command();
+        let mut cmd = self.cli.command();
         cmd.arg("checkpoint")
             .arg("--image-path")
             .arg(image)
@@ -308,7 +208,7 @@ impl Runc {
             cmd.arg("--manage-cgroups-mode").arg(&o.cgroups_mode);
         }
         cmd.arg(id).stdout(Stdio::null()).stderr(Stdio::piped());
-        self.run("checkpoint", &mut cmd).map(drop)
+        self.cli.run("checkpoint", &mut cmd).map(drop)
     }
 
     /// `runc restore --detach`: the container comes back running. Returns the init's pid.
@@ -321,7 +221,7 @@ impl Runc {
         stdio: ChildStdio,
     ) -> Result<u32> {
         let pid_file = bundle.join("init.pid");
-        let mut cmd = self.command();
+        let mut cmd = self.cli.command();
         cmd.args(["restore", "--detach", "--bundle"]).arg(bundle);
         cmd.arg("--pid-file")
             .arg(&pid_file)
@@ -332,10 +232,7 @@ impl Runc {
             cmd.arg("--no-pivot");
         }
         cmd.arg(id);
-        stdio.apply(&mut cmd);
-        self.run("restore", &mut cmd)?;
-        drop(cmd);
-        read_pid(&pid_file)
+        self.cli.launch("restore", cmd, stdio, &pid_file)
     }
 
     /// `runc update --resources`: apply an OCI `LinuxResources` (JSON) to the container.
@@ -344,34 +241,12 @@ impl Runc {
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let file = bundle.join(format!(".update-{n}.json"));
         fs::write(&file, resources).context("write resources for runc update")?;
-        let mut cmd = self.command();
+        let mut cmd = self.cli.command();
         cmd.args(["update", "--resources"]).arg(&file).arg(id);
         cmd.stdout(Stdio::null()).stderr(Stdio::piped());
-        let result = self.run("update", &mut cmd).map(drop);
+        let result = self.cli.run("update", &mut cmd).map(drop);
         let _ = fs::remove_file(&file);
         result
-    }
-
-    pub fn pause(&self, id: &str) -> Result<()> {
-        self.run(
-            "pause",
-            self.command()
-                .args(["pause", id])
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped()),
-        )
-        .map(drop)
-    }
-
-    pub fn resume(&self, id: &str) -> Result<()> {
-        self.run(
-            "resume",
-            self.command()
-                .args(["resume", id])
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped()),
-        )
-        .map(drop)
     }
 }
 
@@ -421,56 +296,4 @@ fn start_via_exec_fifo(fifo: &Path, init_pid: u32) -> Result<bool> {
     // runc reports "created" for as long as the fifo exists.
     fs::remove_file(fifo).with_context(|| format!("remove {}", fifo.display()))?;
     Ok(true)
-}
-
-/// The message of the last error runc logged.
-fn last_error(log: &Path, offset: u64) -> Option<String> {
-    let bytes = fs::read(log).ok()?;
-    let text = String::from_utf8_lossy(bytes.get(offset as usize..)?);
-    text.lines().rev().find_map(|line| {
-        let v: serde_json::Value = serde_json::from_str(line).ok()?;
-        (v["level"] == "error" || v["level"] == "fatal")
-            .then(|| v["msg"].as_str().unwrap_or(line).to_string())
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn missing_and_non_executable_binaries_are_clear_errors() {
-        let err = executable::resolve("runtime", "/nonexistent/runc")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("\"/nonexistent/runc\" not found"), "{err}");
-        let dir = tempfile::tempdir().unwrap();
-        let f = dir.path().join("runc");
-        fs::write(&f, "").unwrap();
-        let err = executable::resolve("runtime", f.to_str().unwrap())
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("not executable"), "{err}");
-        assert!(executable::resolve("runtime", "sh").is_ok());
-    }
-
-    #[test]
-    fn last_error_comes_from_runc_json_log() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("log.json");
-        fs::write(
-            &log,
-            "{\"level\":\"warning\",\"msg\":\"w\"}\n{\"level\":\"error\",\"msg\":\"container_linux.go:380: starting container process caused: exec: \\\"nope\\\": executable file not found in $PATH\"}\n",
-        )
-        .unwrap();
-        let len = fs::metadata(&log).unwrap().len();
-        assert_eq!(
-            last_error(&log, len),
-            None,
-            "earlier errors are not this command's"
-        );
-        assert!(last_error(&log, 0)
-            .unwrap()
-            .contains("executable file not found"));
-    }
 }
