@@ -7,12 +7,16 @@ use ttrpc::Code;
 /// What went wrong, in terms containerd's `errdefs` can act on.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The task, process or object is gone: containerd forgets it (`errdefs.NotFound`).
     #[error("{0}: not found")]
     NotFound(String),
+    /// A second create of one id.
     #[error("{0}: already exists")]
     AlreadyExists(String),
+    /// The request itself is wrong (a malformed spec, an unknown option): retrying is futile.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// The request is fine but the state is not (start twice, a missing binary).
     #[error("failed precondition: {0}")]
     FailedPrecondition(String),
     /// The backend does not implement this operation; answered as ttrpc `Unimplemented`.
@@ -23,28 +27,45 @@ pub enum Error {
     Runtime(String),
     /// What another ttrpc server answered (containerd, or another shim), with its code.
     #[error("{message}")]
-    Remote { code: Code, message: String },
+    Remote {
+        /// The status code the peer answered.
+        code: Code,
+        /// Which call, and the peer's message.
+        message: String,
+    },
+    /// A system call through std failed.
     #[error("{context}: {source}")]
     Io {
+        /// What the shim was doing.
         context: String,
+        /// The cause.
         #[source]
         source: io::Error,
     },
+    /// A system call through nix failed.
     #[error("{context}: {source}")]
     Sys {
+        /// What the shim was doing.
         context: String,
+        /// The cause.
         #[source]
         source: nix::Error,
     },
+    /// A protobuf message did not encode or decode.
     #[error("{context}: {source}")]
     Protobuf {
+        /// What the shim was doing.
         context: String,
+        /// The cause.
         #[source]
         source: protobuf::Error,
     },
+    /// ttrpc's wire layer failed.
     #[error("{context}: {source}")]
     Ttrpc {
+        /// What the shim was doing.
         context: String,
+        /// The cause.
         #[source]
         source: ttrpc::Error,
     },
@@ -55,7 +76,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Adds context to foreign errors: `file.read(..).context("read config.json")?`.
 pub trait Context<T> {
+    /// Wraps the error with what the shim was doing.
     fn context(self, context: impl Into<String>) -> Result<T>;
+    /// [`context`](Context::context), the text made only on failure.
     fn with_context<F: FnOnce() -> String>(self, f: F) -> Result<T>;
 }
 

@@ -2,8 +2,8 @@
 //!
 //! A runtime implements [`Backend`] (create, start, exec, kill, delete, pids — the rest is
 //! optional) and calls [`run`] from `main`. The SDK provides the binary contract containerd
-//! relies on (`start` as containerd 1.6 through 2.3's bootstrap protocol drive it, see
-//! [`bootstrap`]; `delete`; the daemon; `-v`; `-info`), socket naming and per-pod grouping, the
+//! relies on (`start` as containerd 1.6 through 2.3 drive it, up to 2.x's bootstrap protocol;
+//! `delete`; the daemon; `-v`; `-info`), socket naming and per-pod grouping, the
 //! ttrpc task service with containerd's state machine and event order, event forwarding,
 //! subreaping, stdio plumbing and the shim log.
 //!
@@ -29,15 +29,17 @@
 //! A complete one, which runs a bundle's process as a plain child, is
 //! `shim-common/examples/skeleton.rs`.
 
+#![warn(missing_docs)]
+
 pub mod backend;
-pub mod bootstrap;
+mod bootstrap;
 #[cfg(target_os = "linux")]
 pub mod cgroups;
 pub mod console;
 pub mod error;
 pub mod events;
 pub mod executable;
-pub mod flags;
+mod flags;
 pub mod logger;
 pub mod mount;
 pub mod options;
@@ -47,12 +49,21 @@ pub mod rpc;
 pub mod runtime_cli;
 pub mod service;
 pub mod signals;
-pub mod socket;
-pub mod start;
+mod socket;
+mod start;
 pub mod stdio;
 
 mod os;
 mod serve;
+
+/// What every backend uses: `use shim_common::prelude::*;`.
+pub mod prelude {
+    pub use crate::backend::{
+        Backend, CreateRequest, Created, ExecRequest, ShimContext, Signal, Target,
+    };
+    pub use crate::error::{Context, Error, Result};
+    pub use crate::options::RuntimeOptions;
+}
 
 pub use backend::{Backend, CreateRequest, Created, ExecRequest, ShimContext, Signal, Target};
 pub use error::{Context, Error, Result};

@@ -203,6 +203,26 @@ impl RuntimeCli {
         read_pid(pid_file)
     }
 
+    /// `create --pid-file <bundle>/init.pid [--console-socket <socket>] <args...>`, the part
+    /// of `create` runtimes agree on; `args` hold the runtime's own flags and the id and
+    /// bundle where it wants them. Returns the init's pid.
+    pub fn create(
+        &self,
+        bundle: &Path,
+        console_socket: Option<&Path>,
+        args: &[&OsStr],
+        stdio: ChildStdio,
+    ) -> Result<u32> {
+        let pid_file = bundle.join("init.pid");
+        let mut cmd = self.command();
+        cmd.arg("create").arg("--pid-file").arg(&pid_file);
+        if let Some(sock) = console_socket {
+            cmd.arg("--console-socket").arg(sock);
+        }
+        cmd.args(args);
+        self.launch("create", cmd, stdio, &pid_file)
+    }
+
     /// `start <id>`.
     pub fn start(&self, id: &str) -> Result<()> {
         self.call(&["start", id])?.map(drop).map_err(Error::from)

@@ -8,11 +8,8 @@ use std::time::{Duration, Instant};
 use protobuf::well_known_types::any::Any;
 use serde_json::Value;
 use shim_common::pod::PodRole;
+use shim_common::prelude::*;
 use shim_common::runtime_cli::RuntimeCli;
-use shim_common::{
-    Backend, Context, CreateRequest, Created, Error, ExecRequest, Result, ShimContext, Signal,
-    Target,
-};
 
 use crate::options::{JailConfig, EXT_FILE};
 use crate::runj;
@@ -83,7 +80,10 @@ impl Backend for JailBackend {
             std::fs::write(req.bundle.join(EXT_FILE), ext.to_string())
                 .context("write runj.ext.json")?;
         }
-        let pid = runj::create(&runj, req.id, req.bundle, req.console_socket, req.stdio)
+        // runj's create takes the id and bundle as arguments, in that order.
+        let args = [req.id.as_ref(), req.bundle.as_os_str()];
+        let pid = runj
+            .create(req.bundle, req.console_socket, &args, req.stdio)
             .inspect_err(|_| {
                 // Leave no half-created jail behind.
                 let _ = runj::delete(&runj, req.id);

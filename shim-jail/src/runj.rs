@@ -26,24 +26,6 @@ pub fn resolve(name: &str) -> Result<RuntimeCli> {
     })
 }
 
-/// `runj create --pid-file`: the entrypoint exists, waiting for `start`. Returns its pid.
-pub fn create(
-    runj: &RuntimeCli,
-    id: &str,
-    bundle: &Path,
-    console_socket: Option<&Path>,
-    stdio: ChildStdio,
-) -> Result<u32> {
-    let pid_file = bundle.join("init.pid");
-    let mut cmd = runj.command();
-    cmd.arg("create").arg("--pid-file").arg(&pid_file);
-    if let Some(sock) = console_socket {
-        cmd.arg("--console-socket").arg(sock);
-    }
-    cmd.arg(id).arg(bundle);
-    runj.launch("create", cmd, stdio, &pid_file)
-}
-
 /// `runj delete`; a container runj does not know is already deleted.
 pub fn delete(runj: &RuntimeCli, id: &str) -> Result<()> {
     match runj.delete(id, false)? {

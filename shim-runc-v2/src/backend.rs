@@ -6,11 +6,8 @@ use std::sync::Mutex;
 use protobuf::well_known_types::any::Any;
 use protobuf::Message;
 use protocol::options::CheckpointOptions;
+use shim_common::prelude::*;
 use shim_common::stdio::ChildStdio;
-use shim_common::{
-    Backend, Context, CreateRequest, Created, Error, ExecRequest, Result, ShimContext, Signal,
-    Target,
-};
 
 use crate::options::RuncConfig;
 use crate::runc::Runc;
@@ -47,9 +44,9 @@ impl Backend for RuncBackend {
 
     fn create(&self, req: CreateRequest<'_, RuncConfig>) -> Result<Created<Container>> {
         let runc = Runc::new(req.options, &self.namespace, req.bundle)?;
+        let (id, bundle) = (req.id.to_string(), req.bundle.to_path_buf());
         let created = if req.checkpoint.is_empty() {
-            runc.create(req.id, req.bundle, req.console_socket, req.stdio)
-                .map(|pid| (Some(pid), None))
+            runc.create(req).map(|pid| (Some(pid), None))
         } else if req.terminal {
             Err(Error::Unimplemented(
                 "restore of a container with a terminal".into(),
@@ -63,11 +60,11 @@ impl Backend for RuncBackend {
         };
         let (pid, restore) = created.inspect_err(|_| {
             // Leave no half-created runc state behind.
-            let _ = runc.delete(req.id);
+            let _ = runc.delete(&id);
         })?;
         let container = Container {
-            id: req.id.to_string(),
-            bundle: req.bundle.to_path_buf(),
+            id,
+            bundle,
             init_pid: pid.unwrap_or(0),
             runc,
             restore: Mutex::new(restore),

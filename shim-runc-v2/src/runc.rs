@@ -16,7 +16,7 @@ use protocol::options::CheckpointOptions;
 use shim_common::reaper;
 use shim_common::runtime_cli::RuntimeCli;
 use shim_common::stdio::ChildStdio;
-use shim_common::{Context, Error, Result};
+use shim_common::{Context, CreateRequest, Error, Result};
 
 use crate::options::RuncConfig;
 
@@ -72,28 +72,17 @@ impl Runc {
     }
 
     /// `runc create`: the init process exists, waiting for `start`. Returns its pid.
-    pub fn create(
-        &self,
-        id: &str,
-        bundle: &Path,
-        console_socket: Option<&Path>,
-        stdio: ChildStdio,
-    ) -> Result<u32> {
-        let pid_file = bundle.join("init.pid");
-        let mut cmd = self.cli.command();
-        cmd.arg("create").arg("--bundle").arg(bundle);
-        cmd.arg("--pid-file").arg(&pid_file);
+    pub fn create(&self, req: CreateRequest<'_, RuncConfig>) -> Result<u32> {
+        let mut args = vec!["--bundle".as_ref(), req.bundle.as_os_str()];
         if self.config.no_pivot_root {
-            cmd.arg("--no-pivot");
+            args.push("--no-pivot".as_ref());
         }
         if self.config.no_new_keyring {
-            cmd.arg("--no-new-keyring");
+            args.push("--no-new-keyring".as_ref());
         }
-        if let Some(sock) = console_socket {
-            cmd.arg("--console-socket").arg(sock);
-        }
-        cmd.arg(id);
-        self.cli.launch("create", cmd, stdio, &pid_file)
+        args.push(req.id.as_ref());
+        self.cli
+            .create(req.bundle, req.console_socket, &args, req.stdio)
     }
 
     /// `runc start`. A created container's init waits on `<root>/<id>/exec.fifo`; reading

@@ -126,17 +126,28 @@ impl Kind {
     }
 }
 
+/// What [`check`] found in an artifact that wasmtime could not load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Checked {
+    Usable,
+    /// Not an artifact of this engine (truncated, another wasmtime, another CPU): compile
+    /// again. Why, in wasmtime's words.
+    Corrupt(String),
+}
+
 /// Loads `artifact` and checks it can run here: every import is a host function we provide,
 /// and the entry point exists. This is what a container would find out too late.
-pub fn check(engine: &Engine, kind: Kind, artifact: &[u8], func: Option<&str>) -> Result<()> {
+pub fn check(engine: &Engine, kind: Kind, artifact: &[u8], func: Option<&str>) -> Result<Checked> {
     let bad = |e: wasmtime::Error| Error::InvalidArgument(format!("{e:#}"));
     match kind {
         Kind::Module => {
             // SAFETY: the artifact was produced by `precompile` with this configuration or
             // read from the content store, whose integrity `deserialize` checks (header,
             // engine compatibility, ELF structure) before using it.
-            let module = unsafe { Module::deserialize(engine, artifact) }
-                .map_err(|e| Error::Runtime(format!("corrupt precompiled artifact: {e:#}")))?;
+            let module = match unsafe { Module::deserialize(engine, artifact) } {
+                Ok(m) => m,
+                Err(e) => return Ok(Checked::Corrupt(format!("{e:#}"))),
+            };
             module_linker(engine)?
                 .instantiate_pre(&module)
                 .map_err(|e| {
@@ -144,7 +155,7 @@ pub fn check(engine: &Engine, kind: Kind, artifact: &[u8], func: Option<&str>) -
                 })?;
             let name = func.unwrap_or("_start");
             match module.get_export(name) {
-                Some(wasmtime::ExternType::Func(_)) => Ok(()),
+                Some(wasmtime::ExternType::Func(_)) => Ok(Checked::Usable),
                 _ => Err(Error::InvalidArgument(format!(
                     "module exports no function {name:?}{}",
                     if func.is_none() {
@@ -157,8 +168,10 @@ pub fn check(engine: &Engine, kind: Kind, artifact: &[u8], func: Option<&str>) -
         }
         Kind::Component => {
             // SAFETY: as above.
-            let component = unsafe { Component::deserialize(engine, artifact) }
-                .map_err(|e| Error::Runtime(format!("corrupt precompiled artifact: {e:#}")))?;
+            let component = match unsafe { Component::deserialize(engine, artifact) } {
+                Ok(m) => m,
+                Err(e) => return Ok(Checked::Corrupt(format!("{e:#}"))),
+            };
             if func.is_some() {
                 return Err(Error::InvalidArgument(
                     "`#<export>` selects a core module export; a component runs wasi:cli/run"
@@ -174,7 +187,7 @@ pub fn check(engine: &Engine, kind: Kind, artifact: &[u8], func: Option<&str>) -
                             bad(e.context("component imports an interface WASI does not provide"))
                         })?;
                     ProxyPre::new(pre).map_err(bad)?;
-                    return Ok(());
+                    return Ok(Checked::Usable);
                 }
                 None => {
                     return Err(Error::InvalidArgument(
@@ -189,7 +202,7 @@ pub fn check(engine: &Engine, kind: Kind, artifact: &[u8], func: Option<&str>) -
                     bad(e.context("component imports an interface WASI does not provide"))
                 })?;
             wasmtime_wasi::p2::bindings::sync::CommandPre::new(pre).map_err(bad)?;
-            Ok(())
+            Ok(Checked::Usable)
         }
     }
 }
@@ -333,7 +346,10 @@ mod tests {
     fn compile_check_and_key() {
         let engine = engine().unwrap();
         let art = precompile(&engine, Kind::Module, HELLO.as_bytes()).unwrap();
-        check(&engine, Kind::Module, &art, None).unwrap();
+        assert_eq!(
+            check(&engine, Kind::Module, &art, None).unwrap(),
+            Checked::Usable
+        );
         let err = check(&engine, Kind::Module, &art, Some("nope")).unwrap_err();
         assert!(err.to_string().contains("nope"), "{err}");
         let k1 = cache_key(&engine, "sha256:aa");
@@ -355,11 +371,8 @@ mod tests {
         let err = check(&engine, Kind::Module, &art, None).unwrap_err();
         assert!(err.to_string().contains("launch_missiles"), "{err}");
         let corrupt = &art[..art.len() / 2];
-        let err = check(&engine, Kind::Module, corrupt, None).unwrap_err();
-        assert!(
-            err.to_string().contains("corrupt precompiled artifact"),
-            "{err}"
-        );
+        let checked = check(&engine, Kind::Module, corrupt, None).unwrap();
+        assert!(matches!(checked, Checked::Corrupt(_)), "{checked:?}");
         let art = precompile(&engine, Kind::Component, b"(component)").unwrap();
         let err = check(&engine, Kind::Component, &art, None).unwrap_err();
         assert!(err.to_string().contains("neither wasi:cli/run"), "{err}");

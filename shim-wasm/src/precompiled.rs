@@ -16,7 +16,7 @@ use wasmtime::Engine;
 
 use shim_common::{Context, Error, Result};
 
-use crate::engine::{self, Kind};
+use crate::engine::{self, Checked, Kind};
 
 /// Where artifacts are kept beyond the node: containerd's content store for image layers.
 pub trait ArtifactStore {
@@ -80,7 +80,7 @@ impl Cache {
     ) -> Result<Vec<u8>> {
         if let Ok(bytes) = fs::read(entry) {
             match engine::check(engine, src.kind, &bytes, src.func) {
-                Ok(()) => {
+                Ok(Checked::Usable) => {
                     log::info!("precompiled: cache hit {key} (node)");
                     // Recently used: the last to be pruned.
                     let _ = fs::File::options()
@@ -89,7 +89,7 @@ impl Cache {
                         .and_then(|f| f.set_modified(std::time::SystemTime::now()));
                     return Ok(bytes);
                 }
-                Err(e) if is_corrupt(&e) => {
+                Ok(Checked::Corrupt(e)) => {
                     log::warn!("precompiled: {key} on this node is unusable ({e}); recompiling");
                     let _ = fs::remove_file(entry);
                 }
@@ -99,12 +99,12 @@ impl Cache {
         if let Some(store) = src.store {
             match store.load(key) {
                 Ok(Some(bytes)) => match engine::check(engine, src.kind, &bytes, src.func) {
-                    Ok(()) => {
+                    Ok(Checked::Usable) => {
                         log::info!("precompiled: cache hit {key}");
                         self.install(entry, &bytes)?;
                         return Ok(bytes);
                     }
-                    Err(e) if is_corrupt(&e) => {
+                    Ok(Checked::Corrupt(e)) => {
                         log::warn!(
                             "precompiled: stored artifact {key} is unusable ({e}); recompiling"
                         );
@@ -122,7 +122,11 @@ impl Cache {
             src.digest,
             started.elapsed().as_secs_f64() * 1e3
         );
-        engine::check(engine, src.kind, &bytes, src.func)?;
+        if let Checked::Corrupt(e) = engine::check(engine, src.kind, &bytes, src.func)? {
+            return Err(Error::Runtime(format!(
+                "a fresh compilation does not load: {e}"
+            )));
+        }
         if let Some(store) = src.store {
             match store.save(key, &bytes) {
                 Ok(()) => log::info!("precompiled: stored {key}"),
@@ -189,10 +193,6 @@ impl Cache {
             }
         }
     }
-}
-
-fn is_corrupt(e: &Error) -> bool {
-    e.to_string().contains("corrupt precompiled artifact")
 }
 
 #[cfg(test)]

@@ -175,6 +175,14 @@ impl Youki {
         console: Option<&Path>,
         executor: WasmExecutor,
     ) -> Result<(Container, u32)> {
+        // State of that id is another container's (or one a dead shim left): not ours to
+        // undo on failure.
+        if self.root.join(id).exists() {
+            return Err(Error::AlreadyExists(format!(
+                "container {id} state in {}",
+                self.root.display()
+            )));
+        }
         let mut keep = stdio_fds(&stdio);
         keep.extend(executor.guest.as_ref().map(|g| g.artifact_fd));
         let guest = executor.guest.as_ref().map(|g| {
@@ -194,10 +202,8 @@ impl Youki {
         match created.and_then(|pid| Ok((self.load(id)?, pid))) {
             Ok(c) => Ok(c),
             Err(e) => {
-                // Leave no half-made state behind (an existing id keeps its own).
-                if !e.to_string().contains("already exists") {
-                    let _ = self.delete(id);
-                }
+                // Leave no half-made state behind.
+                let _ = self.delete(id);
                 Err(e)
             }
         }

@@ -127,6 +127,7 @@ impl Stream {
 }
 
 impl Server {
+    /// A server for `methods`; nothing is served until [`Server::spawn`].
     pub fn new(methods: Methods) -> Server {
         Server {
             methods: Arc::new(methods),

@@ -73,6 +73,7 @@ struct Inner {
 }
 
 impl Drain {
+    /// A process with no output copies registered yet.
     pub fn new() -> Drain {
         Drain::default()
     }
