@@ -357,6 +357,7 @@ mod tests {
     use super::*;
     use crate::rpc::{decode, unary, Handler, Methods, Reply, Server};
     use protobuf::well_known_types::wrappers::StringValue;
+    use std::io::Write;
 
     /// Generous bound on a wait that should end at once: a failing test fails, not hangs.
     const HANG: Duration = Duration::from_secs(30);
@@ -524,5 +525,67 @@ mod tests {
         assert_eq!(echo(&p.client, "Echo", "hi", HANG).unwrap(), "hi");
         drop(p.client);
         p.served.join().unwrap();
+    }
+
+    /// An OK response carrying `v`, as a frame payload.
+    fn response(v: &str) -> Vec<u8> {
+        use protobuf::Message;
+        let res = Response {
+            status: protobuf::MessageField::some(ttrpc::get_status(Code::OK, "")),
+            payload: string(v).write_to_bytes().unwrap(),
+            ..Default::default()
+        };
+        <Response as Codec>::encode(&res).unwrap()
+    }
+
+    /// Against a hand-written server: a reply to a stream nobody opened, and frames that
+    /// are not responses, reach no call; garbage ends the connection for the call waiting
+    /// and the ones after it.
+    #[test]
+    fn stray_frames_are_dropped_and_garbage_fails_every_call() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let client = Client::new(ours.into()).unwrap();
+        std::thread::scope(|s| {
+            let call = s.spawn(|| echo(&client, "Echo", "x", HANG));
+            let (mh, _) = frame::read(&theirs).unwrap();
+            assert_eq!(mh.stream_id % 2, 1, "client streams are odd");
+            frame::write(
+                &theirs,
+                mh.stream_id + 2,
+                MESSAGE_TYPE_RESPONSE,
+                &response("stray"),
+            )
+            .unwrap();
+            frame::write(
+                &theirs,
+                mh.stream_id,
+                MESSAGE_TYPE_REQUEST,
+                &response("request"),
+            )
+            .unwrap();
+            frame::write(
+                &theirs,
+                mh.stream_id,
+                MESSAGE_TYPE_RESPONSE,
+                &response("mine"),
+            )
+            .unwrap();
+            assert_eq!(call.join().unwrap().unwrap(), "mine");
+
+            let call = s.spawn(|| echo(&client, "Echo", "y", HANG));
+            let (mh, _) = frame::read(&theirs).unwrap();
+            let oversized = MessageHeader {
+                length: u32::MAX,
+                stream_id: mh.stream_id,
+                type_: MESSAGE_TYPE_RESPONSE,
+                flags: 0,
+            };
+            (&theirs).write_all(&Vec::<u8>::from(oversized)).unwrap();
+            let e = call.join().unwrap().unwrap_err();
+            assert_eq!(e.code(), Code::UNAVAILABLE, "{e}");
+            assert!(e.to_string().contains("bad frame"), "{e}");
+        });
+        let e = echo(&client, "Echo", "z", HANG).unwrap_err();
+        assert_eq!(e.code(), Code::UNAVAILABLE, "{e}");
     }
 }
