@@ -29,14 +29,14 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{ErrorKind, Read};
+use std::io::{self, ErrorKind, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ttrpc::proto::{Code, Codec, MESSAGE_TYPE_REQUEST, MESSAGE_TYPE_RESPONSE};
 use ttrpc::{MessageHeader, Request, Response};
@@ -72,9 +72,11 @@ pub struct Client {
 
 /// What the callers and the reader share.
 struct Conn {
-    /// Read only by the reader; written by callers, one whole frame at a time under `write`.
+    /// Non-blocking. Read only by the reader; written by callers, one whole frame per turn.
     file: File,
-    write: Mutex<()>,
+    /// Whether a caller is writing a frame now; the others wait for `turn`, or their deadline.
+    writing: Mutex<bool>,
+    turn: Condvar,
     state: Mutex<State>,
     /// Shut down to stop the reader; its peer end is in the reader's poll set.
     wake: UnixStream,
@@ -97,13 +99,15 @@ impl Client {
     }
 
     /// A client on `fd`, a connected byte stream (a unix socket, a virtio-serial port) with
-    /// a ttrpc server at the other end. Starts the reader thread; the fd is made blocking.
+    /// a ttrpc server at the other end. Starts the reader thread; the fd is made
+    /// non-blocking, so that no write outlasts its call's deadline.
     pub fn new(fd: OwnedFd) -> Result<Client> {
-        set_blocking(&fd)?;
+        set_nonblocking(&fd)?;
         let (wake, woken) = UnixStream::pair().context("create ttrpc client wakeup pair")?;
         let conn = Arc::new(Conn {
             file: File::from(fd),
-            write: Mutex::new(()),
+            writing: Mutex::new(false),
+            turn: Condvar::new(),
             state: Mutex::new(State {
                 // Client-initiated streams have odd ids.
                 next_id: 1,
@@ -131,11 +135,12 @@ impl Client {
 
     /// Calls `/service/method` with `req` and returns the response payload.
     ///
-    /// Waits up to `timeout` for the answer (sent along as the request's deadline), then
-    /// fails with [`Error::DeadlineExceeded`]; `Duration::MAX` waits as long as the
-    /// connection lives. A server's error status is [`Error::Remote`] with its code; a
-    /// closed or broken connection is [`Error::Unavailable`]. Writing the request is not
-    /// covered by `timeout`: it blocks only while a live peer reads nothing at all.
+    /// Waits up to `timeout` to send the request and get the answer (it goes along as the
+    /// request's deadline), then fails with [`Error::DeadlineExceeded`]; `Duration::MAX`
+    /// waits as long as the connection lives. A server's error status is [`Error::Remote`]
+    /// with its code; a closed or broken connection is [`Error::Unavailable`]. A peer that
+    /// stops reading in the middle of a request, for all of its `timeout`, leaves half a
+    /// frame on the wire: that ends the connection for every call.
     pub fn call(
         &self,
         service: &str,
@@ -154,26 +159,39 @@ impl Client {
         };
         let payload = <Request as Codec>::encode(&request)
             .map_err(|e| Error::Runtime(format!("encode {what}: {e}")))?;
+        // The server would close the connection on it, failing every other call too.
+        if payload.len() > frame::MAX_PAYLOAD {
+            let (n, max) = (payload.len(), frame::MAX_PAYLOAD);
+            let msg = format!("{what}: request of {n} bytes exceeds ttrpc's {max}");
+            return Err(Error::InvalidArgument(msg));
+        }
+        let deadline = Instant::now().checked_add(timeout);
+        let late = || Error::DeadlineExceeded(format!("{what}: no reply within {timeout:?}"));
         let (tx, rx) = mpsc::sync_channel(1);
         let id = self
             .conn
             .register(tx)
             .map_err(|why| unavailable(&what, &why))?;
-        self.conn
-            .send(id, &payload)
-            .map_err(|why| unavailable(&what, &why))?;
-        let body = match rx.recv_timeout(timeout) {
+        match self.conn.send(id, &payload, deadline) {
+            Ok(()) => {}
+            Err(Unsent::Late) => {
+                self.conn.forget(id);
+                return Err(late());
+            }
+            Err(Unsent::Lost(why)) => return Err(unavailable(&what, &why)),
+        }
+        let got = match deadline {
+            Some(d) => rx.recv_timeout(d.saturating_duration_since(Instant::now())),
+            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        let body = match got {
             Ok(body) => body,
             Err(RecvTimeoutError::Timeout) => {
                 self.conn.forget(id);
                 // The answer may have come between the timeout and forgetting the id.
                 match rx.try_recv() {
                     Ok(body) => body,
-                    Err(_) => {
-                        return Err(Error::DeadlineExceeded(format!(
-                            "{what}: no reply within {timeout:?}"
-                        )))
-                    }
+                    Err(_) => return Err(late()),
                 }
             }
             // The reader dropped our sender: the connection is gone.
@@ -252,18 +270,85 @@ impl Conn {
             .unwrap_or_else(|| "the connection closed".into())
     }
 
-    /// Writes one request frame. A failed write may have left half a frame on the wire,
-    /// so it ends the connection for every call.
-    fn send(&self, id: u32, payload: &[u8]) -> Result<(), String> {
-        let written = {
-            let _g = self.write.lock().unwrap_or_else(|e| e.into_inner());
-            frame::write(&self.file, id, MESSAGE_TYPE_REQUEST, payload)
+    /// Writes one request frame, whole, by `deadline`. A write that failed, or stalled
+    /// past the deadline after it began, has left part of a frame on the wire: that ends the
+    /// connection for every call.
+    fn send(&self, id: u32, payload: &[u8], deadline: Option<Instant>) -> Result<(), Unsent> {
+        let frame = frame::encode(id, MESSAGE_TYPE_REQUEST, payload);
+        let Some(_turn) = self.take_turn(deadline) else {
+            return Err(Unsent::Late);
         };
-        written.map_err(|e| {
-            let why = format!("write to the connection: {e}");
+        let mut at = 0;
+        while at < frame.len() {
+            let why = match (&self.file).write(&frame[at..]) {
+                Ok(0) => "write to the connection: wrote nothing".to_string(),
+                Ok(n) => {
+                    at += n;
+                    continue;
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => match self.writable(deadline) {
+                    Ok(true) => continue,
+                    Ok(false) if at == 0 => return Err(Unsent::Late),
+                    Ok(false) => {
+                        self.fail("the server stopped reading in the middle of a request".into());
+                        return Err(Unsent::Late);
+                    }
+                    Err(e) => format!("poll the connection: {e}"),
+                },
+                Err(e) => format!("write to the connection: {e}"),
+            };
             self.fail(why.clone());
-            why
-        })
+            return Err(Unsent::Lost(why));
+        }
+        Ok(())
+    }
+
+    /// The right to write one frame, once the caller before is done; `None` if `deadline`
+    /// passes first.
+    fn take_turn(&self, deadline: Option<Instant>) -> Option<Turn<'_>> {
+        let mut busy = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        while *busy {
+            busy = match deadline.map(|d| d.saturating_duration_since(Instant::now())) {
+                None => self.turn.wait(busy).unwrap_or_else(|e| e.into_inner()),
+                Some(left) if left.is_zero() => return None,
+                Some(left) => {
+                    let waited = self.turn.wait_timeout(busy, left);
+                    waited.unwrap_or_else(|e| e.into_inner()).0
+                }
+            };
+        }
+        *busy = true;
+        Some(Turn(self))
+    }
+
+    /// Waits until the connection takes more bytes (or has failed, which the next write
+    /// reports); false if `deadline` passed first.
+    fn writable(&self, deadline: Option<Instant>) -> io::Result<bool> {
+        loop {
+            let ms = match deadline.map(|d| d.saturating_duration_since(Instant::now())) {
+                None => -1,
+                Some(left) if left.is_zero() => return Ok(false),
+                // Rounded up, so the wait does not end just short of the deadline.
+                Some(left) => i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX),
+            };
+            let mut fd = libc::pollfd {
+                fd: self.file.as_raw_fd(),
+                events: libc::POLLOUT,
+                revents: 0,
+            };
+            // SAFETY: `fd` is one valid pollfd struct.
+            match unsafe { libc::poll(&mut fd, 1, ms) } {
+                n if n > 0 => return Ok(true),
+                0 => continue,
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
     }
 
     /// Marks the connection unusable (the first reason sticks), fails the calls waiting
@@ -293,7 +378,7 @@ impl Conn {
             // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs.
             let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
             if n < 0 {
-                let e = std::io::Error::last_os_error();
+                let e = io::Error::last_os_error();
                 if e.kind() == ErrorKind::Interrupted {
                     continue;
                 }
@@ -337,17 +422,36 @@ impl Conn {
     }
 }
 
+/// Why a request was not sent.
+enum Unsent {
+    /// Its deadline passed first.
+    Late,
+    /// The connection failed, for this reason.
+    Lost(String),
+}
+
+/// One caller's turn to write; the next caller's begins when it is dropped.
+struct Turn<'a>(&'a Conn);
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        *self.0.writing.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        self.0.turn.notify_one();
+    }
+}
+
 fn unavailable(what: &str, why: &str) -> Error {
     Error::Unavailable(format!("{what}: connection lost: {why}"))
 }
 
-/// Writers block on a full stream instead of failing, and the reader polls before it reads.
-fn set_blocking(fd: &OwnedFd) -> Result<()> {
+/// Both the reader and the writers poll before they touch the fd: a writer facing a full
+/// stream waits for room only until its deadline.
+fn set_nonblocking(fd: &OwnedFd) -> Result<()> {
     let fd = fd.as_raw_fd();
     // SAFETY: F_GETFL/F_SETFL on a valid fd we own only change its status flags.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
-        return Err(std::io::Error::last_os_error()).context("make the ttrpc client fd blocking");
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error()).context("make the ttrpc client fd non-blocking");
     }
     Ok(())
 }
@@ -357,7 +461,6 @@ mod tests {
     use super::*;
     use crate::rpc::{decode, unary, Handler, Methods, Reply, Server};
     use protobuf::well_known_types::wrappers::StringValue;
-    use std::io::Write;
 
     /// Generous bound on a wait that should end at once: a failing test fails, not hangs.
     const HANG: Duration = Duration::from_secs(30);
@@ -587,5 +690,44 @@ mod tests {
         });
         let e = echo(&client, "Echo", "z", HANG).unwrap_err();
         assert_eq!(e.code(), Code::UNAVAILABLE, "{e}");
+    }
+
+    /// A peer that stops reading costs the calls their deadline, not a hang: one waiting
+    /// for its turn to write gives up untouched; one stalled in the middle of its request
+    /// gives up and ends the connection (half a frame is on the wire).
+    #[test]
+    fn a_peer_that_stops_reading_costs_calls_their_deadline() {
+        // Far more than a socket buffer holds, within ttrpc's limit.
+        let big = "x".repeat(3 << 20);
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let client = Client::new(ours.into()).unwrap();
+        std::thread::scope(|s| {
+            let stuck = s.spawn(|| echo(&client, "Echo", &big, Duration::MAX));
+            // Its frame has begun, so it holds the turn to write.
+            let mut head = [0u8; frame::HEADER_LEN];
+            (&theirs).read_exact(&mut head).unwrap();
+            let e = echo(&client, "Echo", "behind", Duration::from_millis(50)).unwrap_err();
+            assert_eq!(e.code(), Code::DEADLINE_EXCEEDED, "{e}");
+            drop(theirs);
+            let e = stuck.join().unwrap().unwrap_err();
+            assert_eq!(e.code(), Code::UNAVAILABLE, "{e}");
+        });
+
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let client = Client::new(ours.into()).unwrap();
+        let e = echo(&client, "Echo", &big, Duration::from_millis(50)).unwrap_err();
+        assert_eq!(e.code(), Code::DEADLINE_EXCEEDED, "{e}");
+        let e = echo(&client, "Echo", "next", HANG).unwrap_err();
+        assert_eq!(e.code(), Code::UNAVAILABLE, "{e}");
+        assert!(e.to_string().contains("stopped reading"), "{e}");
+    }
+
+    /// A request the server would refuse (closing the connection) is refused here.
+    #[test]
+    fn an_oversized_request_is_refused_and_the_connection_lives_on() {
+        let p = peer();
+        let e = echo(&p.client, "Echo", &"x".repeat(frame::MAX_PAYLOAD), HANG).unwrap_err();
+        assert_eq!(e.code(), Code::INVALID_ARGUMENT, "{e}");
+        assert_eq!(echo(&p.client, "Echo", "fine", HANG).unwrap(), "fine");
     }
 }
