@@ -2,11 +2,12 @@
 //!
 //! A micro-VM's host talks to its guest agent over a single virtio-serial stream, and
 //! forwards containerd's task calls on it several at a time — among them `Wait`, which stays
-//! open for as long as the task runs. So calls must not take turns: each takes the next odd
-//! stream id and writes its request as one whole frame under a lock, and one reader thread
-//! per client hands each response to the call waiting on its id. A call that times out
-//! forgets its id, so a late reply is dropped rather than given to someone else; a connection
-//! that closes or breaks fails every call in flight, and every later one, at once.
+//! open for as long as the task runs. So calls must not wait for each other's answers: each
+//! takes the next odd stream id and writes its request as one whole frame (writers take
+//! turns only for that), and one reader thread per client hands each response to the call
+//! waiting on its id. A call's timeout covers its write and its answer; one that times out
+//! forgets its id, so a late reply is dropped rather than given to someone else. A
+//! connection that closes or breaks fails every call in flight, and every later one, at once.
 //!
 //! ```no_run
 //! use std::os::unix::net::UnixStream;
