@@ -33,6 +33,13 @@ pub enum Error {
         /// Which call, and the peer's message.
         message: String,
     },
+    /// A call to another ttrpc server got no answer in time; answered as `DeadlineExceeded`.
+    #[error("{0}: deadline exceeded")]
+    DeadlineExceeded(String),
+    /// The connection to another ttrpc server is closed or broken, so the call could not be
+    /// made or answered; answered as `Unavailable`.
+    #[error("{0}")]
+    Unavailable(String),
     /// A system call through std failed.
     #[error("{context}: {source}")]
     Io {
@@ -119,6 +126,8 @@ impl Error {
             Error::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
             Error::Unimplemented(_) => Code::UNIMPLEMENTED,
             Error::Remote { code, .. } => *code,
+            Error::DeadlineExceeded(_) => Code::DEADLINE_EXCEEDED,
+            Error::Unavailable(_) => Code::UNAVAILABLE,
             _ => Code::UNKNOWN,
         }
     }

@@ -6,6 +6,9 @@
 //! five containers cost a shim ~60 threads. Here one poll loop reads every connection, one
 //! shared pool runs handlers, and responses are written by the worker that made them. The
 //! transport is any byte-stream fd — a unix socket from `start`, or a guest agent's port.
+//! The [`Client`] shares one connection among every thread that calls through it (one
+//! reader thread routes the answers), so a VM's host can keep `Wait`s open to its guest
+//! agent while other calls go on over the same serial port.
 
 mod client;
 mod frame;
