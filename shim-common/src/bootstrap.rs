@@ -18,15 +18,6 @@
 //! `BootstrapParams`. An `Any` also decodes as one (fields 1 and 2 are strings in both), so, as
 //! containerd's own shims do, the message counts as `BootstrapParams` only when its
 //! `instance_id` and `namespace` match `-id` and `-namespace`.
-//!
-//! ```
-//! use shim_common::bootstrap::StartInput;
-//! use shim_common::flags::Flags;
-//! let (flags, _) = Flags::parse(["-namespace", "default", "-id", "c1", "start"]).unwrap();
-//! // containerd 1.6 with no runtime options: answer with the address itself.
-//! let input = StartInput::read(&[], &flags, None).unwrap();
-//! assert_eq!(input.answer("unix:///run/containerd/s/ab").unwrap(), b"unix:///run/containerd/s/ab");
-//! ```
 
 use protobuf::well_known_types::any::Any;
 use protobuf::{Enum, Message};
@@ -264,11 +255,6 @@ fn containerd_major_minor(v: &str) -> Option<(u32, u32)> {
 
 /// containerd's runtime name for a shim binary: `containerd-shim-runc-v2` →
 /// `io.containerd.runc.v2` (the inverse of its binary-name rule); other names are kept.
-///
-/// ```
-/// assert_eq!(shim_common::bootstrap::runtime_name("containerd-shim-runc-v2"), "io.containerd.runc.v2");
-/// assert_eq!(shim_common::bootstrap::runtime_name("my-shim"), "my-shim");
-/// ```
 pub fn runtime_name(binary: &str) -> String {
     binary
         .strip_prefix("containerd-shim-")
@@ -314,6 +300,23 @@ pub fn info(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn containerd_1_6_without_options_gets_the_address_itself() {
+        let (flags, _) = Flags::parse(["-namespace", "default", "-id", "c1", "start"]).unwrap();
+        let input = StartInput::read(&[], &flags, None).unwrap();
+        let address = "unix:///run/containerd/s/ab";
+        assert_eq!(input.answer(address).unwrap(), address.as_bytes());
+    }
+
+    #[test]
+    fn runtime_names_follow_containerds_binary_name_rule() {
+        assert_eq!(
+            runtime_name("containerd-shim-runc-v2"),
+            "io.containerd.runc.v2"
+        );
+        assert_eq!(runtime_name("my-shim"), "my-shim");
+    }
     use protocol::bootstrap::Extension;
 
     fn flags() -> Flags {

@@ -43,12 +43,6 @@ pub struct Flags {
 
 impl Flags {
     /// Parses `args` (without the program name) and the environment.
-    ///
-    /// ```
-    /// use shim_common::flags::{Action, Flags};
-    /// let (flags, action) = Flags::parse(["-namespace", "default", "-id", "c1", "start"]).unwrap();
-    /// assert_eq!((flags.namespace.as_str(), flags.id.as_str(), action), ("default", "c1", Action::Start));
-    /// ```
     pub fn parse<I, S>(args: I) -> Result<(Flags, Action)>
     where
         I: IntoIterator<Item = S>,
@@ -131,6 +125,14 @@ impl Flags {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn start_with_namespace_and_id() {
+        let (flags, action) =
+            Flags::parse(["-namespace", "default", "-id", "c1", "start"]).unwrap();
+        let got = (flags.namespace.as_str(), flags.id.as_str(), action);
+        assert_eq!(got, ("default", "c1", Action::Start));
+    }
 
     #[test]
     fn containerd_16_start_line() {

@@ -19,11 +19,6 @@ use crate::error::{Context, Result};
 pub const DEFAULT_SOCKET_ROOT: &str = "/run/containerd";
 
 /// The socket address containerd expects for a shim of `group` in `namespace`.
-///
-/// ```
-/// let a = shim_common::socket::address("/run/containerd/containerd.sock", "default", "c1");
-/// assert!(a.starts_with("unix:///run/containerd/s/") && a.len() == "unix:///run/containerd/s/".len() + 64);
-/// ```
 pub fn address(containerd_address: &str, namespace: &str, group: &str) -> String {
     address_in(
         Path::new(DEFAULT_SOCKET_ROOT),
@@ -130,6 +125,13 @@ pub fn remove(address: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_addresses_are_a_hash_under_containerds_s_dir() {
+        let a = address("/run/containerd/containerd.sock", "default", "c1");
+        let dir = "unix:///run/containerd/s/";
+        assert!(a.starts_with(dir) && a.len() == dir.len() + 64, "{a}");
+    }
 
     #[test]
     fn address_is_deterministic_and_group_scoped() {
