@@ -32,7 +32,7 @@ deps:
 # Binaries and test harnesses in one invocation: built separately, cargo resolves
 # dev-dependency features differently and rebuilds most crates for the tests.
 build: deps
-	@scripts/step.sh build cargo build --release --workspace --bins --tests
+	@scripts/step.sh build cargo build --release --workspace --bins --tests --examples
 
 demo: build
 	$(BIN_DIR)/shim-demo
