@@ -30,8 +30,8 @@ deps:
 	@scripts/deps.sh $(RUST_MIN) $(APT_PKGS)
 
 # Binaries, test harnesses and examples (the skeleton shim, in $(BIN_DIR)/examples) in one
-# invocation: built separately, cargo resolves
-# dev-dependency features differently and rebuilds most crates for the tests.
+# invocation: built separately, cargo resolves dev-dependency features differently and
+# rebuilds most crates for the tests.
 build: deps
 	@scripts/step.sh build cargo build --release --workspace --bins --tests --examples
 
