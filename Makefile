@@ -29,10 +29,11 @@ export CARGO_TERM_COLOR ?= never
 deps:
 	@scripts/deps.sh $(RUST_MIN) $(APT_PKGS)
 
-# Binaries and test harnesses in one invocation: built separately, cargo resolves
-# dev-dependency features differently and rebuilds most crates for the tests.
+# Binaries, test harnesses and examples (the skeleton shim, in $(BIN_DIR)/examples) in one
+# invocation: built separately, cargo resolves dev-dependency features differently and
+# rebuilds most crates for the tests.
 build: deps
-	@scripts/step.sh build cargo build --release --workspace --bins --tests
+	@scripts/step.sh build cargo build --release --workspace --bins --tests --examples
 
 demo: build
 	$(BIN_DIR)/shim-demo

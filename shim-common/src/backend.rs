@@ -175,8 +175,9 @@ impl std::fmt::Display for Signal {
 
 /// A container runtime behind the shim SDK.
 ///
-/// Only `create`, `start`, `exec`, `kill`, `delete`, `pids` and `cleanup` are required; what
-/// a runtime cannot do answers ttrpc `Unimplemented` by default. The SDK keeps each
+/// Only `new`, `create`, `start`, `kill` and `pids` are required; what a runtime cannot do
+/// (`exec` included) answers ttrpc `Unimplemented` by default, and a runtime that keeps
+/// nothing outside the container value has nothing to `delete` or `cleanup`. The SDK keeps each
 /// container's [`Backend::Container`] and hands it to every call about that container; it
 /// never holds its own locks while a backend call runs, so a backend may take its time.
 ///
@@ -208,7 +209,9 @@ pub trait Backend: Send + Sync + 'static {
     fn start(&self, c: &Self::Container) -> Result<u32>;
 
     /// Starts an extra process in the container and returns its pid.
-    fn exec(&self, c: &Self::Container, req: ExecRequest<'_>) -> Result<u32>;
+    fn exec(&self, _c: &Self::Container, _req: ExecRequest<'_>) -> Result<u32> {
+        Err(Error::Unimplemented("Exec".into()))
+    }
 
     /// Sends `signal` to the target; with `all`, to every process of the container.
     fn kill(
@@ -219,8 +222,11 @@ pub trait Backend: Send + Sync + 'static {
         all: bool,
     ) -> Result<()>;
 
-    /// Removes the container and everything the backend set up for it.
-    fn delete(&self, c: &Self::Container) -> Result<()>;
+    /// Removes the container and everything the backend set up for it (beyond the container
+    /// value, which the SDK drops afterwards). The default has nothing to remove.
+    fn delete(&self, _c: &Self::Container) -> Result<()> {
+        Ok(())
+    }
 
     /// Pids of every process in the container.
     fn pids(&self, c: &Self::Container) -> Result<Vec<u32>>;
@@ -268,10 +274,19 @@ pub trait Backend: Send + Sync + 'static {
 
     /// The `delete` action: containerd found the shim dead and asks the binary to remove
     /// whatever the dead daemon left for container `id` in `bundle`, created with `options`.
-    /// Runs without a daemon; the SDK unmounts the rootfs afterwards.
-    fn cleanup(ctx: &ShimContext, id: &str, bundle: &Path, options: &Self::Options) -> Result<()>
+    /// Runs without a daemon; the SDK unmounts the rootfs afterwards. The default has nothing
+    /// to remove: override it if the backend keeps state outside the bundle (runc's state dir).
+    fn cleanup(
+        _ctx: &ShimContext,
+        _id: &str,
+        _bundle: &Path,
+        _options: &Self::Options,
+    ) -> Result<()>
     where
-        Self: Sized;
+        Self: Sized,
+    {
+        Ok(())
+    }
 
     /// The cgroup the shim daemon must run in, from the options `start` received (runc's
     /// `ShimCgroup`, relative to the cgroup root). `None`: where containerd started it.
