@@ -10,6 +10,7 @@ use protocol::mount::Mount;
 
 use crate::error::{Error, Result};
 use crate::options::RuntimeOptions;
+use crate::reaper::ExitSink;
 use crate::stdio::ChildStdio;
 
 /// Who this shim is serving: the flags containerd started it with.
@@ -26,6 +27,10 @@ pub struct ShimContext {
     /// containerd's gRPC socket, for backends that read its content store (empty when the
     /// shim runs without a containerd, e.g. inside a VM).
     pub address: String,
+    /// Where a backend whose processes are not host children (a VM's, a remote runtime's)
+    /// reports their exits; the SDK sets it for the task service it serves. See
+    /// [`ExitSink`].
+    pub exits: ExitSink,
 }
 
 /// A container's init process, as `Create` asks for it. By the time a backend sees it, the

@@ -56,6 +56,7 @@ pub use backend::{Backend, CreateRequest, Created, ExecRequest, ShimContext, Sig
 pub use error::{Context, Error, Result};
 pub use options::RuntimeOptions;
 pub use protocol;
+pub use serve::serve_on;
 pub use service::TaskService;
 
 use std::io::{Read, Write};

@@ -33,7 +33,7 @@ use crate::events::{publish, timestamp, Publisher};
 use crate::mount::{unmount_all, BundleRootfs};
 use crate::options::{self, RuntimeOptions};
 use crate::os::OomWatcher;
-use crate::reaper::{self, Exit};
+use crate::reaper::{Exit, Exits};
 use crate::rpc;
 use crate::stdio::{ChildStdio, Drain, IoContext, IoOwner, ProcessIo, StdioPaths};
 
@@ -326,13 +326,22 @@ impl<B: Backend> Drop for Starting<'_, B> {
 }
 
 impl<B: Backend> TaskService<B> {
-    /// Builds the service and, when a reaper is installed, the thread that turns reaped
-    /// exits into task exits.
+    /// Builds the service and the thread that turns `exits` (reaped, or reported by the
+    /// backend through the [`Exits::sink`] it was given) into task exits.
+    ///
+    /// ```no_run
+    /// # fn f<B: shim_common::Backend>(backend: B, publisher: std::sync::Arc<dyn shim_common::events::Publisher>) -> shim_common::Result<()> {
+    /// use shim_common::{reaper::{self, Exits}, TaskService};
+    /// let exits = Exits::reaped(reaper::install()?);
+    /// let service = TaskService::new("default", backend, publisher, Box::new(|| {}), exits)?;
+    /// # Ok(()) }
+    /// ```
     pub fn new(
         namespace: impl Into<String>,
         backend: B,
         publisher: Arc<dyn Publisher>,
         on_shutdown: ShutdownHook,
+        exits: Exits,
     ) -> Result<Self> {
         let inner = Arc::new_cyclic(|me| Inner {
             me: me.clone(),
@@ -344,29 +353,26 @@ impl<B: Backend> TaskService<B> {
             on_shutdown,
             oom: OnceLock::new(),
         });
-        if let Some(sub) = reaper::subscribe() {
-            let weak = Arc::downgrade(&inner);
-            std::thread::Builder::new()
-                .name("exits".into())
-                .stack_size(256 * 1024)
-                .spawn(move || {
-                    while let Some(exit) = sub.recv() {
-                        let Some(inner) = weak.upgrade() else { return };
-                        // A bug applying one exit must not stop every later one.
-                        let applied =
-                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                                inner.on_exit(exit)
-                            }));
-                        if applied.is_err() {
-                            log::error!("applying the exit of pid {} panicked", exit.pid);
-                        }
+        let weak = Arc::downgrade(&inner);
+        std::thread::Builder::new()
+            .name("exits".into())
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                while let Some(exit) = exits.recv() {
+                    let Some(inner) = weak.upgrade() else { return };
+                    // A bug applying one exit must not stop every later one.
+                    let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        inner.on_exit(exit)
+                    }));
+                    if applied.is_err() {
+                        log::error!("applying the exit of pid {} panicked", exit.pid);
                     }
-                })
-                .map_err(|e| Error::Io {
-                    context: "spawn exit thread".into(),
-                    source: e,
-                })?;
-        }
+                }
+            })
+            .map_err(|e| Error::Io {
+                context: "spawn exit thread".into(),
+                source: e,
+            })?;
         Ok(TaskService { inner })
     }
 
@@ -1452,8 +1458,14 @@ mod tests {
 
     fn service() -> (TaskService<Minimal>, Arc<Events>) {
         let events = Arc::new(Events(Mutex::new(Vec::new())));
-        let svc =
-            TaskService::new("ns", Minimal::default(), events.clone(), Box::new(|| {})).unwrap();
+        let svc = TaskService::new(
+            "ns",
+            Minimal::default(),
+            events.clone(),
+            Box::new(|| {}),
+            Exits::reported(),
+        )
+        .unwrap();
         let create = CreateTaskRequest {
             id: "c1".into(),
             bundle: bundle(),
@@ -1479,6 +1491,7 @@ mod tests {
             Box::new(move || {
                 hook.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }),
+            Exits::reported(),
         )
         .unwrap();
         let i = &svc.inner;
@@ -1713,8 +1726,14 @@ mod tests {
         let log = dir.path().join("c.log");
         let uri = format!("file://{}", log.display());
         let events = Arc::new(Events(Mutex::new(Vec::new())));
-        let svc =
-            TaskService::new("ns", Minimal::default(), events.clone(), Box::new(|| {})).unwrap();
+        let svc = TaskService::new(
+            "ns",
+            Minimal::default(),
+            events.clone(),
+            Box::new(|| {}),
+            Exits::reported(),
+        )
+        .unwrap();
         svc.inner
             .create(CreateTaskRequest {
                 id: "c1".into(),

@@ -30,6 +30,14 @@ impl Client {
         })
     }
 
+    /// A client on `stream`, already connected to a ttrpc server (one end of a socketpair,
+    /// a VM's port).
+    pub fn from_stream(stream: UnixStream) -> Client {
+        Client {
+            conn: Mutex::new(Conn { stream, next_id: 1 }),
+        }
+    }
+
     /// Calls `/service/method` with `req`; returns the response payload.
     pub fn call(
         &self,
