@@ -187,7 +187,10 @@ impl std::fmt::Display for Signal {
 ///
 /// Every process a backend creates must be a descendant of the shim (directly, or
 /// re-parented to it as the subreaper), and any command it runs must go through
-/// [`crate::reaper::spawn`] or [`crate::reaper::run`], so the SDK sees every exit.
+/// [`crate::reaper::spawn`] or [`crate::reaper::run`], so the SDK sees every exit — unless
+/// its processes live elsewhere (a VM's guest, another machine): then it says
+/// [`Backend::HOST_PROCESSES`] `= false` and reports their exits through
+/// [`ShimContext::exits`].
 pub trait Backend: Send + Sync + 'static {
     /// The backend's state of one container.
     type Container: Send + Sync + 'static;
@@ -198,6 +201,13 @@ pub trait Backend: Send + Sync + 'static {
     /// unmounts it after `delete` and `cleanup`. A backend that hands the mounts to someone
     /// else (a VM's guest) says `false`.
     const MOUNTS_ROOTFS: bool = true;
+
+    /// Whether the pids `create`, `start` and `exec` return are host processes the shim
+    /// reaps. A backend whose processes are not host children (a micro-VM's, whose guest
+    /// agent sees their exits) says `false`: the reaper's exits are then never taken for
+    /// its processes (a guest pid may equal a host one), and the backend reports each exit
+    /// through [`ShimContext::exits`] instead.
+    const HOST_PROCESSES: bool = true;
 
     /// Builds the backend for a daemon serving `ctx`.
     fn new(ctx: &ShimContext) -> Result<Self>

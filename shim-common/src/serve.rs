@@ -42,7 +42,10 @@ fn server<B: Backend>(
     before_shutdown: impl Fn() + Send + Sync + 'static,
     stop: Sender<Why>,
 ) -> Result<rpc::Server> {
-    let exits = reaper.map_or_else(Exits::reported, Exits::reaped);
+    let exits = match reaper {
+        Some(reaper) if B::HOST_PROCESSES => Exits::reaped(reaper),
+        _ => Exits::reported(),
+    };
     ctx.exits = exits.sink();
     let backend = B::new(&ctx)?;
     let stop = Mutex::new(stop);
@@ -62,7 +65,8 @@ fn server<B: Backend>(
 /// Serves the task service of backend `B` on `stream`, an already-connected byte stream (a
 /// VM's virtio-serial port, one end of a socketpair), until the peer closes it or a
 /// `Shutdown` is accepted. Events go to `publisher` (for a guest agent: back over its own
-/// channel to the host); exits come from `reaper` when given — which the caller installed
+/// channel to the host); exits come from `reaper` when given (and the backend's processes
+/// are host processes, [`Backend::HOST_PROCESSES`]) — which the caller installed
 /// ([`reaper::install`]) and whose `SIGCHLD` it delivers ([`crate::signals::spawn`]) — and
 /// from the backend through [`ShimContext::exits`], which this sets.
 ///

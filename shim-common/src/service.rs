@@ -1794,4 +1794,146 @@ mod tests {
             .unwrap();
         assert_eq!(code(rx.try_recv().unwrap()), ttrpc::Code::NOT_FOUND);
     }
+
+    /// A backend whose processes are not host children (a VM's guest): it reports their
+    /// exits itself. The exec started with `e-quick` exits before `exec` returns.
+    struct Guest {
+        exits: crate::reaper::ExitSink,
+    }
+
+    impl Backend for Guest {
+        type Container = ();
+        type Options = ();
+        const MOUNTS_ROOTFS: bool = false;
+        const HOST_PROCESSES: bool = false;
+        fn new(ctx: &ShimContext) -> Result<Self> {
+            Ok(Guest {
+                exits: ctx.exits.clone(),
+            })
+        }
+        fn host_cgroups(&self) -> bool {
+            false
+        }
+        fn create(&self, _: CreateRequest<'_, ()>) -> Result<crate::Created<()>> {
+            Ok(crate::Created {
+                container: (),
+                pid: Some(10),
+            })
+        }
+        fn start(&self, _: &()) -> Result<u32> {
+            Ok(10)
+        }
+        fn exec(&self, _: &(), req: ExecRequest<'_>) -> Result<u32> {
+            if req.exec_id == "e-quick" {
+                self.exits.report(12, 5);
+                return Ok(12);
+            }
+            Ok(11)
+        }
+        fn kill(&self, _: &(), _: Target<'_>, _: Signal, _: bool) -> Result<()> {
+            Ok(())
+        }
+        fn delete(&self, _: &()) -> Result<()> {
+            Ok(())
+        }
+        fn pids(&self, _: &()) -> Result<Vec<u32>> {
+            Ok(vec![10])
+        }
+        fn cleanup(_: &ShimContext, _: &str, _: &Path, _: &()) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Topics, with the process id of each `TaskExit`.
+    struct Exited(Mutex<Vec<String>>);
+
+    impl Publisher for Exited {
+        fn publish(&self, topic: &str, event: protobuf::well_known_types::any::Any) {
+            let entry = match topic {
+                topics::TASK_EXIT => {
+                    let exit = TaskExit::parse_from_bytes(&event.value).unwrap();
+                    format!("{topic} {}", exit.id)
+                }
+                _ => topic.to_string(),
+            };
+            lock(&self.0).push(entry);
+        }
+    }
+
+    #[test]
+    fn exits_a_backend_reports_are_applied_like_reaped_ones() {
+        let exits = Exits::reported();
+        let ctx = ShimContext {
+            namespace: "ns".into(),
+            id: "c1".into(),
+            bundle: bundle(),
+            debug: false,
+            address: String::new(),
+            exits: exits.sink(),
+        };
+        let sink = ctx.exits.clone();
+        let events = Arc::new(Exited(Mutex::new(Vec::new())));
+        let backend = Guest::new(&ctx).unwrap();
+        let svc = TaskService::new("ns", backend, events.clone(), Box::new(|| {}), exits).unwrap();
+        let i = &svc.inner;
+        i.create(CreateTaskRequest {
+            id: "c1".into(),
+            bundle: bundle(),
+            ..Default::default()
+        })
+        .unwrap();
+        let start = |exec_id: &str| {
+            i.start(StartRequest {
+                id: "c1".into(),
+                exec_id: exec_id.into(),
+                ..Default::default()
+            })
+        };
+        start("").unwrap();
+        let spec = protobuf::well_known_types::any::Any {
+            value: br#"{"args":["sh"],"cwd":"/"}"#.to_vec(),
+            ..Default::default()
+        };
+        for exec_id in ["e1", "e-quick"] {
+            i.exec(ExecProcessRequest {
+                id: "c1".into(),
+                exec_id: exec_id.into(),
+                spec: MessageField::some(spec.clone()),
+                ..Default::default()
+            })
+            .unwrap();
+            start(exec_id).unwrap();
+        }
+        let wait = |exec_id: &str| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let req = WaitRequest {
+                id: "c1".into(),
+                exec_id: exec_id.into(),
+                ..Default::default()
+            };
+            i.wait_later(req, Box::new(move |r| tx.send(r).unwrap()));
+            rx
+        };
+        let long = std::time::Duration::from_secs(10);
+        // Exited before `exec` returned its pid: kept, and applied after its start.
+        let quick = wait("e-quick").recv_timeout(long).unwrap().unwrap();
+        assert_eq!(quick.exit_status, 5);
+        // The init goes first, yet its exit waits for its exec's.
+        let init = wait("");
+        sink.report(10, 9);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(init.try_recv().is_err(), "init's exit before its exec's");
+        sink.report(11, 0);
+        assert_eq!(init.recv_timeout(long).unwrap().unwrap().exit_status, 9);
+        assert_eq!(
+            wait("e1").recv_timeout(long).unwrap().unwrap().exit_status,
+            0
+        );
+        let exit = |id: &str| format!("{} {id}", topics::TASK_EXIT);
+        let seen = lock(&events.0).clone();
+        let at = |entry: &str| seen.iter().position(|e| e == entry).unwrap();
+        assert!(at(topics::TASK_START) < at(&exit("e-quick")));
+        assert!(at(&exit("e1")) < at(&exit("c1")), "{seen:?}");
+        assert_eq!(seen.last(), Some(&exit("c1")));
+    }
 }
