@@ -11,7 +11,7 @@ use protocol::mount::Mount;
 use crate::error::{Error, Result};
 use crate::options::RuntimeOptions;
 use crate::reaper::ExitSink;
-use crate::stdio::ChildStdio;
+use crate::stdio::{CarriedStdio, ChildStdio};
 
 /// Who this shim is serving: the flags containerd started it with.
 #[derive(Debug, Clone)]
@@ -51,8 +51,12 @@ pub struct CreateRequest<'a, O> {
     pub terminal: bool,
     /// With a terminal: where the runtime must send the pty master (`--console-socket`).
     pub console_socket: Option<&'a Path>,
-    /// The fds the process must get as stdin, stdout and stderr (unused with a terminal).
+    /// The fds the process must get as stdin, stdout and stderr (unused with a terminal;
+    /// all `None` when the backend carries the stdio itself).
     pub stdio: ChildStdio,
+    /// When [`Backend::HOST_STDIO`] is `false`: the stdio containerd asked for, which the
+    /// backend carries itself, and the SDK's accounting of it. `None` otherwise.
+    pub carried: Option<CarriedStdio>,
 }
 
 /// What `create` made: the backend's container, which the SDK keeps and hands back to every
@@ -75,8 +79,12 @@ pub struct ExecRequest<'a> {
     pub terminal: bool,
     /// With a terminal: where the runtime must send the pty master (`--console-socket`).
     pub console_socket: Option<&'a Path>,
-    /// The fds the process must get as stdin, stdout and stderr (unused with a terminal).
+    /// The fds the process must get as stdin, stdout and stderr (unused with a terminal;
+    /// all `None` when the backend carries the stdio itself).
     pub stdio: ChildStdio,
+    /// When [`Backend::HOST_STDIO`] is `false`: the stdio containerd asked for, which the
+    /// backend carries itself, and the SDK's accounting of it. `None` otherwise.
+    pub carried: Option<CarriedStdio>,
 }
 
 /// Which process a signal is for.
@@ -209,6 +217,13 @@ pub trait Backend: Send + Sync + 'static {
     /// through [`ShimContext::exits`] instead.
     const HOST_PROCESSES: bool = true;
 
+    /// Whether the SDK opens each process's stdio on the host (containerd's fifos, log
+    /// files, logging binaries) and hands the backend fds ([`CreateRequest::stdio`]), or
+    /// for a terminal a console socket. A backend whose processes are elsewhere says
+    /// `false` and gets [`CreateRequest::carried`] / [`ExecRequest::carried`] instead:
+    /// the paths and the terminal flag, to forward itself.
+    const HOST_STDIO: bool = true;
+
     /// Builds the backend for a daemon serving `ctx`.
     fn new(ctx: &ShimContext) -> Result<Self>
     where
@@ -274,6 +289,13 @@ pub trait Backend: Send + Sync + 'static {
     /// Dumps the container to `path` (the request's options as containerd sent them).
     fn checkpoint(&self, _c: &Self::Container, _path: &str, _options: Option<&Any>) -> Result<()> {
         Err(Error::Unimplemented("Checkpoint".into()))
+    }
+
+    /// `CloseIO` of the stdin of a process whose stdio the backend carries
+    /// ([`Backend::HOST_STDIO`] `= false`; exec id empty for the init): it reads EOF once
+    /// what containerd wrote is delivered.
+    fn close_io(&self, _c: &Self::Container, _exec_id: &str) -> Result<()> {
+        Err(Error::Unimplemented("CloseIO".into()))
     }
 
     /// Resizes a terminal the SDK does not hold itself (a VM guest's, say).

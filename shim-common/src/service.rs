@@ -35,7 +35,7 @@ use crate::options::{self, RuntimeOptions};
 use crate::os::OomWatcher;
 use crate::reaper::{Exit, Exits};
 use crate::rpc;
-use crate::stdio::{ChildStdio, Drain, IoContext, IoOwner, ProcessIo, StdioPaths};
+use crate::stdio::{CarriedStdio, ChildStdio, Drain, IoContext, IoOwner, ProcessIo, StdioPaths};
 
 /// Called when `Shutdown` finds no task left and nothing on its way: the daemon stops
 /// serving and exits. It runs while new containers are refused, so it can take the daemon's
@@ -91,6 +91,8 @@ impl Proc {
 enum Io {
     Pipes(ProcessIo),
     Console(Console),
+    /// The backend's ([`Backend::HOST_STDIO`] `= false`).
+    Carried(Drain),
 }
 
 impl Io {
@@ -98,6 +100,7 @@ impl Io {
         match self {
             Io::Pipes(io) => io.drain(),
             Io::Console(console) => console.drain(),
+            Io::Carried(drain) => drain,
         }
     }
 }
@@ -107,14 +110,21 @@ impl Io {
 enum PendingIo {
     Pipes(ProcessIo),
     Console(ConsoleSocket),
+    Carried(CarriedStdio),
 }
 
 impl PendingIo {
+    /// `host`: [`Backend::HOST_STDIO`]; otherwise nothing is opened here.
     fn open(
+        host: bool,
         paths: &StdioPaths,
         owner: IoOwner,
         ctx: IoContext<'_>,
     ) -> Result<(PendingIo, ChildStdio)> {
+        if !host {
+            let carried = CarriedStdio::new(paths.clone());
+            return Ok((PendingIo::Carried(carried), ChildStdio::default()));
+        }
         if paths.terminal {
             return Ok((
                 PendingIo::Console(ConsoleSocket::new()?),
@@ -128,7 +138,15 @@ impl PendingIo {
     fn console_socket(&self) -> Option<&std::path::Path> {
         match self {
             PendingIo::Console(s) => Some(s.path()),
-            PendingIo::Pipes(_) => None,
+            PendingIo::Pipes(_) | PendingIo::Carried(_) => None,
+        }
+    }
+
+    /// The backend's share of stdio it carries itself.
+    fn carried(&self) -> Option<CarriedStdio> {
+        match self {
+            PendingIo::Carried(c) => Some(c.clone()),
+            _ => None,
         }
     }
 
@@ -136,6 +154,7 @@ impl PendingIo {
     fn finish(self, paths: &StdioPaths) -> Result<Io> {
         match self {
             PendingIo::Pipes(io) => Ok(Io::Pipes(io)),
+            PendingIo::Carried(c) => Ok(Io::Carried(c.drain().clone())),
             PendingIo::Console(sock) => {
                 let master = sock.receive_master(std::time::Duration::from_secs(10))?;
                 Ok(Io::Console(Console::start(master, paths)?))
@@ -700,7 +719,7 @@ impl<B: Backend> Inner<B> {
             id: &req.id,
             namespace: &self.namespace,
         };
-        let (pending, stdio) = PendingIo::open(&paths, owner, ctx)?;
+        let (pending, stdio) = PendingIo::open(B::HOST_STDIO, &paths, owner, ctx)?;
         let rootfs = match B::MOUNTS_ROOTFS {
             true => Some(BundleRootfs::mount(&bundle, &req.rootfs)?),
             false => None,
@@ -715,6 +734,7 @@ impl<B: Backend> Inner<B> {
             terminal: req.terminal,
             console_socket: pending.console_socket(),
             stdio,
+            carried: pending.carried(),
         })?;
         let runtime = Arc::new(created.container);
         let io = match pending.finish(&paths) {
@@ -854,24 +874,26 @@ impl<B: Backend> Inner<B> {
             id: &req.id,
             namespace: &self.namespace,
         };
-        let launched = PendingIo::open(&paths, owner, ctx).and_then(|(pending, stdio)| {
-            let starting = self.starting();
-            let exec = ExecRequest {
-                exec_id: &req.exec_id,
-                spec: &spec,
-                terminal: paths.terminal,
-                console_socket: pending.console_socket(),
-                stdio,
-            };
-            let pid = self.backend.exec(&runtime, exec)?;
-            match pending.finish(&paths) {
-                Ok(io) => Ok((io, pid, starting)),
-                Err(e) => {
-                    self.kill_exec(&runtime, &req.exec_id, pid);
-                    Err(e)
+        let launched =
+            PendingIo::open(B::HOST_STDIO, &paths, owner, ctx).and_then(|(pending, stdio)| {
+                let starting = self.starting();
+                let exec = ExecRequest {
+                    exec_id: &req.exec_id,
+                    spec: &spec,
+                    terminal: paths.terminal,
+                    console_socket: pending.console_socket(),
+                    stdio,
+                    carried: pending.carried(),
+                };
+                let pid = self.backend.exec(&runtime, exec)?;
+                match pending.finish(&paths) {
+                    Ok(io) => Ok((io, pid, starting)),
+                    Err(e) => {
+                        self.kill_exec(&runtime, &req.exec_id, pid);
+                        Err(e)
+                    }
                 }
-            }
-        });
+            });
         let mut c = lock(&cell.state);
         if let Ok(p) = c.process_mut(&req.exec_id) {
             p.starting = false;
@@ -1197,6 +1219,11 @@ impl<B: Backend> Inner<B> {
             match &p.io {
                 Some(Io::Pipes(io)) => io.close_stdin(),
                 Some(Io::Console(console)) => console.close_stdin(),
+                Some(Io::Carried(_)) => {
+                    let runtime = c.runtime.clone();
+                    drop(c); // the backend may have to ask its guest
+                    return self.backend.close_io(&runtime, &req.exec_id);
+                }
                 None => {}
             }
         }
@@ -1935,5 +1962,117 @@ mod tests {
         assert!(at(topics::TASK_START) < at(&exit("e-quick")));
         assert!(at(&exit("e1")) < at(&exit("c1")), "{seen:?}");
         assert_eq!(seen.last(), Some(&exit("c1")));
+    }
+
+    /// A backend that carries its processes' stdio itself: keeps what it was given.
+    #[derive(Default)]
+    struct Carrier {
+        given: Mutex<Vec<(bool, bool, CarriedStdio)>>,
+        closed: Mutex<Vec<String>>,
+    }
+
+    impl Backend for Carrier {
+        type Container = ();
+        type Options = ();
+        const MOUNTS_ROOTFS: bool = false;
+        const HOST_STDIO: bool = false;
+        fn new(_: &ShimContext) -> Result<Self> {
+            Ok(Carrier::default())
+        }
+        fn host_cgroups(&self) -> bool {
+            false
+        }
+        fn create(&self, req: CreateRequest<'_, ()>) -> Result<crate::Created<()>> {
+            let host_fds = req.stdio.stdin.is_some() || req.stdio.stdout.is_some();
+            let carried = req.carried.unwrap();
+            lock(&self.given).push((host_fds, req.console_socket.is_some(), carried));
+            Ok(crate::Created {
+                container: (),
+                pid: Some(20),
+            })
+        }
+        fn start(&self, _: &()) -> Result<u32> {
+            Ok(20)
+        }
+        fn exec(&self, _: &(), _: ExecRequest<'_>) -> Result<u32> {
+            Ok(21)
+        }
+        fn kill(&self, _: &(), _: Target<'_>, _: Signal, _: bool) -> Result<()> {
+            Ok(())
+        }
+        fn delete(&self, _: &()) -> Result<()> {
+            Ok(())
+        }
+        fn pids(&self, _: &()) -> Result<Vec<u32>> {
+            Ok(vec![20])
+        }
+        fn close_io(&self, _: &(), exec_id: &str) -> Result<()> {
+            lock(&self.closed).push(exec_id.to_string());
+            Ok(())
+        }
+        fn cleanup(_: &ShimContext, _: &str, _: &Path, _: &()) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Nothing is opened on the host (the fifos do not even exist, and a terminal gets no
+    /// console socket); the backend gets the paths, and the exit waits for its copy.
+    #[test]
+    fn a_backend_carrying_stdio_gets_the_paths_and_the_exit_waits_for_its_copy() {
+        let events = Arc::new(Events(Mutex::new(Vec::new())));
+        let svc = TaskService::new(
+            "ns",
+            Carrier::default(),
+            events,
+            Box::new(|| {}),
+            Exits::reported(),
+        )
+        .unwrap();
+        let i = &svc.inner;
+        i.create(CreateTaskRequest {
+            id: "c1".into(),
+            bundle: bundle(),
+            stdin: "/nonexistent/stdin".into(),
+            stdout: "/nonexistent/stdout".into(),
+            terminal: true,
+            ..Default::default()
+        })
+        .unwrap();
+        let (host_fds, console_socket, carried) = lock(&i.backend.given).pop().unwrap();
+        assert!(!host_fds && !console_socket);
+        assert_eq!(carried.paths.stdout, "/nonexistent/stdout");
+        assert!(carried.paths.terminal);
+        i.start(StartRequest {
+            id: "c1".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        i.close_io(CloseIORequest {
+            id: "c1".into(),
+            stdin: true,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(*lock(&i.backend.closed), [""]);
+        let stdout = carried.copying();
+        i.on_exit(Exit {
+            pid: 20,
+            status: 1,
+            at: std::time::SystemTime::now(),
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        let req = WaitRequest {
+            id: "c1".into(),
+            ..Default::default()
+        };
+        i.wait_later(req, Box::new(move |r| tx.send(r).unwrap()));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(
+            rx.try_recv().is_err(),
+            "answered before the output was delivered"
+        );
+        drop(stdout);
+        let waited = rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+        assert_eq!(waited.unwrap().exit_status, 1);
     }
 }

@@ -157,6 +157,54 @@ impl ProcessIo {
     }
 }
 
+/// A process's stdio that the backend carries itself ([`crate::Backend::HOST_STDIO`]
+/// `= false`): a VM backend forwards containerd's fifos into its guest, where the process
+/// is. The SDK opens nothing on the host then; it keeps the accounting: the process's exit
+/// is published, and `Wait` answered, once every [`CarriedStdio::copying`] taken has caught
+/// up (bounded by [`crate::service::OUTPUT_GRACE`]), and `CloseIO` reaches the backend's
+/// [`crate::Backend::close_io`].
+///
+/// ```
+/// use shim_common::stdio::{CarriedStdio, StdioPaths};
+/// let stdio = CarriedStdio::new(StdioPaths {
+///     stdout: "/run/containerd/fifo/c1-stdout".into(),
+///     ..Default::default()
+/// });
+/// let stdout = stdio.copying();
+/// std::thread::spawn(move || {
+///     // ... forward the guest's stdout into `stdio.paths.stdout` until its end ...
+///     drop(stdout); // everything the process wrote is delivered
+/// });
+/// ```
+#[derive(Debug, Clone)]
+pub struct CarriedStdio {
+    /// Where containerd wants the stdio (its fifos or log URIs), and whether the process
+    /// has a terminal.
+    pub paths: StdioPaths,
+    drain: Drain,
+}
+
+impl CarriedStdio {
+    /// Stdio for `paths` with nothing being copied yet.
+    pub fn new(paths: StdioPaths) -> CarriedStdio {
+        CarriedStdio {
+            paths,
+            drain: Drain::new(),
+        }
+    }
+
+    /// Registers one stream the backend copies (stdout, stderr): the exit waits until it
+    /// is dropped or reports [`Copying::caught_up`].
+    pub fn copying(&self) -> Copying {
+        self.drain.copying()
+    }
+
+    /// What the exit waits for: every [`CarriedStdio::copying`] taken.
+    pub fn drain(&self) -> &Drain {
+        &self.drain
+    }
+}
+
 /// Where a process's output goes. Like containerd, the stdout string decides for both
 /// streams (stderr's when there is no stdout): a log URI names one destination for both.
 #[derive(Debug, Clone, PartialEq, Eq)]
