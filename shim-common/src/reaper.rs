@@ -176,7 +176,8 @@ impl Drop for Subscription {
 /// ```
 pub struct Exits {
     rx: Receiver<Exit>,
-    tx: Sender<Exit>,
+    /// For new sinks; `None` once the queue's consumer took it ([`Exits::seal`]).
+    tx: Option<Sender<Exit>>,
     /// The reaper feeding `tx`, and the id to unsubscribe with.
     reaper: Option<(&'static Reaper, u64)>,
 }
@@ -187,26 +188,37 @@ impl Exits {
         let (tx, rx) = mpsc::channel();
         Exits {
             rx,
-            tx,
+            tx: Some(tx),
             reaper: None,
         }
     }
 
     /// The exits `reaper` reaps from now on, and those reported through [`Exits::sink`].
     pub fn reaped(reaper: &'static Reaper) -> Exits {
-        let mut exits = Exits::reported();
-        exits.reaper = Some((reaper, reaper.add(exits.tx.clone())));
-        exits
-    }
-
-    /// Where a backend reports exits into this queue.
-    pub fn sink(&self) -> ExitSink {
-        ExitSink {
-            tx: Some(self.tx.clone()),
+        let (tx, rx) = mpsc::channel();
+        let id = reaper.add(tx.clone());
+        Exits {
+            rx,
+            tx: Some(tx),
+            reaper: Some((reaper, id)),
         }
     }
 
-    /// The next exit, blocking.
+    /// Where a backend reports exits into this queue. Take it before the queue goes to
+    /// its [`crate::TaskService`]; a sink taken after reports to nobody.
+    pub fn sink(&self) -> ExitSink {
+        ExitSink {
+            tx: self.tx.clone(),
+        }
+    }
+
+    /// No more sinks: [`Exits::recv`] ends (`None`) once every sink and the reaper's
+    /// subscription are gone, so the service's exit thread ends with its backend.
+    pub(crate) fn seal(&mut self) {
+        self.tx = None;
+    }
+
+    /// The next exit, blocking; `None` once nothing can report one any more.
     pub fn recv(&self) -> Option<Exit> {
         self.rx.recv().ok()
     }

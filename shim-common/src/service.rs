@@ -346,7 +346,8 @@ impl<B: Backend> Drop for Starting<'_, B> {
 
 impl<B: Backend> TaskService<B> {
     /// Builds the service and the thread that turns `exits` (reaped, or reported by the
-    /// backend through the [`Exits::sink`] it was given) into task exits.
+    /// backend through the [`Exits::sink`] it was given) into task exits. The thread ends
+    /// once nothing can report an exit any more (the backend and its sinks are gone).
     ///
     /// ```no_run
     /// # fn f<B: shim_common::Backend>(backend: B, publisher: std::sync::Arc<dyn shim_common::events::Publisher>) -> shim_common::Result<()> {
@@ -360,8 +361,9 @@ impl<B: Backend> TaskService<B> {
         backend: B,
         publisher: Arc<dyn Publisher>,
         on_shutdown: ShutdownHook,
-        exits: Exits,
+        mut exits: Exits,
     ) -> Result<Self> {
+        exits.seal();
         let inner = Arc::new_cyclic(|me| Inner {
             me: me.clone(),
             namespace: namespace.into(),
