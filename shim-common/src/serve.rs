@@ -239,15 +239,18 @@ mod tests {
     use protocol::shim::*;
     use std::os::unix::net::UnixStream;
 
-    /// A backend whose one process is pretend: it lives nowhere the host reaper could see.
-    struct Remote;
+    /// A backend whose one process is pretend: it lives nowhere the host reaper could see,
+    /// so a signal "ends" it by reporting its exit.
+    struct Remote(crate::reaper::ExitSink);
 
     impl Backend for Remote {
         type Container = ();
         type Options = ();
         const MOUNTS_ROOTFS: bool = false;
-        fn new(_: &ShimContext) -> Result<Self> {
-            Ok(Remote)
+        const HOST_PROCESSES: bool = false;
+        const HOST_STDIO: bool = false;
+        fn new(ctx: &ShimContext) -> Result<Self> {
+            Ok(Remote(ctx.exits.clone()))
         }
         fn host_cgroups(&self) -> bool {
             false
@@ -264,7 +267,8 @@ mod tests {
         fn exec(&self, _: &(), _: ExecRequest<'_>) -> Result<u32> {
             Ok(8)
         }
-        fn kill(&self, _: &(), _: Target<'_>, _: Signal, _: bool) -> Result<()> {
+        fn kill(&self, _: &(), t: Target<'_>, sig: Signal, _: bool) -> Result<()> {
+            self.0.report(t.pid(), 128 + sig.number() as u32);
             Ok(())
         }
         fn delete(&self, _: &()) -> Result<()> {
@@ -357,6 +361,39 @@ mod tests {
     fn serve_on_returns_when_the_peer_closes() {
         let (client, served) = serving();
         let _: ConnectResponse = call(&client, "Connect", &ConnectRequest::new()).unwrap();
+        drop(client);
+        served.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn serve_on_answers_wait_with_the_exit_the_backend_reported() {
+        let bundle = tempfile::tempdir().unwrap();
+        let (client, served) = serving();
+        let id = || "c1".to_string();
+        let create = CreateTaskRequest {
+            id: id(),
+            bundle: bundle.path().to_str().unwrap().into(),
+            stdout: "/nonexistent/fifo".into(),
+            ..Default::default()
+        };
+        let _: CreateTaskResponse = call(&client, "Create", &create).unwrap();
+        let start = StartRequest {
+            id: id(),
+            ..Default::default()
+        };
+        let _: StartResponse = call(&client, "Start", &start).unwrap();
+        let kill = KillRequest {
+            id: id(),
+            signal: 9,
+            ..Default::default()
+        };
+        let _: protobuf::well_known_types::empty::Empty = call(&client, "Kill", &kill).unwrap();
+        let wait = WaitRequest {
+            id: id(),
+            ..Default::default()
+        };
+        let waited: WaitResponse = call(&client, "Wait", &wait).unwrap();
+        assert_eq!(waited.exit_status, 137);
         drop(client);
         served.join().unwrap().unwrap();
     }
