@@ -28,6 +28,13 @@
 //!
 //! A complete one, which runs a bundle's process as a plain child, is
 //! `shim-common/examples/skeleton.rs`.
+//!
+//! Processes that are not host children (a micro-VM's, a remote runtime's) plug in through
+//! three seams: the backend reports their exits through [`ShimContext::exits`]
+//! ([`Backend::HOST_PROCESSES`] `= false`), carries their stdio itself
+//! ([`Backend::HOST_STDIO`] `= false`, [`stdio::CarriedStdio`]), and the task service can be
+//! served on any connected byte stream with [`serve_on`] — a guest agent's port, with the
+//! reaper it installed itself ([`reaper::install`], [`reaper::Exits`]).
 
 pub mod backend;
 pub mod bootstrap;
