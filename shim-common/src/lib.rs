@@ -48,6 +48,7 @@ pub mod flags;
 pub mod logger;
 pub mod mount;
 pub mod options;
+pub mod peer_events;
 pub mod reaper;
 pub mod rpc;
 pub mod service;

@@ -33,12 +33,14 @@ enum Why {
 }
 
 /// What `serve` and [`serve_on`] share: the backend built for `ctx` with an exit sink into
-/// the service's exits, and the service's ttrpc server. `before_shutdown` runs when
-/// `Shutdown` is accepted, before `Why::ShutdownRequest` is sent on `stop`.
+/// the service's exits, and the service's ttrpc server (with `extra` methods beside it).
+/// `before_shutdown` runs when `Shutdown` is accepted, before `Why::ShutdownRequest` is
+/// sent on `stop`.
 fn server<B: Backend>(
     mut ctx: ShimContext,
     publisher: Arc<dyn Publisher>,
     reaper: Option<&'static Reaper>,
+    extra: rpc::Methods,
     before_shutdown: impl Fn() + Send + Sync + 'static,
     stop: Sender<Why>,
 ) -> Result<rpc::Server> {
@@ -59,7 +61,9 @@ fn server<B: Backend>(
         }),
         exits,
     )?;
-    Ok(service.into_server())
+    let mut methods = service.methods();
+    methods.extend(extra);
+    Ok(rpc::Server::new(methods))
 }
 
 /// Serves the task service of backend `B` on `stream`, an already-connected byte stream (a
@@ -68,15 +72,17 @@ fn server<B: Backend>(
 /// channel to the host); exits come from `reaper` when given (and the backend's processes
 /// are host processes, [`Backend::HOST_PROCESSES`]) — which the caller installed
 /// ([`reaper::install`]) and whose `SIGCHLD` it delivers ([`crate::signals::spawn`]) — and
-/// from the backend through [`ShimContext::exits`], which this sets.
+/// from the backend through [`ShimContext::exits`], which this sets. `methods` are served
+/// beside the task service: a guest agent's [`crate::peer_events::PeerEvents::methods`],
+/// through which the host fetches the events on this same stream.
 ///
 /// Nothing process-wide is touched here: no signals, no logger, no socket names. After a
 /// `Shutdown`, calls in flight are answered (up to 2 s) and a socket `stream` is shut down;
 /// the caller is expected to exit.
 ///
 /// ```no_run
-/// # fn f<B: shim_common::Backend>(fd: std::os::fd::OwnedFd, publisher: std::sync::Arc<dyn shim_common::events::Publisher>) -> shim_common::Result<()> {
-/// use shim_common::{reaper, serve_on, signals, ShimContext};
+/// # fn f<B: shim_common::Backend>(fd: std::os::fd::OwnedFd) -> shim_common::Result<()> {
+/// use shim_common::{peer_events::PeerEvents, reaper, serve_on, signals, ShimContext};
 /// // A guest agent, PID 1: reap every orphan, and serve the host on the port it opened.
 /// signals::block()?;
 /// let reaper = reaper::install()?;
@@ -89,7 +95,8 @@ fn server<B: Backend>(
 ///     address: String::new(),
 ///     exits: Default::default(),
 /// };
-/// serve_on::<B>(ctx, fd, publisher, Some(reaper))
+/// let events = PeerEvents::new(&ctx.namespace);
+/// serve_on::<B>(ctx, fd, events.clone(), Some(reaper), events.methods())
 /// # }
 /// ```
 pub fn serve_on<B: Backend>(
@@ -97,9 +104,10 @@ pub fn serve_on<B: Backend>(
     stream: OwnedFd,
     publisher: Arc<dyn Publisher>,
     reaper: Option<&'static Reaper>,
+    methods: rpc::Methods,
 ) -> Result<()> {
     let (tx, rx) = mpsc::channel();
-    let server = server::<B>(ctx, publisher, reaper, || {}, tx.clone())?;
+    let server = server::<B>(ctx, publisher, reaper, methods, || {}, tx.clone())?;
     let idle = server.idle();
     // To end a socket's connection after a Shutdown; the server owns `stream` itself.
     let raw = stream.as_raw_fd();
@@ -147,6 +155,7 @@ pub fn serve<B: Backend>(flags: &Flags) -> Result<()> {
         context(flags),
         publisher.clone(),
         Some(reaper),
+        rpc::Methods::new(),
         before_shutdown,
         tx,
     )?;
@@ -282,11 +291,6 @@ mod tests {
         }
     }
 
-    struct Nowhere;
-    impl Publisher for Nowhere {
-        fn publish(&self, _: &str, _: protobuf::well_known_types::any::Any) {}
-    }
-
     fn ctx() -> ShimContext {
         ShimContext {
             namespace: "ns".into(),
@@ -312,7 +316,9 @@ mod tests {
     fn serving() -> (Client, std::thread::JoinHandle<Result<()>>) {
         let (ours, theirs) = UnixStream::pair().unwrap();
         let served = std::thread::spawn(move || {
-            serve_on::<Remote>(ctx(), OwnedFd::from(theirs), Arc::new(Nowhere), None)
+            let events = crate::peer_events::PeerEvents::new("ns");
+            let methods = events.methods();
+            serve_on::<Remote>(ctx(), OwnedFd::from(theirs), events, None, methods)
         });
         (Client::from_stream(ours), served)
     }
@@ -394,6 +400,27 @@ mod tests {
         };
         let waited: WaitResponse = call(&client, "Wait", &wait).unwrap();
         assert_eq!(waited.exit_status, 137);
+        // The events, fetched over the same stream, in order.
+        let mut topics = Vec::new();
+        while topics.last().map(String::as_str) != Some(protocol::topics::TASK_EXIT) {
+            let next = client.call(
+                crate::peer_events::EVENTS_SERVICE,
+                "Next",
+                &protobuf::well_known_types::empty::Empty::new(),
+                Duration::from_secs(10),
+            );
+            let envelope = protocol::events::Envelope::parse_from_bytes(&next.unwrap()).unwrap();
+            assert_eq!(envelope.namespace, "ns");
+            topics.push(envelope.topic);
+        }
+        assert_eq!(
+            topics,
+            [
+                protocol::topics::TASK_CREATE,
+                protocol::topics::TASK_START,
+                protocol::topics::TASK_EXIT
+            ]
+        );
         drop(client);
         served.join().unwrap().unwrap();
     }
