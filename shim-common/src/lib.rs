@@ -34,7 +34,8 @@
 //! ([`Backend::HOST_PROCESSES`] `= false`), carries their stdio itself
 //! ([`Backend::HOST_STDIO`] `= false`, [`stdio::CarriedStdio`]), and the task service can be
 //! served on any connected byte stream with [`serve_on`] — a guest agent's port, with the
-//! reaper it installed itself ([`reaper::install`], [`reaper::Exits`]).
+//! reaper it installed itself ([`reaper::install`], [`reaper::Exits`]) and its events
+//! fetched by the host over that same stream ([`peer_events::PeerEvents`]).
 
 pub mod backend;
 pub mod bootstrap;
