@@ -10,7 +10,8 @@ use protocol::mount::Mount;
 
 use crate::error::{Error, Result};
 use crate::options::RuntimeOptions;
-use crate::stdio::ChildStdio;
+use crate::reaper::ExitSink;
+use crate::stdio::{CarriedStdio, ChildStdio};
 
 /// Who this shim is serving: the flags containerd started it with.
 #[derive(Debug, Clone)]
@@ -26,6 +27,10 @@ pub struct ShimContext {
     /// containerd's gRPC socket, for backends that read its content store (empty when the
     /// shim runs without a containerd, e.g. inside a VM).
     pub address: String,
+    /// Where a backend whose processes are not host children (a VM's, a remote runtime's)
+    /// reports their exits; the SDK sets it for the task service it serves. See
+    /// [`ExitSink`].
+    pub exits: ExitSink,
 }
 
 /// A container's init process, as `Create` asks for it. By the time a backend sees it, the
@@ -46,8 +51,12 @@ pub struct CreateRequest<'a, O> {
     pub terminal: bool,
     /// With a terminal: where the runtime must send the pty master (`--console-socket`).
     pub console_socket: Option<&'a Path>,
-    /// The fds the process must get as stdin, stdout and stderr (unused with a terminal).
+    /// The fds the process must get as stdin, stdout and stderr (unused with a terminal;
+    /// all `None` when the backend carries the stdio itself).
     pub stdio: ChildStdio,
+    /// When [`Backend::HOST_STDIO`] is `false`: the stdio containerd asked for, which the
+    /// backend carries itself, and the SDK's accounting of it. `None` otherwise.
+    pub carried: Option<CarriedStdio>,
 }
 
 /// What `create` made: the backend's container, which the SDK keeps and hands back to every
@@ -70,8 +79,12 @@ pub struct ExecRequest<'a> {
     pub terminal: bool,
     /// With a terminal: where the runtime must send the pty master (`--console-socket`).
     pub console_socket: Option<&'a Path>,
-    /// The fds the process must get as stdin, stdout and stderr (unused with a terminal).
+    /// The fds the process must get as stdin, stdout and stderr (unused with a terminal;
+    /// all `None` when the backend carries the stdio itself).
     pub stdio: ChildStdio,
+    /// When [`Backend::HOST_STDIO`] is `false`: the stdio containerd asked for, which the
+    /// backend carries itself, and the SDK's accounting of it. `None` otherwise.
+    pub carried: Option<CarriedStdio>,
 }
 
 /// Which process a signal is for.
@@ -183,7 +196,10 @@ impl std::fmt::Display for Signal {
 ///
 /// Every process a backend creates must be a descendant of the shim (directly, or
 /// re-parented to it as the subreaper), and any command it runs must go through
-/// [`crate::reaper::spawn`] or [`crate::reaper::run`], so the SDK sees every exit.
+/// [`crate::reaper::spawn`] or [`crate::reaper::run`], so the SDK sees every exit — unless
+/// its processes live elsewhere (a VM's guest, another machine): then it says
+/// [`Backend::HOST_PROCESSES`] `= false` and reports their exits through
+/// [`ShimContext::exits`].
 pub trait Backend: Send + Sync + 'static {
     /// The backend's state of one container.
     type Container: Send + Sync + 'static;
@@ -194,6 +210,20 @@ pub trait Backend: Send + Sync + 'static {
     /// unmounts it after `delete` and `cleanup`. A backend that hands the mounts to someone
     /// else (a VM's guest) says `false`.
     const MOUNTS_ROOTFS: bool = true;
+
+    /// Whether the pids `create`, `start` and `exec` return are host processes the shim
+    /// reaps. A backend whose processes are not host children (a micro-VM's, whose guest
+    /// agent sees their exits) says `false`: the reaper's exits are then never taken for
+    /// its processes (a guest pid may equal a host one), and the backend reports each exit
+    /// through [`ShimContext::exits`] instead.
+    const HOST_PROCESSES: bool = true;
+
+    /// Whether the SDK opens each process's stdio on the host (containerd's fifos, log
+    /// files, logging binaries) and hands the backend fds ([`CreateRequest::stdio`]), or
+    /// for a terminal a console socket. A backend whose processes are elsewhere says
+    /// `false` and gets [`CreateRequest::carried`] / [`ExecRequest::carried`] instead:
+    /// the paths and the terminal flag, to forward itself.
+    const HOST_STDIO: bool = true;
 
     /// Builds the backend for a daemon serving `ctx`.
     fn new(ctx: &ShimContext) -> Result<Self>
@@ -265,6 +295,13 @@ pub trait Backend: Send + Sync + 'static {
     /// Dumps the container to `path` (the request's options as containerd sent them).
     fn checkpoint(&self, _c: &Self::Container, _path: &str, _options: Option<&Any>) -> Result<()> {
         Err(Error::Unimplemented("Checkpoint".into()))
+    }
+
+    /// `CloseIO` of the stdin of a process whose stdio the backend carries
+    /// ([`Backend::HOST_STDIO`] `= false`; exec id empty for the init): it reads EOF once
+    /// what containerd wrote is delivered.
+    fn close_io(&self, _c: &Self::Container, _exec_id: &str) -> Result<()> {
+        Err(Error::Unimplemented("CloseIO".into()))
     }
 
     /// Resizes a terminal the SDK does not hold itself (a VM guest's, say).

@@ -28,8 +28,16 @@
 //!
 //! A complete one, which runs a bundle's process as a plain child, is
 //! `shim-common/examples/skeleton.rs`.
+//!
+//! Processes that are not host children (a micro-VM's, a remote runtime's) plug in through
+//! three seams: the backend reports their exits through [`ShimContext::exits`]
+//! ([`Backend::HOST_PROCESSES`] `= false`), carries their stdio itself
+//! ([`Backend::HOST_STDIO`] `= false`, [`stdio::CarriedStdio`]), and the task service can be
+//! served on any connected byte stream with [`serve_on`] — a guest agent's port, with the
+//! reaper it installed itself ([`reaper::install`], [`reaper::Exits`]) and its events
+//! fetched by the host over that same stream ([`peer_events::PeerEvents`]).
 
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
 pub mod backend;
 mod bootstrap;
@@ -43,6 +51,7 @@ mod flags;
 pub mod logger;
 pub mod mount;
 pub mod options;
+pub mod peer_events;
 pub mod pod;
 pub mod reaper;
 pub mod rpc;
@@ -69,6 +78,7 @@ pub use backend::{Backend, CreateRequest, Created, ExecRequest, ShimContext, Sig
 pub use error::{Context, Error, Result};
 pub use options::RuntimeOptions;
 pub use protocol;
+pub use serve::serve_on;
 pub use service::TaskService;
 
 use std::io::{Read, Write};

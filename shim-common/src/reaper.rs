@@ -27,9 +27,11 @@ use crate::error::{Context, Result};
 /// One reaped child.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Exit {
+    /// The process that exited.
     pub pid: i32,
     /// Exit code, or 128 + signal number for a process killed by a signal (137 = SIGKILL).
     pub status: u32,
+    /// When the shim learned of it.
     pub at: SystemTime,
 }
 
@@ -49,6 +51,10 @@ impl Exit {
 }
 
 /// The process-wide reaper. There is one because `SIGCHLD` and `waitpid(-1)` are process-wide.
+///
+/// Whoever runs the process installs it ([`install`]: the daemon, or a guest agent that is
+/// PID 1) and hands it to the task service it serves ([`Exits::reaped`]); [`spawn`] and
+/// [`run`] find it themselves, because they must hold off the reap whoever calls them.
 pub struct Reaper {
     subscribers: Mutex<Vec<(u64, Sender<Exit>)>>,
     next_id: AtomicU64,
@@ -61,14 +67,21 @@ static REAPER: OnceLock<Reaper> = OnceLock::new();
 static SPAWNING: RwLock<()> = RwLock::new(());
 
 /// Makes this process the subreaper of its descendants and enables exit subscriptions.
+/// Installing twice returns the same reaper.
 ///
-/// The caller must deliver `SIGCHLD` to [`reap`] (the SDK's signal thread does).
+/// The caller must deliver `SIGCHLD` to [`reap`] (the SDK's signal thread does,
+/// [`crate::signals::spawn`]).
 pub fn install() -> Result<&'static Reaper> {
     crate::os::set_subreaper()?;
     Ok(REAPER.get_or_init(|| Reaper {
         subscribers: Mutex::new(Vec::new()),
         next_id: AtomicU64::new(0),
     }))
+}
+
+/// The reaper, if one is installed.
+pub fn installed() -> Option<&'static Reaper> {
+    REAPER.get()
 }
 
 /// Collects every exited child and tells every subscriber. Call on `SIGCHLD`.
@@ -92,25 +105,45 @@ impl Reaper {
         let mut subs = self.subscribers.lock().unwrap_or_else(|e| e.into_inner());
         subs.retain(|(_, tx)| tx.send(exit).is_ok());
     }
+
+    /// Sends every exit reaped from now on to `tx`, until [`Reaper::remove`] of the id.
+    fn add(&self, tx: Sender<Exit>) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.subscribers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((id, tx));
+        id
+    }
+
+    fn remove(&self, id: u64) {
+        self.subscribers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(i, _)| *i != id);
+    }
+
+    /// A stream of every exit this reaper reaps from now on.
+    pub fn subscribe(&'static self) -> Subscription {
+        let (tx, rx) = mpsc::channel();
+        Subscription {
+            id: self.add(tx),
+            rx,
+            reaper: self,
+        }
+    }
 }
 
 /// A stream of every exit reaped after it was created. Unsubscribes on drop.
 pub struct Subscription {
     id: u64,
     rx: Receiver<Exit>,
+    reaper: &'static Reaper,
 }
 
 /// Subscribes to exits; `None` when no reaper is installed (plain, non-subreaper processes).
 pub fn subscribe() -> Option<Subscription> {
-    let reaper = REAPER.get()?;
-    let (tx, rx) = mpsc::channel();
-    let id = reaper.next_id.fetch_add(1, Ordering::Relaxed);
-    reaper
-        .subscribers
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push((id, tx));
-    Some(Subscription { id, rx })
+    Some(REAPER.get()?.subscribe())
 }
 
 impl Subscription {
@@ -127,12 +160,114 @@ impl Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        if let Some(reaper) = REAPER.get() {
-            reaper
-                .subscribers
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .retain(|(id, _)| *id != self.id);
+        self.reaper.remove(self.id);
+    }
+}
+
+/// Every exit a task service applies, from one queue: the ones a [`Reaper`] reaps (when the
+/// service was given one) and the ones its backend reports through an [`ExitSink`] — a
+/// VM's guest agent telling of a container process the host never sees. Both take the same
+/// path through the service, so the same ordering rules hold for both.
+///
+/// ```
+/// use shim_common::reaper::Exits;
+/// // A service whose processes are not host children: only the backend reports exits.
+/// let exits = Exits::reported();
+/// exits.sink().report(42, 0);
+/// assert_eq!(exits.recv().map(|e| (e.pid, e.status)), Some((42, 0)));
+/// ```
+pub struct Exits {
+    rx: Receiver<Exit>,
+    /// For new sinks; `None` once the queue's consumer took it ([`Exits::seal`]).
+    tx: Option<Sender<Exit>>,
+    /// The reaper feeding `tx`, and the id to unsubscribe with.
+    reaper: Option<(&'static Reaper, u64)>,
+}
+
+impl Exits {
+    /// Only the exits reported through [`Exits::sink`].
+    pub fn reported() -> Exits {
+        let (tx, rx) = mpsc::channel();
+        Exits {
+            rx,
+            tx: Some(tx),
+            reaper: None,
+        }
+    }
+
+    /// The exits `reaper` reaps from now on, and those reported through [`Exits::sink`].
+    pub fn reaped(reaper: &'static Reaper) -> Exits {
+        let (tx, rx) = mpsc::channel();
+        let id = reaper.add(tx.clone());
+        Exits {
+            rx,
+            tx: Some(tx),
+            reaper: Some((reaper, id)),
+        }
+    }
+
+    /// Where a backend reports exits into this queue. Take it before the queue goes to
+    /// its [`crate::TaskService`]; a sink taken after reports to nobody.
+    pub fn sink(&self) -> ExitSink {
+        ExitSink {
+            tx: self.tx.clone(),
+        }
+    }
+
+    /// No more sinks: [`Exits::recv`] ends (`None`) once every sink and the reaper's
+    /// subscription are gone, so the service's exit thread ends with its backend.
+    pub(crate) fn seal(&mut self) {
+        self.tx = None;
+    }
+
+    /// The next exit, blocking; `None` once nothing can report one any more.
+    pub fn recv(&self) -> Option<Exit> {
+        self.rx.recv().ok()
+    }
+}
+
+impl Drop for Exits {
+    fn drop(&mut self) {
+        if let Some((reaper, id)) = self.reaper {
+            reaper.remove(id);
+        }
+    }
+}
+
+/// How a backend reports the exit of a process the host reaper cannot see (one in a VM,
+/// on another machine): by the pid it returned from `create`, `start` or `exec`. The task
+/// service then applies it exactly as a reaped exit: `Wait` answers, `TaskExit` follows,
+/// an init's exit after its execs'. A backend finds it in [`crate::ShimContext::exits`].
+///
+/// ```
+/// # fn guest_said_exited(_: &shim_common::ShimContext) -> (u32, u32) { (7, 0) }
+/// # fn f(ctx: &shim_common::ShimContext) {
+/// let (pid, status) = guest_said_exited(ctx);
+/// ctx.exits.report(pid, status);
+/// # }
+/// ```
+///
+/// The default sink belongs to no service: what it is told is dropped (a `cleanup` context).
+#[derive(Debug, Clone, Default)]
+pub struct ExitSink {
+    tx: Option<Sender<Exit>>,
+}
+
+impl ExitSink {
+    /// Reports that process `pid` exited now with `status` (exit code, or 128 + signal).
+    pub fn report(&self, pid: u32, status: u32) {
+        self.report_exit(Exit {
+            pid: pid as i32,
+            status,
+            at: SystemTime::now(),
+        });
+    }
+
+    /// Reports `exit`, with the time it happened (a guest's clock, say).
+    pub fn report_exit(&self, exit: Exit) {
+        match &self.tx {
+            Some(tx) if tx.send(exit).is_ok() => {}
+            _ => log::debug!("exit of pid {} reported to no task service", exit.pid),
         }
     }
 }
@@ -152,11 +287,14 @@ pub fn spawn(cmd: &mut Command) -> std::io::Result<Child> {
 pub struct Output {
     /// Exit code, or 128 + signal.
     pub status: u32,
+    /// What it wrote to stdout, if piped.
     pub stdout: Vec<u8>,
+    /// What it wrote to stderr, if piped.
     pub stderr: Vec<u8>,
 }
 
 impl Output {
+    /// Exit status 0.
     pub fn success(&self) -> bool {
         self.status == 0
     }

@@ -1,24 +1,136 @@
-//! The daemon: serve the task API on the listener `start` handed over until shut down.
+//! The daemon: serve the task API on the listener `start` handed over until shut down; and
+//! [`serve_on`], the same service on any connected byte stream (a VM's guest agent).
 
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
-use std::sync::{mpsc, Mutex};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::backend::{Backend, ShimContext};
 use crate::error::{Context, Error, Result};
-use crate::events::RemotePublisher;
+use crate::events::{Publisher, RemotePublisher};
 use crate::flags::Flags;
+use crate::reaper::{self, Exits, Reaper};
+use crate::rpc;
 use crate::service::TaskService;
-use crate::{logger, reaper, signals, socket};
+use crate::{logger, signals, socket};
 
 /// The fd on which the daemon finds its listening socket.
 pub const LISTENER_FD: i32 = 3;
 
-/// Why the daemon stops.
-const SIGNAL: &str = "signal";
-const SHUTDOWN_REQUEST: &str = "shutdown request";
+/// How long answers in flight get to reach the caller once serving stops.
+const ANSWER_GRACE: Duration = Duration::from_secs(2);
+
+/// Why serving stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Why {
+    Signal,
+    ShutdownRequest,
+    /// The peer of [`serve_on`]'s stream closed it.
+    Closed,
+}
+
+/// What `serve` and [`serve_on`] share: the backend built for `ctx` with an exit sink into
+/// the service's exits, and the service's ttrpc server (with `extra` methods beside it).
+/// `before_shutdown` runs when `Shutdown` is accepted, before `Why::ShutdownRequest` is
+/// sent on `stop`.
+fn server<B: Backend>(
+    mut ctx: ShimContext,
+    publisher: Arc<dyn Publisher>,
+    reaper: Option<&'static Reaper>,
+    extra: rpc::Methods,
+    before_shutdown: impl Fn() + Send + Sync + 'static,
+    stop: Sender<Why>,
+) -> Result<rpc::Server> {
+    let exits = match reaper {
+        Some(reaper) if B::HOST_PROCESSES => Exits::reaped(reaper),
+        _ => Exits::reported(),
+    };
+    ctx.exits = exits.sink();
+    let backend = B::new(&ctx)?;
+    let stop = Mutex::new(stop);
+    let service = TaskService::new(
+        ctx.namespace.clone(),
+        backend,
+        publisher,
+        Box::new(move || {
+            before_shutdown();
+            let _ = stop.lock().map(|tx| tx.send(Why::ShutdownRequest));
+        }),
+        exits,
+    )?;
+    let mut methods = service.methods();
+    methods.extend(extra);
+    Ok(rpc::Server::new(methods))
+}
+
+/// Serves the task service of backend `B` on `stream`, an already-connected byte stream (a
+/// VM's virtio-serial port, one end of a socketpair), until the peer closes it or a
+/// `Shutdown` is accepted. Events go to `publisher` (for a guest agent: back over its own
+/// channel to the host); exits come from `reaper` when given (and the backend's processes
+/// are host processes, [`Backend::HOST_PROCESSES`]) — which the caller installed
+/// ([`reaper::install`]) and whose `SIGCHLD` it delivers ([`crate::signals::spawn`]) — and
+/// from the backend through [`ShimContext::exits`], which this sets. `methods` are served
+/// beside the task service: a guest agent's [`crate::peer_events::PeerEvents::methods`],
+/// through which the host fetches the events on this same stream.
+///
+/// Nothing process-wide is touched here: no signals, no logger, no socket names. After a
+/// `Shutdown`, calls in flight are answered (up to 2 s) and a socket `stream` is shut down;
+/// the caller is expected to exit.
+///
+/// ```no_run
+/// # fn f<B: shim_common::Backend>(fd: std::os::fd::OwnedFd) -> shim_common::Result<()> {
+/// use shim_common::{peer_events::PeerEvents, reaper, serve_on, signals, ShimContext};
+/// // A guest agent, PID 1: reap every orphan, and serve the host on the port it opened.
+/// signals::block()?;
+/// let reaper = reaper::install()?;
+/// signals::spawn(|| {})?;
+/// let ctx = ShimContext {
+///     namespace: "default".into(),
+///     id: "pod".into(),
+///     bundle: "/run/agent".into(),
+///     debug: false,
+///     address: String::new(),
+///     exits: Default::default(),
+/// };
+/// let events = PeerEvents::new(&ctx.namespace);
+/// serve_on::<B>(ctx, fd, events.clone(), Some(reaper), events.methods())
+/// # }
+/// ```
+pub fn serve_on<B: Backend>(
+    ctx: ShimContext,
+    stream: OwnedFd,
+    publisher: Arc<dyn Publisher>,
+    reaper: Option<&'static Reaper>,
+    methods: rpc::Methods,
+) -> Result<()> {
+    let (tx, rx) = mpsc::channel();
+    let server = server::<B>(ctx, publisher, reaper, methods, || {}, tx.clone())?;
+    let idle = server.idle();
+    // To end a socket's connection after a Shutdown; the server owns `stream` itself.
+    let raw = stream.as_raw_fd();
+    let peer = stream.try_clone().context("duplicate served stream")?;
+    std::thread::Builder::new()
+        .name("ttrpc".into())
+        .spawn(move || {
+            server.run(None, vec![stream]);
+            let _ = tx.send(Why::Closed);
+        })
+        .context("spawn ttrpc server")?;
+    let why = rx.recv().unwrap_or(Why::Closed);
+    log::info!("stopped serving fd {raw} ({why:?})");
+    if why == Why::ShutdownRequest {
+        if !idle.wait(ANSWER_GRACE) {
+            log::warn!("stopping with requests still being handled");
+        }
+        // Not a socket (a character device): it closes when the process exits.
+        // SAFETY: shutdown(2) on an fd this function owns.
+        unsafe { libc::shutdown(peer.as_raw_fd(), libc::SHUT_RDWR) };
+    }
+    Ok(())
+}
 
 /// Serves until `Shutdown` (with no task left), `SIGTERM` or `SIGINT`, then exits.
 pub fn serve<B: Backend>(flags: &Flags) -> Result<()> {
@@ -27,47 +139,49 @@ pub fn serve<B: Backend>(flags: &Flags) -> Result<()> {
     logger::redirect_stderr_to_fifo(Path::new(&flags.bundle));
     logger::init(flags.debug);
     check_listener()?;
-    reaper::install()?;
+    let reaper = reaper::install()?;
 
-    let (tx, rx) = mpsc::channel::<&'static str>();
+    let (tx, rx) = mpsc::channel::<Why>();
     let on_signal = Mutex::new(tx.clone());
     signals::spawn(move || {
-        let _ = on_signal.lock().map(|tx| tx.send(SIGNAL));
+        let _ = on_signal.lock().map(|tx| tx.send(Why::Signal));
     })?;
     let publisher = RemotePublisher::new(&flags.ttrpc_address, &flags.namespace)?;
-    let backend = B::new(&context(flags))?;
-    let on_shutdown = Mutex::new(tx);
     let address = flags.socket.clone();
-    let service = TaskService::new(
-        flags.namespace.clone(),
-        backend,
+    // Runs while the service refuses new containers: once the name is gone, the next
+    // `start` of this group binds it afresh instead of finding a shim about to exit.
+    let before_shutdown = move || remove_socket(&address);
+    let server = server::<B>(
+        context(flags),
         publisher.clone(),
-        // Runs while the service refuses new containers: once the name is gone, the next
-        // `start` of this group binds it afresh instead of finding a shim about to exit.
-        Box::new(move || {
-            remove_socket(&address);
-            let _ = on_shutdown.lock().map(|tx| tx.send(SHUTDOWN_REQUEST));
-        }),
+        Some(reaper),
+        rpc::Methods::new(),
+        before_shutdown,
+        tx,
     )?;
     // SAFETY: fd 3 is the listening socket `start` handed over (checked above); nothing
     // else owns it.
     let listener = unsafe { UnixListener::from_raw_fd(LISTENER_FD) };
-    let idle = service.into_server().spawn(Some(listener), Vec::new())?;
+    let idle = server.spawn(Some(listener), Vec::new())?;
     log::info!("serving {} for namespace {}", flags.socket, flags.namespace);
 
-    let why = rx.recv().unwrap_or(SIGNAL);
-    log::info!("shutting down ({why})");
+    let why = wait(&rx);
+    log::info!("shutting down ({why:?})");
     // After a shutdown request the name may already be another shim's.
-    if why != SHUTDOWN_REQUEST {
+    if why != Why::ShutdownRequest {
         remove_socket(&flags.socket);
     }
     // The Shutdown's own answer, and any call that raced it (a Delete), must reach
     // containerd before the connection closes with the process.
-    if !idle.wait(Duration::from_secs(2)) {
+    if !idle.wait(ANSWER_GRACE) {
         log::warn!("exiting with requests still being handled");
     }
     publisher.close(Duration::from_secs(2));
     std::process::exit(0)
+}
+
+fn wait(rx: &Receiver<Why>) -> Why {
+    rx.recv().unwrap_or(Why::Signal)
 }
 
 fn remove_socket(address: &str) {
@@ -100,6 +214,7 @@ pub(crate) fn context(flags: &Flags) -> ShimContext {
         } else {
             flags.address.clone()
         },
+        exits: Default::default(),
     }
 }
 
@@ -122,4 +237,191 @@ fn check_listener() -> Result<()> {
     )
     .context("set close-on-exec on listener")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{CreateRequest, Created, ExecRequest, Signal, Target};
+    use crate::rpc::Client;
+    use protobuf::Message;
+    use protocol::shim::*;
+    use std::os::unix::net::UnixStream;
+
+    /// A backend whose one process is pretend: it lives nowhere the host reaper could see,
+    /// so a signal "ends" it by reporting its exit.
+    struct Remote(crate::reaper::ExitSink);
+
+    impl Backend for Remote {
+        type Container = ();
+        type Options = ();
+        const MOUNTS_ROOTFS: bool = false;
+        const HOST_PROCESSES: bool = false;
+        const HOST_STDIO: bool = false;
+        fn new(ctx: &ShimContext) -> Result<Self> {
+            Ok(Remote(ctx.exits.clone()))
+        }
+        fn host_cgroups(&self) -> bool {
+            false
+        }
+        fn create(&self, _: CreateRequest<'_, ()>) -> Result<Created<()>> {
+            Ok(Created {
+                container: (),
+                pid: Some(7),
+            })
+        }
+        fn start(&self, _: &()) -> Result<u32> {
+            Ok(7)
+        }
+        fn exec(&self, _: &(), _: ExecRequest<'_>) -> Result<u32> {
+            Ok(8)
+        }
+        fn kill(&self, _: &(), t: Target<'_>, sig: Signal, _: bool) -> Result<()> {
+            self.0.report(t.pid(), 128 + sig.number() as u32);
+            Ok(())
+        }
+        fn delete(&self, _: &()) -> Result<()> {
+            Ok(())
+        }
+        fn pids(&self, _: &()) -> Result<Vec<u32>> {
+            Ok(vec![7])
+        }
+        fn cleanup(_: &ShimContext, _: &str, _: &Path, _: &()) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    fn ctx() -> ShimContext {
+        ShimContext {
+            namespace: "ns".into(),
+            id: "c1".into(),
+            bundle: String::new(),
+            debug: false,
+            address: String::new(),
+            exits: Default::default(),
+        }
+    }
+
+    fn call<Req: Message, Res: Message>(c: &Client, method: &str, req: &Req) -> Result<Res> {
+        let bytes = c.call(
+            protocol::TASK_SERVICE_V2,
+            method,
+            req,
+            Duration::from_secs(10),
+        )?;
+        Res::parse_from_bytes(&bytes).map_err(|e| Error::Runtime(e.to_string()))
+    }
+
+    /// Serves on one end of a socketpair on a thread; the client gets the other end.
+    fn serving() -> (Client, std::thread::JoinHandle<Result<()>>) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let served = std::thread::spawn(move || {
+            let events = crate::peer_events::PeerEvents::new("ns");
+            let methods = events.methods();
+            serve_on::<Remote>(ctx(), OwnedFd::from(theirs), events, None, methods)
+        });
+        (Client::new(ours.into()).unwrap(), served)
+    }
+
+    #[test]
+    fn serve_on_a_stream_answers_task_calls_and_returns_on_shutdown() {
+        let bundle = tempfile::tempdir().unwrap();
+        let (client, served) = serving();
+        let connect: ConnectResponse = call(&client, "Connect", &ConnectRequest::new()).unwrap();
+        assert_eq!(connect.shim_pid, std::process::id());
+        let create = CreateTaskRequest {
+            id: "c1".into(),
+            bundle: bundle.path().to_str().unwrap().into(),
+            ..Default::default()
+        };
+        let created: CreateTaskResponse = call(&client, "Create", &create).unwrap();
+        assert_eq!(created.pid, 7);
+        let state: StateResponse = call(
+            &client,
+            "State",
+            &StateRequest {
+                id: "c1".into(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            state.status.enum_value(),
+            Ok(protocol::task::Status::CREATED)
+        );
+        // A container is there: Shutdown declines, and serving goes on.
+        let _: protobuf::well_known_types::empty::Empty =
+            call(&client, "Shutdown", &ShutdownRequest::new()).unwrap();
+        assert!(!served.is_finished());
+        let delete = DeleteRequest {
+            id: "c1".into(),
+            ..Default::default()
+        };
+        let _: DeleteResponse = call(&client, "Delete", &delete).unwrap();
+        let _: protobuf::well_known_types::empty::Empty =
+            call(&client, "Shutdown", &ShutdownRequest::new()).unwrap();
+        served.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn serve_on_returns_when_the_peer_closes() {
+        let (client, served) = serving();
+        let _: ConnectResponse = call(&client, "Connect", &ConnectRequest::new()).unwrap();
+        drop(client);
+        served.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn serve_on_answers_wait_with_the_exit_the_backend_reported() {
+        let bundle = tempfile::tempdir().unwrap();
+        let (client, served) = serving();
+        let id = || "c1".to_string();
+        let create = CreateTaskRequest {
+            id: id(),
+            bundle: bundle.path().to_str().unwrap().into(),
+            stdout: "/nonexistent/fifo".into(),
+            ..Default::default()
+        };
+        let _: CreateTaskResponse = call(&client, "Create", &create).unwrap();
+        let start = StartRequest {
+            id: id(),
+            ..Default::default()
+        };
+        let _: StartResponse = call(&client, "Start", &start).unwrap();
+        let kill = KillRequest {
+            id: id(),
+            signal: 9,
+            ..Default::default()
+        };
+        let _: protobuf::well_known_types::empty::Empty = call(&client, "Kill", &kill).unwrap();
+        let wait = WaitRequest {
+            id: id(),
+            ..Default::default()
+        };
+        let waited: WaitResponse = call(&client, "Wait", &wait).unwrap();
+        assert_eq!(waited.exit_status, 137);
+        // The events, fetched over the same stream, in order.
+        let mut topics = Vec::new();
+        while topics.last().map(String::as_str) != Some(protocol::topics::TASK_EXIT) {
+            let next = client.call(
+                crate::peer_events::EVENTS_SERVICE,
+                "Next",
+                &protobuf::well_known_types::empty::Empty::new(),
+                Duration::from_secs(10),
+            );
+            let envelope = protocol::events::Envelope::parse_from_bytes(&next.unwrap()).unwrap();
+            assert_eq!(envelope.namespace, "ns");
+            topics.push(envelope.topic);
+        }
+        assert_eq!(
+            topics,
+            [
+                protocol::topics::TASK_CREATE,
+                protocol::topics::TASK_START,
+                protocol::topics::TASK_EXIT
+            ]
+        );
+        drop(client);
+        served.join().unwrap().unwrap();
+    }
 }

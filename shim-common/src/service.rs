@@ -33,9 +33,9 @@ use crate::events::{publish, timestamp, Publisher};
 use crate::mount::{unmount_all, BundleRootfs};
 use crate::options::{self, RuntimeOptions};
 use crate::os::OomWatcher;
-use crate::reaper::{self, Exit};
+use crate::reaper::{Exit, Exits};
 use crate::rpc;
-use crate::stdio::{ChildStdio, Drain, IoContext, IoOwner, ProcessIo, StdioPaths};
+use crate::stdio::{CarriedStdio, ChildStdio, Drain, IoContext, IoOwner, ProcessIo, StdioPaths};
 
 /// Called when `Shutdown` finds no task left and nothing on its way: the daemon stops
 /// serving and exits. It runs while new containers are refused, so it can take the daemon's
@@ -91,6 +91,8 @@ impl Proc {
 enum Io {
     Pipes(ProcessIo),
     Console(Console),
+    /// The backend's ([`Backend::HOST_STDIO`] `= false`).
+    Carried(Drain),
 }
 
 impl Io {
@@ -98,6 +100,7 @@ impl Io {
         match self {
             Io::Pipes(io) => io.drain(),
             Io::Console(console) => console.drain(),
+            Io::Carried(drain) => drain,
         }
     }
 }
@@ -107,14 +110,21 @@ impl Io {
 enum PendingIo {
     Pipes(ProcessIo),
     Console(ConsoleSocket),
+    Carried(CarriedStdio),
 }
 
 impl PendingIo {
+    /// `host`: [`Backend::HOST_STDIO`]; otherwise nothing is opened here.
     fn open(
+        host: bool,
         paths: &StdioPaths,
         owner: IoOwner,
         ctx: IoContext<'_>,
     ) -> Result<(PendingIo, ChildStdio)> {
+        if !host {
+            let carried = CarriedStdio::new(paths.clone());
+            return Ok((PendingIo::Carried(carried), ChildStdio::default()));
+        }
         if paths.terminal {
             return Ok((
                 PendingIo::Console(ConsoleSocket::new()?),
@@ -128,7 +138,15 @@ impl PendingIo {
     fn console_socket(&self) -> Option<&std::path::Path> {
         match self {
             PendingIo::Console(s) => Some(s.path()),
-            PendingIo::Pipes(_) => None,
+            PendingIo::Pipes(_) | PendingIo::Carried(_) => None,
+        }
+    }
+
+    /// The backend's share of stdio it carries itself.
+    fn carried(&self) -> Option<CarriedStdio> {
+        match self {
+            PendingIo::Carried(c) => Some(c.clone()),
+            _ => None,
         }
     }
 
@@ -136,6 +154,7 @@ impl PendingIo {
     fn finish(self, paths: &StdioPaths) -> Result<Io> {
         match self {
             PendingIo::Pipes(io) => Ok(Io::Pipes(io)),
+            PendingIo::Carried(c) => Ok(Io::Carried(c.drain().clone())),
             PendingIo::Console(sock) => {
                 let master = sock.receive_master(std::time::Duration::from_secs(10))?;
                 Ok(Io::Console(Console::start(master, paths)?))
@@ -326,14 +345,25 @@ impl<B: Backend> Drop for Starting<'_, B> {
 }
 
 impl<B: Backend> TaskService<B> {
-    /// Builds the service and, when a reaper is installed, the thread that turns reaped
-    /// exits into task exits.
+    /// Builds the service and the thread that turns `exits` (reaped, or reported by the
+    /// backend through the [`Exits::sink`] it was given) into task exits. The thread ends
+    /// once nothing can report an exit any more (the backend and its sinks are gone).
+    ///
+    /// ```no_run
+    /// # fn f<B: shim_common::Backend>(backend: B, publisher: std::sync::Arc<dyn shim_common::events::Publisher>) -> shim_common::Result<()> {
+    /// use shim_common::{reaper::{self, Exits}, TaskService};
+    /// let exits = Exits::reaped(reaper::install()?);
+    /// let service = TaskService::new("default", backend, publisher, Box::new(|| {}), exits)?;
+    /// # Ok(()) }
+    /// ```
     pub fn new(
         namespace: impl Into<String>,
         backend: B,
         publisher: Arc<dyn Publisher>,
         on_shutdown: ShutdownHook,
+        mut exits: Exits,
     ) -> Result<Self> {
+        exits.seal();
         let inner = Arc::new_cyclic(|me| Inner {
             me: me.clone(),
             namespace: namespace.into(),
@@ -344,29 +374,26 @@ impl<B: Backend> TaskService<B> {
             on_shutdown,
             oom: OnceLock::new(),
         });
-        if let Some(sub) = reaper::subscribe() {
-            let weak = Arc::downgrade(&inner);
-            std::thread::Builder::new()
-                .name("exits".into())
-                .stack_size(256 * 1024)
-                .spawn(move || {
-                    while let Some(exit) = sub.recv() {
-                        let Some(inner) = weak.upgrade() else { return };
-                        // A bug applying one exit must not stop every later one.
-                        let applied =
-                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                                inner.on_exit(exit)
-                            }));
-                        if applied.is_err() {
-                            log::error!("applying the exit of pid {} panicked", exit.pid);
-                        }
+        let weak = Arc::downgrade(&inner);
+        std::thread::Builder::new()
+            .name("exits".into())
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                while let Some(exit) = exits.recv() {
+                    let Some(inner) = weak.upgrade() else { return };
+                    // A bug applying one exit must not stop every later one.
+                    let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        inner.on_exit(exit)
+                    }));
+                    if applied.is_err() {
+                        log::error!("applying the exit of pid {} panicked", exit.pid);
                     }
-                })
-                .map_err(|e| Error::Io {
-                    context: "spawn exit thread".into(),
-                    source: e,
-                })?;
-        }
+                }
+            })
+            .map_err(|e| Error::Io {
+                context: "spawn exit thread".into(),
+                source: e,
+            })?;
         Ok(TaskService { inner })
     }
 
@@ -694,7 +721,7 @@ impl<B: Backend> Inner<B> {
             id: &req.id,
             namespace: &self.namespace,
         };
-        let (pending, stdio) = PendingIo::open(&paths, owner, ctx)?;
+        let (pending, stdio) = PendingIo::open(B::HOST_STDIO, &paths, owner, ctx)?;
         let rootfs = match B::MOUNTS_ROOTFS {
             true => Some(BundleRootfs::mount(&bundle, &req.rootfs)?),
             false => None,
@@ -709,6 +736,7 @@ impl<B: Backend> Inner<B> {
             terminal: req.terminal,
             console_socket: pending.console_socket(),
             stdio,
+            carried: pending.carried(),
         })?;
         let runtime = Arc::new(created.container);
         let io = match pending.finish(&paths) {
@@ -848,24 +876,26 @@ impl<B: Backend> Inner<B> {
             id: &req.id,
             namespace: &self.namespace,
         };
-        let launched = PendingIo::open(&paths, owner, ctx).and_then(|(pending, stdio)| {
-            let starting = self.starting();
-            let exec = ExecRequest {
-                exec_id: &req.exec_id,
-                spec: &spec,
-                terminal: paths.terminal,
-                console_socket: pending.console_socket(),
-                stdio,
-            };
-            let pid = self.backend.exec(&runtime, exec)?;
-            match pending.finish(&paths) {
-                Ok(io) => Ok((io, pid, starting)),
-                Err(e) => {
-                    self.kill_exec(&runtime, &req.exec_id, pid);
-                    Err(e)
+        let launched =
+            PendingIo::open(B::HOST_STDIO, &paths, owner, ctx).and_then(|(pending, stdio)| {
+                let starting = self.starting();
+                let exec = ExecRequest {
+                    exec_id: &req.exec_id,
+                    spec: &spec,
+                    terminal: paths.terminal,
+                    console_socket: pending.console_socket(),
+                    stdio,
+                    carried: pending.carried(),
+                };
+                let pid = self.backend.exec(&runtime, exec)?;
+                match pending.finish(&paths) {
+                    Ok(io) => Ok((io, pid, starting)),
+                    Err(e) => {
+                        self.kill_exec(&runtime, &req.exec_id, pid);
+                        Err(e)
+                    }
                 }
-            }
-        });
+            });
         let mut c = lock(&cell.state);
         if let Ok(p) = c.process_mut(&req.exec_id) {
             p.starting = false;
@@ -1191,6 +1221,11 @@ impl<B: Backend> Inner<B> {
             match &p.io {
                 Some(Io::Pipes(io)) => io.close_stdin(),
                 Some(Io::Console(console)) => console.close_stdin(),
+                Some(Io::Carried(_)) => {
+                    let runtime = c.runtime.clone();
+                    drop(c); // the backend may have to ask its guest
+                    return self.backend.close_io(&runtime, &req.exec_id);
+                }
                 None => {}
             }
         }
@@ -1452,8 +1487,14 @@ mod tests {
 
     fn service() -> (TaskService<Minimal>, Arc<Events>) {
         let events = Arc::new(Events(Mutex::new(Vec::new())));
-        let svc =
-            TaskService::new("ns", Minimal::default(), events.clone(), Box::new(|| {})).unwrap();
+        let svc = TaskService::new(
+            "ns",
+            Minimal::default(),
+            events.clone(),
+            Box::new(|| {}),
+            Exits::reported(),
+        )
+        .unwrap();
         let create = CreateTaskRequest {
             id: "c1".into(),
             bundle: bundle(),
@@ -1479,6 +1520,7 @@ mod tests {
             Box::new(move || {
                 hook.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }),
+            Exits::reported(),
         )
         .unwrap();
         let i = &svc.inner;
@@ -1713,8 +1755,14 @@ mod tests {
         let log = dir.path().join("c.log");
         let uri = format!("file://{}", log.display());
         let events = Arc::new(Events(Mutex::new(Vec::new())));
-        let svc =
-            TaskService::new("ns", Minimal::default(), events.clone(), Box::new(|| {})).unwrap();
+        let svc = TaskService::new(
+            "ns",
+            Minimal::default(),
+            events.clone(),
+            Box::new(|| {}),
+            Exits::reported(),
+        )
+        .unwrap();
         svc.inner
             .create(CreateTaskRequest {
                 id: "c1".into(),
@@ -1774,5 +1822,259 @@ mod tests {
             })
             .unwrap();
         assert_eq!(code(rx.try_recv().unwrap()), ttrpc::Code::NOT_FOUND);
+    }
+
+    /// A backend whose processes are not host children (a VM's guest): it reports their
+    /// exits itself. The exec started with `e-quick` exits before `exec` returns.
+    struct Guest {
+        exits: crate::reaper::ExitSink,
+    }
+
+    impl Backend for Guest {
+        type Container = ();
+        type Options = ();
+        const MOUNTS_ROOTFS: bool = false;
+        const HOST_PROCESSES: bool = false;
+        fn new(ctx: &ShimContext) -> Result<Self> {
+            Ok(Guest {
+                exits: ctx.exits.clone(),
+            })
+        }
+        fn host_cgroups(&self) -> bool {
+            false
+        }
+        fn create(&self, _: CreateRequest<'_, ()>) -> Result<crate::Created<()>> {
+            Ok(crate::Created {
+                container: (),
+                pid: Some(10),
+            })
+        }
+        fn start(&self, _: &()) -> Result<u32> {
+            Ok(10)
+        }
+        fn exec(&self, _: &(), req: ExecRequest<'_>) -> Result<u32> {
+            if req.exec_id == "e-quick" {
+                self.exits.report(12, 5);
+                return Ok(12);
+            }
+            Ok(11)
+        }
+        fn kill(&self, _: &(), _: Target<'_>, _: Signal, _: bool) -> Result<()> {
+            Ok(())
+        }
+        fn delete(&self, _: &()) -> Result<()> {
+            Ok(())
+        }
+        fn pids(&self, _: &()) -> Result<Vec<u32>> {
+            Ok(vec![10])
+        }
+        fn cleanup(_: &ShimContext, _: &str, _: &Path, _: &()) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Topics, with the process id of each `TaskExit`.
+    struct Exited(Mutex<Vec<String>>);
+
+    impl Publisher for Exited {
+        fn publish(&self, topic: &str, event: protobuf::well_known_types::any::Any) {
+            let entry = match topic {
+                topics::TASK_EXIT => {
+                    let exit = TaskExit::parse_from_bytes(&event.value).unwrap();
+                    format!("{topic} {}", exit.id)
+                }
+                _ => topic.to_string(),
+            };
+            lock(&self.0).push(entry);
+        }
+    }
+
+    #[test]
+    fn exits_a_backend_reports_are_applied_like_reaped_ones() {
+        let exits = Exits::reported();
+        let ctx = ShimContext {
+            namespace: "ns".into(),
+            id: "c1".into(),
+            bundle: bundle(),
+            debug: false,
+            address: String::new(),
+            exits: exits.sink(),
+        };
+        let sink = ctx.exits.clone();
+        let events = Arc::new(Exited(Mutex::new(Vec::new())));
+        let backend = Guest::new(&ctx).unwrap();
+        let svc = TaskService::new("ns", backend, events.clone(), Box::new(|| {}), exits).unwrap();
+        let i = &svc.inner;
+        i.create(CreateTaskRequest {
+            id: "c1".into(),
+            bundle: bundle(),
+            ..Default::default()
+        })
+        .unwrap();
+        let start = |exec_id: &str| {
+            i.start(StartRequest {
+                id: "c1".into(),
+                exec_id: exec_id.into(),
+                ..Default::default()
+            })
+        };
+        start("").unwrap();
+        let spec = protobuf::well_known_types::any::Any {
+            value: br#"{"args":["sh"],"cwd":"/"}"#.to_vec(),
+            ..Default::default()
+        };
+        for exec_id in ["e1", "e-quick"] {
+            i.exec(ExecProcessRequest {
+                id: "c1".into(),
+                exec_id: exec_id.into(),
+                spec: MessageField::some(spec.clone()),
+                ..Default::default()
+            })
+            .unwrap();
+            start(exec_id).unwrap();
+        }
+        let wait = |exec_id: &str| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let req = WaitRequest {
+                id: "c1".into(),
+                exec_id: exec_id.into(),
+                ..Default::default()
+            };
+            i.wait_later(req, Box::new(move |r| tx.send(r).unwrap()));
+            rx
+        };
+        let long = std::time::Duration::from_secs(10);
+        // Exited before `exec` returned its pid: kept, and applied after its start.
+        let quick = wait("e-quick").recv_timeout(long).unwrap().unwrap();
+        assert_eq!(quick.exit_status, 5);
+        // The init goes first, yet its exit waits for its exec's.
+        let init = wait("");
+        sink.report(10, 9);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(init.try_recv().is_err(), "init's exit before its exec's");
+        sink.report(11, 0);
+        assert_eq!(init.recv_timeout(long).unwrap().unwrap().exit_status, 9);
+        assert_eq!(
+            wait("e1").recv_timeout(long).unwrap().unwrap().exit_status,
+            0
+        );
+        let exit = |id: &str| format!("{} {id}", topics::TASK_EXIT);
+        let seen = lock(&events.0).clone();
+        let at = |entry: &str| seen.iter().position(|e| e == entry).unwrap();
+        assert!(at(topics::TASK_START) < at(&exit("e-quick")));
+        assert!(at(&exit("e1")) < at(&exit("c1")), "{seen:?}");
+        assert_eq!(seen.last(), Some(&exit("c1")));
+    }
+
+    /// A backend that carries its processes' stdio itself: keeps what it was given.
+    #[derive(Default)]
+    struct Carrier {
+        given: Mutex<Vec<(bool, bool, CarriedStdio)>>,
+        closed: Mutex<Vec<String>>,
+    }
+
+    impl Backend for Carrier {
+        type Container = ();
+        type Options = ();
+        const MOUNTS_ROOTFS: bool = false;
+        const HOST_STDIO: bool = false;
+        fn new(_: &ShimContext) -> Result<Self> {
+            Ok(Carrier::default())
+        }
+        fn host_cgroups(&self) -> bool {
+            false
+        }
+        fn create(&self, req: CreateRequest<'_, ()>) -> Result<crate::Created<()>> {
+            let host_fds = req.stdio.stdin.is_some() || req.stdio.stdout.is_some();
+            let carried = req.carried.unwrap();
+            lock(&self.given).push((host_fds, req.console_socket.is_some(), carried));
+            Ok(crate::Created {
+                container: (),
+                pid: Some(20),
+            })
+        }
+        fn start(&self, _: &()) -> Result<u32> {
+            Ok(20)
+        }
+        fn exec(&self, _: &(), _: ExecRequest<'_>) -> Result<u32> {
+            Ok(21)
+        }
+        fn kill(&self, _: &(), _: Target<'_>, _: Signal, _: bool) -> Result<()> {
+            Ok(())
+        }
+        fn delete(&self, _: &()) -> Result<()> {
+            Ok(())
+        }
+        fn pids(&self, _: &()) -> Result<Vec<u32>> {
+            Ok(vec![20])
+        }
+        fn close_io(&self, _: &(), exec_id: &str) -> Result<()> {
+            lock(&self.closed).push(exec_id.to_string());
+            Ok(())
+        }
+        fn cleanup(_: &ShimContext, _: &str, _: &Path, _: &()) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Nothing is opened on the host (the fifos do not even exist, and a terminal gets no
+    /// console socket); the backend gets the paths, and the exit waits for its copy.
+    #[test]
+    fn a_backend_carrying_stdio_gets_the_paths_and_the_exit_waits_for_its_copy() {
+        let events = Arc::new(Events(Mutex::new(Vec::new())));
+        let svc = TaskService::new(
+            "ns",
+            Carrier::default(),
+            events,
+            Box::new(|| {}),
+            Exits::reported(),
+        )
+        .unwrap();
+        let i = &svc.inner;
+        i.create(CreateTaskRequest {
+            id: "c1".into(),
+            bundle: bundle(),
+            stdin: "/nonexistent/stdin".into(),
+            stdout: "/nonexistent/stdout".into(),
+            terminal: true,
+            ..Default::default()
+        })
+        .unwrap();
+        let (host_fds, console_socket, carried) = lock(&i.backend.given).pop().unwrap();
+        assert!(!host_fds && !console_socket);
+        assert_eq!(carried.paths.stdout, "/nonexistent/stdout");
+        assert!(carried.paths.terminal);
+        i.start(StartRequest {
+            id: "c1".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        i.close_io(CloseIORequest {
+            id: "c1".into(),
+            stdin: true,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(*lock(&i.backend.closed), [""]);
+        let stdout = carried.copying();
+        i.on_exit(Exit {
+            pid: 20,
+            status: 1,
+            at: std::time::SystemTime::now(),
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        let req = WaitRequest {
+            id: "c1".into(),
+            ..Default::default()
+        };
+        i.wait_later(req, Box::new(move |r| tx.send(r).unwrap()));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(
+            rx.try_recv().is_err(),
+            "answered before the output was delivered"
+        );
+        drop(stdout);
+        let waited = rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+        assert_eq!(waited.unwrap().exit_status, 1);
     }
 }

@@ -135,6 +135,12 @@ impl Server {
         }
     }
 
+    /// Tells when this server has answered every request it took; for a caller that runs
+    /// [`Server::run`] on a thread of its own.
+    pub fn idle(&self) -> Idle {
+        Idle(self.pool.clone())
+    }
+
     /// Serves on a new thread until the process exits: connections accepted on `listener`,
     /// plus `streams` already connected (a guest agent's port, a socketpair).
     pub fn spawn(self, listener: Option<UnixListener>, streams: Vec<OwnedFd>) -> Result<Idle> {

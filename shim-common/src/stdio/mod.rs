@@ -51,16 +51,22 @@ use crate::error::{Context, Error, Result};
 /// log URIs (`file://`, `binary://`, `binary-v2://`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StdioPaths {
+    /// Fifo for the process's stdin; empty: none.
     pub stdin: String,
+    /// Fifo or log URI for stdout; empty: `/dev/null`.
     pub stdout: String,
+    /// Fifo or log URI for stderr; empty: `/dev/null` (unused with a terminal).
     pub stderr: String,
+    /// The process gets a console; its output arrives on stdout.
     pub terminal: bool,
 }
 
 /// Ownership of the pipes the process writes to, for `io_uid`/`io_gid` (user namespaces).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct IoOwner {
+    /// Owner of the pipes; `None` keeps the shim's.
     pub uid: Option<u32>,
+    /// Group of the pipes; `None` keeps the shim's.
     pub gid: Option<u32>,
 }
 
@@ -68,7 +74,9 @@ pub struct IoOwner {
 /// `CONTAINER_NAMESPACE`, which is how it knows where to file the lines it reads.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct IoContext<'a> {
+    /// The container's id.
     pub id: &'a str,
+    /// Its containerd namespace.
     pub namespace: &'a str,
 }
 
@@ -76,8 +84,11 @@ pub struct IoContext<'a> {
 /// `None` means `/dev/null`.
 #[derive(Debug, Default)]
 pub struct ChildStdio {
+    /// fd 0.
     pub stdin: Option<OwnedFd>,
+    /// fd 1.
     pub stdout: Option<OwnedFd>,
+    /// fd 2.
     pub stderr: Option<OwnedFd>,
 }
 
@@ -152,6 +163,54 @@ impl ProcessIo {
     }
 
     /// The copies of the process's output, to wait for once it has exited.
+    pub fn drain(&self) -> &Drain {
+        &self.drain
+    }
+}
+
+/// A process's stdio that the backend carries itself ([`crate::Backend::HOST_STDIO`]
+/// `= false`): a VM backend forwards containerd's fifos into its guest, where the process
+/// is. The SDK opens nothing on the host then; it keeps the accounting: the process's exit
+/// is published, and `Wait` answered, once every [`CarriedStdio::copying`] taken has caught
+/// up (bounded by [`crate::service::OUTPUT_GRACE`]), and `CloseIO` reaches the backend's
+/// [`crate::Backend::close_io`].
+///
+/// ```
+/// use shim_common::stdio::{CarriedStdio, StdioPaths};
+/// let stdio = CarriedStdio::new(StdioPaths {
+///     stdout: "/run/containerd/fifo/c1-stdout".into(),
+///     ..Default::default()
+/// });
+/// let stdout = stdio.copying();
+/// std::thread::spawn(move || {
+///     // ... forward the guest's stdout into `stdio.paths.stdout` until its end ...
+///     drop(stdout); // everything the process wrote is delivered
+/// });
+/// ```
+#[derive(Debug, Clone)]
+pub struct CarriedStdio {
+    /// Where containerd wants the stdio (its fifos or log URIs), and whether the process
+    /// has a terminal.
+    pub paths: StdioPaths,
+    drain: Drain,
+}
+
+impl CarriedStdio {
+    /// Stdio for `paths` with nothing being copied yet.
+    pub fn new(paths: StdioPaths) -> CarriedStdio {
+        CarriedStdio {
+            paths,
+            drain: Drain::new(),
+        }
+    }
+
+    /// Registers one stream the backend copies (stdout, stderr): the exit waits until it
+    /// is dropped or reports [`Copying::caught_up`].
+    pub fn copying(&self) -> Copying {
+        self.drain.copying()
+    }
+
+    /// What the exit waits for: every [`CarriedStdio::copying`] taken.
     pub fn drain(&self) -> &Drain {
         &self.drain
     }
