@@ -280,14 +280,8 @@ mod tests {
             self.0.report(t.pid(), 128 + sig.number() as u32);
             Ok(())
         }
-        fn delete(&self, _: &()) -> Result<()> {
-            Ok(())
-        }
         fn pids(&self, _: &()) -> Result<Vec<u32>> {
             Ok(vec![7])
-        }
-        fn cleanup(_: &ShimContext, _: &str, _: &Path, _: &()) -> Result<()> {
-            Ok(())
         }
     }
 

@@ -1427,7 +1427,6 @@ fn empty(r: Result<()>) -> Result<Empty> {
 mod tests {
     use super::*;
     use crate::backend::ShimContext;
-    use std::path::Path;
 
     /// A backend with only the required methods, living outside host cgroups.
     /// Answers every call; keeps the init's stdio, so that a test can play the process.
@@ -1459,14 +1458,8 @@ mod tests {
         fn kill(&self, _: &(), _: Target<'_>, _: Signal, _: bool) -> Result<()> {
             Ok(())
         }
-        fn delete(&self, _: &()) -> Result<()> {
-            Ok(())
-        }
         fn pids(&self, _: &()) -> Result<Vec<u32>> {
             Ok(vec![4242])
-        }
-        fn cleanup(_: &ShimContext, _: &str, _: &Path, _: &()) -> Result<()> {
-            Ok(())
         }
     }
 
@@ -1862,14 +1855,8 @@ mod tests {
         fn kill(&self, _: &(), _: Target<'_>, _: Signal, _: bool) -> Result<()> {
             Ok(())
         }
-        fn delete(&self, _: &()) -> Result<()> {
-            Ok(())
-        }
         fn pids(&self, _: &()) -> Result<Vec<u32>> {
             Ok(vec![10])
-        }
-        fn cleanup(_: &ShimContext, _: &str, _: &Path, _: &()) -> Result<()> {
-            Ok(())
         }
     }
 
@@ -2002,17 +1989,11 @@ mod tests {
         fn kill(&self, _: &(), _: Target<'_>, _: Signal, _: bool) -> Result<()> {
             Ok(())
         }
-        fn delete(&self, _: &()) -> Result<()> {
-            Ok(())
-        }
         fn pids(&self, _: &()) -> Result<Vec<u32>> {
             Ok(vec![20])
         }
         fn close_io(&self, _: &(), exec_id: &str) -> Result<()> {
             lock(&self.closed).push(exec_id.to_string());
-            Ok(())
-        }
-        fn cleanup(_: &ShimContext, _: &str, _: &Path, _: &()) -> Result<()> {
             Ok(())
         }
     }
