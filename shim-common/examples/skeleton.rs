@@ -1,6 +1,5 @@
 //! A complete shim: runs a bundle's OCI process as a plain child, chrooted into its rootfs.
-use shim_common::{reaper, Backend, Context, CreateRequest, Created, Error, Result, ShimContext};
-use shim_common::{Signal, Target};
+use shim_common::{prelude::*, reaper};
 use std::{env::set_current_dir, os::unix::fs::chroot, os::unix::process::CommandExt};
 use std::{process::Command, sync::Mutex, sync::OnceLock};
 
