@@ -2,17 +2,17 @@
 //! its output.
 //!
 //! containerd sends each stream of `Create`/`Exec` as a string:
-//! - a plain path: one of containerd's fifos per stream (the default; [`fifo`]);
-//! - `file:///path`: stdout and stderr appended to one file ([`file`]);
+//! - a plain path: one of containerd's fifos per stream (the default; module `fifo`);
+//! - `file:///path`: stdout and stderr appended to one file (module `file`);
 //! - `binary:///path?k=v` or `binary-v2:///path?k=v`: a logging binary the shim starts, which
-//!   reads both streams ([`binary`]).
+//!   reads both streams (module `binary`).
 //!
 //! Whatever the destination, the process only ever writes to pipes the shim holds a reader
 //! for. If the far end goes away (containerd or `ctr` exits, a logger dies) the shim keeps
 //! draining, so the container is never killed by `SIGPIPE` nor blocked on a full pipe.
 //!
 //! Each process's copies report to its [`Drain`], which tells the task service when the
-//! output has all reached its destination: the exit is published only then ([`drain`]).
+//! output has all reached its destination: the exit is published only then (module `drain`).
 //!
 //! ```no_run
 //! use shim_common::stdio::{IoContext, IoOwner, ProcessIo, StdioPaths};
