@@ -1,0 +1,100 @@
+//! `Delete` of an exec or of a whole container.
+
+use super::*;
+
+impl<B: Backend> Inner<B> {
+    pub(super) fn delete(&self, req: DeleteRequest) -> Result<DeleteResponse> {
+        let cell = self.cell(&req.id)?;
+        let mut c = lock(&cell.state);
+        let response = |pid: u32, exit: Option<Exit>| {
+            let exit = exit.unwrap_or(Exit {
+                pid: pid as i32,
+                status: 128 + libc::SIGKILL as u32,
+                at: std::time::SystemTime::now(),
+            });
+            DeleteResponse {
+                pid,
+                exit_status: exit.status,
+                exited_at: MessageField::some(timestamp(exit.at)),
+                ..Default::default()
+            }
+        };
+        if !req.exec_id.is_empty() {
+            let p = c.process(&req.exec_id)?;
+            if p.starting {
+                return Err(Error::FailedPrecondition(format!(
+                    "exec {} is starting",
+                    req.exec_id
+                )));
+            }
+            if p.status == Status::RUNNING {
+                return Err(Error::FailedPrecondition(format!(
+                    "exec {} is running; kill it first",
+                    req.exec_id
+                )));
+            }
+            let resp = match p.exit {
+                Some(exit) => response(p.pid, Some(exit)),
+                // Never started: containerd's runc shim answers its exec's zero values,
+                // status 0 and Go's zero time (0001-01-01T00:00:00Z).
+                None => DeleteResponse {
+                    pid: p.pid,
+                    exit_status: 0,
+                    exited_at: MessageField::some(
+                        protobuf::well_known_types::timestamp::Timestamp {
+                            seconds: -62_135_596_800,
+                            ..Default::default()
+                        },
+                    ),
+                    ..Default::default()
+                },
+            };
+            let proc = c.execs.remove(&req.exec_id);
+            let (gone, waiting) = std::mem::take(&mut c.waiters)
+                .into_iter()
+                .partition(|(e, _)| e == &req.exec_id);
+            c.waiters = waiting;
+            for (_, w) in gone {
+                w(Err(Error::NotFound(format!("exec {}", req.exec_id))));
+            }
+            // Outside the lock: closing a logging binary waits for it to exit.
+            drop(c);
+            drop(proc);
+            return Ok(resp);
+        }
+        if matches!(c.init.status, Status::RUNNING | Status::PAUSED) {
+            return Err(Error::FailedPrecondition(format!(
+                "container {} is running; kill it first",
+                req.id
+            )));
+        }
+        self.backend.delete(&c.runtime)?;
+        if c.rootfs_mounted {
+            unmount_all(&std::path::Path::new(&c.bundle).join("rootfs"))?;
+            c.rootfs_mounted = false;
+        }
+        if let Some(Some(w)) = self.oom.get() {
+            w.remove(&req.id);
+        }
+        {
+            let mut t = lock(&self.pids);
+            t.owners.retain(|_, (id, _)| id != &req.id);
+        }
+        let resp = response(c.init.pid, c.init.exit);
+        let event = TaskDelete {
+            container_id: req.id.clone(),
+            pid: resp.pid,
+            exit_status: resp.exit_status,
+            exited_at: resp.exited_at.clone(),
+            ..Default::default()
+        };
+        publish(&*self.publisher, topics::TASK_DELETE, &event);
+        c.deleted = true;
+        for (_, w) in std::mem::take(&mut c.waiters) {
+            w(Err(Error::NotFound(format!("container {}", req.id))));
+        }
+        drop(c);
+        lock(&self.containers).cells.remove(&req.id);
+        Ok(resp)
+    }
+}
