@@ -192,7 +192,8 @@ impl std::fmt::Display for Signal {
 /// (`exec` included) answers ttrpc `Unimplemented` by default, and a runtime that keeps
 /// nothing outside the container value has nothing to `delete` or `cleanup`. The SDK keeps each
 /// container's [`Backend::Container`] and hands it to every call about that container; it
-/// never holds its own locks while a backend call runs, so a backend may take its time.
+/// never holds a container's lock while a backend call runs (a signal to a host exec's pid
+/// aside, so that the pid is not reaped and reused meanwhile), so a backend may take its time.
 ///
 /// Every process a backend creates must be a descendant of the shim (directly, or
 /// re-parented to it as the subreaper), and any command it runs must go through

@@ -4,12 +4,10 @@ use super::*;
 
 pub(super) struct Proc {
     pub(super) pid: u32,
-    pub(super) status: Status,
-    /// Reaped, its exit waiting for its output to be delivered: its pid may already belong
-    /// to another process, so it is never signalled again.
-    pub(super) reaped: bool,
-    /// An exec between `Start` and the runtime's answer (the container is not locked then).
-    pub(super) starting: bool,
+    /// Its state, and the backend call in flight on it ([`Lifecycle`]).
+    pub(super) life: Lifecycle,
+    /// Reaped during its `Start`: applied once the start event is out.
+    pub(super) held_exit: Option<Exit>,
     pub(super) exit: Option<Exit>,
     pub(super) paths: StdioPaths,
     pub(super) io: Option<Io>,
@@ -18,12 +16,11 @@ pub(super) struct Proc {
 }
 
 impl Proc {
-    pub(super) fn new(paths: StdioPaths) -> Proc {
+    pub(super) fn new(life: Lifecycle, paths: StdioPaths) -> Proc {
         Proc {
             pid: 0,
-            status: Status::CREATED,
-            reaped: false,
-            starting: false,
+            life,
+            held_exit: None,
             exit: None,
             paths,
             io: None,

@@ -9,25 +9,10 @@ impl<B: Backend> Inner<B> {
         let cell = self.cell(&req.id)?;
         let c = lock(&cell.state);
         let p = c.process(&req.exec_id)?;
-        if p.status == Status::STOPPED && !req.all {
-            return Err(Error::NotFound(format!(
-                "process {}: process already finished",
-                if req.exec_id.is_empty() {
-                    &req.id
-                } else {
-                    &req.exec_id
-                }
-            )));
-        }
-        if p.reaped && !req.exec_id.is_empty() {
-            return Err(Error::NotFound(format!(
-                "process {}: process already finished",
-                req.exec_id
-            )));
-        }
+        p.life.check_kill(req.all)?;
+        let (runtime, pid) = (c.runtime.clone(), p.pid);
         if req.exec_id.is_empty() {
-            let (runtime, pid) = (c.runtime.clone(), p.pid);
-            drop(c); // runc kill takes a while; do not block the container meanwhile
+            drop(c); // `runc kill` is a command: the container does not wait for it
             if pid == 0 {
                 // A restore's init is born at start.
                 return Err(Error::NotFound(format!(
@@ -35,42 +20,58 @@ impl<B: Backend> Inner<B> {
                     req.id
                 )));
             }
-            let target = Target::Init { pid };
-            return self.backend.kill(&runtime, target, signal, req.all);
+            return self
+                .backend
+                .kill(&runtime, Target::Init { pid }, signal, req.all);
         }
-        if p.status == Status::CREATED {
-            return Err(Error::FailedPrecondition(format!(
-                "exec {} is not started",
-                req.exec_id
-            )));
-        }
-        // Hold the lock: the pid cannot be reaped and reused while we signal it.
         let target = Target::Exec {
             exec_id: &req.exec_id,
-            pid: p.pid,
+            pid,
         };
-        self.backend.kill(&c.runtime, target, signal, req.all)
+        if B::HOST_PROCESSES {
+            // A signal, under the lock: the pid is not reaped and reused meanwhile.
+            return self.backend.kill(&runtime, target, signal, req.all);
+        }
+        drop(c); // elsewhere (a guest's): the backend asks, and its pids are not ours
+        self.backend.kill(&runtime, target, signal, req.all)
     }
 
+    /// `Pause`/`Resume` of the container's init, unlocked while the backend runs (the init
+    /// is `Busy::Pausing`/`Busy::Resuming`); an exit meanwhile wins over the outcome.
     pub(super) fn set_paused(&self, id: &str, paused: bool) -> Result<()> {
         let cell = self.cell(id)?;
+        let runtime = {
+            let mut c = lock(&cell.state);
+            match paused {
+                true => c.init.life.begin_pause()?,
+                false => c.init.life.begin_resume()?,
+            }
+            c.runtime.clone()
+        };
+        let done = match paused {
+            true => self.backend.pause(&runtime),
+            false => self.backend.resume(&runtime),
+        };
         let mut c = lock(&cell.state);
-        if paused {
-            self.backend.pause(&c.runtime)?;
-            c.init.status = Status::PAUSED;
-            let e = TaskPaused {
-                container_id: id.into(),
-                ..Default::default()
-            };
-            publish(&*self.publisher, topics::TASK_PAUSED, &e);
-        } else {
-            self.backend.resume(&c.runtime)?;
-            c.init.status = Status::RUNNING;
-            let e = TaskResumed {
-                container_id: id.into(),
-                ..Default::default()
-            };
-            publish(&*self.publisher, topics::TASK_RESUMED, &e);
+        c.init.life.end(done.is_ok());
+        done?;
+        let container_id = id.to_string();
+        match c.init.life.status() {
+            Status::PAUSED if paused => {
+                let e = TaskPaused {
+                    container_id,
+                    ..Default::default()
+                };
+                publish(&*self.publisher, topics::TASK_PAUSED, &e);
+            }
+            Status::RUNNING if !paused => {
+                let e = TaskResumed {
+                    container_id,
+                    ..Default::default()
+                };
+                publish(&*self.publisher, topics::TASK_RESUMED, &e);
+            }
+            _ => {} // it exited meanwhile: its exit is the news
         }
         Ok(())
     }
@@ -104,9 +105,12 @@ impl<B: Backend> Inner<B> {
             // clients resize without asking first.
             _ if !p.paths.terminal => Ok(()),
             // A terminal the shim does not hold (a VM guest's, say): the backend's.
-            _ => self
-                .backend
-                .resize_pty(&c.runtime, &req.exec_id, req.width, req.height),
+            _ => {
+                let runtime = c.runtime.clone();
+                drop(c);
+                let (w, h) = (req.width, req.height);
+                self.backend.resize_pty(&runtime, &req.exec_id, w, h)
+            }
         }
     }
 

@@ -52,7 +52,7 @@ impl<B: Backend> Inner<B> {
         let rootfs_mounted = rootfs.is_some_and(BundleRootfs::keep);
         let pid = created.pid.unwrap_or(0);
         let early = created.pid.and_then(|pid| self.claim(pid, &req.id, ""));
-        let mut init = Proc::new(paths.clone());
+        let mut init = Proc::new(Lifecycle::init(&req.id), paths.clone());
         init.pid = pid;
         init.io = Some(io);
         let cell = Arc::new(Cell {
@@ -129,7 +129,7 @@ impl<B: Backend> Inner<B> {
             })?;
         let cell = self.cell(&req.id)?;
         let mut c = lock(&cell.state);
-        if c.init.status == Status::STOPPED {
+        if c.init.life.status() == Status::STOPPED {
             return Err(Error::FailedPrecondition(format!(
                 "container {} is stopped",
                 req.id
@@ -138,12 +138,15 @@ impl<B: Backend> Inner<B> {
         if c.execs.contains_key(&req.exec_id) {
             return Err(Error::AlreadyExists(format!("exec {}", req.exec_id)));
         }
-        let mut p = Proc::new(StdioPaths {
-            stdin: req.stdin,
-            stdout: req.stdout,
-            stderr: req.stderr,
-            terminal: req.terminal,
-        });
+        let mut p = Proc::new(
+            Lifecycle::exec(&req.exec_id),
+            StdioPaths {
+                stdin: req.stdin,
+                stdout: req.stdout,
+                stderr: req.stderr,
+                terminal: req.terminal,
+            },
+        );
         p.spec = spec;
         c.execs.insert(req.exec_id.clone(), p);
         let event = TaskExecAdded {

@@ -1,4 +1,5 @@
-//! `Delete` of an exec or of a whole container.
+//! `Delete` of an exec or of a whole container. A container's backend delete (`runc
+//! delete`, an unmount) runs without its lock, the init `Busy::Deleting` meanwhile.
 
 use super::*;
 
@@ -21,18 +22,7 @@ impl<B: Backend> Inner<B> {
         };
         if !req.exec_id.is_empty() {
             let p = c.process(&req.exec_id)?;
-            if p.starting {
-                return Err(Error::FailedPrecondition(format!(
-                    "exec {} is starting",
-                    req.exec_id
-                )));
-            }
-            if p.status == Status::RUNNING {
-                return Err(Error::FailedPrecondition(format!(
-                    "exec {} is running; kill it first",
-                    req.exec_id
-                )));
-            }
+            p.life.check_delete()?;
             let resp = match p.exit {
                 Some(exit) => response(p.pid, Some(exit)),
                 // Never started: containerd's runc shim answers its exec's zero values,
@@ -62,17 +52,20 @@ impl<B: Backend> Inner<B> {
             drop(proc);
             return Ok(resp);
         }
-        if matches!(c.init.status, Status::RUNNING | Status::PAUSED) {
-            return Err(Error::FailedPrecondition(format!(
-                "container {} is running; kill it first",
-                req.id
-            )));
-        }
-        self.backend.delete(&c.runtime)?;
-        if c.rootfs_mounted {
-            unmount_all(&std::path::Path::new(&c.bundle).join("rootfs"))?;
-            c.rootfs_mounted = false;
-        }
+        c.init.life.begin_delete()?;
+        let runtime = c.runtime.clone();
+        let rootfs = c
+            .rootfs_mounted
+            .then(|| PathBuf::from(&c.bundle).join("rootfs"));
+        drop(c);
+        let undone = self.backend.delete(&runtime).and_then(|()| match &rootfs {
+            Some(rootfs) => unmount_all(rootfs),
+            None => Ok(()),
+        });
+        let mut c = lock(&cell.state);
+        c.init.life.end(undone.is_ok());
+        undone?;
+        c.rootfs_mounted = false;
         if let Some(Some(w)) = self.oom.get() {
             w.remove(&req.id);
         }

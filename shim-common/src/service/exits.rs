@@ -3,8 +3,9 @@
 
 use super::*;
 
-/// A container's exits wait here while the container is busy in another call (its lock
-/// is held across `runc pause`, `runc delete`, ...): the exits thread never waits for one
+/// A container's exits wait here while another call holds the container's lock (briefly:
+/// no call holds it across an external command, but one may be signalling an exec or
+/// closing a logger's pipes): the exits thread never waits for one
 /// container, so no other container's exit events or `Wait` answers wait behind it. One
 /// thread at a time applies a container's queue, so its exits keep their order.
 #[derive(Default)]
@@ -108,7 +109,18 @@ impl<B: Backend> Inner<B> {
                     }
                 }
             };
-            let drain = reaped(&mut lock(&cell.state), &exec_id);
+            let drain = {
+                let mut c = lock(&cell.state);
+                match c.process_mut(&exec_id) {
+                    Ok(p) if p.life.holds_exits() => {
+                        // Its start is in flight: it applies the exit after its event.
+                        p.life.reap();
+                        p.held_exit = Some(exit);
+                        continue;
+                    }
+                    _ => reaped(&mut c, &exec_id),
+                }
+            };
             self.exit_after_output(cell.clone(), exec_id, exit, drain);
         }
     }
@@ -165,7 +177,7 @@ impl<B: Backend> Inner<B> {
             if c.running_execs > 0 {
                 // Execs outlive init only in a shared pid namespace; end them, then report init.
                 for (exec_id, p) in &c.execs {
-                    if p.status == Status::RUNNING && !p.reaped {
+                    if p.life.live() {
                         self.kill_exec(&c.runtime, exec_id, p.pid);
                     }
                 }
@@ -195,11 +207,14 @@ impl<B: Backend> Inner<B> {
     }
 
     pub(super) fn finish(&self, c: &mut Container<B::Container>, exec_id: &str, exit: Exit) {
+        if c.deleted {
+            return; // nothing is published about a container after its delete
+        }
         let id = c.id.clone();
         let Ok(p) = c.process_mut(exec_id) else {
             return;
         };
-        p.status = Status::STOPPED;
+        p.life.stop();
         p.exit = Some(exit);
         if exec_id.is_empty() {
             // An OOM kill the watcher has not reported yet goes out before the exit.
@@ -258,6 +273,6 @@ impl<B: Backend> Inner<B> {
 /// Marks `exec_id`'s process reaped; the drain its exit must wait for, if it has stdio.
 pub(super) fn reaped<C>(c: &mut Container<C>, exec_id: &str) -> Option<Drain> {
     let p = c.process_mut(exec_id).ok()?;
-    p.reaped = true;
+    p.life.reap();
     p.io.as_ref().map(|io| io.drain().clone())
 }

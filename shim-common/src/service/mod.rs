@@ -3,13 +3,21 @@
 //! It owns what containerd observes — task state, exit statuses, `Wait`, event order — so
 //! every backend gets the same semantics:
 //! - create < start < exit < delete, and exec-added < exec-started < exit;
-//! - a process that exits before `Start` returns still gets its start event first (the
-//!   container's lock is held across the backend call and the event);
+//! - a process that exits before `Start` returns still gets its start event first (its
+//!   exit is held until the event is out);
+//! - no container's lock is held across a backend call that runs a command: the process is
+//!   marked busy instead, conflicting calls are refused at once and the rest go on (the
+//!   state machine: `lifecycle`);
 //! - an init process's exit is published only after the exits of all its execs;
 //! - an exit reaped before the backend even reported the pid is kept and applied;
 //! - an exit is published, and `Wait` answered, only once the process's output has all
 //!   reached its destination (or [`OUTPUT_GRACE`] ran out), so a client that takes the exit
 //!   as the end of the output loses nothing ([`crate::stdio::Drain`]).
+//!
+//! The modules hold one concept each: the routes and the shared state here; `lifecycle`
+//! (the per-process state machine, pure), `container`, `io` (stdio staged before the
+//! runtime runs), `exits` (pids, early and held exits, their order), `table` (containers
+//! and the ones on their way); then one module per kind of call.
 //!
 //! Nothing here assumes a unix socket or the host's containerd: the service takes a
 //! [`Publisher`] and a shutdown callback, and serves whatever ttrpc transport it is given.
@@ -43,6 +51,7 @@ mod create;
 mod delete;
 mod exits;
 mod io;
+mod lifecycle;
 mod query;
 mod start;
 mod table;
@@ -52,6 +61,7 @@ mod tests;
 use container::*;
 use exits::*;
 use io::*;
+use lifecycle::Lifecycle;
 use table::*;
 
 /// Called when `Shutdown` finds no task left and nothing on its way: the daemon stops

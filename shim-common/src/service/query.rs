@@ -19,7 +19,7 @@ impl<B: Backend> Inner<B> {
             },
             bundle: c.bundle.clone(),
             pid: p.pid,
-            status: p.status.into(),
+            status: p.life.status().into(),
             stdin: p.paths.stdin.clone(),
             stdout: p.paths.stdout.clone(),
             stderr: p.paths.stderr.clone(),
@@ -41,7 +41,7 @@ impl<B: Backend> Inner<B> {
             let exec = c
                 .execs
                 .iter()
-                .find(|(_, p)| p.pid == pid && p.status == Status::RUNNING);
+                .find(|(_, p)| p.pid == pid && p.life.status() == Status::RUNNING);
             let info = match exec {
                 Some((exec_id, _)) => {
                     let details = protocol::options::ProcessDetails {

@@ -127,9 +127,19 @@ fn shutdown_waits_for_containers_on_their_way_and_then_refuses_them() {
 #[test]
 fn what_a_backend_leaves_out_answers_unimplemented() {
     let (svc, _) = service();
+    let start = StartRequest {
+        id: "c1".into(),
+        ..Default::default()
+    };
+    svc.inner.start(start).unwrap();
     assert_eq!(
         code(svc.inner.set_paused("c1", true)),
         ttrpc::Code::UNIMPLEMENTED
+    );
+    // The refusal left it running, so resume is refused by the SDK itself.
+    assert_eq!(
+        code(svc.inner.set_paused("c1", false)),
+        ttrpc::Code::FAILED_PRECONDITION
     );
     assert_eq!(
         code(svc.inner.backend.stats(&(), 4242)),
@@ -632,4 +642,187 @@ fn a_backend_carrying_stdio_gets_the_paths_and_the_exit_waits_for_its_copy() {
     drop(stdout);
     let waited = rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
     assert_eq!(waited.unwrap().exit_status, 1);
+}
+
+/// A backend whose processes are elsewhere (exits reported) and whose `start` of pid 10,
+/// `pause`, and `delete` of pid 20 each say they began and then wait for the test's word.
+struct Gated {
+    began: Mutex<std::sync::mpsc::Sender<&'static str>>,
+    go: Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl Gated {
+    fn gate(&self, call: &'static str) {
+        lock(&self.began).send(call).unwrap();
+        // Bounded, so that a failing test ends rather than waits here for ever.
+        let _ = lock(&self.go).recv_timeout(Duration::from_secs(10));
+    }
+}
+
+impl Backend for Gated {
+    /// The init's pid: 10 for c1, 20 for c2, 30 for c3.
+    type Container = u32;
+    type Options = ();
+    const MOUNTS_ROOTFS: bool = false;
+    const HOST_PROCESSES: bool = false;
+    fn new(_: &ShimContext) -> Result<Self> {
+        unreachable!("built by the test")
+    }
+    fn host_cgroups(&self) -> bool {
+        false
+    }
+    fn create(&self, req: CreateRequest<'_, ()>) -> Result<crate::Created<u32>> {
+        let pid = 10 * req.id[1..].parse::<u32>().unwrap();
+        Ok(crate::Created {
+            container: pid,
+            pid: Some(pid),
+        })
+    }
+    fn start(&self, pid: &u32) -> Result<u32> {
+        if *pid == 10 {
+            self.gate("start");
+        }
+        Ok(*pid)
+    }
+    fn pause(&self, _: &u32) -> Result<()> {
+        self.gate("pause");
+        Ok(())
+    }
+    fn resume(&self, _: &u32) -> Result<()> {
+        Ok(())
+    }
+    fn delete(&self, pid: &u32) -> Result<()> {
+        if *pid == 20 {
+            self.gate("delete");
+        }
+        Ok(())
+    }
+    fn kill(&self, _: &u32, _: Target<'_>, _: Signal, _: bool) -> Result<()> {
+        Ok(())
+    }
+    fn pids(&self, pid: &u32) -> Result<Vec<u32>> {
+        Ok(vec![*pid])
+    }
+}
+
+/// No container's lock is held across a backend's `start`, `pause` or `delete`: while one
+/// runs, `State` of that container answers and conflicting calls are refused at once; an
+/// exit reaped during the start is published after the start event.
+#[test]
+fn slow_backend_calls_do_not_hold_their_container() {
+    let exits = Exits::reported();
+    let sink = exits.sink();
+    let (began_tx, began) = std::sync::mpsc::channel();
+    let (go, go_rx) = std::sync::mpsc::channel();
+    let backend = Gated {
+        began: Mutex::new(began_tx),
+        go: Mutex::new(go_rx),
+    };
+    let events = Arc::new(Exited(Mutex::new(Vec::new())));
+    let svc = TaskService::new("ns", backend, events.clone(), Box::new(|| {}), exits).unwrap();
+    let i = &svc.inner;
+    for id in ["c1", "c2", "c3"] {
+        i.create(CreateTaskRequest {
+            id: id.into(),
+            bundle: bundle(),
+            ..Default::default()
+        })
+        .unwrap();
+    }
+    let start = |id: &str| {
+        i.start(StartRequest {
+            id: id.into(),
+            ..Default::default()
+        })
+    };
+    let status = |id: &str| {
+        let req = StateRequest {
+            id: id.into(),
+            ..Default::default()
+        };
+        i.state(req).map(|s| s.status.enum_value_or_default())
+    };
+    let delete = |id: &str| {
+        i.delete(DeleteRequest {
+            id: id.into(),
+            ..Default::default()
+        })
+    };
+    let wait = |id: &str| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let req = WaitRequest {
+            id: id.into(),
+            ..Default::default()
+        };
+        i.wait_later(req, Box::new(move |r| tx.send(r).unwrap()));
+        rx
+    };
+    let long = Duration::from_secs(10);
+    start("c2").unwrap();
+    start("c3").unwrap();
+    std::thread::scope(|s| {
+        // c1's start in flight: State answers, a second start and a delete are refused,
+        // and its init's exit waits for the start event.
+        let starting = s.spawn(|| start("c1"));
+        assert_eq!(began.recv_timeout(long).unwrap(), "start");
+        assert_eq!(status("c1").unwrap(), Status::CREATED);
+        let again = start("c1").unwrap_err().to_string();
+        assert!(again.contains("container c1 is starting"), "{again}");
+        assert_eq!(code(delete("c1")), ttrpc::Code::FAILED_PRECONDITION);
+        let c3 = wait("c3");
+        sink.report(10, 3);
+        sink.report(30, 0);
+        // One exits thread, in order: once c3's exit is answered, c1's was handled.
+        c3.recv_timeout(long).unwrap().unwrap();
+        assert!(!lock(&events.0).iter().any(|e| e == "/tasks/exit c1"));
+        go.send(()).unwrap();
+        assert_eq!(starting.join().unwrap().unwrap().pid, 10);
+        assert_eq!(
+            wait("c1").recv_timeout(long).unwrap().unwrap().exit_status,
+            3
+        );
+        let c1: Vec<_> = lock(&events.0)
+            .iter()
+            .filter(|e| ["/tasks/start", "/tasks/exit c1"].contains(&e.as_str()))
+            .cloned()
+            .collect();
+        assert_eq!(
+            c1.last().map(String::as_str),
+            Some("/tasks/exit c1"),
+            "{c1:?}"
+        );
+
+        // c2's pause in flight: State answers, a second pause and a resume are refused.
+        let pausing = s.spawn(|| i.set_paused("c2", true));
+        assert_eq!(began.recv_timeout(long).unwrap(), "pause");
+        assert_eq!(status("c2").unwrap(), Status::RUNNING);
+        let again = i.set_paused("c2", true).unwrap_err().to_string();
+        assert!(again.contains("container c2 is pausing"), "{again}");
+        assert_eq!(
+            code(i.set_paused("c2", false)),
+            ttrpc::Code::FAILED_PRECONDITION
+        );
+        go.send(()).unwrap();
+        pausing.join().unwrap().unwrap();
+        assert_eq!(status("c2").unwrap(), Status::PAUSED);
+        assert_eq!(code(delete("c2")), ttrpc::Code::FAILED_PRECONDITION);
+        i.set_paused("c2", false).unwrap();
+        let c2 = wait("c2");
+        sink.report(20, 0);
+        c2.recv_timeout(long).unwrap().unwrap();
+
+        // c2's delete in flight: State answers, a second delete is refused.
+        let deleting = s.spawn(|| delete("c2"));
+        assert_eq!(began.recv_timeout(long).unwrap(), "delete");
+        assert_eq!(status("c2").unwrap(), Status::STOPPED);
+        let twice = delete("c2").unwrap_err().to_string();
+        assert!(twice.contains("container c2 is being deleted"), "{twice}");
+        go.send(()).unwrap();
+        deleting.join().unwrap().unwrap();
+        assert_eq!(code(status("c2")), ttrpc::Code::NOT_FOUND);
+    });
+    let topics: Vec<_> = lock(&events.0).clone();
+    let paused = topics.iter().position(|e| e == "/tasks/paused").unwrap();
+    let resumed = topics.iter().position(|e| e == "/tasks/resumed").unwrap();
+    assert!(paused < resumed, "{topics:?}");
 }
