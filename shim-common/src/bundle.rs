@@ -201,4 +201,23 @@ mod tests {
         let script = r#"printf '%s|%s|%s' "$FOO" "$1" "$(/bin/pwd)""#;
         assert_eq!(out(&["/bin/sh", "-c", script, "sh", "one"]), "bar|one|/tmp");
     }
+
+    #[test]
+    fn the_process_runs_chrooted_in_the_rootfs_and_finds_its_program_there() {
+        // chroot(2) needs root, and the rootfs a static program.
+        let busybox = Path::new("/bin/busybox");
+        if !nix::unistd::geteuid().is_root() || !busybox.exists() {
+            return;
+        }
+        let b = bundle(
+            r#"{"process":{"args":["busybox","sh","-c","pwd; busybox ls /"],
+                "env":["PATH=/sbox"],"cwd":"/sbox"}}"#,
+        );
+        std::fs::create_dir_all(b.path().join("rootfs/sbox")).unwrap();
+        std::fs::copy(busybox, b.path().join("rootfs/sbox/busybox")).unwrap();
+        let mut cmd = process_command(b.path()).unwrap();
+        let out = crate::reaper::run(cmd.stdout(Stdio::piped())).unwrap();
+        assert!(out.success(), "{out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "/sbox\nsbox\n");
+    }
 }
