@@ -1,6 +1,5 @@
 //! A complete shim: runs a bundle's OCI process as a plain child, chrooted into its rootfs.
-use shim_common::{prelude::*, reaper};
-use std::{env::set_current_dir, os::unix::fs::chroot, os::unix::process::CommandExt};
+use shim_common::{bundle, prelude::*, reaper};
 use std::{process::Command, sync::Mutex, sync::OnceLock};
 
 struct Skeleton;
@@ -13,17 +12,7 @@ impl Backend for Skeleton {
         Ok(Skeleton)
     }
     fn create(&self, req: CreateRequest<'_, ()>) -> Result<Created<Self::Container>> {
-        let json = std::fs::read(req.bundle.join("config.json")).context("read config.json")?;
-        let bad = |e| Error::InvalidArgument(format!("config.json: {e}"));
-        let p = serde_json::from_slice::<serde_json::Value>(&json).map_err(bad)?["process"].take();
-        let get = |k: &str| serde_json::from_value::<Vec<String>>(p[k].clone()).unwrap_or_default();
-        let (mut args, env) = (get("args").into_iter(), get("env"));
-        let mut cmd = Command::new(args.next().unwrap_or_default());
-        cmd.args(args).env_clear().current_dir(req.bundle);
-        cmd.envs(env.iter().filter_map(|e| e.split_once('=')));
-        let cwd = p["cwd"].as_str().unwrap_or("/").to_owned();
-        // SAFETY: chroot(2) and chdir(2) are async-signal-safe; std chdirs to the bundle first.
-        unsafe { cmd.pre_exec(move || chroot("rootfs").and_then(|()| set_current_dir(&cwd))) };
+        let mut cmd = bundle::process_command(req.bundle)?;
         req.stdio.apply(&mut cmd);
         Ok(Created {
             container: (Mutex::new(Some(cmd)), OnceLock::new()),
@@ -36,9 +25,7 @@ impl Backend for Skeleton {
         let child = reaper::spawn(&mut cmd).context("spawn the init")?;
         Ok(*pid.get_or_init(|| child.id()))
     }
-    fn kill(&self, _: &Self::Container, t: Target<'_>, sig: Signal, _all: bool) -> Result<()> {
-        sig.send(t.pid(), &t.to_string())
-    }
+    // `kill` is the SDK's default (signal the target's pid); `exec` and the rest: Unimplemented.
     fn pids(&self, (_, pid): &Self::Container) -> Result<Vec<u32>> {
         Ok(pid.get().copied().into_iter().collect())
     }

@@ -188,9 +188,10 @@ impl std::fmt::Display for Signal {
 
 /// A container runtime behind the shim SDK.
 ///
-/// Only `new`, `create`, `start`, `kill` and `pids` are required; what a runtime cannot do
-/// (`exec` included) answers ttrpc `Unimplemented` by default, and a runtime that keeps
-/// nothing outside the container value has nothing to `delete` or `cleanup`. The SDK keeps each
+/// Only `new`, `create`, `start` and `pids` are required; what a runtime cannot do (`exec`
+/// included) answers ttrpc `Unimplemented` by default, `kill` signals the target's pid, and
+/// a runtime that keeps nothing outside the container value has nothing to `delete` or
+/// `cleanup`. The SDK keeps each
 /// container's [`Backend::Container`] and hands it to every call about that container; it
 /// never holds a container's lock while a backend call runs (a signal to a host exec's pid
 /// aside, so that the pid is not reaped and reused meanwhile), so a backend may take its time.
@@ -245,13 +246,21 @@ pub trait Backend: Send + Sync + 'static {
     }
 
     /// Sends `signal` to the target; with `all`, to every process of the container.
+    ///
+    /// The default signals the target's host pid ([`Target::pid`], the init's or the exec's)
+    /// with [`Signal::send`]: a process that is gone is `NotFound`. It has no way to find
+    /// every process of a container, so `all` signals the target alone; a backend whose
+    /// containers have other processes (a runtime's `kill --all`, a cgroup to signal) or
+    /// whose pids are not host processes ([`Backend::HOST_PROCESSES`] `= false`) overrides it.
     fn kill(
         &self,
-        c: &Self::Container,
+        _c: &Self::Container,
         target: Target<'_>,
         signal: Signal,
-        all: bool,
-    ) -> Result<()>;
+        _all: bool,
+    ) -> Result<()> {
+        signal.send(target.pid(), &target.to_string())
+    }
 
     /// Removes the container and everything the backend set up for it (beyond the container
     /// value, which the SDK drops afterwards). The default has nothing to remove.

@@ -41,6 +41,7 @@
 
 pub mod backend;
 mod bootstrap;
+pub mod bundle;
 #[cfg(target_os = "linux")]
 pub mod cgroups;
 pub mod console;

@@ -12,7 +12,7 @@ use std::time::Duration;
 use protobuf::well_known_types::any::Any;
 
 use crate::bootstrap::{StartInput, MAX_SHIM_VERSION_ENV, STDIN_LIMIT};
-use crate::error::{Context, Error, Result};
+use crate::error::{Context, Result};
 use crate::flags::Flags;
 use crate::rpc;
 use crate::service::GROUP_SERVICE;
@@ -24,10 +24,7 @@ pub const GROUP_ANNOTATION: &str = "io.containerd.runc.v2.group";
 /// The key that decides which containers share a shim: the group annotation, else the
 /// pod's sandbox id, else the container's own id.
 pub fn group_id(bundle: &Path, id: &str) -> Result<String> {
-    let path = bundle.join("config.json");
-    let text = fs::read(&path).with_context(|| format!("read {}", path.display()))?;
-    let spec: serde_json::Value = serde_json::from_slice(&text)
-        .map_err(|e| Error::InvalidArgument(format!("parse {}: {e}", path.display())))?;
+    let spec = crate::bundle::spec(bundle)?;
     let annotation = |k: &str| {
         spec.get("annotations")
             .and_then(|a| a.get(k))
@@ -191,7 +188,7 @@ fn join_cgroup(path: &str, pid: u32) -> Result<()> {
 /// cgroups are Linux's: elsewhere (a FreeBSD jail shim) asking for one is an error.
 #[cfg(not(target_os = "linux"))]
 fn join_cgroup(path: &str, _pid: u32) -> Result<()> {
-    Err(Error::Unimplemented(format!(
+    Err(crate::Error::Unimplemented(format!(
         "shim cgroup {path}: cgroups exist on Linux only"
     )))
 }
