@@ -281,10 +281,11 @@ fn state_answers_while_an_exec_is_starting() {
     c.ctr_ok(&["container", "delete", &id]);
 }
 
-/// Two containers in one shim. While A is busy in a slow runtime call that holds its lock
-/// (`runc resume`, held by the wrapper until the test lets it go), an exec of A exits, and
-/// then B's init: B's `Wait` answers before A's resume returns. Before, the one exits thread
-/// waited for A's lock to apply the exec's exit, and B's exit waited behind it.
+/// Two containers in one shim. While A is busy in a slow runtime call (`runc resume`, held
+/// by the wrapper until the test lets it go), an exec of A exits, and then B's init: B's
+/// `Wait` answers before A's resume returns, and so do A's own `State`, its exec's `Wait`
+/// and a refused second `Resume`. Before, A's lock was held across `runc resume`: the one
+/// exits thread waited for it to apply the exec's exit, and B's exit waited behind it.
 #[test]
 fn exits_are_applied_while_another_container_is_busy() {
     use integration::fixture::{wait_status, LONG};
@@ -292,6 +293,7 @@ fn exits_are_applied_while_another_container_is_busy() {
     use nix::sys::signal::{kill, Signal};
     use nix::unistd::Pid;
     use protocol::shim::{PauseRequest, ResumeRequest, StateRequest, WaitRequest};
+    use protocol::task::Status;
     let c = with_our_shims();
     let runc = wrapper(&c, "hold resume\n");
     let dir = runc.parent().unwrap().to_path_buf();
@@ -346,6 +348,21 @@ fn exits_are_applied_while_another_container_is_busy() {
             .exit_status
     };
     assert_eq!(wait(&b, ""), 137);
+    // A itself is not held either: its State answers (paused still: the resume has not
+    // returned), its exec's exit is applied, and a second Resume is refused at once.
+    let a_state = StateRequest {
+        id: a.clone(),
+        ..Default::default()
+    };
+    let status = shim.state(ctx(), &a_state).unwrap().status;
+    assert_eq!(status.enum_value_or_default(), Status::PAUSED);
+    assert_eq!(wait(&a, "e"), 137);
+    let again = ResumeRequest {
+        id: a.clone(),
+        ..Default::default()
+    };
+    let refused = shim.resume(ctx(), &again).unwrap_err().to_string();
+    assert!(refused.contains("is resuming"), "{refused}");
     assert!(
         rx.try_recv().is_err(),
         "Resume answered before B's exit: A was not busy, the test proved nothing"
@@ -355,7 +372,6 @@ fn exits_are_applied_while_another_container_is_busy() {
         .expect("Resume never answered")
         .unwrap();
     resumer.join().unwrap().unwrap();
-    // A's exec exit was kept, and applied once A was free.
     assert_eq!(wait(&a, "e"), 137);
     c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &a]);
     wait_status(&c, &a, "STOPPED");

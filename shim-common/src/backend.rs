@@ -92,7 +92,8 @@ pub struct ExecRequest<'a> {
 pub enum Target<'a> {
     /// The container's init process.
     Init {
-        /// Its pid.
+        /// Its pid; `0` once its exit is in (a `kill --all` after it, or the end of what
+        /// it left behind): the number may be another process's by then.
         pid: u32,
     },
     /// An exec'd process.
@@ -148,18 +149,20 @@ impl Signal {
     }
 
     /// Sends the signal to the process `pid` (`what` names it in errors). A process that is
-    /// gone is `NotFound`, which is what containerd expects of a finished process.
+    /// gone (or pid `0`: none, see [`Target::Init`]) is `NotFound`, which is what containerd
+    /// expects of a finished process.
     pub fn send(self, pid: u32, what: &str) -> Result<()> {
+        let gone = || Error::NotFound(format!("{what}: process already finished"));
         let pid = i32::try_from(pid)
             .ok()
             .filter(|p| *p > 0)
-            .ok_or_else(|| Error::InvalidArgument(format!("{what}: no process to signal")))?;
+            .ok_or_else(gone)?;
         // SAFETY: kill(2) takes plain integers.
         if unsafe { libc::kill(pid, self.0) } == 0 {
             return Ok(());
         }
         match nix::Error::last() {
-            nix::Error::ESRCH => Err(Error::NotFound(format!("{what}: process already finished"))),
+            nix::Error::ESRCH => Err(gone()),
             e => Err(Error::Sys {
                 context: format!("signal {} to {what}", self.0),
                 source: e,

@@ -96,11 +96,7 @@ pub(super) struct Cell<C> {
 /// them with the init. An unreadable spec counts as yes, the safe side; containerd's runc
 /// shim decides the same way (`ShouldKillAllOnExit`).
 pub(super) fn shares_pid_namespace(bundle: &std::path::Path) -> bool {
-    let path = bundle.join("config.json");
-    let spec = std::fs::read(&path)
-        .ok()
-        .and_then(|text| serde_json::from_slice::<serde_json::Value>(&text).ok());
-    let Some(spec) = spec else {
+    let Ok(spec) = crate::bundle::spec(bundle) else {
         return true;
     };
     let own = spec["linux"]["namespaces"].as_array().is_some_and(|ns| {

@@ -10,7 +10,7 @@ impl<B: Backend> Inner<B> {
         let c = lock(&cell.state);
         let p = c.process(&req.exec_id)?;
         p.life.check_kill(req.all)?;
-        let (runtime, pid) = (c.runtime.clone(), p.pid);
+        let (runtime, pid, reaped) = (c.runtime.clone(), p.pid, p.life.is_reaped());
         if req.exec_id.is_empty() {
             drop(c); // `runc kill` is a command: the container does not wait for it
             if pid == 0 {
@@ -20,6 +20,7 @@ impl<B: Backend> Inner<B> {
                     req.id
                 )));
             }
+            let pid = if reaped { 0 } else { pid };
             return self
                 .backend
                 .kill(&runtime, Target::Init { pid }, signal, req.all);

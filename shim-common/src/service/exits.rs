@@ -135,21 +135,20 @@ impl<B: Backend> Inner<B> {
         exit: Exit,
         drain: Option<Drain>,
     ) {
-        let (id, kill_all, runtime, pid) = {
+        let (id, kill_all, runtime) = {
             let c = lock(&cell.state);
-            (
-                c.id.clone(),
-                c.kill_all_on_exit,
-                c.runtime.clone(),
-                c.init.pid,
-            )
+            (c.id.clone(), c.kill_all_on_exit, c.runtime.clone())
         };
         if exec_id.is_empty() && kill_all {
             // No pid namespace of its own: the init's end is not the end of its processes.
-            // End them before its exit is published, as containerd's runc shim does.
-            let target = Target::Init { pid };
-            if let Err(e) = self.backend.kill(&runtime, target, Signal::KILL, true) {
-                log::warn!("container {id}: kill what is left after its init exited: {e}");
+            // End them before its exit is published, as containerd's runc shim does. The
+            // init is reaped: its pid is no longer its own (pid 0, see `Target::Init`).
+            let target = Target::Init { pid: 0 };
+            match self.backend.kill(&runtime, target, Signal::KILL, true) {
+                Ok(()) | Err(Error::NotFound(_)) => {}
+                Err(e) => {
+                    log::warn!("container {id}: kill what is left after its init exited: {e}")
+                }
             }
         }
         let what = drain.as_ref().map(|_| {

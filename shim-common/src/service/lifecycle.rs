@@ -65,6 +65,11 @@ impl Lifecycle {
         self.status
     }
 
+    /// Reaped (or its exit reported): its pid is not to be signalled.
+    pub(super) fn is_reaped(&self) -> bool {
+        self.reaped
+    }
+
     /// Running and not reaped: its pid is still its own.
     pub(super) fn live(&self) -> bool {
         self.status == Status::RUNNING && !self.reaped
