@@ -16,6 +16,7 @@ const PROTOS: &[&str] = &[
     "proto/runtimeoptions/runtimeoptions.proto",
     "proto/bootstrap/bootstrap.proto",
     "proto/types/introspection.proto",
+    "proto/vm/agent.proto",
 ];
 
 /// containerd's cgroup metrics (the `Stats` answer), generated without reflection: with it

@@ -42,6 +42,7 @@ generated!(
     cgroups_v2,
     bootstrap,
     introspection,
+    agent,
     descriptor,
     content,
     images,
@@ -57,6 +58,8 @@ generated!(shim_ttrpc, events_ttrpc);
 pub const TASK_SERVICE_V2: &str = "containerd.task.v2.Task";
 /// `containerd.task.v3.Task`: containerd 2.x asks for the same methods under this name.
 pub const TASK_SERVICE_V3: &str = "containerd.task.v3.Task";
+/// The micro-VM guest agent's own calls ([`agent`]), served beside the task service.
+pub const AGENT_SERVICE: &str = "shim.vm.agent.v1.Agent";
 
 /// containerd's own gRPC services on its main socket (the shim's `-address`), for shims that
 /// read images and content. Messages: [`content`], [`images`], [`containers`], [`leases`].
