@@ -317,10 +317,16 @@ pub trait Backend: Send + Sync + 'static {
         Err(Error::Unimplemented("CloseIO".into()))
     }
 
-    /// Resizes a terminal the SDK does not hold itself (a VM guest's, say).
+    /// Resizes a terminal the SDK does not hold itself (a VM guest's, say) — or, for a
+    /// backend whose processes are elsewhere ([`Backend::HOST_PROCESSES`] `= false`), the
+    /// one behind the pty it relays (the SDK has resized that pty already).
     fn resize_pty(&self, _c: &Self::Container, _exec_id: &str, _w: u32, _h: u32) -> Result<()> {
         Err(Error::Unimplemented("ResizePty".into()))
     }
+
+    /// The daemon is about to exit, its containers deleted (`Shutdown`) or not (a
+    /// signal): stop what the backend runs beside them — a VM. The default has nothing.
+    fn shutdown(&self) {}
 
     /// The `delete` action: containerd found the shim dead and asks the binary to remove
     /// whatever the dead daemon left for container `id` in `bundle`, created with `options`.

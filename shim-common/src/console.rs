@@ -19,6 +19,28 @@ use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 use crate::error::{Context, Error, Result};
 use crate::stdio::{Drain, StdinFifo, StdioPaths};
 
+/// Plays the runtime's part: sends `master` over the console socket at `path`, as runc
+/// does. For a backend that makes the pty itself — one relaying a terminal that lives
+/// elsewhere (a VM guest's) through a host pty the SDK then serves as any other.
+pub fn send_master(path: &Path, master: &OwnedFd) -> Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage};
+    let conn = std::os::unix::net::UnixStream::connect(path)
+        .with_context(|| format!("connect console socket {}", path.display()))?;
+    let fds = [master.as_raw_fd()];
+    sendmsg::<()>(
+        conn.as_raw_fd(),
+        &[std::io::IoSlice::new(b"/dev/ptmx")],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .map_err(|e| Error::Sys {
+        context: format!("send the pty master over {}", path.display()),
+        source: e,
+    })?;
+    Ok(())
+}
+
 /// A listening socket for one process's pty master; its file is removed on drop.
 pub struct ConsoleSocket {
     listener: UnixListener,
@@ -202,25 +224,13 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<()> {
 mod tests {
     use super::*;
     use nix::pty::openpty;
-    use nix::sys::socket::{sendmsg, ControlMessage};
-    use std::io::IoSlice;
-    use std::os::unix::net::UnixStream;
 
     #[test]
     fn master_arrives_over_the_socket_and_resize_applies() {
         let sock = ConsoleSocket::new().unwrap();
         let pty = openpty(None, None).unwrap();
         // Play the runtime: connect and send the master with SCM_RIGHTS.
-        let conn = UnixStream::connect(sock.path()).unwrap();
-        let fds = [pty.master.as_raw_fd()];
-        sendmsg::<()>(
-            conn.as_raw_fd(),
-            &[IoSlice::new(b"/dev/ptmx")],
-            &[ControlMessage::ScmRights(&fds)],
-            MsgFlags::empty(),
-            None,
-        )
-        .unwrap();
+        send_master(sock.path(), &pty.master).unwrap();
         let master = sock.receive_master(Duration::from_secs(5)).unwrap();
         let console = Console::start(master, &StdioPaths::default()).unwrap();
         console.resize(132, 43).unwrap();

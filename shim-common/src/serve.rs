@@ -43,7 +43,7 @@ fn server<B: Backend>(
     extra: rpc::Methods,
     before_shutdown: impl Fn() + Send + Sync + 'static,
     stop: Sender<Why>,
-) -> Result<rpc::Server> {
+) -> Result<(rpc::Server, Box<dyn Fn() + Send + Sync>)> {
     let exits = match reaper {
         Some(reaper) if B::HOST_PROCESSES => Exits::reaped(reaper),
         _ => Exits::reported(),
@@ -61,9 +61,10 @@ fn server<B: Backend>(
         }),
         exits,
     )?;
+    let stopper = service.stopper();
     let mut methods = service.methods();
     methods.extend(extra);
-    Ok(rpc::Server::new(methods))
+    Ok((rpc::Server::new(methods), stopper))
 }
 
 /// Serves the task service of backend `B` on `stream`, an already-connected byte stream (a
@@ -107,7 +108,7 @@ pub fn serve_on<B: Backend>(
     methods: rpc::Methods,
 ) -> Result<()> {
     let (tx, rx) = mpsc::channel();
-    let server = server::<B>(ctx, publisher, reaper, methods, || {}, tx.clone())?;
+    let (server, stop_backend) = server::<B>(ctx, publisher, reaper, methods, || {}, tx.clone())?;
     let idle = server.idle();
     // To end a socket's connection after a Shutdown; the server owns `stream` itself.
     let raw = stream.as_raw_fd();
@@ -129,6 +130,7 @@ pub fn serve_on<B: Backend>(
         // SAFETY: shutdown(2) on an fd this function owns.
         unsafe { libc::shutdown(peer.as_raw_fd(), libc::SHUT_RDWR) };
     }
+    stop_backend();
     Ok(())
 }
 
@@ -151,7 +153,7 @@ pub fn serve<B: Backend>(flags: &Flags) -> Result<()> {
     // Runs while the service refuses new containers: once the name is gone, the next
     // `start` of this group binds it afresh instead of finding a shim about to exit.
     let before_shutdown = move || remove_socket(&address);
-    let server = server::<B>(
+    let (server, stop_backend) = server::<B>(
         context(flags),
         publisher.clone(),
         Some(reaper),
@@ -176,6 +178,7 @@ pub fn serve<B: Backend>(flags: &Flags) -> Result<()> {
     if !idle.wait(ANSWER_GRACE) {
         log::warn!("exiting with requests still being handled");
     }
+    stop_backend();
     publisher.close(Duration::from_secs(2));
     std::process::exit(0)
 }

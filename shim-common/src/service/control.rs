@@ -101,7 +101,17 @@ impl<B: Backend> Inner<B> {
         let c = lock(&cell.state);
         let p = c.process(&req.exec_id)?;
         match &p.io {
-            Some(Io::Console(console)) => console.resize(req.width, req.height),
+            Some(Io::Console(console)) => {
+                console.resize(req.width, req.height)?;
+                if B::HOST_PROCESSES {
+                    return Ok(());
+                }
+                // The pty relays a terminal elsewhere (a VM guest's): resize that one too.
+                let runtime = c.runtime.clone();
+                drop(c);
+                let (w, h) = (req.width, req.height);
+                self.backend.resize_pty(&runtime, &req.exec_id, w, h)
+            }
             // Nothing to resize, and no error: containerd's runc shim does the same, and
             // clients resize without asking first.
             _ if !p.paths.terminal => Ok(()),

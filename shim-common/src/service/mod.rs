@@ -174,6 +174,12 @@ impl<B: Backend> TaskService<B> {
         rpc::Server::new(self.methods())
     }
 
+    /// What the daemon calls as it exits: the backend's [`Backend::shutdown`].
+    pub fn stopper(&self) -> Box<dyn Fn() + Send + Sync> {
+        let inner = self.inner.clone();
+        Box::new(move || inner.backend.shutdown())
+    }
+
     /// The ttrpc method table, under both `containerd.task.v2.Task` and
     /// `containerd.task.v3.Task` (containerd 2.x). `Wait` is answered when the process
     /// exits rather than by a thread blocked until then.
