@@ -26,6 +26,7 @@ pub mod image;
 pub mod output;
 pub mod shim_client;
 pub mod soak;
+pub mod terminal;
 pub mod wasm_fixture;
 pub mod wasm_image;
 pub mod wasm_modules;

@@ -10,85 +10,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use integration::checks::wait_until;
-use integration::containerd::CTR_BINARY;
 use integration::fixture::with_our_shims;
+use integration::terminal::Terminal;
 use integration::shim_client::{connect, ctx, process_spec};
 use integration::{unique_id, Containerd, BUSYBOX_REF};
 use protocol::shim::{
     DeleteRequest, ExecProcessRequest, ResizePtyRequest, StartRequest, StateRequest, WaitRequest,
 };
-
-/// `ctr <args>` on a fresh pty of `rows`×`cols`; returns the child, the master for typing,
-/// and everything ctr's terminal showed so far.
-struct Terminal {
-    child: Child,
-    master: File,
-    screen: Arc<Mutex<String>>,
-}
-
-impl Terminal {
-    fn run(c: &Containerd, args: &[&str], rows: u16, cols: u16) -> Terminal {
-        let ws = libc::winsize {
-            ws_row: rows,
-            ws_col: cols,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
-        };
-        let pty = nix::pty::openpty(Some(&ws), None).expect("openpty");
-        let slave: OwnedFd = pty.slave;
-        let mut cmd = Command::new(CTR_BINARY);
-        cmd.arg("--address")
-            .arg(c.address())
-            .args(["--namespace", c.namespace()])
-            .args(args)
-            .env("CONTAINERD_SNAPSHOTTER", c.snapshotter())
-            .stdin(Stdio::from(slave.try_clone().unwrap()))
-            .stdout(Stdio::from(slave.try_clone().unwrap()))
-            .stderr(Stdio::from(slave));
-        let child = cmd.spawn().expect("spawn ctr");
-        let master = File::from(pty.master);
-        let screen = Arc::new(Mutex::new(String::new()));
-        let (mut reader, sink) = (master.try_clone().unwrap(), screen.clone());
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n @ 1..) = reader.read(&mut buf) {
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        Terminal {
-            child,
-            master,
-            screen,
-        }
-    }
-
-    fn screen(&self) -> String {
-        self.screen.lock().unwrap().clone()
-    }
-
-    fn wait_for(&self, text: &str) -> bool {
-        wait_until(Duration::from_secs(20), || self.screen().contains(text))
-    }
-
-    fn type_line(&mut self, line: &str) {
-        self.master.write_all(line.as_bytes()).unwrap();
-        self.master.write_all(b"\r").unwrap();
-    }
-
-    fn exit_code(&mut self) -> Option<i32> {
-        let mut code = None;
-        wait_until(Duration::from_secs(20), || match self.child.try_wait() {
-            Ok(Some(s)) => {
-                code = s.code();
-                true
-            }
-            _ => false,
-        });
-        code
-    }
-}
 
 #[test]
 fn run_with_a_terminal_sizes_it_and_takes_input() {
