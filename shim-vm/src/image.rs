@@ -188,14 +188,19 @@ impl Builder {
             modules: Vec::new(),
         };
         if GuestImage::locate(&dir).is_err() {
-            let tmp = self
-                .cache
-                .join(format!(".build-{hash}-{}", std::process::id()));
+            let tmp = self.cache.join(format!(".build-{hash}-{}", unique()));
             let result = self.assemble(&deb, &files, &tmp, &mut built);
             let result = result.and_then(|()| {
+                // A half-written directory of a killed build is replaced; a complete one that
+                // a concurrent build of the same inputs just moved in is as good as ours.
+                if GuestImage::locate(&dir).is_ok() {
+                    return Ok(());
+                }
                 let _ = fs::remove_dir_all(&dir);
-                fs::rename(tmp.join("out"), &dir)
-                    .with_context(|| format!("move the image into {}", dir.display()))
+                match fs::rename(tmp.join("out"), &dir) {
+                    Err(_) if GuestImage::locate(&dir).is_ok() => Ok(()),
+                    r => r.with_context(|| format!("move the image into {}", dir.display())),
+                }
             });
             let _ = fs::remove_dir_all(&tmp);
             result?;
@@ -203,7 +208,7 @@ impl Builder {
         }
         if let Some(name) = &self.link {
             let link = self.cache.join(name);
-            let tmp = self.cache.join(format!(".{name}.{}", std::process::id()));
+            let tmp = self.cache.join(format!(".{name}.{}", unique()));
             let _ = fs::remove_file(&tmp);
             std::os::unix::fs::symlink(&hash, &tmp)
                 .with_context(|| format!("link {}", tmp.display()))?;
@@ -335,6 +340,13 @@ impl Builder {
     }
 }
 
+/// A name no other build (in this process or another) uses for its temporary files.
+fn unique() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}-{n}", std::process::id())
+}
+
 fn hash_file(h: &mut Sha256, path: &Path) -> Result<()> {
     let mut f = fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
     let mut buf = vec![0u8; 1 << 20];
@@ -403,7 +415,7 @@ fn kernel_deb(debs: &Path) -> Result<PathBuf> {
     if let Some(deb) = cached(&name) {
         return Ok(deb);
     }
-    let dl = debs.join(format!(".download-{}", std::process::id()));
+    let dl = debs.join(format!(".download-{}", unique()));
     fs::create_dir_all(&dl).with_context(|| format!("create {}", dl.display()))?;
     let result = run_tool(
         Command::new("apt-get")
