@@ -2,7 +2,9 @@
 #   make demo   installs what is missing, builds, runs containers through our shims
 #   make test   installs what is missing, builds once, runs every test
 TARGET  := x86_64-unknown-linux-gnu
-BIN_DIR := $(CURDIR)/target/$(TARGET)/release
+# CARGO_TARGET_DIR, when set, is where cargo puts everything (and so where the binaries are).
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
+BIN_DIR := $(TARGET_DIR)/$(TARGET)/release
 # wasmtime 48 needs 1.95 (the workspace's rust-version).
 RUST_MIN := 1.95
 # Every Debian package that `make demo`, `make test` and `make bench` need; README.md says
@@ -19,21 +21,49 @@ APT_PKGS := \
 	containernetworking-plugins \
 	iproute2 \
 	criu \
-	clang lld wasi-libc libclang-rt-14-dev-wasm32
+	clang lld wasi-libc libclang-rt-14-dev-wasm32 \
+	kmod libcap-ng-dev
+# Installed without their Recommends: QEMU's pull in ~150 packages (firmware, GUI libraries)
+# that a headless microvm never uses.
+APT_PKGS_NO_RECOMMENDS := qemu-system-x86
+# The micro-VM shim's guest image (shim-vm-image) and its virtiofsd.
+VM_CACHE  := $(CURDIR)/target/vm-guest
+VIRTIOFSD_VERSION := 1.14.0
+VIRTIOFSD := $(CURDIR)/target/virtiofsd/bin/virtiofsd
 export SHIM_BIN_DIR := $(BIN_DIR)
+export SHIM_VM_CACHE := $(VM_CACHE)
 # The tests and the build steps print names of things that failed; colour codes only hide them in logs.
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: demo test bench deps build fmt lint install check-freebsd
+.PHONY: demo test bench deps build guest guest-image virtiofsd fmt lint install check-freebsd
 
 deps:
-	@scripts/deps.sh $(RUST_MIN) $(APT_PKGS)
+	@scripts/deps.sh $(RUST_MIN) $(APT_PKGS) --no-recommends $(APT_PKGS_NO_RECOMMENDS)
 
 # Binaries, test harnesses and examples (the skeleton shim, in $(BIN_DIR)/examples) in one
 # invocation: built separately, cargo resolves dev-dependency features differently and
 # rebuilds most crates for the tests.
-build: deps
+build: deps virtiofsd
 	@scripts/step.sh build cargo build --release --workspace --bins --tests --examples
+	@$(MAKE) --no-print-directory guest-image
+
+# The micro-VM shim's guest image alone: builds only what it needs (the agent, the builder).
+guest: deps
+	@scripts/step.sh build cargo build --release -p shim-vm --bin shim-vm-agent --bin shim-vm-image
+	@$(MAKE) --no-print-directory guest-image
+
+# Kernel and initramfs from Debian packages, in $(VM_CACHE)/<hash of the inputs>, installed as
+# $(BIN_DIR)/vm-guest (where the shim looks); does nothing when no input changed.
+guest-image:
+	$(BIN_DIR)/shim-vm-image --init $(BIN_DIR)/shim-vm-agent --cache $(VM_CACHE) --install $(BIN_DIR)
+
+# virtiofsd is not packaged in bookworm: built from crates.io once, outside the workspace (its
+# .cargo/config.toml would make it static), and put next to the shim, where it looks for it.
+virtiofsd: deps $(VIRTIOFSD)
+	@mkdir -p $(BIN_DIR)
+	@ln -sfn $(VIRTIOFSD) $(BIN_DIR)/virtiofsd
+$(VIRTIOFSD):
+	@scripts/step.sh virtiofsd sh -c 'cd / && cargo install --locked --root $(CURDIR)/target/virtiofsd virtiofsd@$(VIRTIOFSD_VERSION)'
 
 demo: build
 	$(BIN_DIR)/shim-demo

@@ -3,7 +3,10 @@
 # Debian package the build, the tests, the demo and the benchmarks need. Idempotent: a package
 # already installed is not touched, and nothing runs apt when nothing is missing.
 #
-#   scripts/deps.sh MIN_RUST_VERSION PACKAGE...
+#   scripts/deps.sh MIN_RUST_VERSION PACKAGE... [--no-recommends PACKAGE...]
+#
+# Packages after `--no-recommends` are installed without their Recommends (apt's
+# --no-install-recommends); those before it as apt installs them by default.
 set -euo pipefail
 
 min=$1
@@ -25,19 +28,32 @@ fi
 command -v apt-get >/dev/null || fail "apt-get not found: these steps are written for Debian 12 (bookworm)"
 
 missing=()
+missing_norec=()
+norec=
 for p in "$@"; do
-	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
+	if [ "$p" = --no-recommends ]; then
+		norec=1
+		continue
+	fi
+	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' && continue
+	if [ -n "$norec" ]; then missing_norec+=("$p"); else missing+=("$p"); fi
 done
-[ ${#missing[@]} -eq 0 ] && exit 0
+[ ${#missing[@]} -eq 0 ] && [ ${#missing_norec[@]} -eq 0 ] && exit 0
 
-echo "make deps: installing ${missing[*]}"
+all=("${missing[@]}" "${missing_norec[@]}")
+echo "make deps: installing ${all[*]}"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-if ! { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"; } >"$log" 2>&1; then
+install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@"; }
+if ! {
+	apt-get update -q &&
+		{ [ ${#missing[@]} -eq 0 ] || install "${missing[@]}"; } &&
+		{ [ ${#missing_norec[@]} -eq 0 ] || install --no-install-recommends "${missing_norec[@]}"; }
+} >"$log" 2>&1; then
 	grep -E '^(E|W):' "$log" >&2 || tail -20 "$log" >&2
-	fail "apt-get could not install: ${missing[*]}"
+	fail "apt-get could not install: ${all[*]}"
 fi
-for p in "${missing[@]}"; do
+for p in "${all[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' ||
 		fail "package $p is still not installed after apt-get install"
 done

@@ -4,5 +4,6 @@
 
 pub mod boot;
 pub mod image;
+pub mod process;
 pub mod virtiofsd;
 pub mod vmm;

@@ -1,0 +1,73 @@
+//! A stand-in guest PID 1 for `tests/boot.rs`: runs `boot::setup`, opens the `agent` port,
+//! reports what it found as one JSON line, then answers `echo TEXT`, `cat PATH` and
+//! `poweroff`, one line each, until the host disconnects.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::process::Command;
+use std::time::Duration;
+
+use shim_vm::boot;
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("boot_probe: {e}");
+    }
+    let _ = boot::poweroff();
+}
+
+fn run() -> shim_common::Result<()> {
+    let booted = boot::setup()?;
+    let port = File::from(boot::port("agent", Duration::from_secs(30))?);
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_else(|e| format!("error: {e}"));
+    let crun = Command::new("/usr/bin/crun")
+        .arg("--version")
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
+        .unwrap_or_else(|e| format!("error: {e}"));
+    let runc = Command::new("/usr/sbin/runc")
+        .arg("--version")
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
+        .unwrap_or_else(|e| format!("error: {e}"));
+    let mountinfo = read("/proc/self/mountinfo");
+    let facts = serde_json::json!({
+        "modules": booted.modules,
+        "share": booted.share,
+        "virtiofs_mounted": mountinfo.lines().any(|l| l.contains(" - virtiofs ")),
+        "cgroup2_mounted": mountinfo.lines().any(|l| l.contains(" - cgroup2 ")),
+        "ptmx": std::fs::read_link("/dev/ptmx").map(|p| p.display().to_string()).unwrap_or_default(),
+        "shared_file": read("/run/shared/hello.txt"),
+        "crun": crun,
+        "runc": runc,
+        "uptime": read("/proc/uptime").split_whitespace().next().unwrap_or("").to_string(),
+    });
+    let mut out = port
+        .try_clone()
+        .map_err(|e| shim_common::Error::Runtime(e.to_string()))?;
+    // Blocks until the host connects to the port's socket.
+    writeln!(out, "{facts}").map_err(|e| shim_common::Error::Runtime(e.to_string()))?;
+    for line in BufReader::new(port).lines() {
+        let Ok(line) = line else { break };
+        let reply = match line.split_once(' ') {
+            Some(("echo", text)) => text.to_string(),
+            Some(("cat", path)) => read(path).trim_end().to_string(),
+            _ if line == "poweroff" => break,
+            _ => format!("unknown: {line}"),
+        };
+        writeln!(out, "{reply}").map_err(|e| shim_common::Error::Runtime(e.to_string()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,130 @@
+//! A helper process of the host shim (QEMU, virtiofsd): spawned through the SDK's reaper,
+//! watched through a pidfd, so that waiting with a timeout and killing never race the
+//! subreaper's `waitpid(-1)` nor hit a reused pid.
+
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use shim_common::{reaper, Context, Result};
+
+/// A running (or exited, not yet dropped) child.
+#[derive(Debug)]
+pub struct Process {
+    child: Child,
+    pidfd: OwnedFd,
+    exited: bool,
+    name: String,
+}
+
+impl Process {
+    /// Spawns `cmd` via [`reaper::spawn`]; `name` is for errors.
+    pub fn spawn(cmd: &mut Command, name: &str) -> std::io::Result<Process> {
+        let child = reaper::spawn(cmd)?;
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) };
+        if fd < 0 {
+            let e = std::io::Error::last_os_error();
+            let mut child = child;
+            let _ = child.kill();
+            if reaper::installed().is_none() {
+                let _ = child.wait();
+            }
+            return Err(e);
+        }
+        Ok(Process {
+            child,
+            // SAFETY: a fresh fd that nothing else owns.
+            pidfd: unsafe { OwnedFd::from_raw_fd(fd as i32) },
+            exited: false,
+            name: name.to_string(),
+        })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits up to `timeout` for the process to exit; true once it has (and is reaped, or
+    /// left to the installed reaper).
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Result<bool> {
+        if self.exited {
+            return Ok(true);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let ms = PollTimeout::try_from(left.as_millis().min(60_000) as i32)
+                .unwrap_or(PollTimeout::MAX);
+            let mut fds = [PollFd::new(self.pidfd.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, ms) {
+                Ok(0) if left.is_zero() => return Ok(false),
+                Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+                Ok(_) => break,
+                Err(e) => return Err(e).with_context(|| format!("wait for {}", self.name)),
+            }
+        }
+        self.exited = true;
+        // With a subreaper installed, its waitpid(-1) collects the zombie; otherwise we must.
+        if reaper::installed().is_none() {
+            let _ = self.child.wait();
+        }
+        Ok(true)
+    }
+
+    /// Whether it has exited (without waiting).
+    pub fn has_exited(&mut self) -> bool {
+        self.wait_timeout(Duration::ZERO).unwrap_or(false)
+    }
+
+    /// Sends `signal` through the pidfd (never to a reused pid).
+    pub fn signal(&self, signal: libc::c_int) -> Result<()> {
+        if self.exited {
+            return Ok(());
+        }
+        // SAFETY: pidfd_send_signal(pidfd, sig, NULL info, 0 flags).
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.pidfd.as_raw_fd(),
+                signal,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ESRCH) {
+                return Ok(());
+            }
+            return Err(e).with_context(|| format!("signal {}", self.name));
+        }
+        Ok(())
+    }
+
+    /// SIGKILL, then waits (bounded) for it to be gone.
+    pub fn kill(&mut self) -> Result<()> {
+        self.signal(libc::SIGKILL)?;
+        self.wait_timeout(Duration::from_secs(5))?;
+        Ok(())
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited within `timeout`.
+    pub fn terminate(&mut self, timeout: Duration) -> Result<()> {
+        self.signal(libc::SIGTERM)?;
+        if !self.wait_timeout(timeout)? {
+            self.kill()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if !self.exited {
+            let _ = self.kill();
+        }
+    }
+}
