@@ -1,0 +1,635 @@
+//! The guest's half of stdio: for each process, fifos that the guest task service opens as
+//! if they were containerd's, and the agent's calls that carry their bytes to the host.
+//!
+//! Output is pulled: the host keeps one `ReadStdio` pending per stream, answered as soon
+//! as the fifo has bytes (all that gathered meanwhile, up to [`CHUNK`]). A host that
+//! stops asking leaves at most [`BUFFERED`] bytes here, then the fifo fills and the guest
+//! task service's copy waits: nothing is dropped. Input is pushed: `WriteStdin` is
+//! answered at once while fewer than [`BUFFERED`] bytes wait for the process, later
+//! otherwise. Pending answers cost no thread ([`Reply`]).
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use protobuf::well_known_types::empty::Empty;
+use protocol::agent::{
+    OpenStdioRequest, OpenStdioResponse, ReadStdioRequest, ReadStdioResponse, StdioRequest, Stream,
+    WriteStdinRequest,
+};
+use shim_common::rpc::{self, decode, Methods, Reply};
+use shim_common::{Context, Error, Result};
+
+/// The most one `ReadStdio` answer carries.
+pub const CHUNK: usize = 1 << 20;
+/// Bytes of one stream held in the agent, beyond the fifo's own buffer.
+pub const BUFFERED: usize = 4 << 20;
+
+/// One process: its container and exec id (empty for the init).
+type Key = (String, String);
+
+/// The stdio of every process, by container and exec id.
+pub struct Streams {
+    dir: PathBuf,
+    procs: Mutex<HashMap<Key, Arc<Carried>>>,
+}
+
+/// What one process's stdio is carried through.
+struct Carried {
+    dir: PathBuf,
+    stdin: Option<Arc<Inbound>>,
+    stdout: Option<Arc<Outbound>>,
+    stderr: Option<Arc<Outbound>>,
+}
+
+impl Streams {
+    /// Stdio whose fifos live under `dir` (a tmpfs of the guest).
+    pub fn new(dir: &Path) -> Arc<Streams> {
+        Arc::new(Streams {
+            dir: dir.to_path_buf(),
+            procs: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The agent's stdio methods, to serve beside the task service.
+    pub fn methods(self: &Arc<Self>) -> Methods {
+        let mut m = Methods::new();
+        let method = |name: &str| format!("/{}/{name}", protocol::AGENT_SERVICE);
+        let me = self.clone();
+        m.insert(
+            method("OpenStdio"),
+            rpc::unary(move |req: OpenStdioRequest| Ok(me.open(&req)?)),
+        );
+        let me = self.clone();
+        m.insert(
+            method("ReadStdio"),
+            Box::new(move |req, reply| match decode::<ReadStdioRequest>(&req) {
+                Ok(req) => me.read(&req, reply),
+                Err(e) => reply.send::<Empty>(Err(e)),
+            }),
+        );
+        let me = self.clone();
+        m.insert(
+            method("WriteStdin"),
+            Box::new(move |req, reply| match decode::<WriteStdinRequest>(&req) {
+                Ok(req) => me.write(req, reply),
+                Err(e) => reply.send::<Empty>(Err(e)),
+            }),
+        );
+        let me = self.clone();
+        m.insert(
+            method("CloseStdin"),
+            rpc::unary(move |req: StdioRequest| {
+                let carried = me.get(&req.container_id, &req.exec_id)?;
+                if let Some(stdin) = &carried.stdin {
+                    stdin.close();
+                }
+                Ok(Empty::new())
+            }),
+        );
+        let me = self.clone();
+        m.insert(
+            method("CloseStdio"),
+            rpc::unary(move |req: StdioRequest| {
+                me.forget(&req.container_id, &req.exec_id);
+                Ok(Empty::new())
+            }),
+        );
+        m
+    }
+
+    /// Makes the process's fifos and starts carrying them. A second open of one process
+    /// replaces the first (a Create retried after a failure).
+    fn open(&self, req: &OpenStdioRequest) -> Result<OpenStdioResponse> {
+        let key = (req.container_id.clone(), req.exec_id.clone());
+        self.forget(&key.0, &key.1);
+        let exec = if req.exec_id.is_empty() {
+            "init"
+        } else {
+            &req.exec_id
+        };
+        for part in [&req.container_id, &req.exec_id] {
+            if part.contains('/') || part.starts_with('.') {
+                return Err(Error::InvalidArgument(format!("bad process id {part:?}")));
+            }
+        }
+        let dir = self.dir.join(&req.container_id).join(exec);
+        fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        let opened = (|| -> Result<(Carried, OpenStdioResponse)> {
+            let mut res = OpenStdioResponse::new();
+            let mut carried = Carried {
+                dir: dir.clone(),
+                stdin: None,
+                stdout: None,
+                stderr: None,
+            };
+            if req.stdin {
+                let path = make_fifo(&dir, "stdin")?;
+                carried.stdin = Some(Inbound::start(path.clone())?);
+                res.stdin = path_string(&path);
+            }
+            if req.stdout {
+                let path = make_fifo(&dir, "stdout")?;
+                carried.stdout = Some(Outbound::start(&path)?);
+                res.stdout = path_string(&path);
+            }
+            if req.stderr {
+                let path = make_fifo(&dir, "stderr")?;
+                carried.stderr = Some(Outbound::start(&path)?);
+                res.stderr = path_string(&path);
+            }
+            Ok((carried, res))
+        })();
+        match opened {
+            Ok((carried, res)) => {
+                lock(&self.procs).insert(key, Arc::new(carried));
+                Ok(res)
+            }
+            Err(e) => {
+                let _ = fs::remove_dir_all(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    fn get(&self, container: &str, exec: &str) -> Result<Arc<Carried>> {
+        lock(&self.procs)
+            .get(&(container.to_string(), exec.to_string()))
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("stdio of {container}/{exec:?}")))
+    }
+
+    fn read(&self, req: &ReadStdioRequest, reply: Reply) {
+        let stream = self.get(&req.container_id, &req.exec_id).and_then(|c| {
+            let s = match req.stream.enum_value_or_default() {
+                Stream::STDOUT => c.stdout.clone(),
+                Stream::STDERR => c.stderr.clone(),
+            };
+            s.ok_or_else(|| Error::NotFound(format!("{:?} of {}", req.stream, req.container_id)))
+        });
+        match stream {
+            Ok(stream) => stream.ask(reply),
+            Err(e) => reply.send::<Empty>(Err(e.into())),
+        }
+    }
+
+    fn write(&self, req: WriteStdinRequest, reply: Reply) {
+        let stdin = self.get(&req.container_id, &req.exec_id).and_then(|c| {
+            c.stdin
+                .clone()
+                .ok_or_else(|| Error::NotFound(format!("stdin of {}", req.container_id)))
+        });
+        match stdin {
+            Ok(stdin) => stdin.push(req.data, reply),
+            Err(e) => reply.send::<Empty>(Err(e.into())),
+        }
+    }
+
+    /// Stops carrying a process's stdio and removes its fifos.
+    fn forget(&self, container: &str, exec: &str) {
+        let gone = lock(&self.procs).remove(&(container.to_string(), exec.to_string()));
+        if let Some(carried) = gone {
+            if let Some(s) = &carried.stdin {
+                s.abandon();
+            }
+            for s in [&carried.stdout, &carried.stderr].into_iter().flatten() {
+                s.abandon();
+            }
+            let _ = fs::remove_dir_all(&carried.dir);
+        }
+    }
+}
+
+fn make_fifo(dir: &Path, name: &str) -> Result<PathBuf> {
+    let path = dir.join(name);
+    let _ = fs::remove_file(&path);
+    nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600))
+        .map_err(std::io::Error::from)
+        .with_context(|| format!("mkfifo {}", path.display()))?;
+    Ok(path)
+}
+
+fn path_string(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One output stream: a fifo the task service writes, read here until every writer closed.
+struct Outbound {
+    state: Mutex<Out>,
+    room: Condvar,
+    /// Written to (or closed) to stop the reader early.
+    stop: File,
+}
+
+#[derive(Default)]
+struct Out {
+    buf: VecDeque<u8>,
+    eof: bool,
+    /// The host's pending `ReadStdio`.
+    waiting: Option<Reply>,
+    abandoned: bool,
+}
+
+impl Outbound {
+    /// Opens `path` for reading (without waiting for a writer) and starts the reader.
+    fn start(path: &Path) -> Result<Arc<Outbound>> {
+        let fifo = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .with_context(|| format!("open {}", path.display()))?;
+        let (stop_r, stop_w) = std::io::pipe().context("create stop pipe")?;
+        let out = Arc::new(Outbound {
+            state: Mutex::new(Out::default()),
+            room: Condvar::new(),
+            stop: File::from(std::os::fd::OwnedFd::from(stop_w)),
+        });
+        let me = out.clone();
+        let name = format!("out:{}", path.display());
+        std::thread::Builder::new()
+            .name(name)
+            .spawn(move || me.carry(fifo, stop_r))
+            .context("spawn stdio reader")?;
+        Ok(out)
+    }
+
+    /// Reads the fifo until its writers are gone (the process and everything sharing its
+    /// output exited). Before the first writer, a fifo polls neither readable nor hung up.
+    fn carry(&self, mut fifo: File, stop: std::io::PipeReader) {
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            let mut fds = [
+                PollFd::new(fifo.as_fd(), PollFlags::POLLIN),
+                PollFd::new(stop.as_fd(), PollFlags::POLLIN),
+            ];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    log::warn!("poll stdio fifo: {e}");
+                    break;
+                }
+            }
+            if fds[1].any().unwrap_or(true) {
+                break;
+            }
+            let n = match fifo.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::warn!("read stdio fifo: {e}");
+                    break;
+                }
+            };
+            let mut s = lock(&self.state);
+            s.buf.extend(&chunk[..n]);
+            if let Some(reply) = s.waiting.take() {
+                reply.send(Ok(Self::take(&mut s)));
+            }
+            while s.buf.len() >= BUFFERED && !s.abandoned {
+                s = self.room.wait(s).unwrap_or_else(|e| e.into_inner());
+            }
+            if s.abandoned {
+                break;
+            }
+        }
+        let mut s = lock(&self.state);
+        s.eof = true;
+        if let Some(reply) = s.waiting.take() {
+            reply.send(Ok(Self::take(&mut s)));
+        }
+    }
+
+    /// Up to [`CHUNK`] of what gathered; eof once nothing is left after it.
+    fn take(s: &mut Out) -> ReadStdioResponse {
+        let n = s.buf.len().min(CHUNK);
+        let data: Vec<u8> = s.buf.drain(..n).collect();
+        ReadStdioResponse {
+            data,
+            eof: s.eof && s.buf.is_empty(),
+            ..Default::default()
+        }
+    }
+
+    /// A `ReadStdio`: answered now if there is something to say, else when there is. A
+    /// second one replaces the first, whose caller gave up on it.
+    fn ask(&self, reply: Reply) {
+        let mut s = lock(&self.state);
+        if !s.buf.is_empty() || s.eof {
+            let res = Self::take(&mut s);
+            drop(s);
+            self.room.notify_all();
+            reply.send(Ok(res));
+        } else {
+            s.waiting = Some(reply);
+        }
+    }
+
+    fn abandon(&self) {
+        let mut s = lock(&self.state);
+        s.abandoned = true;
+        s.buf.clear();
+        drop(s);
+        self.room.notify_all();
+        let _ = (&self.stop).write_all(b"x");
+    }
+}
+
+/// A process's stdin: bytes from the host written into the fifo the task service reads.
+struct Inbound {
+    path: PathBuf,
+    state: Mutex<In>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct In {
+    queue: VecDeque<Vec<u8>>,
+    queued: usize,
+    /// A `WriteStdin` answered once the queue is below [`BUFFERED`].
+    parked: Option<Reply>,
+    closed: bool,
+    /// The process's side is gone: what comes is dropped.
+    broken: bool,
+}
+
+impl Inbound {
+    fn start(path: PathBuf) -> Result<Arc<Inbound>> {
+        let me = Arc::new(Inbound {
+            path,
+            state: Mutex::new(In::default()),
+            changed: Condvar::new(),
+        });
+        let it = me.clone();
+        std::thread::Builder::new()
+            .name("stdin".into())
+            .spawn(move || it.carry())
+            .context("spawn stdin writer")?;
+        Ok(me)
+    }
+
+    fn carry(&self) {
+        // Waits for the task service to open its reader (at Create or Exec).
+        let mut fifo = match OpenOptions::new().write(true).open(&self.path) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                log::warn!("open {}: {e}", self.path.display());
+                None
+            }
+        };
+        loop {
+            let mut s = lock(&self.state);
+            while s.queue.is_empty() && !s.closed {
+                s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+            }
+            let Some(data) = s.queue.pop_front() else {
+                break; // closed, and everything written
+            };
+            drop(s);
+            let ok = match fifo.as_mut() {
+                Some(f) => f.write_all(&data).is_ok(),
+                None => false,
+            };
+            let mut s = lock(&self.state);
+            s.queued -= data.len();
+            if !ok {
+                s.broken = true;
+                s.queue.clear();
+                s.queued = 0;
+            }
+            if s.queued < BUFFERED {
+                if let Some(reply) = s.parked.take() {
+                    reply.send(Ok(Empty::new()));
+                }
+            }
+        }
+        // Dropping the writer: the task service's copy sees EOF once its own is closed.
+        drop(fifo);
+    }
+
+    fn push(&self, data: Vec<u8>, reply: Reply) {
+        let mut s = lock(&self.state);
+        if s.closed {
+            drop(s);
+            let msg = format!("{}: stdin is closed", self.path.display());
+            return reply.send::<Empty>(Err(Error::FailedPrecondition(msg).into()));
+        }
+        if !s.broken {
+            s.queued += data.len();
+            s.queue.push_back(data);
+        }
+        let full = s.queued >= BUFFERED;
+        if full {
+            s.parked = Some(reply);
+            drop(s);
+            self.changed.notify_all();
+        } else {
+            drop(s);
+            self.changed.notify_all();
+            reply.send(Ok(Empty::new()));
+        }
+    }
+
+    fn close(&self) {
+        lock(&self.state).closed = true;
+        self.changed.notify_all();
+    }
+
+    /// Ends the writer even if no reader ever came: a reader of our own lets its open
+    /// return.
+    fn abandon(&self) {
+        {
+            let mut s = lock(&self.state);
+            s.closed = true;
+            s.broken = true;
+            s.queue.clear();
+            s.queued = 0;
+        }
+        self.changed.notify_all();
+        let _ = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shim_common::rpc::{Client, Server};
+    use std::os::unix::net::UnixStream;
+    use std::time::Duration;
+
+    const T: Duration = Duration::from_secs(20);
+
+    fn serve(dir: &Path) -> Client {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        Server::new(Streams::new(dir).methods())
+            .spawn(None, vec![theirs.into()])
+            .unwrap();
+        Client::new(ours.into()).unwrap()
+    }
+
+    fn call<M: protobuf::Message>(c: &Client, method: &str, req: &impl protobuf::Message) -> M {
+        c.call_as(protocol::AGENT_SERVICE, method, req, T).unwrap()
+    }
+
+    fn read_all(c: &Client, container: &str, stream: Stream) -> Vec<u8> {
+        let req = ReadStdioRequest {
+            container_id: container.into(),
+            stream: stream.into(),
+            ..Default::default()
+        };
+        let mut all = Vec::new();
+        loop {
+            let got: ReadStdioResponse = call(c, "ReadStdio", &req);
+            all.extend(got.data);
+            if got.eof {
+                return all;
+            }
+        }
+    }
+
+    fn open(c: &Client, id: &str) -> OpenStdioResponse {
+        call(
+            c,
+            "OpenStdio",
+            &OpenStdioRequest {
+                container_id: id.into(),
+                stdin: true,
+                stdout: true,
+                stderr: true,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// Plays the guest task service's side of an output fifo.
+    fn writer(path: &str) -> File {
+        OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .and_then(|f| {
+                nix::fcntl::fcntl(
+                    std::os::fd::AsRawFd::as_raw_fd(&f),
+                    nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_WRONLY),
+                )?;
+                Ok(f)
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn output_reaches_the_host_whole_and_in_order_then_eof() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = serve(tmp.path());
+        let paths = open(&c, "c1");
+        let (out, err) = (paths.stdout.clone(), paths.stderr.clone());
+        // 12 MiB: three times what the agent buffers, so the writer waits for the host.
+        let data: Vec<u8> = (0..12u32 << 20).map(|i| (i % 251) as u8).collect();
+        let expected = data.clone();
+        let w = std::thread::spawn(move || {
+            let mut f = writer(&out);
+            f.write_all(&data).unwrap();
+            writer(&err).write_all(b"oops\n").unwrap();
+        });
+        assert_eq!(read_all(&c, "c1", Stream::STDOUT), expected);
+        assert_eq!(read_all(&c, "c1", Stream::STDERR), b"oops\n");
+        w.join().unwrap();
+    }
+
+    #[test]
+    fn stdin_is_written_in_order_and_ends_at_close_stdin() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = serve(tmp.path());
+        let paths = open(&c, "c1");
+        let mut reader = OpenOptions::new().read(true).open(&paths.stdin).unwrap();
+        let req = |data: &[u8]| WriteStdinRequest {
+            container_id: "c1".into(),
+            data: data.to_vec(),
+            ..Default::default()
+        };
+        let big = vec![7u8; 6 << 20];
+        let got = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            reader.read_to_end(&mut all).unwrap();
+            all
+        });
+        let _: Empty = call(&c, "WriteStdin", &req(b"first "));
+        // More than the agent queues (no reader yet): the last answers wait for room.
+        for piece in big.chunks(1 << 20) {
+            let _: Empty = call(&c, "WriteStdin", &req(piece));
+        }
+        let _: Empty = call(&c, "WriteStdin", &req(b" last"));
+        let close = StdioRequest {
+            container_id: "c1".into(),
+            ..Default::default()
+        };
+        let _: Empty = call(&c, "CloseStdin", &close);
+        let all = got.join().unwrap();
+        assert_eq!(all.len(), 6 + big.len() + 5);
+        assert!(all.starts_with(b"first ") && all.ends_with(b" last"));
+        let e = c
+            .call(protocol::AGENT_SERVICE, "WriteStdin", &req(b"late"), T)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("stdin is closed"), "{e}");
+    }
+
+    #[test]
+    fn forgetting_a_process_answers_its_pending_read_and_removes_its_fifos() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = Arc::new(serve(tmp.path()));
+        let paths = open(&c, "c1");
+        // No writer ever comes (the Create failed): a pending read is answered at forget.
+        let c2 = c.clone();
+        let pending = std::thread::spawn(move || read_all(&c2, "c1", Stream::STDOUT));
+        let forget = StdioRequest {
+            container_id: "c1".into(),
+            ..Default::default()
+        };
+        // The read may not have arrived yet; forget answers it either way (eof) or it
+        // finds the process gone (NotFound), and both end the reader.
+        let _: Empty = call(&c, "CloseStdio", &forget);
+        match pending.join() {
+            Ok(data) => assert!(data.is_empty()),
+            Err(_) => {} // NotFound unwrap in read_all: the read came after the forget
+        }
+        assert!(!Path::new(&paths.stdout).exists());
+        let e = c
+            .call(
+                protocol::AGENT_SERVICE,
+                "ReadStdio",
+                &ReadStdioRequest {
+                    container_id: "c1".into(),
+                    ..Default::default()
+                },
+                T,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not found"), "{e}");
+        let bad = OpenStdioRequest {
+            container_id: "../x".into(),
+            stdout: true,
+            ..Default::default()
+        };
+        let e = c
+            .call(protocol::AGENT_SERVICE, "OpenStdio", &bad, T)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bad process id"), "{e}");
+    }
+}
