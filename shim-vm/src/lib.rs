@@ -1,9 +1,22 @@
 //! The micro-VM shim's parts: the guest image, the VMM that boots it, the guest's PID 1
-//! set-up, the agent that serves the SDK's task service inside it, and the host backend that
-//! forwards containerd's calls to that agent.
+//! set-up, the agent that serves the SDK's task service inside it, and the host backend
+//! that forwards containerd's calls to that agent.
+//!
+//! | where | what | module |
+//! |---|---|---|
+//! | host, shim | the SDK's task service with [`backend::VmBackend`] | `backend`, `pod`, `share`, `relay`, `guest` |
+//! | host, beside | QEMU `microvm`, `virtiofsd` for the shared directory | `vmm`, `virtiofsd` |
+//! | guest, PID 1 | the SDK's task service with the runc backend, stdio fifos | `agent`, `boot` |
 
+pub mod agent;
+pub mod backend;
 pub mod boot;
+pub mod guest;
 pub mod image;
+pub mod options;
+pub mod pod;
 pub mod process;
+pub mod relay;
+pub mod share;
 pub mod virtiofsd;
 pub mod vmm;

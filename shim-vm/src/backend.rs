@@ -1,0 +1,426 @@
+//! The host backend: every container of the group runs in the group's VM. The SDK keeps
+//! containerd's state machine and stdio on the host as for any backend; each call is
+//! forwarded to the guest's task service (the same SDK, with the runc backend) with only
+//! what crosses the VM boundary changed — the bundle (a share of the VM's shared
+//! directory) and the stdio (guest fifos, relayed).
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::sync::Arc;
+
+use protobuf::well_known_types::any::Any;
+use protobuf::well_known_types::empty::Empty;
+use protobuf::{Message, MessageField};
+use protocol::agent::{OpenStdioRequest, OpenStdioResponse, StdioRequest};
+use protocol::options::Options as RuncOptions;
+use protocol::shim::*;
+use shim_common::prelude::*;
+use shim_common::stdio::ChildStdio;
+
+use crate::guest::{Guest, CALL_TIMEOUT};
+use crate::options::VmOptions;
+use crate::pod::{self, Pod};
+use crate::relay::{self, Process};
+use crate::share::{self, Share};
+
+/// Where the `delete` action finds a container's VM after a crash: a file in its bundle.
+const VM_DIR_FILE: &str = "vm-dir";
+
+/// Runs each container group in a QEMU microvm.
+pub struct VmBackend {
+    pod: Arc<Pod>,
+}
+
+/// A container in the VM.
+pub struct Container {
+    id: String,
+    guest: Arc<Guest>,
+    share: std::path::PathBuf,
+}
+
+impl Backend for VmBackend {
+    type Container = Container;
+    type Options = VmOptions;
+    const HOST_PROCESSES: bool = false;
+
+    fn new(ctx: &ShimContext) -> Result<Self> {
+        Ok(VmBackend {
+            pod: Arc::new(Pod::new(
+                &ctx.address,
+                &ctx.namespace,
+                &ctx.id,
+                ctx.exits.clone(),
+            )),
+        })
+    }
+
+    fn create(&self, req: CreateRequest<'_, VmOptions>) -> Result<Created<Container>> {
+        if !req.checkpoint.is_empty() {
+            return Err(Error::Unimplemented("restore into a VM".into()));
+        }
+        let (annotations, limit) = sizing(req.bundle)?;
+        let size = req.options.size(&annotations, limit)?;
+        let guest = self.pod.guest(req.options, size)?;
+        let share = Share::create(&self.pod.shared(), req.id, req.bundle)?;
+        std::fs::write(
+            req.bundle.join(VM_DIR_FILE),
+            self.pod.dir().to_string_lossy().as_bytes(),
+        )
+        .context("record the VM's directory in the bundle")?;
+        let process = Process {
+            container: req.id.to_string(),
+            exec: String::new(),
+        };
+        let stdio = Stdio::open(
+            &guest,
+            &process,
+            req.terminal,
+            req.console_socket,
+            req.stdio,
+        )?;
+        let create = CreateTaskRequest {
+            id: req.id.to_string(),
+            bundle: share.guest_bundle().to_string(),
+            terminal: req.terminal,
+            stdin: stdio.paths.stdin.clone(),
+            stdout: stdio.paths.stdout.clone(),
+            stderr: stdio.paths.stderr.clone(),
+            options: MessageField::some(guest_options(req.options)?),
+            ..Default::default()
+        };
+        let created: CreateTaskResponse = match guest.task("Create", &create) {
+            Ok(c) => c,
+            Err(e) => {
+                stdio.forget(&guest, &process);
+                return Err(e);
+            }
+        };
+        stdio.relay(&guest, &process)?;
+        self.pod.started(created.pid);
+        Ok(Created {
+            container: Container {
+                id: req.id.to_string(),
+                guest,
+                share: share.keep(),
+            },
+            pid: Some(created.pid),
+        })
+    }
+
+    fn start(&self, c: &Container) -> Result<u32> {
+        let res: StartResponse = c.guest.task(
+            "Start",
+            &StartRequest {
+                id: c.id.clone(),
+                ..Default::default()
+            },
+        )?;
+        Ok(res.pid)
+    }
+
+    fn exec(&self, c: &Container, req: ExecRequest<'_>) -> Result<u32> {
+        let process = Process {
+            container: c.id.clone(),
+            exec: req.exec_id.to_string(),
+        };
+        let stdio = Stdio::open(
+            &c.guest,
+            &process,
+            req.terminal,
+            req.console_socket,
+            req.stdio,
+        )?;
+        let exec = ExecProcessRequest {
+            id: c.id.clone(),
+            exec_id: req.exec_id.to_string(),
+            terminal: req.terminal,
+            stdin: stdio.paths.stdin.clone(),
+            stdout: stdio.paths.stdout.clone(),
+            stderr: stdio.paths.stderr.clone(),
+            spec: MessageField::some(Any {
+                type_url: protocol::type_urls::OCI_PROCESS.into(),
+                value: req.spec.to_vec(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let start = StartRequest {
+            id: c.id.clone(),
+            exec_id: req.exec_id.to_string(),
+            ..Default::default()
+        };
+        let started = c
+            .guest
+            .task::<Empty>("Exec", &exec)
+            .and_then(|_| c.guest.task::<StartResponse>("Start", &start));
+        match started {
+            Ok(res) => {
+                stdio.relay(&c.guest, &process)?;
+                self.pod.started(res.pid);
+                Ok(res.pid)
+            }
+            Err(e) => {
+                let _ = c.guest.task::<DeleteResponse>(
+                    "Delete",
+                    &DeleteRequest {
+                        id: c.id.clone(),
+                        exec_id: req.exec_id.to_string(),
+                        ..Default::default()
+                    },
+                );
+                stdio.forget(&c.guest, &process);
+                Err(e)
+            }
+        }
+    }
+
+    fn kill(&self, c: &Container, target: Target<'_>, signal: Signal, all: bool) -> Result<()> {
+        let exec_id = match target {
+            Target::Init { .. } => String::new(),
+            Target::Exec { exec_id, .. } => exec_id.to_string(),
+        };
+        c.guest.task::<Empty>(
+            "Kill",
+            &KillRequest {
+                id: c.id.clone(),
+                exec_id,
+                signal: signal.number() as u32,
+                all,
+                ..Default::default()
+            },
+        )?;
+        Ok(())
+    }
+
+    fn delete(&self, c: &Container) -> Result<()> {
+        if self.pod.running().is_some() {
+            let deleted = c.guest.task::<DeleteResponse>(
+                "Delete",
+                &DeleteRequest {
+                    id: c.id.clone(),
+                    ..Default::default()
+                },
+            );
+            match deleted {
+                Ok(_) => {}
+                // Gone in the guest already (the VM is what is gone, or it never started).
+                Err(Error::Remote { code, .. }) if code == ttrpc::Code::NOT_FOUND => {}
+                Err(Error::Unavailable(_)) => {}
+                Err(e) => return Err(e),
+            }
+            let forget = StdioRequest {
+                container_id: c.id.clone(),
+                ..Default::default()
+            };
+            let _ = c.guest.agent::<Empty>("CloseStdio", &forget, CALL_TIMEOUT);
+        }
+        share::remove(&c.share);
+        Ok(())
+    }
+
+    fn pids(&self, c: &Container) -> Result<Vec<u32>> {
+        let res: PidsResponse = c.guest.task(
+            "Pids",
+            &PidsRequest {
+                id: c.id.clone(),
+                ..Default::default()
+            },
+        )?;
+        Ok(res.processes.iter().map(|p| p.pid).collect())
+    }
+
+    fn pause(&self, c: &Container) -> Result<()> {
+        c.guest.task::<Empty>(
+            "Pause",
+            &PauseRequest {
+                id: c.id.clone(),
+                ..Default::default()
+            },
+        )?;
+        Ok(())
+    }
+
+    fn resume(&self, c: &Container) -> Result<()> {
+        c.guest.task::<Empty>(
+            "Resume",
+            &ResumeRequest {
+                id: c.id.clone(),
+                ..Default::default()
+            },
+        )?;
+        Ok(())
+    }
+
+    fn update(&self, c: &Container, resources: &[u8]) -> Result<()> {
+        c.guest.task::<Empty>(
+            "Update",
+            &UpdateTaskRequest {
+                id: c.id.clone(),
+                resources: MessageField::some(Any {
+                    type_url: shim_common::backend::LINUX_RESOURCES_TYPE.into(),
+                    value: resources.to_vec(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        )?;
+        Ok(())
+    }
+
+    fn host_cgroups(&self) -> bool {
+        false
+    }
+
+    fn stats(&self, c: &Container, _init_pid: u32) -> Result<Any> {
+        let res: StatsResponse = c.guest.task(
+            "Stats",
+            &StatsRequest {
+                id: c.id.clone(),
+                ..Default::default()
+            },
+        )?;
+        res.stats
+            .into_option()
+            .ok_or_else(|| Error::Runtime("the guest answered Stats without metrics".into()))
+    }
+
+    fn resize_pty(&self, c: &Container, exec_id: &str, w: u32, h: u32) -> Result<()> {
+        c.guest.task::<Empty>(
+            "ResizePty",
+            &ResizePtyRequest {
+                id: c.id.clone(),
+                exec_id: exec_id.to_string(),
+                width: w,
+                height: h,
+                ..Default::default()
+            },
+        )?;
+        Ok(())
+    }
+
+    fn cleanup(_ctx: &ShimContext, id: &str, bundle: &Path, _options: &VmOptions) -> Result<()> {
+        let Ok(dir) = std::fs::read_to_string(bundle.join(VM_DIR_FILE)) else {
+            return Ok(()); // never reached the VM
+        };
+        let dir = Path::new(dir.trim());
+        // The daemon is dead: so is the VM, and every container of the group with it.
+        pod::cleanup_dir(dir);
+        log::info!("cleaned up the VM of {id} at {}", dir.display());
+        Ok(())
+    }
+
+    fn shutdown(&self) {
+        self.pod.stop();
+    }
+}
+
+/// The first container's annotations and memory limit, which size the VM.
+fn sizing(bundle: &Path) -> Result<(HashMap<String, String>, Option<u64>)> {
+    let spec = shim_common::bundle::spec(bundle)?;
+    let annotations = spec["annotations"]
+        .as_object()
+        .map(|a| {
+            a.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default();
+    let limit = spec["linux"]["resources"]["memory"]["limit"]
+        .as_i64()
+        .and_then(|l| u64::try_from(l).ok());
+    Ok((annotations, limit))
+}
+
+/// The guest's runc backend options: the OCI runtime inside the VM.
+fn guest_options(o: &VmOptions) -> Result<Any> {
+    let runc = RuncOptions {
+        binary_name: o.guest_runtime.clone(),
+        ..Default::default()
+    };
+    Ok(Any {
+        type_url: protocol::type_urls::RUNC_OPTIONS.into(),
+        value: runc
+            .write_to_bytes()
+            .context("encode the guest's runc options")?,
+        ..Default::default()
+    })
+}
+
+/// A process's stdio across the boundary: the guest fifos the agent made, and the host
+/// ends to relay them to.
+struct Stdio {
+    paths: OpenStdioResponse,
+    stdin: Option<OwnedFd>,
+    stdout: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
+}
+
+impl Stdio {
+    /// For a terminal the host end is a pty of our own whose master the SDK takes over
+    /// the console socket, as from runc: it serves it as any console.
+    fn open(
+        guest: &Guest,
+        p: &Process,
+        terminal: bool,
+        console_socket: Option<&Path>,
+        fds: ChildStdio,
+    ) -> Result<Stdio> {
+        let (stdin, stdout, stderr) = match (terminal, console_socket) {
+            (true, Some(socket)) => {
+                let pty = nix::pty::openpty(None, None).map_err(|e| Error::Sys {
+                    context: "open a pty".into(),
+                    source: e,
+                })?;
+                raw(&pty.slave)?;
+                shim_common::console::send_master(socket, &pty.master)?;
+                let input = pty.slave.try_clone().context("duplicate the pty")?;
+                (Some(input), Some(pty.slave), None)
+            }
+            _ => (fds.stdin, fds.stdout, fds.stderr),
+        };
+        let req = OpenStdioRequest {
+            container_id: p.container.clone(),
+            exec_id: p.exec.clone(),
+            stdin: stdin.is_some(),
+            stdout: stdout.is_some(),
+            stderr: stderr.is_some(),
+            ..Default::default()
+        };
+        let paths = guest.agent("OpenStdio", &req, CALL_TIMEOUT)?;
+        Ok(Stdio {
+            paths,
+            stdin,
+            stdout,
+            stderr,
+        })
+    }
+
+    fn relay(self, guest: &Arc<Guest>, p: &Process) -> Result<()> {
+        relay::start(guest, p, self.stdin, self.stdout, self.stderr)
+    }
+
+    fn forget(self, guest: &Guest, p: &Process) {
+        let req = StdioRequest {
+            container_id: p.container.clone(),
+            exec_id: p.exec.clone(),
+            ..Default::default()
+        };
+        let _ = guest.agent::<Empty>("CloseStdio", &req, CALL_TIMEOUT);
+    }
+}
+
+/// The host pty only carries bytes: the guest's own pty does the terminal's work.
+fn raw(fd: &OwnedFd) -> Result<()> {
+    use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+    let mut t = tcgetattr(fd).map_err(|e| Error::Sys {
+        context: "read pty settings".into(),
+        source: e,
+    })?;
+    cfmakeraw(&mut t);
+    tcsetattr(fd, SetArg::TCSANOW, &t).map_err(|e| Error::Sys {
+        context: "set the pty raw".into(),
+        source: e,
+    })?;
+    Ok(())
+}

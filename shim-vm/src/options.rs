@@ -1,0 +1,189 @@
+//! The VM shim's runtime options: a CRI runtime handler's `options` TOML, and pod
+//! annotations for what a pod may choose itself.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use shim_common::options::{self, RuntimeOptions, Toml};
+use shim_common::{Error, Result};
+
+/// Annotation: guest memory in MiB, beyond [`VmOptions::overhead_mib`].
+pub const MEMORY_ANNOTATION: &str = "io.containerd.vm.memory_mib";
+/// Annotation: guest vCPUs.
+pub const VCPUS_ANNOTATION: &str = "io.containerd.vm.vcpus";
+
+/// How a VM is made. Every field has a working default; paths default to what `make`
+/// installs next to the shim binary.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct VmOptions {
+    /// The QEMU binary (`QemuPath`); default `qemu-system-x86_64` on `PATH`.
+    pub qemu_path: String,
+    /// The guest kernel (`KernelPath`); default `vm-guest/vmlinux` beside the shim.
+    pub kernel_path: String,
+    /// The guest initramfs (`InitrdPath`); default `vm-guest/initramfs.cpio` beside the
+    /// shim.
+    pub initrd_path: String,
+    /// `virtiofsd` (`VirtiofsdPath`); default beside the shim, then `PATH`.
+    pub virtiofsd_path: String,
+    /// vCPUs (`Vcpus`), unless the pod's annotation says otherwise.
+    pub vcpus: u32,
+    /// Guest memory for the containers, MiB (`MemoryMib`), unless the pod's annotation or
+    /// the containers' limits say more.
+    pub memory_mib: u32,
+    /// Guest memory for the kernel and agent, MiB (`OverheadMib`), added to the above.
+    pub overhead_mib: u32,
+    /// How long the agent may take to answer after QEMU started, ms (`DialTimeoutMs`).
+    pub dial_timeout_ms: u32,
+    /// The OCI runtime inside the guest (`GuestRuntime`): `crun` (default) or `runc`.
+    pub guest_runtime: String,
+    /// Use TCG even where KVM works (`ForceTcg`).
+    pub force_tcg: bool,
+}
+
+impl Default for VmOptions {
+    fn default() -> Self {
+        VmOptions {
+            qemu_path: String::new(),
+            kernel_path: String::new(),
+            initrd_path: String::new(),
+            virtiofsd_path: String::new(),
+            vcpus: 1,
+            memory_mib: 128,
+            overhead_mib: 128,
+            dial_timeout_ms: 20_000,
+            guest_runtime: "crun".into(),
+            force_tcg: false,
+        }
+    }
+}
+
+impl RuntimeOptions for VmOptions {
+    const TYPE_URL: Option<&'static str> = Some("shim.vm.v1.Options");
+
+    fn set(&mut self, key: &str, value: &Toml) -> std::result::Result<bool, String> {
+        match key {
+            "qemupath" => self.qemu_path = options::string(value)?,
+            "kernelpath" => self.kernel_path = options::string(value)?,
+            "initrdpath" => self.initrd_path = options::string(value)?,
+            "virtiofsdpath" => self.virtiofsd_path = options::string(value)?,
+            "vcpus" => self.vcpus = positive(options::uint32(value)?)?,
+            "memorymib" => self.memory_mib = positive(options::uint32(value)?)?,
+            "overheadmib" => self.overhead_mib = options::uint32(value)?,
+            "dialtimeoutms" => self.dial_timeout_ms = positive(options::uint32(value)?)?,
+            "guestruntime" => {
+                let r = options::string(value)?;
+                if r != "crun" && r != "runc" {
+                    return Err(format!("{r:?}: the guest has crun and runc"));
+                }
+                self.guest_runtime = r;
+            }
+            "forcetcg" => self.force_tcg = options::boolean(value)?,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+}
+
+fn positive(v: u32) -> std::result::Result<u32, String> {
+    if v == 0 {
+        return Err("must be more than 0".into());
+    }
+    Ok(v)
+}
+
+/// The VM's size: vCPUs and MiB of guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size {
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Guest memory, MiB.
+    pub memory_mib: u32,
+}
+
+impl VmOptions {
+    /// The VM's size for a first container whose spec has `annotations` and a memory
+    /// limit of `limit` bytes (if any): the larger of the limit and the configured memory,
+    /// plus the overhead.
+    pub fn size(&self, annotations: &HashMap<String, String>, limit: Option<u64>) -> Result<Size> {
+        let number = |key: &str| -> Result<Option<u32>> {
+            annotations
+                .get(key)
+                .map(|v| {
+                    v.parse::<u32>().ok().filter(|n| *n > 0).ok_or_else(|| {
+                        Error::InvalidArgument(format!(
+                            "annotation {key}={v:?}: want a positive number"
+                        ))
+                    })
+                })
+                .transpose()
+        };
+        let vcpus = number(VCPUS_ANNOTATION)?.unwrap_or(self.vcpus);
+        let mut memory = number(MEMORY_ANNOTATION)?.unwrap_or(self.memory_mib);
+        if let Some(limit) = limit {
+            let mib = u32::try_from(limit.div_ceil(1 << 20)).unwrap_or(u32::MAX);
+            memory = memory.max(mib);
+        }
+        Ok(Size {
+            vcpus,
+            memory_mib: memory.saturating_add(self.overhead_mib),
+        })
+    }
+
+    /// A path option, or the default beside the shim binary.
+    pub fn path_or_beside(value: &str, beside: &str) -> PathBuf {
+        if !value.is_empty() {
+            return PathBuf::from(value);
+        }
+        std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(|d| d.join(beside)))
+            .unwrap_or_else(|| PathBuf::from(beside))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_vm_is_sized_from_annotations_limits_and_overhead() {
+        let o = VmOptions::default();
+        let none = HashMap::new();
+        assert_eq!(
+            o.size(&none, None).unwrap(),
+            Size {
+                vcpus: 1,
+                memory_mib: 256
+            }
+        );
+        let a = HashMap::from([
+            (MEMORY_ANNOTATION.to_string(), "512".to_string()),
+            (VCPUS_ANNOTATION.to_string(), "2".to_string()),
+        ]);
+        assert_eq!(
+            o.size(&a, None).unwrap(),
+            Size {
+                vcpus: 2,
+                memory_mib: 640
+            }
+        );
+        assert_eq!(o.size(&none, Some(1 << 30)).unwrap().memory_mib, 1024 + 128);
+        let bad = HashMap::from([(VCPUS_ANNOTATION.to_string(), "zero".to_string())]);
+        let e = o.size(&bad, None).unwrap_err().to_string();
+        assert!(e.contains(VCPUS_ANNOTATION), "{e}");
+    }
+
+    #[test]
+    fn cri_toml_keys_are_read_and_bad_values_refused() {
+        let mut o = VmOptions::default();
+        assert!(o.set("memorymib", &Toml::Integer(300)).unwrap());
+        assert_eq!(o.memory_mib, 300);
+        assert!(o.set("vcpus", &Toml::Integer(0)).is_err());
+        assert!(o
+            .set("guestruntime", &Toml::String("youki".into()))
+            .is_err());
+        assert!(!o.set("nosuchkey", &Toml::Boolean(true)).unwrap());
+    }
+}

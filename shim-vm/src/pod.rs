@@ -1,0 +1,395 @@
+//! The VM of one container group: booted for its first container, serving every later
+//! one, stopped with the shim. It owns QEMU, virtiofsd, the shared directory and the
+//! connection to the agent, and it reports the guest's exits to the SDK — all of them, as
+//! killed, if the VM dies.
+
+use std::collections::HashSet;
+use std::fs;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use protobuf::well_known_types::empty::Empty;
+use protobuf::Message;
+use protocol::events::Envelope;
+use protocol::task_events::{TaskExit, TaskOOM};
+use shim_common::reaper::{self, ExitSink};
+use shim_common::{Context, Error, Result};
+
+use crate::guest::Guest;
+use crate::options::{Size, VmOptions};
+use crate::virtiofsd::{self, Cache};
+use crate::vmm::{self, Accel, Vm, VmConfig};
+
+/// Where every VM's runtime directory lives.
+pub const RUN_DIR: &str = "/run/shim-vm";
+/// The virtiofs tag of the shared directory.
+pub const SHARE_TAG: &str = "shared";
+/// Exit status reported for the processes of a VM that died: killed (`128 + SIGKILL`).
+const KILLED: u32 = 137;
+/// How long an orderly stop may take before QEMU is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The VM's runtime directory for container group `group` of namespace `namespace` of the
+/// containerd at `address`: short, because its sockets' paths must fit `sun_path`
+/// (108 bytes) whatever the ids (a Kubernetes pod's are 64 characters).
+pub fn run_dir(address: &str, namespace: &str, group: &str) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("{address}\0{namespace}\0{group}"));
+    let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    Path::new(RUN_DIR).join(hex)
+}
+
+/// One container group's VM, booted on first use.
+pub struct Pod {
+    namespace: String,
+    dir: PathBuf,
+    exits: ExitSink,
+    state: Mutex<State>,
+    changed: Condvar,
+    /// Guest pids that have not exited, reported as killed if the VM dies.
+    live: Mutex<Pids>,
+}
+
+#[derive(Default)]
+struct Pids {
+    running: HashSet<u32>,
+    /// Exits that came before the call that started the process returned its pid.
+    early: HashSet<u32>,
+}
+
+enum State {
+    Down,
+    Booting,
+    Up(Arc<Running>),
+    /// The VM died; the group's containers are gone with it.
+    Dead(String),
+}
+
+/// A booted VM.
+struct Running {
+    guest: Arc<Guest>,
+    /// Taken by [`Pod::stop`]; dropped when QEMU exits by itself (which ends virtiofsd).
+    vm: Mutex<Option<Vm>>,
+}
+
+impl Pod {
+    /// The VM of group `group` in `namespace`; nothing runs until [`Pod::guest`].
+    pub fn new(address: &str, namespace: &str, group: &str, exits: ExitSink) -> Pod {
+        Pod {
+            namespace: namespace.to_string(),
+            dir: run_dir(address, namespace, group),
+            exits,
+            state: Mutex::new(State::Down),
+            changed: Condvar::new(),
+            live: Mutex::new(Pids::default()),
+        }
+    }
+
+    /// The VM's runtime directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The host directory the guest sees at [`crate::share::GUEST_SHARED`].
+    pub fn shared(&self) -> PathBuf {
+        self.dir.join("shared")
+    }
+
+    /// The agent of the running VM, booting it first (sized `size`) if it is not up.
+    pub fn guest(self: &Arc<Self>, options: &VmOptions, size: Size) -> Result<Arc<Guest>> {
+        let mut s = lock(&self.state);
+        loop {
+            match &*s {
+                State::Up(r) => return Ok(r.guest.clone()),
+                State::Dead(why) => return Err(Error::FailedPrecondition(why.clone())),
+                State::Booting => s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner()),
+                State::Down => break,
+            }
+        }
+        *s = State::Booting;
+        drop(s);
+        let booted = self.boot(options, size);
+        let mut s = lock(&self.state);
+        let res = match booted {
+            Ok(running) => {
+                let guest = running.guest.clone();
+                *s = State::Up(running);
+                Ok(guest)
+            }
+            Err(e) => {
+                *s = State::Down;
+                Err(e)
+            }
+        };
+        drop(s);
+        self.changed.notify_all();
+        res
+    }
+
+    /// The running VM's agent, if it is up.
+    pub fn running(&self) -> Option<Arc<Guest>> {
+        match &*lock(&self.state) {
+            State::Up(r) => Some(r.guest.clone()),
+            _ => None,
+        }
+    }
+
+    fn boot(self: &Arc<Self>, options: &VmOptions, size: Size) -> Result<Arc<Running>> {
+        let started = Instant::now();
+        let kernel = require(
+            &VmOptions::path_or_beside(&options.kernel_path, "vm-guest/vmlinux"),
+            "guest kernel",
+        )?;
+        let initrd = require(
+            &VmOptions::path_or_beside(&options.initrd_path, "vm-guest/initramfs.cpio"),
+            "guest initramfs",
+        )?;
+        if self.dir.exists() {
+            // A VM of this group that died with its shim: nothing of it may survive.
+            cleanup_dir(&self.dir);
+        }
+        fs::create_dir_all(self.shared())
+            .with_context(|| format!("create {}", self.dir.display()))?;
+        let result = (|| {
+            let virtiofsd = match options.virtiofsd_path.as_str() {
+                "" => virtiofsd::locate()?,
+                path => PathBuf::from(path),
+            };
+            let qemu = match options.qemu_path.as_str() {
+                "" => PathBuf::from("qemu-system-x86_64"),
+                path => PathBuf::from(path),
+            };
+            let debug = log::log_enabled!(log::Level::Debug);
+            let config = VmConfig {
+                qemu,
+                kernel,
+                initrd,
+                cmdline: format!(
+                    "shim_vm.ns={}{}",
+                    self.namespace,
+                    if debug { " shim_vm.debug=1" } else { "" }
+                ),
+                vcpus: size.vcpus,
+                memory_mib: size.memory_mib,
+                runtime_dir: self.dir.clone(),
+                share: Some(vmm::Share {
+                    dir: self.shared(),
+                    tag: SHARE_TAG.into(),
+                    virtiofsd,
+                    cache: Cache::default(),
+                }),
+                accel: options.force_tcg.then_some(Accel::Tcg),
+            };
+            // Subscribed before QEMU exists, so its exit cannot be missed.
+            let exits = reaper::subscribe();
+            let vm = Vm::start(&config)?;
+            write_pids(&self.dir, vm.pid(), vm.virtiofsd_pid());
+            let stream = UnixStream::connect(vm.agent_socket())
+                .with_context(|| format!("connect {}", vm.agent_socket().display()))?;
+            let timeout = Duration::from_millis(u64::from(options.dial_timeout_ms));
+            let (guest, hello) = Guest::connect(OwnedFd::from(stream), timeout)
+                .map_err(|e| Error::Unavailable(format!("{e} ({})", vm.diagnostics())))?;
+            let accel = vm.accel();
+            log::info!(
+                "VM up in {:?} ({:?}: {}; guest kernel {}, agent {} serving {:?} after the kernel started)",
+                started.elapsed(),
+                accel.accel,
+                accel.reason,
+                hello.kernel,
+                hello.version,
+                Duration::from_nanos(hello.boot_ns)
+            );
+            let running = Arc::new(Running {
+                guest,
+                vm: Mutex::new(Some(vm)),
+            });
+            self.watch(&running, exits)?;
+            Ok(running)
+        })();
+        if result.is_err() {
+            cleanup_dir(&self.dir);
+        }
+        result
+    }
+
+    /// Two threads per VM: one applies the guest's events, one waits for QEMU's exit.
+    fn watch(
+        self: &Arc<Self>,
+        running: &Arc<Running>,
+        exits: Option<reaper::Subscription>,
+    ) -> Result<()> {
+        let (me, guest) = (self.clone(), running.guest.clone());
+        std::thread::Builder::new()
+            .name("guest-events".into())
+            .spawn(move || {
+                while let Ok(event) = guest.next_event() {
+                    me.on_event(&event);
+                }
+            })
+            .context("spawn guest events thread")?;
+        let pid = lock(&running.vm).as_ref().map(Vm::pid).unwrap_or_default();
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("vmm-watch".into())
+            .spawn(move || {
+                let status = match exits {
+                    Some(sub) => sub.wait_for(pid as i32).map(|e| e.status),
+                    None => None,
+                };
+                me.on_vm_exit(status);
+            })
+            .context("spawn VMM watch thread")?;
+        Ok(())
+    }
+
+    fn on_event(&self, event: &Envelope) {
+        let Some(any) = event.event.as_ref() else {
+            return;
+        };
+        match event.topic.as_str() {
+            "/tasks/exit" => {
+                let Ok(exit) = TaskExit::parse_from_bytes(&any.value) else {
+                    return;
+                };
+                {
+                    let mut live = lock(&self.live);
+                    if !live.running.remove(&exit.pid) {
+                        live.early.insert(exit.pid);
+                    }
+                }
+                self.exits.report(exit.pid, exit.exit_status);
+            }
+            "/tasks/oom" => {
+                if let Ok(oom) = TaskOOM::parse_from_bytes(&any.value) {
+                    log::warn!("container {} in the VM was OOM-killed", oom.container_id);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A process the guest started: reported as killed if the VM dies before it exits.
+    pub fn started(&self, pid: u32) {
+        let mut live = lock(&self.live);
+        if !live.early.remove(&pid) {
+            live.running.insert(pid);
+        }
+    }
+
+    fn on_vm_exit(&self, status: Option<u32>) {
+        let mut s = lock(&self.state);
+        let running = match std::mem::replace(
+            &mut *s,
+            State::Dead(format!("the VM exited (status {status:?})")),
+        ) {
+            State::Up(r) => Some(r),
+            _ => None,
+        };
+        drop(s);
+        self.changed.notify_all();
+        let vm = running.as_ref().and_then(|r| lock(&r.vm).take());
+        if let Some(vm) = vm {
+            log::error!(
+                "the VM exited unexpectedly (status {status:?}); its processes are reported killed: {}",
+                vm.diagnostics()
+            );
+            drop(vm); // ends virtiofsd, removes the sockets
+        }
+        let pids: Vec<u32> = lock(&self.live).running.drain().collect();
+        for pid in pids {
+            self.exits.report(pid, KILLED);
+        }
+        remove_runtime_files(&self.dir);
+    }
+
+    /// Stops the VM: the agent powers it off, QEMU is killed if it does not go in time.
+    pub fn stop(&self) {
+        let running = match &*lock(&self.state) {
+            State::Up(r) => r.clone(),
+            _ => return,
+        };
+        let _ = running
+            .guest
+            .agent::<Empty>("PowerOff", &Empty::new(), Duration::from_secs(2));
+        let vm = lock(&running.vm).take();
+        if let Some(vm) = vm {
+            if let Err(e) = vm.shutdown(STOP_TIMEOUT) {
+                log::warn!("stop the VM: {e}");
+            }
+        }
+        cleanup_dir(&self.dir);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn require(path: &Path, what: &str) -> Result<PathBuf> {
+    if path.is_file() {
+        return Ok(path.to_path_buf());
+    }
+    Err(Error::FailedPrecondition(format!(
+        "{what} {} not found: build it with `make guest` (or set the runtime option)",
+        path.display()
+    )))
+}
+
+const PIDS: &str = "pids";
+
+/// QEMU's and virtiofsd's pids, for the `delete` action of a shim that died.
+fn write_pids(dir: &Path, qemu: u32, virtiofsd: Option<u32>) {
+    let virtiofsd = virtiofsd.map(|p| p.to_string()).unwrap_or_default();
+    if let Err(e) = fs::write(dir.join(PIDS), format!("{qemu} {virtiofsd}\n")) {
+        log::warn!("write {}: {e}", dir.join(PIDS).display());
+    }
+}
+
+/// Kills what a VM left running (its pids file; only processes that still name the
+/// directory on their command line, so a reused pid is never hit) and removes the
+/// directory: shares unmounted first, so nothing below a mount is deleted.
+pub fn cleanup_dir(dir: &Path) {
+    if let Ok(text) = fs::read_to_string(dir.join(PIDS)) {
+        let needle = dir.to_string_lossy().into_owned();
+        for pid in text
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if pid > 0 && String::from_utf8_lossy(&cmdline).contains(&needle) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+    let shared = dir.join("shared");
+    if let Ok(entries) = fs::read_dir(&shared) {
+        for e in entries.flatten() {
+            crate::share::remove(&e.path());
+        }
+    }
+    let _ = fs::remove_dir(&shared);
+    remove_runtime_files(dir);
+    let _ = fs::remove_dir(dir);
+}
+
+/// The sockets, logs and pid file of a VM; never the shared directory.
+fn remove_runtime_files(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.file_name().is_some_and(|n| n == "shared") {
+            continue;
+        }
+        if e.file_type().is_ok_and(|t| !t.is_dir()) {
+            let _ = fs::remove_file(&path);
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! A container's bundle as the guest sees it: a directory of the VM's shared directory
+//! (virtiofs, so containers added to a running VM need no hot-plug) holding the rootfs the
+//! SDK mounted on the host, every host path the spec binds in, and a `config.json`
+//! rewritten for the guest.
+//!
+//! Only what must change across the VM boundary changes in the spec: host paths (the
+//! rootfs, bind sources, namespace files), and what the guest has no use for (hooks, which
+//! are host programs; AppArmor and SELinux labels, which the guest kernel does not
+//! enforce). The process, mounts, resources and seccomp profile are the container's own.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use nix::mount::{mount, MsFlags};
+use serde_json::Value;
+use shim_common::mount::unmount_all;
+use shim_common::{Context, Error, Result};
+
+/// Where the guest mounts the VM's shared directory.
+pub const GUEST_SHARED: &str = "/run/shared";
+
+/// One container's directory in the shared directory. Dropped before [`Share::keep`], it
+/// unmounts and removes what it made.
+pub struct Share {
+    host: PathBuf,
+    guest: String,
+    kept: bool,
+}
+
+impl Share {
+    /// Shares the container `id` of host bundle `bundle` under `shared` (the VM's shared
+    /// directory).
+    pub fn create(shared: &Path, id: &str, bundle: &Path) -> Result<Share> {
+        if id.is_empty() || id.contains('/') || id.starts_with('.') {
+            return Err(Error::InvalidArgument(format!("bad container id {id:?}")));
+        }
+        let share = Share {
+            host: shared.join(id),
+            guest: format!("{GUEST_SHARED}/{id}"),
+            kept: false,
+        };
+        if share.host.exists() {
+            // Left by a create that died halfway: start afresh.
+            remove(&share.host);
+        }
+        fs::create_dir_all(&share.host)
+            .with_context(|| format!("create {}", share.host.display()))?;
+        let text = fs::read(bundle.join("config.json")).context("read the bundle's config.json")?;
+        let mut spec: Value = serde_json::from_slice(&text)
+            .map_err(|e| Error::InvalidArgument(format!("config.json: {e}")))?;
+        share.rootfs(bundle, &spec)?;
+        share.binds(&mut spec)?;
+        for_guest(&mut spec);
+        let text = serde_json::to_vec(&spec)
+            .map_err(|e| Error::Runtime(format!("encode config.json: {e}")))?;
+        fs::write(share.host.join("config.json"), text).context("write the guest's config.json")?;
+        Ok(share)
+    }
+
+    /// The bundle's path in the guest.
+    pub fn guest_bundle(&self) -> &str {
+        &self.guest
+    }
+
+    /// The bundle's path on the host.
+    pub fn host_dir(&self) -> &Path {
+        &self.host
+    }
+
+    /// Keeps everything, for [`remove`] at delete.
+    pub fn keep(mut self) -> PathBuf {
+        self.kept = true;
+        self.host.clone()
+    }
+
+    /// The spec's root (the SDK's mount at `bundle/rootfs`, or a host directory), bound
+    /// into the share.
+    fn rootfs(&self, bundle: &Path, spec: &Value) -> Result<()> {
+        let root = spec["root"]["path"].as_str().unwrap_or("rootfs");
+        let source = bundle.join(root);
+        bind(&source, &self.host.join("rootfs"))
+    }
+
+    /// Every bind mount's host source, bound into `mounts/<n>` and named so in the spec.
+    fn binds(&self, spec: &mut Value) -> Result<()> {
+        let Some(mounts) = spec["mounts"].as_array_mut() else {
+            return Ok(());
+        };
+        for (n, m) in mounts.iter_mut().enumerate() {
+            let is_bind = m["type"].as_str() == Some("bind")
+                || m["options"]
+                    .as_array()
+                    .is_some_and(|o| o.iter().any(|o| o == "bind" || o == "rbind"));
+            let Some(source) = m["source"].as_str().filter(|s| s.starts_with('/')) else {
+                continue;
+            };
+            if !is_bind {
+                continue;
+            }
+            let target = self.host.join("mounts").join(n.to_string());
+            bind(Path::new(source), &target)?;
+            m["source"] = Value::String(format!("{}/mounts/{n}", self.guest));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        if !self.kept {
+            remove(&self.host);
+        }
+    }
+}
+
+/// Unmounts and removes a container's share (also the `delete` action's, after a crash).
+/// Only empty directories and the files it wrote are removed: a mount that would not go
+/// away keeps its directory, so nothing below it is ever deleted.
+pub fn remove(dir: &Path) {
+    let mounts = dir.join("mounts");
+    if let Ok(entries) = fs::read_dir(&mounts) {
+        for e in entries.flatten() {
+            remove_mount_point(&e.path());
+        }
+    }
+    remove_mount_point(&dir.join("rootfs"));
+    for (path, what) in [
+        (dir.join("config.json"), false),
+        (mounts, true),
+        (dir.to_path_buf(), true),
+    ] {
+        let gone = if what {
+            fs::remove_dir(&path)
+        } else {
+            fs::remove_file(&path)
+        };
+        if let Err(e) = gone {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                log::warn!("remove {}: {e}", path.display());
+            }
+        }
+    }
+}
+
+fn remove_mount_point(path: &Path) {
+    if let Err(e) = unmount_all(path) {
+        log::warn!("unmount {}: {e}", path.display());
+    }
+    let gone = match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => fs::remove_dir(path),
+        Ok(_) => fs::remove_file(path),
+        Err(_) => return,
+    };
+    if let Err(e) = gone {
+        log::warn!("remove {}: {e}", path.display());
+    }
+}
+
+/// Binds host `source` (a file or a directory, with what is mounted below it) on
+/// `target`, which is made to match.
+fn bind(source: &Path, target: &Path) -> Result<()> {
+    let meta = fs::metadata(source).with_context(|| format!("share {}", source.display()))?;
+    if let Some(parent) = target.parent() {
+        fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
+    }
+    if meta.is_dir() {
+        fs::create_dir_all(target)
+    } else {
+        fs::write(target, b"")
+    }
+    .with_context(|| format!("create {}", target.display()))?;
+    mount(
+        Some(source),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(std::io::Error::from)
+    .with_context(|| format!("bind {} on {}", source.display(), target.display()))
+}
+
+/// What the guest does without: host programs as hooks, host namespace files, host LSM
+/// labels.
+fn for_guest(spec: &mut Value) {
+    if let Some(obj) = spec.as_object_mut() {
+        obj.remove("hooks");
+    }
+    spec["root"]["path"] = Value::String("rootfs".into());
+    if let Some(process) = spec["process"].as_object_mut() {
+        process.remove("apparmorProfile");
+        process.remove("selinuxLabel");
+    }
+    if let Some(linux) = spec["linux"].as_object_mut() {
+        linux.remove("mountLabel");
+        if let Some(ns) = linux.get_mut("namespaces").and_then(Value::as_array_mut) {
+            for n in ns.iter_mut().filter_map(Value::as_object_mut) {
+                n.remove("path");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_guest_spec_loses_host_paths_and_keeps_the_container_s_own() {
+        let mut spec = json!({
+            "ociVersion": "1.1.0",
+            "root": {"path": "/var/lib/x/rootfs", "readonly": true},
+            "process": {"args": ["true"], "apparmorProfile": "cri-default"},
+            "hooks": {"createRuntime": [{"path": "/usr/bin/hook"}]},
+            "linux": {
+                "namespaces": [{"type": "network", "path": "/var/run/netns/cni-1"}, {"type": "pid"}],
+                "mountLabel": "x",
+                "resources": {"memory": {"limit": 1}}
+            }
+        });
+        for_guest(&mut spec);
+        assert_eq!(spec["root"], json!({"path": "rootfs", "readonly": true}));
+        assert!(spec.get("hooks").is_none());
+        assert_eq!(spec["process"], json!({"args": ["true"]}));
+        assert_eq!(
+            spec["linux"]["namespaces"],
+            json!([{"type": "network"}, {"type": "pid"}])
+        );
+        assert_eq!(spec["linux"]["resources"]["memory"]["limit"], 1);
+        assert!(spec["linux"].get("mountLabel").is_none());
+    }
+
+    #[test]
+    fn a_share_binds_rootfs_and_bind_sources_and_goes_with_its_guard() {
+        let tmp = tempfile::tempdir().unwrap();
+        let bundle = tmp.path().join("bundle");
+        fs::create_dir_all(bundle.join("rootfs/bin")).unwrap();
+        fs::write(bundle.join("rootfs/bin/sh"), b"sh").unwrap();
+        fs::write(tmp.path().join("hosts"), b"127.0.0.1 here\n").unwrap();
+        let spec = json!({
+            "root": {"path": "rootfs"},
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/etc/hosts", "type": "bind", "source": tmp.path().join("hosts"), "options": ["rbind", "ro"]}
+            ]
+        });
+        fs::write(bundle.join("config.json"), spec.to_string()).unwrap();
+        let shared = tmp.path().join("shared");
+        let share = Share::create(&shared, "c1", &bundle).unwrap();
+        let dir = shared.join("c1");
+        assert_eq!(share.guest_bundle(), "/run/shared/c1");
+        assert_eq!(fs::read(dir.join("rootfs/bin/sh")).unwrap(), b"sh");
+        assert_eq!(fs::read(dir.join("mounts/1")).unwrap(), b"127.0.0.1 here\n");
+        let written: Value =
+            serde_json::from_slice(&fs::read(dir.join("config.json")).unwrap()).unwrap();
+        assert_eq!(written["mounts"][1]["source"], "/run/shared/c1/mounts/1");
+        assert_eq!(written["mounts"][0]["source"], "proc");
+        drop(share);
+        assert!(
+            !dir.exists(),
+            "a dropped share unmounts and removes its directory"
+        );
+        assert_eq!(
+            fs::read(bundle.join("rootfs/bin/sh")).unwrap(),
+            b"sh",
+            "the source is untouched"
+        );
+    }
+}
