@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use integration::checks::wait_until;
 use integration::fixture::with_our_shims;
-use integration::terminal::Terminal;
 use integration::shim_client::{connect, ctx, process_spec};
+use integration::terminal::Terminal;
 use integration::{unique_id, Containerd, BUSYBOX_REF};
 use protocol::shim::{
     DeleteRequest, ExecProcessRequest, ResizePtyRequest, StartRequest, StateRequest, WaitRequest,

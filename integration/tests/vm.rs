@@ -1,0 +1,372 @@
+//! The micro-VM shim (`containerd-shim-vm-v2`, runtime `io.containerd.vm.v2`) through a real
+//! containerd 1.6: each container group boots a QEMU microvm (TCG on these machines) whose
+//! guest agent runs the container with crun; output, exit codes, exec, signals, stdin and
+//! cleanup are what `ctr` sees of any runc container.
+
+use integration::checks::{processes_mentioning, wait_until};
+use integration::fixture::{
+    assert_nothing_left, wait_status, with_our_shims, GROUP_ANNOTATION, LONG,
+};
+use integration::{unique_id, Containerd, BUSYBOX_REF};
+
+const RUNTIME: &str = "io.containerd.vm.v2";
+/// The runtime directory of the VM whose first container is `first`.
+fn vm_dir(c: &Containerd, first: &str) -> std::path::PathBuf {
+    shim_vm::pod::run_dir(&c.address().to_string_lossy(), c.namespace(), first)
+}
+
+/// No QEMU, virtiofsd or runtime directory is left of the VM whose first container is
+/// `first`, nor anything of container `id`.
+fn assert_no_vm_left(c: &Containerd, first: &str, id: &str) {
+    assert_nothing_left(c, id);
+    assert!(
+        wait_until(LONG, || vm_processes(c, first).is_empty()),
+        "VM processes left: {:?}",
+        vm_processes(c, first)
+    );
+    let dir = vm_dir(c, first);
+    assert!(!dir.exists(), "VM directory left: {}", dir.display());
+}
+
+/// QEMU and virtiofsd of the VM whose first container is `first`.
+fn vm_processes(c: &Containerd, first: &str) -> Vec<(i32, String)> {
+    processes_mentioning(&vm_dir(c, first).to_string_lossy())
+}
+
+fn run(c: &Containerd, id: &str, args: &[&str]) -> integration::CtrOutput {
+    let mut all = vec!["run", "--rm", "--runtime", RUNTIME, BUSYBOX_REF, id];
+    all.extend_from_slice(args);
+    c.ctr(&all)
+}
+
+#[test]
+fn run_rm_delivers_output_and_exit_codes_from_the_guest() {
+    let c = with_our_shims();
+    let id = unique_id("vm-run");
+    let out = run(
+        &c,
+        &id,
+        &[
+            "sh",
+            "-c",
+            "echo hello from the VM; echo to stderr >&2; exit 7",
+        ],
+    );
+    assert_eq!(out.status, 7, "{out:?}");
+    assert_eq!(out.stdout.trim(), "hello from the VM", "{out:?}");
+    assert!(out.stderr.contains("to stderr"), "{out:?}");
+    assert_no_vm_left(&c, &id, &id);
+    // It really ran in the guest: the cloud kernel, not the host's.
+    let id = unique_id("vm-kernel");
+    let out = run(&c, &id, &["uname", "-r"]);
+    assert_eq!(out.status, 0, "{out:?}");
+    assert!(
+        out.stdout.contains("cloud-amd64"),
+        "not the guest kernel: {out:?}"
+    );
+    assert_no_vm_left(&c, &id, &id);
+}
+
+#[test]
+fn detached_run_exec_ps_and_signals() {
+    let c = with_our_shims();
+    let id = unique_id("vm-detach");
+    c.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        BUSYBOX_REF,
+        &id,
+        "sleep",
+        "1000",
+    ]);
+    wait_status(&c, &id, "RUNNING");
+    let exec = c.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        &id,
+        "sh",
+        "-c",
+        "echo in exec; exit 3",
+    ]);
+    assert_eq!(exec.status, 3, "{exec:?}");
+    assert_eq!(exec.stdout.trim(), "in exec", "{exec:?}");
+    let ps = c.ctr_ok(&["task", "ps", &id]).stdout;
+    assert!(ps.lines().count() >= 2, "ctr task ps shows the init: {ps}");
+    // SIGTERM ends a shell that traps nothing; busybox sleep dies of it.
+    c.ctr_ok(&["task", "kill", "-s", "SIGTERM", &id]);
+    wait_status(&c, &id, "STOPPED");
+    let deleted = c.ctr(&["task", "delete", &id]);
+    assert!(deleted.stderr.contains("exit code 143"), "{deleted:?}");
+    c.ctr_ok(&["container", "delete", &id]);
+    assert_no_vm_left(&c, &id, &id);
+
+    let id = unique_id("vm-kill");
+    c.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        BUSYBOX_REF,
+        &id,
+        "sleep",
+        "1000",
+    ]);
+    wait_status(&c, &id, "RUNNING");
+    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);
+    wait_status(&c, &id, "STOPPED");
+    let deleted = c.ctr(&["task", "delete", &id]);
+    assert!(deleted.stderr.contains("exit code 137"), "{deleted:?}");
+    c.ctr_ok(&["container", "delete", &id]);
+    assert_no_vm_left(&c, &id, &id);
+}
+
+#[test]
+fn stdin_reaches_the_guest_process_and_ends_it() {
+    let c = with_our_shims();
+    let id = unique_id("vm-stdin");
+    let input: Vec<u8> = (0..200_000u32)
+        .flat_map(|i| format!("{i}\n").into_bytes())
+        .collect();
+    let out = c.ctr_with_stdin(
+        &[
+            "run",
+            "--rm",
+            "-i",
+            "--runtime",
+            RUNTIME,
+            BUSYBOX_REF,
+            &id,
+            "wc",
+            "-c",
+        ],
+        &input,
+    );
+    assert_eq!(out.status, 0, "{out:?}");
+    assert_eq!(out.stdout.trim(), input.len().to_string(), "{out:?}");
+    assert_no_vm_left(&c, &id, &id);
+}
+
+#[test]
+fn large_output_arrives_whole() {
+    let c = with_our_shims();
+    let id = unique_id("vm-big");
+    // 256 MiB of a pattern the host can check without holding it twice.
+    let out = run(
+        &c,
+        &id,
+        &["sh", "-c", "yes 0123456789abcdef | head -c 268435456"],
+    );
+    assert_eq!(out.status, 0, "{:?}", out.stderr);
+    assert_eq!(out.stdout.len(), 256 << 20);
+    assert!(
+        out.stdout
+            .as_bytes()
+            .chunks(17)
+            .all(|l| l.len() < 17 || l == b"0123456789abcdef\n"),
+        "the output is not what the guest wrote"
+    );
+    assert_no_vm_left(&c, &id, &id);
+}
+
+#[test]
+fn two_containers_of_one_group_share_one_vm() {
+    let c = with_our_shims();
+    let group = unique_id("vm-pod");
+    let annotation = format!("{GROUP_ANNOTATION}={group}");
+    let (a, b) = (format!("{group}-a"), format!("{group}-b"));
+    for id in [&a, &b] {
+        c.ctr_ok(&[
+            "run",
+            "-d",
+            "--runtime",
+            RUNTIME,
+            "--annotation",
+            &annotation,
+            BUSYBOX_REF,
+            id,
+            "sleep",
+            "1000",
+        ]);
+        wait_status(&c, id, "RUNNING");
+    }
+    let qemus: Vec<_> = vm_processes(&c, &a)
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("qemu-system"))
+        .collect();
+    assert_eq!(qemus.len(), 1, "one VM for the group: {qemus:?}");
+    // The second container sees the first one's processes: one guest kernel.
+    let ps = c.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "ps",
+        &b,
+        "sh",
+        "-c",
+        "cat /proc/uptime",
+    ]);
+    assert_eq!(ps.status, 0, "{ps:?}");
+    for id in [&a, &b] {
+        c.ctr_ok(&["task", "kill", "-s", "SIGKILL", id]);
+        wait_status(&c, id, "STOPPED");
+        c.ctr_ok(&["task", "delete", id]);
+        c.ctr_ok(&["container", "delete", id]);
+    }
+    assert_no_vm_left(&c, &a, &b);
+}
+
+#[test]
+fn a_killed_vmm_is_reported_as_the_containers_exit_and_leaves_nothing() {
+    let c = with_our_shims();
+    let id = unique_id("vm-vmmkill");
+    c.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        BUSYBOX_REF,
+        &id,
+        "sleep",
+        "1000",
+    ]);
+    wait_status(&c, &id, "RUNNING");
+    let qemu = vm_processes(&c, &id)
+        .into_iter()
+        .find(|(_, cmd)| cmd.contains("qemu-system"))
+        .expect("the VM's QEMU");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(qemu.0),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_status(&c, &id, "STOPPED");
+    let deleted = c.ctr(&["task", "delete", &id]);
+    assert!(deleted.stderr.contains("exit code 137"), "{deleted:?}");
+    c.ctr_ok(&["container", "delete", &id]);
+    assert_no_vm_left(&c, &id, &id);
+}
+
+#[test]
+fn a_killed_shim_is_cleaned_up_by_delete() {
+    let c = with_our_shims();
+    let id = unique_id("vm-shimkill");
+    c.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        BUSYBOX_REF,
+        &id,
+        "sleep",
+        "1000",
+    ]);
+    wait_status(&c, &id, "RUNNING");
+    for pid in c.shim_pids() {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+    }
+    // containerd notices the dead shim, runs `containerd-shim-vm-v2 delete`, and the task
+    // is gone; the VM must be too.
+    assert!(
+        wait_until(LONG, || !c.ctr(&["task", "ls"]).stdout.contains(&id)),
+        "the task outlived its shim"
+    );
+    c.ctr(&["task", "delete", &id]);
+    c.ctr_ok(&["container", "delete", &id]);
+    assert_no_vm_left(&c, &id, &id);
+}
+
+#[test]
+fn a_missing_kernel_is_a_clear_error_naming_it_and_leaves_nothing() {
+    let c = Containerd::builder()
+        .bin_dir(integration::target_bin_dir())
+        .start()
+        .expect("start containerd");
+    c.import_busybox().expect("import busybox");
+    let id = unique_id("vm-nokernel");
+    let config = c.dir().join("vm-options.toml");
+    std::fs::write(&config, "KernelPath = \"/nonexistent/vmlinux\"\n").unwrap();
+    let out = c.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--runtime-config-path",
+        config.to_str().unwrap(),
+        BUSYBOX_REF,
+        &id,
+        "true",
+    ]);
+    assert_ne!(out.status, 0, "{out:?}");
+    assert!(
+        out.stderr.contains("/nonexistent/vmlinux") && out.stderr.contains("make guest"),
+        "{out:?}"
+    );
+    c.ctr(&["container", "delete", &id]);
+    assert_no_vm_left(&c, &id, &id);
+}
+
+#[test]
+fn a_terminal_run_is_sized_and_takes_input() {
+    let c = with_our_shims();
+    let id = unique_id("vm-tty");
+    let script = "until stty size 2>/dev/null | grep -qv '^0 '; do sleep 0.1; done; stty size; tty; read l; echo got-$l; exit 6";
+    let mut t = integration::terminal::Terminal::run(
+        &c,
+        &[
+            "run",
+            "-t",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            BUSYBOX_REF,
+            &id,
+            "sh",
+            "-c",
+            script,
+        ],
+        33,
+        101,
+    );
+    // ctr resizes right after Start: the guest's pty gets that size.
+    assert!(t.wait_for("33 101"), "size not applied: {:?}", t.screen());
+    assert!(t.wait_for("/dev/pts/"), "not a terminal: {:?}", t.screen());
+    t.type_line("hello");
+    assert!(t.wait_for("got-hello"), "input lost: {:?}", t.screen());
+    assert_eq!(t.exit_code(), Some(6), "{:?}", t.screen());
+    assert_no_vm_left(&c, &id, &id);
+}
+
+/// The `shim-conformance` runner's lifecycle (start, connect, create, start, state, exec,
+/// wait, kill, delete, shutdown) against the VM shim, as each containerd generation calls.
+#[test]
+fn the_conformance_runner_passes_against_the_vm_shim_for_every_generation() {
+    use integration::conformance::{run_lifecycle, Config, Generation};
+    let shim = integration::target_bin_dir().join("containerd-shim-vm-v2");
+    assert!(
+        shim.exists(),
+        "build the shims first: {} is missing",
+        shim.display()
+    );
+    for generation in [
+        Generation::V1_6,
+        Generation::V1_7,
+        Generation::V2_0,
+        Generation::V2_3,
+    ] {
+        let report = run_lifecycle(&Config {
+            shim: shim.clone(),
+            generation,
+            runtime_options: None,
+            id: unique_id("vm-conf"),
+        });
+        assert!(report.passed(), "as containerd {generation}:\n{report}");
+    }
+}
