@@ -75,6 +75,7 @@ test: build
 bench: build
 	$(BIN_DIR)/shim-bench --runs 30
 	$(BIN_DIR)/wasm-bench --runs 20
+	$(BIN_DIR)/vm-bench --runs 10
 
 fmt:
 	cargo fmt --all -- --check
@@ -86,8 +87,12 @@ lint: deps
 	@RUSTDOCFLAGS="-D warnings" scripts/step.sh doc cargo doc --release --no-deps -p shim-common
 
 # Install the shims where containerd looks for them (its PATH).
+# The VM shim finds its guest image (vm-guest/) and virtiofsd beside itself.
 install: build
-	install -m 0755 $(BIN_DIR)/containerd-shim-runc-v2 $(BIN_DIR)/containerd-shim-wasm-v2 $(BIN_DIR)/containerd-shim-jail-v2 /usr/local/bin/
+	install -m 0755 $(BIN_DIR)/containerd-shim-runc-v2 $(BIN_DIR)/containerd-shim-wasm-v2 $(BIN_DIR)/containerd-shim-jail-v2 $(BIN_DIR)/containerd-shim-vm-v2 /usr/local/bin/
+	install -m 0755 $(VIRTIOFSD) /usr/local/bin/virtiofsd
+	install -d /usr/local/bin/vm-guest
+	install -m 0644 $(BIN_DIR)/vm-guest/vmlinux $(BIN_DIR)/vm-guest/initramfs.cpio /usr/local/bin/vm-guest/
 
 # Type-checks the portable SDK and the jail shim for FreeBSD. rustup cannot fetch FreeBSD's
 # std on these machines, so Debian's rustc-web builds it from its own sources (rust-web-src)

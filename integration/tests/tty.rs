@@ -3,17 +3,14 @@
 //! Go client's exec with a terminal, which ctr cannot send, on the shim's socket.
 
 use std::fs::File;
-use std::io::{Read, Write};
-use std::os::fd::OwnedFd;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::io::Read;
 use std::time::Duration;
 
 use integration::checks::wait_until;
 use integration::fixture::with_our_shims;
 use integration::shim_client::{connect, ctx, process_spec};
 use integration::terminal::Terminal;
-use integration::{unique_id, Containerd, BUSYBOX_REF};
+use integration::{unique_id, BUSYBOX_REF};
 use protocol::shim::{
     DeleteRequest, ExecProcessRequest, ResizePtyRequest, StartRequest, StateRequest, WaitRequest,
 };

@@ -1,0 +1,166 @@
+//! Benchmark: the micro-VM shim (`io.containerd.vm.v2`) beside our runc shim, in one
+//! containerd, in the same run (TCG here: see the README).
+//!
+//! 1. `ctr run --rm busybox true`, alternating the VM shim and the runc shim: median.
+//! 2. Boot to agent ready, per VM, from the shim's log ("VM up in ..."): median.
+//! 3. Host memory of one idle 1-container VM: RSS and PSS of the shim, QEMU and virtiofsd.
+//! 4. Stdout throughput out of a running container: `ctr task exec` of
+//!    `head -c 512M /dev/zero`, through each shim.
+//!
+//! Usage: `vm-bench [--runs N] [--mib N]` (as root).
+
+use std::time::{Duration, Instant};
+
+use integration::checks::{processes_mentioning, wait_until};
+use integration::{pss_kb, require_root, rss_kb, unique_id, Containerd, BUSYBOX_REF, OUR_RUNTIME};
+
+const VM_RUNTIME: &str = "io.containerd.vm.v2";
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn run_rm(c: &Containerd, runtime: &str) -> f64 {
+    let id = unique_id("vmbench");
+    let t = Instant::now();
+    c.ctr_ok(&["run", "--rm", "--runtime", runtime, BUSYBOX_REF, &id, "true"]);
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
+/// The `VM up in <duration>` figures the shims logged, in ms.
+fn boot_times(c: &Containerd) -> Vec<f64> {
+    let log = std::fs::read_to_string(c.log_path()).unwrap_or_default();
+    log.lines()
+        .filter_map(|l| l.split("VM up in ").nth(1))
+        .filter_map(|rest| parse_debug_duration(rest.split_whitespace().next()?))
+        .collect()
+}
+
+/// Rust's `Debug` of a `Duration` ("1.63s", "912.3ms") in ms.
+fn parse_debug_duration(s: &str) -> Option<f64> {
+    let s = s.trim_end_matches(|c: char| !c.is_ascii_alphanumeric());
+    for (unit, ms) in [("ms", 1.0), ("µs", 0.001), ("ns", 0.000_001), ("s", 1000.0)] {
+        if let Some(n) = s.strip_suffix(unit) {
+            return n.parse::<f64>().ok().map(|v| v * ms);
+        }
+    }
+    None
+}
+
+fn detached(c: &Containerd, runtime: &str) -> String {
+    let id = unique_id("vmidle");
+    c.ctr_ok(&["run", "-d", "--runtime", runtime, BUSYBOX_REF, &id, "sleep", "100000"]);
+    id
+}
+
+fn remove(c: &Containerd, id: &str) {
+    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", id]);
+    wait_until(Duration::from_secs(20), || c.ctr(&["task", "delete", id]).success());
+    c.ctr_ok(&["container", "delete", id]);
+}
+
+/// (shim, QEMU, virtiofsd) as (RSS kB, PSS kB) of one idle VM.
+fn vm_footprint(c: &Containerd) -> [(u64, u64); 3] {
+    let id = detached(c, VM_RUNTIME);
+    let dir = shim_vm::pod::run_dir(&c.address().to_string_lossy(), c.namespace(), &id);
+    // Settled: the guest idles once its container runs.
+    std::thread::sleep(Duration::from_secs(2));
+    let procs = processes_mentioning(&dir.to_string_lossy());
+    let find = |name: &str| {
+        procs
+            .iter()
+            .find(|(_, cmd)| cmd.contains(name))
+            .map(|(pid, _)| *pid)
+    };
+    let shim = c.shim_pids().first().copied();
+    let figures = [shim, find("qemu-system"), find("virtiofsd")].map(|pid| {
+        pid.map(|p| (rss_kb(p).unwrap_or(0), pss_kb(p).unwrap_or(0)))
+            .unwrap_or((0, 0))
+    });
+    remove(c, &id);
+    figures
+}
+
+/// MB/s of `head -c <mib>M /dev/zero` to stdout through an exec of `runtime`.
+fn throughput(c: &Containerd, runtime: &str, mib: usize) -> f64 {
+    let id = detached(c, runtime);
+    let cmd = format!("head -c {} /dev/zero", mib << 20);
+    let t = Instant::now();
+    let out = c.ctr_timeout(
+        &["task", "exec", "--exec-id", "tp", &id, "sh", "-c", &cmd],
+        Duration::from_secs(600),
+    );
+    let secs = t.elapsed().as_secs_f64();
+    assert_eq!(out.stdout.len(), mib << 20, "output short: {:?}", out.stderr);
+    remove(c, &id);
+    mib as f64 * 1.048_576 / secs
+}
+
+fn main() {
+    require_root();
+    let mut runs = 10;
+    let mut mib = 512;
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    for pair in argv.chunks(2) {
+        match (pair[0].as_str(), pair.get(1).and_then(|v| v.parse().ok())) {
+            ("--runs", Some(v)) => runs = v,
+            ("--mib", Some(v)) => mib = v,
+            _ => {
+                eprintln!("usage: vm-bench [--runs N] [--mib N]");
+                std::process::exit(2);
+            }
+        }
+    }
+    let c = Containerd::builder()
+        .bin_dir(integration::target_bin_dir())
+        .ctr_timeout(Duration::from_secs(600))
+        .start()
+        .expect("start containerd");
+    c.import_busybox().expect("import busybox");
+    // Warm caches (the image, the guest files) for both, once.
+    run_rm(&c, VM_RUNTIME);
+    run_rm(&c, OUR_RUNTIME);
+    let before = boot_times(&c).len();
+    let (mut vm, mut runc) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        vm.push(run_rm(&c, VM_RUNTIME));
+        runc.push(run_rm(&c, OUR_RUNTIME));
+    }
+    let mut boots: Vec<f64> = boot_times(&c).into_iter().skip(before).collect();
+    let [shim, qemu, fsd] = vm_footprint(&c);
+    let (vm_tp, runc_tp) = (throughput(&c, VM_RUNTIME, mib), throughput(&c, OUR_RUNTIME, mib));
+
+    let mb = |kb: u64| kb as f64 / 1024.0;
+    println!("vm-bench: containerd 1.6 (Debian), QEMU microvm ({} runs each, alternating)", runs);
+    println!("| figure | VM shim | runc shim | VM / runc |");
+    println!("|---|---|---|---|");
+    let (v, r) = (median(&mut vm), median(&mut runc));
+    println!("| `ctr run --rm busybox true`, median | {v:.0} ms | {r:.1} ms | {:.1} |", v / r);
+    println!("| boot to agent ready (shim log), median of {} | {:.0} ms | | |", boots.len(), median(&mut boots));
+    println!("| host RSS of an idle 1-container VM: shim + QEMU + virtiofsd | {:.1} + {:.1} + {:.1} MB | | |", mb(shim.0), mb(qemu.0), mb(fsd.0));
+    println!(
+        "| host PSS, same | {:.1} + {:.1} + {:.1} = {:.1} MB | | |",
+        mb(shim.1),
+        mb(qemu.1),
+        mb(fsd.1),
+        mb(shim.1 + qemu.1 + fsd.1)
+    );
+    println!("| stdout throughput, `head -c {mib}M /dev/zero` in an exec | {vm_tp:.0} MB/s | {runc_tp:.0} MB/s | {:.2} |", vm_tp / runc_tp);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_debug_duration;
+
+    #[test]
+    fn durations_as_rust_prints_them() {
+        assert_eq!(parse_debug_duration("1.5s"), Some(1500.0));
+        assert_eq!(parse_debug_duration("912.5ms"), Some(912.5));
+        assert_eq!(parse_debug_duration("2s,"), Some(2000.0));
+    }
+}
