@@ -49,7 +49,7 @@ build: deps virtiofsd
 
 # The micro-VM shim's guest image alone: builds only what it needs (the agent, the builder).
 guest: deps
-	@scripts/step.sh build cargo build --release -p shim-vm --bin shim-vm-agent --bin shim-vm-image
+	@scripts/step.sh guest cargo build --release -p shim-vm --bin shim-vm-agent --bin shim-vm-image
 	@$(MAKE) --no-print-directory guest-image
 
 # Kernel and initramfs from Debian packages, in $(VM_CACHE)/<hash of the inputs>, installed as
@@ -62,7 +62,7 @@ guest-image:
 virtiofsd: deps $(VIRTIOFSD)
 	@mkdir -p $(BIN_DIR)
 	@ln -sfn $(VIRTIOFSD) $(BIN_DIR)/virtiofsd
-$(VIRTIOFSD):
+$(VIRTIOFSD): | deps
 	@scripts/step.sh virtiofsd sh -c 'cd / && cargo install --locked --root $(CURDIR)/target/virtiofsd virtiofsd@$(VIRTIOFSD_VERSION)'
 
 demo: build

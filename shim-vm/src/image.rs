@@ -214,6 +214,11 @@ impl Builder {
                 .with_context(|| format!("link {}", tmp.display()))?;
             fs::rename(&tmp, &link).with_context(|| format!("update {}", link.display()))?;
         }
+        // Used now: the newest, for pruning.
+        if let Ok(d) = fs::File::open(&dir) {
+            let _ = d.set_modified(std::time::SystemTime::now());
+        }
+        prune(&self.cache, KEEP_UNLINKED);
         Ok(built)
     }
 
@@ -337,6 +342,34 @@ impl Builder {
         built.kernel_release = Some(release);
         built.modules = list.lines().map(str::to_string).collect();
         Ok(())
+    }
+}
+
+/// Images in a cache that no pointer names and that were used most recently, kept (a test's
+/// probe image, the previous agent's); older ones are removed (each is ~70 MB).
+const KEEP_UNLINKED: usize = 3;
+
+/// Removes all but the `keep` most recently used unlinked image directories of `cache`.
+fn prune(cache: &Path, keep: usize) {
+    let Ok(entries) = fs::read_dir(cache) else {
+        return;
+    };
+    let mut linked = BTreeSet::new();
+    let mut images = Vec::new();
+    for e in entries.filter_map(|e| e.ok()) {
+        let path = e.path();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Ok(target) = fs::read_link(&path) {
+            linked.insert(target.to_string_lossy().into_owned());
+        } else if name.len() == 16 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let used = e.metadata().and_then(|m| m.modified()).ok();
+            images.push((used, name));
+        }
+    }
+    images.retain(|(_, n)| !linked.contains(n));
+    images.sort_by_key(|(used, _)| std::cmp::Reverse(*used));
+    for (_, name) in images.into_iter().skip(keep) {
+        let _ = fs::remove_dir_all(cache.join(name));
     }
 }
 
@@ -609,6 +642,30 @@ mod tests {
         );
         let e = module_order(dir.path(), &["nope".into()]).unwrap_err();
         assert!(e.to_string().contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn pruning_keeps_linked_and_recent_images() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = ["0000000000000001", "0000000000000002", "0000000000000003"];
+        for (i, n) in names.iter().enumerate() {
+            let d = dir.path().join(n);
+            fs::create_dir(&d).unwrap();
+            let t =
+                std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1000 * i as u64);
+            fs::File::open(&d).unwrap().set_modified(t).unwrap();
+        }
+        std::os::unix::fs::symlink(names[0], dir.path().join("current")).unwrap();
+        fs::create_dir(dir.path().join("debs")).unwrap();
+        prune(dir.path(), 1);
+        let left: BTreeSet<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        let want: BTreeSet<String> = ["0000000000000001", "0000000000000003", "current", "debs"]
+            .map(String::from)
+            .into();
+        assert_eq!(left, want);
     }
 
     #[test]

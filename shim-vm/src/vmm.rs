@@ -245,7 +245,9 @@ impl Vm {
 
         let mut append =
             String::from("console=ttyS0 quiet cryptomgr.notests panic=-1 rdinit=/init");
-        if let Some(khz) = host_tsc_khz() {
+        // Only under TCG, whose guest TSC runs at the host's rate; KVM guests have kvmclock,
+        // and "cpu MHz" on a host that scales its frequency is not its TSC's.
+        if let (Accel::Tcg, Some(khz)) = (accel.accel, host_tsc_khz()) {
             append.push_str(&format!(" tsc_early_khz={khz}"));
         }
         if let Ok(now) = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH) {

@@ -1,5 +1,5 @@
 //! End to end: a real QEMU microvm (TCG here) boots the Debian cloud kernel with an
-//! initramfs whose `/init` is `examples/boot_probe.rs`; the probe reports over the agent's
+//! initramfs whose `/init` is `src/bin/shim-vm-boot-probe.rs`; the probe reports over the agent's
 //! virtio-serial port what `boot::setup` did, reads a virtiofs share, answers round trips.
 //!
 //! The kernel package comes from `make guest`'s cache (`SHIM_VM_CACHE`, set by the
@@ -21,19 +21,7 @@ fn workspace_target() -> PathBuf {
 
 /// The probe image, built (or found in the cache) without touching `current`.
 fn probe_image() -> GuestImage {
-    let exe = std::env::current_exe().unwrap();
-    // target/<triple>/<profile>/deps/boot-HASH -> target/<triple>/<profile>/examples/boot_probe
-    let probe = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples/boot_probe");
-    assert!(
-        probe.is_file(),
-        "{} not built (cargo test builds examples)",
-        probe.display()
-    );
+    let probe = PathBuf::from(env!("CARGO_BIN_EXE_shim-vm-boot-probe"));
     let cache = std::env::var_os("SHIM_VM_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_target().join("vm-guest"));
@@ -127,7 +115,7 @@ fn guest_boots_loads_its_modules_mounts_the_share_and_answers_on_its_port() {
     std::fs::write(late.join("hello.txt"), "mounted after start").unwrap();
 
     let mut port = Port::connect(&vm);
-    let ready: serde_json::Value = serde_json::from_str(&port.line(&vm)).unwrap();
+    let up: serde_json::Value = serde_json::from_str(&port.line(&vm)).unwrap();
     let ready_at = t0.elapsed();
     println!(
         "accel {} ({}); QEMU up in {:?}; boot to port ready {:?} (guest uptime {}s)",
@@ -135,8 +123,9 @@ fn guest_boots_loads_its_modules_mounts_the_share_and_answers_on_its_port() {
         vm.accel().reason,
         started,
         ready_at,
-        ready["uptime"].as_str().unwrap_or("?")
+        up["ready"].as_str().unwrap_or("?")
     );
+    let ready: serde_json::Value = serde_json::from_str(&port.line(&vm)).unwrap();
     println!("probe: {ready}");
 
     let modules: Vec<&str> = ready["modules"]
@@ -204,6 +193,7 @@ fn guest_poweroff_ends_qemu() {
         .unwrap();
     let mut vm = Vm::start(&VmConfig::new(&image, run.path())).unwrap();
     let mut port = Port::connect(&vm);
+    let _up = port.line(&vm);
     let ready: serde_json::Value = serde_json::from_str(&port.line(&vm)).unwrap();
     assert_eq!(ready["share"], serde_json::Value::Null);
     writeln!(port.writer, "poweroff").unwrap();

@@ -1,6 +1,7 @@
-//! A stand-in guest PID 1 for `tests/boot.rs`: runs `boot::setup`, opens the `agent` port,
-//! reports what it found as one JSON line, then answers `echo TEXT`, `cat PATH` and
-//! `poweroff`, one line each, until the host disconnects.
+//! A stand-in guest PID 1 for `tests/boot.rs` (a binary, not an example, so that cargo
+//! builds it for the test whichever targets were asked for): runs `boot::setup`, opens the
+//! `agent` port, says it is ready, reports what it found (one JSON line each), then answers
+//! `echo TEXT`, `cat PATH` and `poweroff`, one line each, until the host disconnects.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
@@ -11,7 +12,7 @@ use shim_vm::boot;
 
 fn main() {
     if let Err(e) = run() {
-        eprintln!("boot_probe: {e}");
+        eprintln!("shim-vm-boot-probe: {e}");
     }
     let _ = boot::poweroff();
 }
@@ -20,6 +21,15 @@ fn run() -> shim_common::Result<()> {
     let booted = boot::setup()?;
     let port = File::from(boot::port("agent", Duration::from_secs(30))?);
     let read = |p: &str| std::fs::read_to_string(p).unwrap_or_else(|e| format!("error: {e}"));
+    let io = |e: std::io::Error| shim_common::Error::Runtime(e.to_string());
+    let mut out = port.try_clone().map_err(io)?;
+    // First what an agent would do: say it is up (blocks until the host connects).
+    let uptime = read("/proc/uptime")
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_string();
+    writeln!(out, "{}", serde_json::json!({ "ready": uptime })).map_err(io)?;
     let crun = Command::new("/usr/bin/crun")
         .arg("--version")
         .output()
@@ -52,7 +62,6 @@ fn run() -> shim_common::Result<()> {
         "shared_file": read("/run/shared/hello.txt"),
         "crun": crun,
         "runc": runc,
-        "uptime": read("/proc/uptime").split_whitespace().next().unwrap_or("").to_string(),
     });
     let mut out = port
         .try_clone()
@@ -67,7 +76,7 @@ fn run() -> shim_common::Result<()> {
             _ if line == "poweroff" => break,
             _ => format!("unknown: {line}"),
         };
-        writeln!(out, "{reply}").map_err(|e| shim_common::Error::Runtime(e.to_string()))?;
+        writeln!(out, "{reply}").map_err(io)?;
     }
     Ok(())
 }
