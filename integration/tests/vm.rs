@@ -52,7 +52,7 @@ fn run_rm_delivers_output_and_exit_codes_from_the_guest() {
             "echo hello from the VM; echo to stderr >&2; exit 7",
         ],
     );
-    assert_eq!(out.status, 7, "{out:?}");
+    assert_eq!(out.status, 7, "{out:?}\n{}", c.log_tail(60));
     assert_eq!(out.stdout.trim(), "hello from the VM", "{out:?}");
     assert!(out.stderr.contains("to stderr"), "{out:?}");
     assert_no_vm_left(&c, &id, &id);

@@ -85,13 +85,17 @@ impl Runc {
             .create(req.bundle, req.console_socket, &args, req.stdio)
     }
 
-    /// `runc start`. A created container's init waits on `<root>/<id>/exec.fifo`; reading
-    /// it and removing it is exactly what `runc start` does, so the shim does it itself and
-    /// saves a runc process per container start. Without the fifo (an older or different
-    /// runtime, or a container that is not in created state), runc does it.
+    /// `runc start`. A created runc container's init waits on `<root>/<id>/exec.fifo`;
+    /// reading it and removing it is exactly what `runc start` does, so the shim does it
+    /// itself and saves a runc process per container start. Without the fifo (an older
+    /// runc, a container that is not in created state), and for any other runtime (crun's
+    /// init reads its fifo where runc's writes it), the runtime does it.
     pub fn start(&self, id: &str, init_pid: u32) -> Result<()> {
+        let is_runc = Path::new(&self.config.binary)
+            .file_name()
+            .is_some_and(|n| n == "runc");
         let fifo = self.root.join(id).join("exec.fifo");
-        if start_via_exec_fifo(&fifo, init_pid)? {
+        if is_runc && start_via_exec_fifo(&fifo, init_pid)? {
             return Ok(());
         }
         self.cli.start(id)

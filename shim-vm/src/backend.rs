@@ -332,10 +332,13 @@ fn sizing(bundle: &Path) -> Result<(HashMap<String, String>, Option<u64>)> {
     Ok((annotations, limit))
 }
 
-/// The guest's runc backend options: the OCI runtime inside the VM.
+/// The guest's runc backend options: the OCI runtime inside the VM. The guest's root is its
+/// initramfs, which `pivot_root(2)` cannot leave: the runtime moves the rootfs and chroots
+/// instead (`--no-pivot`); the VM, not the mount namespace, is the isolation boundary.
 fn guest_options(o: &VmOptions) -> Result<Any> {
     let runc = RuncOptions {
         binary_name: o.guest_runtime.clone(),
+        no_pivot_root: true,
         ..Default::default()
     };
     Ok(Any {

@@ -114,8 +114,9 @@ impl Drop for Share {
 }
 
 /// Unmounts and removes a container's share (also the `delete` action's, after a crash).
-/// Only empty directories and the files it wrote are removed: a mount that would not go
-/// away keeps its directory, so nothing below it is ever deleted.
+/// Once the mounts are gone, only files and empty directories are removed (the guest's
+/// runtime writes its own files into the bundle): a mount that would not go away keeps its
+/// directory, so nothing below it is ever deleted.
 pub fn remove(dir: &Path) {
     let mounts = dir.join("mounts");
     if let Ok(entries) = fs::read_dir(&mounts) {
@@ -124,20 +125,21 @@ pub fn remove(dir: &Path) {
         }
     }
     remove_mount_point(&dir.join("rootfs"));
-    for (path, what) in [
-        (dir.join("config.json"), false),
-        (mounts, true),
-        (dir.to_path_buf(), true),
-    ] {
-        let gone = if what {
-            fs::remove_dir(&path)
-        } else {
-            fs::remove_file(&path)
-        };
-        if let Err(e) = gone {
-            if e.kind() != std::io::ErrorKind::NotFound {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let path = e.path();
+            let gone = match e.file_type() {
+                Ok(t) if t.is_dir() => fs::remove_dir(&path),
+                _ => fs::remove_file(&path),
+            };
+            if let Err(e) = gone {
                 log::warn!("remove {}: {e}", path.display());
             }
+        }
+    }
+    if let Err(e) = fs::remove_dir(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            log::warn!("remove {}: {e}", dir.display());
         }
     }
 }

@@ -28,7 +28,15 @@ fn median(v: &mut [f64]) -> f64 {
 fn run_rm(c: &Containerd, runtime: &str) -> f64 {
     let id = unique_id("vmbench");
     let t = Instant::now();
-    c.ctr_ok(&["run", "--rm", "--runtime", runtime, BUSYBOX_REF, &id, "true"]);
+    c.ctr_ok(&[
+        "run",
+        "--rm",
+        "--runtime",
+        runtime,
+        BUSYBOX_REF,
+        &id,
+        "true",
+    ]);
     t.elapsed().as_secs_f64() * 1000.0
 }
 
@@ -54,13 +62,24 @@ fn parse_debug_duration(s: &str) -> Option<f64> {
 
 fn detached(c: &Containerd, runtime: &str) -> String {
     let id = unique_id("vmidle");
-    c.ctr_ok(&["run", "-d", "--runtime", runtime, BUSYBOX_REF, &id, "sleep", "100000"]);
+    c.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        runtime,
+        BUSYBOX_REF,
+        &id,
+        "sleep",
+        "100000",
+    ]);
     id
 }
 
 fn remove(c: &Containerd, id: &str) {
     c.ctr_ok(&["task", "kill", "-s", "SIGKILL", id]);
-    wait_until(Duration::from_secs(20), || c.ctr(&["task", "delete", id]).success());
+    wait_until(Duration::from_secs(20), || {
+        c.ctr(&["task", "delete", id]).success()
+    });
     c.ctr_ok(&["container", "delete", id]);
 }
 
@@ -96,7 +115,12 @@ fn throughput(c: &Containerd, runtime: &str, mib: usize) -> f64 {
         Duration::from_secs(600),
     );
     let secs = t.elapsed().as_secs_f64();
-    assert_eq!(out.stdout.len(), mib << 20, "output short: {:?}", out.stderr);
+    assert_eq!(
+        out.stdout.len(),
+        mib << 20,
+        "output short: {:?}",
+        out.stderr
+    );
     remove(c, &id);
     mib as f64 * 1.048_576 / secs
 }
@@ -133,15 +157,28 @@ fn main() {
     }
     let mut boots: Vec<f64> = boot_times(&c).into_iter().skip(before).collect();
     let [shim, qemu, fsd] = vm_footprint(&c);
-    let (vm_tp, runc_tp) = (throughput(&c, VM_RUNTIME, mib), throughput(&c, OUR_RUNTIME, mib));
+    let (vm_tp, runc_tp) = (
+        throughput(&c, VM_RUNTIME, mib),
+        throughput(&c, OUR_RUNTIME, mib),
+    );
 
     let mb = |kb: u64| kb as f64 / 1024.0;
-    println!("vm-bench: containerd 1.6 (Debian), QEMU microvm ({} runs each, alternating)", runs);
+    println!(
+        "vm-bench: containerd 1.6 (Debian), QEMU microvm ({} runs each, alternating)",
+        runs
+    );
     println!("| figure | VM shim | runc shim | VM / runc |");
     println!("|---|---|---|---|");
     let (v, r) = (median(&mut vm), median(&mut runc));
-    println!("| `ctr run --rm busybox true`, median | {v:.0} ms | {r:.1} ms | {:.1} |", v / r);
-    println!("| boot to agent ready (shim log), median of {} | {:.0} ms | | |", boots.len(), median(&mut boots));
+    println!(
+        "| `ctr run --rm busybox true`, median | {v:.0} ms | {r:.1} ms | {:.1} |",
+        v / r
+    );
+    println!(
+        "| boot to agent ready (shim log), median of {} | {:.0} ms | | |",
+        boots.len(),
+        median(&mut boots)
+    );
     println!("| host RSS of an idle 1-container VM: shim + QEMU + virtiofsd | {:.1} + {:.1} + {:.1} MB | | |", mb(shim.0), mb(qemu.0), mb(fsd.0));
     println!(
         "| host PSS, same | {:.1} + {:.1} + {:.1} = {:.1} MB | | |",
