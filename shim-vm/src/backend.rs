@@ -304,6 +304,12 @@ impl Backend for VmBackend {
             return Ok(()); // never reached the VM
         };
         let dir = Path::new(dir.trim());
+        if pod::owner_alive(dir) {
+            // containerd runs this for every container whose connection closed, after a
+            // plain Delete too: the shim lives on and serves the group's other containers.
+            share::remove(&dir.join("shared").join(id));
+            return Ok(());
+        }
         // The daemon is dead: so is the VM, and every container of the group with it.
         pod::cleanup_dir(dir);
         log::info!("cleaned up the VM of {id} at {}", dir.display());

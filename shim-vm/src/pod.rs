@@ -339,10 +339,34 @@ fn require(path: &Path, what: &str) -> Result<PathBuf> {
 }
 
 const PIDS: &str = "pids";
+const SHIM_PID: &str = "shim.pid";
 
-/// QEMU's and virtiofsd's pids, for the `delete` action of a shim that died.
+/// Whether the shim that owns the VM in `dir` still runs (then it stops the VM itself).
+pub fn owner_alive(dir: &Path) -> bool {
+    let Some(pid) = fs::read_to_string(dir.join(SHIM_PID))
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok())
+    else {
+        return false;
+    };
+    let ours = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.file_name().map(|n| n.to_owned()));
+    let exe = fs::read_link(format!("/proc/{pid}/exe")).ok();
+    let running = exe
+        .as_ref()
+        .and_then(|e| e.file_name().map(|n| n.to_owned()));
+    pid != std::process::id() && running.is_some() && running == ours
+}
+
+/// QEMU's and virtiofsd's pids, for the `delete` action of a shim that died; and the
+/// shim's own, since containerd runs that action for every container whose connection
+/// closes — after an ordinary `Delete` too, while the shim still serves the others.
 fn write_pids(dir: &Path, qemu: u32, virtiofsd: Option<u32>) {
     let virtiofsd = virtiofsd.map(|p| p.to_string()).unwrap_or_default();
+    if let Err(e) = fs::write(dir.join(SHIM_PID), std::process::id().to_string()) {
+        log::warn!("write {}: {e}", dir.join(SHIM_PID).display());
+    }
     if let Err(e) = fs::write(dir.join(PIDS), format!("{qemu} {virtiofsd}\n")) {
         log::warn!("write {}: {e}", dir.join(PIDS).display());
     }
