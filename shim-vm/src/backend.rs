@@ -205,7 +205,10 @@ impl Backend for VmBackend {
             match deleted {
                 Ok(_) => {}
                 // Gone in the guest already (the VM is what is gone, or it never started).
-                Err(Error::Remote { code, .. }) if code == ttrpc::Code::NOT_FOUND => {}
+                Err(Error::Remote {
+                    code: ttrpc::Code::NOT_FOUND,
+                    ..
+                }) => {}
                 Err(Error::Unavailable(_)) => {}
                 Err(e) => return Err(e),
             }

@@ -595,17 +595,23 @@ mod tests {
         let paths = open(&c, "c1");
         // No writer ever comes (the Create failed): a pending read is answered at forget.
         let c2 = c.clone();
-        let pending = std::thread::spawn(move || read_all(&c2, "c1", Stream::STDOUT));
+        let pending = std::thread::spawn(move || {
+            let req = ReadStdioRequest {
+                container_id: "c1".into(),
+                ..Default::default()
+            };
+            c2.call_as::<ReadStdioResponse>(protocol::AGENT_SERVICE, "ReadStdio", &req, T)
+        });
         let forget = StdioRequest {
             container_id: "c1".into(),
             ..Default::default()
         };
-        // The read may not have arrived yet; forget answers it either way (eof) or it
-        // finds the process gone (NotFound), and both end the reader.
+        // The read may not have arrived yet: forget answers it (eof), or it finds the
+        // process gone (NotFound); either way nobody waits.
         let _: Empty = call(&c, "CloseStdio", &forget);
-        match pending.join() {
-            Ok(data) => assert!(data.is_empty()),
-            Err(_) => {} // NotFound unwrap in read_all: the read came after the forget
+        match pending.join().unwrap() {
+            Ok(got) => assert!(got.eof && got.data.is_empty(), "{got:?}"),
+            Err(e) => assert!(e.to_string().contains("not found"), "{e}"),
         }
         assert!(!Path::new(&paths.stdout).exists());
         let e = c
