@@ -5,7 +5,8 @@
 //! 2. Boot to agent ready, per VM, from the shim's log ("VM up in ..."): median.
 //! 3. Host memory of one idle 1-container VM: RSS and PSS of the shim, QEMU and virtiofsd.
 //! 4. Stdout throughput out of a running container: `ctr task exec` of
-//!    `head -c 512M /dev/zero`, through each shim.
+//!    `head -c 512M /dev/zero` (the figure) and of `dd bs=1M`, through each shim;
+//!    and busybox `head` alone in the guest, which bounds the first under TCG.
 //!
 //! Usage: `vm-bench [--runs N] [--mib N]` (as root).
 
@@ -105,22 +106,18 @@ fn vm_footprint(c: &Containerd) -> [(u64, u64); 3] {
     figures
 }
 
-/// MB/s of `head -c <mib>M /dev/zero` to stdout through an exec of `runtime`.
-fn throughput(c: &Containerd, runtime: &str, mib: usize) -> f64 {
+/// MB/s of `cmd` (writing `mib` MiB to stdout, or nowhere when `expect_out` is false) in an
+/// exec of `runtime`.
+fn throughput(c: &Containerd, runtime: &str, mib: usize, cmd: &str, expect_out: bool) -> f64 {
     let id = detached(c, runtime);
-    let cmd = format!("head -c {} /dev/zero", mib << 20);
     let t = Instant::now();
     let out = c.ctr_timeout(
-        &["task", "exec", "--exec-id", "tp", &id, "sh", "-c", &cmd],
-        Duration::from_secs(600),
+        &["task", "exec", "--exec-id", "tp", &id, "sh", "-c", cmd],
+        Duration::from_secs(900),
     );
     let secs = t.elapsed().as_secs_f64();
-    assert_eq!(
-        out.stdout.len(),
-        mib << 20,
-        "output short: {:?}",
-        out.stderr
-    );
+    let want = if expect_out { mib << 20 } else { 0 };
+    assert_eq!(out.stdout.len(), want, "output short: {:?}", out.stderr);
     remove(c, &id);
     mib as f64 * 1.048_576 / secs
 }
@@ -157,10 +154,13 @@ fn main() {
     }
     let mut boots: Vec<f64> = boot_times(&c).into_iter().skip(before).collect();
     let [shim, qemu, fsd] = vm_footprint(&c);
-    let (vm_tp, runc_tp) = (
-        throughput(&c, VM_RUNTIME, mib),
-        throughput(&c, OUR_RUNTIME, mib),
-    );
+    let head = format!("head -c {} /dev/zero", mib << 20);
+    let dd = format!("dd if=/dev/zero bs=1048576 count={mib} 2>/dev/null");
+    let alone = format!("{head} >/dev/null");
+    let tp = |runtime, cmd: &str, out| throughput(&c, runtime, mib, cmd, out);
+    let (vm_head, runc_head) = (tp(VM_RUNTIME, &head, true), tp(OUR_RUNTIME, &head, true));
+    let (vm_dd, runc_dd) = (tp(VM_RUNTIME, &dd, true), tp(OUR_RUNTIME, &dd, true));
+    let vm_alone = tp(VM_RUNTIME, &alone, false);
 
     let mb = |kb: u64| kb as f64 / 1024.0;
     println!(
@@ -187,7 +187,12 @@ fn main() {
         mb(fsd.1),
         mb(shim.1 + qemu.1 + fsd.1)
     );
-    println!("| stdout throughput, `head -c {mib}M /dev/zero` in an exec | {vm_tp:.0} MB/s | {runc_tp:.0} MB/s | {:.2} |", vm_tp / runc_tp);
+    println!("| stdout throughput, `head -c {mib}M /dev/zero` in an exec | {vm_head:.0} MB/s | {runc_head:.0} MB/s | {:.2} |", vm_head / runc_head);
+    println!(
+        "| same, `dd bs=1M` (1 MiB writes) | {vm_dd:.0} MB/s | {runc_dd:.0} MB/s | {:.2} |",
+        vm_dd / runc_dd
+    );
+    println!("| `head -c {mib}M /dev/zero >/dev/null` in the guest (no stdio: what busybox head does under TCG) | {vm_alone:.0} MB/s | | |");
 }
 
 #[cfg(test)]
