@@ -33,6 +33,35 @@ fn vm_processes(c: &Containerd, first: &str) -> Vec<(i32, String)> {
     processes_mentioning(&vm_dir(c, first).to_string_lossy())
 }
 
+/// `ctr run -d` of busybox `args` as `id` on the VM shim (with `extra` flags), once running.
+fn run_detached(c: &Containerd, id: &str, extra: &[&str], args: &[&str]) {
+    let mut all = vec!["run", "-d", "--runtime", RUNTIME];
+    all.extend_from_slice(extra);
+    all.extend_from_slice(&[BUSYBOX_REF, id]);
+    all.extend_from_slice(args);
+    c.ctr_ok(&all);
+    wait_status(c, id, "RUNNING");
+}
+
+/// The task `id` has stopped: deleting it reports exit `code`; then the container goes.
+fn delete_stopped(c: &Containerd, id: &str, code: u32) {
+    wait_status(c, id, "STOPPED");
+    let deleted = c.ctr(&["task", "delete", id]);
+    assert!(
+        deleted.stderr.contains(&format!("exit code {code}")),
+        "{deleted:?}"
+    );
+    c.ctr_ok(&["container", "delete", id]);
+}
+
+fn sigkill(pid: i32) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+}
+
 fn run(c: &Containerd, id: &str, args: &[&str]) -> integration::CtrOutput {
     let mut all = vec!["run", "--rm", "--runtime", RUNTIME, BUSYBOX_REF, id];
     all.extend_from_slice(args);
@@ -73,18 +102,7 @@ fn detached_run_exec_ps_and_signals() {
     let id = unique_id("vm-detach");
     // A container's PID 1 ignores signals it has no handler for: this one has one.
     let init = "trap 'exit 143' TERM; sleep 1000 & wait";
-    c.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        BUSYBOX_REF,
-        &id,
-        "sh",
-        "-c",
-        init,
-    ]);
-    wait_status(&c, &id, "RUNNING");
+    run_detached(&c, &id, &[], &["sh", "-c", init]);
     let exec = c.ctr(&[
         "task",
         "exec",
@@ -100,29 +118,13 @@ fn detached_run_exec_ps_and_signals() {
     let ps = c.ctr_ok(&["task", "ps", &id]).stdout;
     assert!(ps.lines().count() >= 2, "ctr task ps shows the init: {ps}");
     c.ctr_ok(&["task", "kill", "-s", "SIGTERM", &id]);
-    wait_status(&c, &id, "STOPPED");
-    let deleted = c.ctr(&["task", "delete", &id]);
-    assert!(deleted.stderr.contains("exit code 143"), "{deleted:?}");
-    c.ctr_ok(&["container", "delete", &id]);
+    delete_stopped(&c, &id, 143);
     assert_no_vm_left(&c, &id, &id);
 
     let id = unique_id("vm-kill");
-    c.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        BUSYBOX_REF,
-        &id,
-        "sleep",
-        "1000",
-    ]);
-    wait_status(&c, &id, "RUNNING");
+    run_detached(&c, &id, &[], &["sleep", "1000"]);
     c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);
-    wait_status(&c, &id, "STOPPED");
-    let deleted = c.ctr(&["task", "delete", &id]);
-    assert!(deleted.stderr.contains("exit code 137"), "{deleted:?}");
-    c.ctr_ok(&["container", "delete", &id]);
+    delete_stopped(&c, &id, 137);
     assert_no_vm_left(&c, &id, &id);
 }
 
@@ -180,19 +182,7 @@ fn two_containers_of_one_group_share_one_vm() {
     let annotation = format!("{GROUP_ANNOTATION}={group}");
     let (a, b) = (format!("{group}-a"), format!("{group}-b"));
     for id in [&a, &b] {
-        c.ctr_ok(&[
-            "run",
-            "-d",
-            "--runtime",
-            RUNTIME,
-            "--annotation",
-            &annotation,
-            BUSYBOX_REF,
-            id,
-            "sleep",
-            "1000",
-        ]);
-        wait_status(&c, id, "RUNNING");
+        run_detached(&c, id, &["--annotation", &annotation], &["sleep", "1000"]);
     }
     let qemus: Vec<_> = vm_processes(&c, &a)
         .into_iter()
@@ -224,30 +214,13 @@ fn two_containers_of_one_group_share_one_vm() {
 fn a_killed_vmm_is_reported_as_the_containers_exit_and_leaves_nothing() {
     let c = with_our_shims();
     let id = unique_id("vm-vmmkill");
-    c.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        BUSYBOX_REF,
-        &id,
-        "sleep",
-        "1000",
-    ]);
-    wait_status(&c, &id, "RUNNING");
+    run_detached(&c, &id, &[], &["sleep", "1000"]);
     let qemu = vm_processes(&c, &id)
         .into_iter()
         .find(|(_, cmd)| cmd.contains("qemu-system"))
         .expect("the VM's QEMU");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(qemu.0),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    wait_status(&c, &id, "STOPPED");
-    let deleted = c.ctr(&["task", "delete", &id]);
-    assert!(deleted.stderr.contains("exit code 137"), "{deleted:?}");
-    c.ctr_ok(&["container", "delete", &id]);
+    sigkill(qemu.0);
+    delete_stopped(&c, &id, 137);
     assert_no_vm_left(&c, &id, &id);
 }
 
@@ -255,23 +228,9 @@ fn a_killed_vmm_is_reported_as_the_containers_exit_and_leaves_nothing() {
 fn a_killed_shim_is_cleaned_up_by_delete() {
     let c = with_our_shims();
     let id = unique_id("vm-shimkill");
-    c.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        BUSYBOX_REF,
-        &id,
-        "sleep",
-        "1000",
-    ]);
-    wait_status(&c, &id, "RUNNING");
+    run_detached(&c, &id, &[], &["sleep", "1000"]);
     for pid in c.shim_pids() {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap();
+        sigkill(pid);
     }
     // containerd notices the dead shim, runs `containerd-shim-vm-v2 delete`, and the task
     // is gone; the VM must be too.

@@ -21,6 +21,7 @@
 
 use std::time::{Duration, Instant};
 
+use integration::bench::{median, run_rm};
 use integration::checks::wait_until;
 use integration::{
     pss_kb, require_root, rss_kb, target_bin_dir, unique_id, Containerd, BUSYBOX_REF, GO_RUNTIME,
@@ -66,34 +67,6 @@ fn args() -> Args {
         }
     }
     a
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n == 0 {
-        return f64::NAN;
-    }
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-fn run_rm(c: &Containerd, runtime: &str) -> Duration {
-    let id = unique_id("bench");
-    let t = Instant::now();
-    c.ctr_ok(&[
-        "run",
-        "--rm",
-        "--runtime",
-        runtime,
-        BUSYBOX_REF,
-        &id,
-        "true",
-    ]);
-    t.elapsed()
 }
 
 /// Starts `n` detached containers on `runtime`, returns (mean RSS kB, mean PSS kB) per shim.

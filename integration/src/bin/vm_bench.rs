@@ -12,34 +12,11 @@
 
 use std::time::{Duration, Instant};
 
+use integration::bench::{median, run_rm};
 use integration::checks::{processes_mentioning, wait_until};
 use integration::{pss_kb, require_root, rss_kb, unique_id, Containerd, BUSYBOX_REF, OUR_RUNTIME};
 
 const VM_RUNTIME: &str = "io.containerd.vm.v2";
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
-fn run_rm(c: &Containerd, runtime: &str) -> f64 {
-    let id = unique_id("vmbench");
-    let t = Instant::now();
-    c.ctr_ok(&[
-        "run",
-        "--rm",
-        "--runtime",
-        runtime,
-        BUSYBOX_REF,
-        &id,
-        "true",
-    ]);
-    t.elapsed().as_secs_f64() * 1000.0
-}
 
 /// The `VM up in <duration>` figures the shims logged, in ms.
 fn boot_times(c: &Containerd) -> Vec<f64> {
@@ -149,8 +126,8 @@ fn main() {
     let before = boot_times(&c).len();
     let (mut vm, mut runc) = (Vec::new(), Vec::new());
     for _ in 0..runs {
-        vm.push(run_rm(&c, VM_RUNTIME));
-        runc.push(run_rm(&c, OUR_RUNTIME));
+        vm.push(run_rm(&c, VM_RUNTIME).as_secs_f64() * 1e3);
+        runc.push(run_rm(&c, OUR_RUNTIME).as_secs_f64() * 1e3);
     }
     let mut boots: Vec<f64> = boot_times(&c).into_iter().skip(before).collect();
     let [shim, qemu, fsd] = vm_footprint(&c);

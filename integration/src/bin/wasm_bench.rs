@@ -14,6 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+use integration::bench::median;
 use integration::checks::wait_until;
 use integration::wasm_fixture::{
     import_busybox_wasm, parent, require_wasm_shim, shim_daemons, BUSYBOX_WASM_REF,
@@ -53,15 +54,6 @@ fn args() -> Args {
         }
     }
     a
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
 }
 
 fn ms(d: Duration) -> f64 {
