@@ -1,6 +1,6 @@
 //! `make demo`: a private containerd with our shims first on its PATH, and a few containers
-//! run through `containerd-shim-runc-v2` and `containerd-shim-wasm-v2`, printing each `ctr`
-//! command and what it answered.
+//! run through `containerd-shim-runc-v2`, `containerd-shim-wasm-v2` and `containerd-shim-vm-v2`,
+//! printing each `ctr` command and what it answered.
 //!
 //! Every step says what it must show (output, exit status, the task list) and the demo stops
 //! with a non-zero status at the first one that does not: a demo that prints "done" after
@@ -173,6 +173,37 @@ fn wasm_containers(c: &Containerd) -> Result<(), Failed> {
     Ok(())
 }
 
+/// A container in a QEMU microvm: the guest's own kernel answers `uname -r`.
+fn vm_container(c: &Containerd) -> Result<(), Failed> {
+    let id = unique_id("demo-vm");
+    println!("\n(containerd-shim-vm-v2: the container runs in its own QEMU microvm)");
+    step(
+        c,
+        &[
+            "run",
+            "--rm",
+            "--runtime",
+            "io.containerd.vm.v2",
+            BUSYBOX_REF,
+            &id,
+            "sh",
+            "-c",
+            "echo kernel $(uname -r) in the VM; exit 3",
+        ],
+        Expect::Status(3),
+    )
+    .and_then(|out| {
+        if out.stdout.contains("cloud-amd64 in the VM") {
+            Ok(())
+        } else {
+            Err(Failed(format!(
+                "the VM's container printed {:?}, not the guest kernel",
+                out.stdout
+            )))
+        }
+    })
+}
+
 fn demo() -> Result<(), Failed> {
     if !is_root() {
         return Err(Failed(
@@ -195,6 +226,7 @@ fn demo() -> Result<(), Failed> {
     println!("imported {BUSYBOX_REF} (built offline from Debian's busybox-static)\n");
     runc_containers(&c, &bin)?;
     wasm_containers(&c)?;
+    vm_container(&c)?;
     Ok(())
 }
 
