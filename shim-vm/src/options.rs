@@ -40,6 +40,9 @@ pub struct VmOptions {
     pub guest_runtime: String,
     /// Use TCG even where KVM works (`ForceTcg`).
     pub force_tcg: bool,
+    /// TCG's translation cache, MiB (`TcgTbMib`); 0: QEMU's default. Smaller trades host
+    /// memory per VM for time (see [`crate::vmm::VmConfig::tcg_tb_mib`]).
+    pub tcg_tb_mib: u32,
 }
 
 impl Default for VmOptions {
@@ -55,6 +58,7 @@ impl Default for VmOptions {
             dial_timeout_ms: 20_000,
             guest_runtime: "crun".into(),
             force_tcg: false,
+            tcg_tb_mib: 0,
         }
     }
 }
@@ -80,6 +84,7 @@ impl RuntimeOptions for VmOptions {
                 self.guest_runtime = r;
             }
             "forcetcg" => self.force_tcg = options::boolean(value)?,
+            "tcgtbmib" => self.tcg_tb_mib = options::uint32(value)?,
             _ => return Ok(false),
         }
         Ok(true)
@@ -184,6 +189,8 @@ mod tests {
         assert!(o
             .set("guestruntime", &Toml::String("youki".into()))
             .is_err());
+        assert!(o.set("tcgtbmib", &Toml::Integer(32)).unwrap());
+        assert_eq!(o.tcg_tb_mib, 32);
         assert!(!o.set("nosuchkey", &Toml::Boolean(true)).unwrap());
     }
 }

@@ -182,6 +182,7 @@ impl Pod {
                     cache: Cache::default(),
                 }),
                 accel: options.force_tcg.then_some(Accel::Tcg),
+                tcg_tb_mib: (options.tcg_tb_mib > 0).then_some(options.tcg_tb_mib),
             };
             // Subscribed before QEMU exists, so its exit cannot be missed.
             let exits = reaper::subscribe();

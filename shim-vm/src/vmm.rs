@@ -97,6 +97,13 @@ impl Accel {
     }
 }
 
+fn accel_arg(accel: Accel, tb_mib: Option<u32>) -> String {
+    match (accel, tb_mib) {
+        (Accel::Tcg, Some(mib)) => format!("tcg,tb-size={mib}"),
+        (other, _) => other.to_string(),
+    }
+}
+
 /// A directory served to the guest over virtiofs.
 #[derive(Debug, Clone)]
 pub struct Share {
@@ -133,6 +140,10 @@ pub struct VmConfig {
     pub share: Option<Share>,
     /// `None`: [`Accel::detect`].
     pub accel: Option<Accel>,
+    /// TCG's translation cache in MiB (`None`: QEMU's default, up to 1 GiB). Its touched
+    /// pages count in the VM's host memory: measured here, 32 MiB saves ~35 MiB of QEMU's
+    /// PSS and costs ~0.3 s per `ctr run` (code translated again).
+    pub tcg_tb_mib: Option<u32>,
 }
 
 impl VmConfig {
@@ -148,6 +159,7 @@ impl VmConfig {
             runtime_dir: runtime_dir.into(),
             share: None,
             accel: None,
+            tcg_tb_mib: None,
         }
     }
 }
@@ -272,7 +284,7 @@ impl Vm {
                 .arg(format!("memory-backend-memfd,id=mem,size={mem}M,share=on"));
         }
         cmd.args(["-M", &machine])
-            .args(["-accel", &accel.accel.to_string()])
+            .args(["-accel", &accel_arg(accel.accel, config.tcg_tb_mib)])
             .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
             .args(["-smp", &config.vcpus.to_string(), "-m", &format!("{mem}M")])
             .arg("-kernel")
@@ -485,6 +497,13 @@ fn qmp_quit(socket: &Path, timeout: Duration) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tcg_takes_the_translation_cache_size_and_kvm_ignores_it() {
+        assert_eq!(accel_arg(Accel::Tcg, Some(32)), "tcg,tb-size=32");
+        assert_eq!(accel_arg(Accel::Tcg, None), "tcg");
+        assert_eq!(accel_arg(Accel::Kvm, Some(32)), "kvm");
+    }
 
     #[test]
     fn this_machine_uses_tcg_because_of_kvm_pvm() {
