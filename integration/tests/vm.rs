@@ -243,16 +243,17 @@ fn a_killed_shim_is_cleaned_up_by_delete() {
     assert_no_vm_left(&c, &id, &id);
 }
 
-#[test]
-fn a_missing_kernel_is_a_clear_error_naming_it_and_leaves_nothing() {
+/// `ctr run --rm` on the VM shim with runtime options `toml` fails, its error says every
+/// one of `says`, and nothing of the VM is left.
+fn refused_with(toml: &str, says: &[&str]) {
     let c = Containerd::builder()
         .bin_dir(integration::target_bin_dir())
         .start()
         .expect("start containerd");
     c.import_busybox().expect("import busybox");
-    let id = unique_id("vm-nokernel");
+    let id = unique_id("vm-bad");
     let config = c.dir().join("vm-options.toml");
-    std::fs::write(&config, "KernelPath = \"/nonexistent/vmlinux\"\n").unwrap();
+    std::fs::write(&config, toml).unwrap();
     let out = c.ctr(&[
         "run",
         "--rm",
@@ -265,12 +266,34 @@ fn a_missing_kernel_is_a_clear_error_naming_it_and_leaves_nothing() {
         "true",
     ]);
     assert_ne!(out.status, 0, "{out:?}");
-    assert!(
-        out.stderr.contains("/nonexistent/vmlinux") && out.stderr.contains("make guest"),
-        "{out:?}"
-    );
+    for text in says {
+        assert!(out.stderr.contains(text), "no {text:?} in {out:?}");
+    }
     c.ctr(&["container", "delete", &id]);
     assert_no_vm_left(&c, &id, &id);
+}
+
+#[test]
+fn a_missing_kernel_is_a_clear_error_naming_it_and_leaves_nothing() {
+    refused_with(
+        "KernelPath = \"/nonexistent/vmlinux\"\n",
+        &["/nonexistent/vmlinux", "make guest"],
+    );
+}
+
+#[test]
+fn a_missing_qemu_is_a_clear_error_naming_the_package_and_leaves_nothing() {
+    refused_with(
+        "QemuPath = \"/nonexistent/qemu-system-x86_64\"\n",
+        &["/nonexistent/qemu-system-x86_64", "qemu-system-x86"],
+    );
+}
+
+/// The agent cannot answer within 1 ms (it takes ~1.4 s to boot under TCG): the dial
+/// timeout is a clear error, and the VM it waited for is gone.
+#[test]
+fn an_agent_that_does_not_answer_in_time_is_a_clear_error_and_leaves_no_vm() {
+    refused_with("DialTimeoutMs = 1\n", &["did not answer within 1ms"]);
 }
 
 #[test]
