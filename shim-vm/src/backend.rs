@@ -59,8 +59,11 @@ impl Backend for VmBackend {
         if !req.checkpoint.is_empty() {
             return Err(Error::Unimplemented("restore into a VM".into()));
         }
-        let (annotations, limit) = sizing(req.bundle)?;
-        let size = req.options.size(&annotations, limit)?;
+        // Only the group's first container sizes (and boots) the VM.
+        let size = || {
+            let (annotations, limit) = sizing(req.bundle)?;
+            req.options.size(&annotations, limit)
+        };
         let guest = self.pod.guest(req.options, size)?;
         let share = Share::create(&self.pod.shared(), req.id, req.bundle)?;
         std::fs::write(

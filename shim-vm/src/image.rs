@@ -46,11 +46,22 @@ impl GuestImage {
     /// The image in `dir` (`vmlinux`, `initramfs.cpio`); a missing file is an error naming
     /// it and how to build it.
     pub fn locate(dir: &Path) -> Result<GuestImage> {
-        let image = GuestImage {
+        GuestImage {
             kernel: dir.join(KERNEL_FILE),
             initrd: dir.join(INITRD_FILE),
-        };
-        for f in [&image.kernel, &image.initrd] {
+        }
+        .checked()
+    }
+
+    /// The image installed next to the running executable (`<exe dir>/vm-guest`).
+    pub fn beside_executable() -> Result<GuestImage> {
+        GuestImage::locate(&installed_dir()?)
+    }
+
+    /// This image, once both files are there; a missing one is an error naming it and how
+    /// to build it.
+    pub fn checked(self) -> Result<GuestImage> {
+        for f in [&self.kernel, &self.initrd] {
             if !f.is_file() {
                 return Err(Error::FailedPrecondition(format!(
                     "guest image file {} not found: run `make guest` to build the VM image",
@@ -58,15 +69,14 @@ impl GuestImage {
                 )));
             }
         }
-        Ok(image)
+        Ok(self)
     }
+}
 
-    /// The image installed next to the running executable (`<exe dir>/vm-guest`).
-    pub fn beside_executable() -> Result<GuestImage> {
-        let exe = std::env::current_exe().context("find the shim's own executable")?;
-        let dir = exe.parent().unwrap_or(Path::new("/"));
-        GuestImage::locate(&dir.join(INSTALL_DIR))
-    }
+/// Where `make guest` installs the image for the running executable: `<exe dir>/vm-guest`.
+pub fn installed_dir() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("find the shim's own executable")?;
+    Ok(exe.parent().unwrap_or(Path::new("/")).join(INSTALL_DIR))
 }
 
 /// Bumped whenever the builder lays out the image differently: part of the cache key.

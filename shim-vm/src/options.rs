@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 use shim_common::options::{self, RuntimeOptions, Toml};
 use shim_common::{Error, Result};
 
+use crate::image::{self, GuestImage};
+
 /// Annotation: guest memory in MiB, beyond [`VmOptions::overhead_mib`].
 pub const MEMORY_ANNOTATION: &str = "io.containerd.vm.memory_mib";
 /// Annotation: guest vCPUs.
@@ -136,15 +138,19 @@ impl VmOptions {
         })
     }
 
-    /// A path option, or the default beside the shim binary.
-    pub fn path_or_beside(value: &str, beside: &str) -> PathBuf {
-        if !value.is_empty() {
-            return PathBuf::from(value);
+    /// The guest image: the files the options name, else the ones installed beside the
+    /// shim; both must be there.
+    pub fn image(&self) -> Result<GuestImage> {
+        let dir = image::installed_dir()?;
+        let pick = |set: &str, default: &str| match set {
+            "" => dir.join(default),
+            path => PathBuf::from(path),
+        };
+        GuestImage {
+            kernel: pick(&self.kernel_path, image::KERNEL_FILE),
+            initrd: pick(&self.initrd_path, image::INITRD_FILE),
         }
-        std::env::current_exe()
-            .ok()
-            .and_then(|exe| exe.parent().map(|d| d.join(beside)))
-            .unwrap_or_else(|| PathBuf::from(beside))
+        .checked()
     }
 }
 

@@ -98,8 +98,12 @@ impl Pod {
         self.dir.join("shared")
     }
 
-    /// The agent of the running VM, booting it first (sized `size`) if it is not up.
-    pub fn guest(self: &Arc<Self>, options: &VmOptions, size: Size) -> Result<Arc<Guest>> {
+    /// The agent of the running VM, booting it first (sized by `size`) if it is not up.
+    pub fn guest(
+        self: &Arc<Self>,
+        options: &VmOptions,
+        size: impl FnOnce() -> Result<Size>,
+    ) -> Result<Arc<Guest>> {
         let mut s = lock(&self.state);
         loop {
             match &*s {
@@ -111,7 +115,7 @@ impl Pod {
         }
         *s = State::Booting;
         drop(s);
-        let booted = self.boot(options, size);
+        let booted = size().and_then(|size| self.boot(options, size));
         let mut s = lock(&self.state);
         let res = match booted {
             Ok(running) => {
@@ -139,14 +143,7 @@ impl Pod {
 
     fn boot(self: &Arc<Self>, options: &VmOptions, size: Size) -> Result<Arc<Running>> {
         let started = Instant::now();
-        let kernel = require(
-            &VmOptions::path_or_beside(&options.kernel_path, "vm-guest/vmlinux"),
-            "guest kernel",
-        )?;
-        let initrd = require(
-            &VmOptions::path_or_beside(&options.initrd_path, "vm-guest/initramfs.cpio"),
-            "guest initramfs",
-        )?;
+        let image = options.image()?;
         if self.dir.exists() {
             // A VM of this group that died with its shim: nothing of it may survive.
             cleanup_dir(&self.dir);
@@ -165,8 +162,8 @@ impl Pod {
             let debug = log::log_enabled!(log::Level::Debug);
             let config = VmConfig {
                 qemu,
-                kernel,
-                initrd,
+                kernel: image.kernel,
+                initrd: image.initrd,
                 cmdline: format!(
                     "shim_vm.ns={}{}",
                     self.namespace,
@@ -327,16 +324,6 @@ impl Pod {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn require(path: &Path, what: &str) -> Result<PathBuf> {
-    if path.is_file() {
-        return Ok(path.to_path_buf());
-    }
-    Err(Error::FailedPrecondition(format!(
-        "{what} {} not found: build it with `make guest` (or set the runtime option)",
-        path.display()
-    )))
 }
 
 const PIDS: &str = "pids";
