@@ -4,6 +4,7 @@
 //! cleanup are what `ctr` sees of any runc container.
 
 use integration::checks::{processes_mentioning, wait_until};
+use integration::events::EventLog;
 use integration::fixture::{
     assert_nothing_left, wait_status, with_our_shims, GROUP_ANNOTATION, LONG,
 };
@@ -241,6 +242,46 @@ fn a_killed_shim_is_cleaned_up_by_delete() {
     c.ctr(&["task", "delete", &id]);
     c.ctr_ok(&["container", "delete", &id]);
     assert_no_vm_left(&c, &id, &id);
+}
+
+/// The guest kernel's OOM killer takes a container over its memory limit: containerd hears
+/// `TaskOOM` before the exit (137), and the VM lives on for the rest of the pod.
+#[test]
+fn a_guest_oom_kill_is_reported_before_the_exit_and_the_vm_survives() {
+    let c = with_our_shims();
+    let events = EventLog::start(&c);
+    let group = unique_id("vm-oom");
+    let annotation = format!("{GROUP_ANNOTATION}={group}");
+    let (a, b) = (format!("{group}-a"), format!("{group}-b"));
+    run_detached(&c, &a, &["--annotation", &annotation], &["sleep", "1000"]);
+    // The init itself grows (busybox sh doubles a variable in-process): it is the victim.
+    let out = c.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--annotation",
+        &annotation,
+        "--memory-limit",
+        "20971520",
+        BUSYBOX_REF,
+        &b,
+        "sh",
+        "-c",
+        "x=0123456789abcdef; while :; do x=$x$x; done",
+    ]);
+    assert_eq!(out.status, 137, "{out:?}");
+    events.assert_oom_before_exit(&b);
+    let alive = c.ctr(&["task", "exec", "--exec-id", "alive", &a, "echo", "alive"]);
+    assert_eq!(
+        (alive.status, alive.stdout.trim()),
+        (0, "alive"),
+        "{alive:?}"
+    );
+    assert_eq!(events.positions(&a, "/tasks/oom"), Vec::<usize>::new());
+    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &a]);
+    delete_stopped(&c, &a, 137);
+    assert_no_vm_left(&c, &a, &b);
 }
 
 /// `ctr run --rm` on the VM shim with runtime options `toml` fails, its error says every

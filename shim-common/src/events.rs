@@ -36,6 +36,16 @@ pub fn publish<M: protocol::TypeUrl>(p: &dyn Publisher, topic: &str, event: &M) 
     }
 }
 
+/// Publishes that the OOM killer struck in container `id`: one place for the event's shape,
+/// whoever saw the kill (the host's cgroup watcher, a backend's guest).
+pub(crate) fn publish_oom(p: &dyn Publisher, id: &str) {
+    let event = protocol::task_events::TaskOOM {
+        container_id: id.to_string(),
+        ..Default::default()
+    };
+    publish(p, protocol::topics::TASK_OOM, &event);
+}
+
 /// Events held at most: a busy pod's minute (a few execs a second, three events each) with
 /// room to spare. Only the queued events take memory, a few hundred bytes each.
 pub const QUEUE: usize = 4096;

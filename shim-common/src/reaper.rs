@@ -16,13 +16,14 @@ use std::io::Read;
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::SystemTime;
 
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use crate::error::{Context, Result};
+use crate::events::Publisher;
 
 /// One reaped child.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,6 +212,15 @@ impl Exits {
     pub fn sink(&self) -> ExitSink {
         ExitSink {
             tx: self.tx.clone(),
+            events: None,
+        }
+    }
+
+    /// A sink that also publishes the OOM kills it is told of to `events`.
+    pub(crate) fn sink_publishing(&self, events: Arc<dyn Publisher>) -> ExitSink {
+        ExitSink {
+            events: Some(events),
+            ..self.sink()
         }
     }
 
@@ -247,10 +257,23 @@ impl Drop for Exits {
 /// # }
 /// ```
 ///
+/// The same backend tells of the OOM kills the host's cgroups cannot see through
+/// [`ExitSink::oom_killed`].
+///
 /// The default sink belongs to no service: what it is told is dropped (a `cleanup` context).
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct ExitSink {
     tx: Option<Sender<Exit>>,
+    /// Where the service publishes its events, for the OOM kills.
+    events: Option<Arc<dyn Publisher>>,
+}
+
+impl std::fmt::Debug for ExitSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExitSink")
+            .field("service", &self.tx.is_some())
+            .finish()
+    }
 }
 
 impl ExitSink {
@@ -261,6 +284,16 @@ impl ExitSink {
             status,
             at: SystemTime::now(),
         });
+    }
+
+    /// Reports that the OOM killer struck in container `id` (a guest kernel's, say), published
+    /// as `TaskOOM` at once: called before reporting the exit it caused, it comes before
+    /// that exit's `TaskExit`, as containerd expects.
+    pub fn oom_killed(&self, id: &str) {
+        match &self.events {
+            Some(events) => crate::events::publish_oom(&**events, id),
+            None => log::debug!("OOM kill in {id} reported to no task service"),
+        }
     }
 
     /// Reports `exit`, with the time it happened (a guest's clock, say).

@@ -48,7 +48,7 @@ fn server<B: Backend>(
         Some(reaper) if B::HOST_PROCESSES => Exits::reaped(reaper),
         _ => Exits::reported(),
     };
-    ctx.exits = exits.sink();
+    ctx.exits = exits.sink_publishing(publisher.clone());
     let backend = B::new(&ctx)?;
     let stop = Mutex::new(stop);
     let service = TaskService::new(

@@ -263,6 +263,7 @@ impl Pod {
             "/tasks/oom" => {
                 if let Ok(oom) = TaskOOM::parse_from_bytes(&any.value) {
                     log::warn!("container {} in the VM was OOM-killed", oom.container_id);
+                    self.exits.oom_killed(&oom.container_id);
                 }
             }
             _ => {}

@@ -37,7 +37,7 @@ use protocol::topics;
 use crate::backend::{linux_resources, Backend, CreateRequest, ExecRequest, Signal, Target};
 use crate::console::{Console, ConsoleSocket};
 use crate::error::{Error, Result};
-use crate::events::{publish, timestamp, Publisher};
+use crate::events::{publish, publish_oom, timestamp, Publisher};
 use crate::mount::{unmount_all, BundleRootfs};
 use crate::options::{self, RuntimeOptions};
 use crate::os::OomWatcher;
@@ -265,13 +265,7 @@ impl<B: Backend> Inner<B> {
         self.oom
             .get_or_init(|| {
                 let publisher = self.publisher.clone();
-                let watcher = OomWatcher::new(move |id| {
-                    let event = TaskOOM {
-                        container_id: id.to_string(),
-                        ..Default::default()
-                    };
-                    publish(&*publisher, topics::TASK_OOM, &event);
-                });
+                let watcher = OomWatcher::new(move |id| publish_oom(&*publisher, id));
                 watcher
                     .map_err(|e| log::warn!("OOM events disabled: {e}"))
                     .ok()
