@@ -328,7 +328,7 @@ mod tests {
     fn kernel_cids_are_valid_and_differ_per_vm() {
         let a = kernel_guest_cid(Path::new("/run/shim-vm/aaaa"));
         let b = kernel_guest_cid(Path::new("/run/shim-vm/bbbb"));
-        assert!(a >= 3 && a < u32::MAX, "{a}");
+        assert!((3..u32::MAX).contains(&a), "{a}");
         assert_ne!(a, b);
     }
 
