@@ -30,12 +30,15 @@ APT_PKGS_NO_RECOMMENDS := qemu-system-x86
 VM_CACHE  := $(CURDIR)/target/vm-guest
 VIRTIOFSD_VERSION := 1.14.0
 VIRTIOFSD := $(CURDIR)/target/virtiofsd/bin/virtiofsd
+# The VM shim's vsock channel (`Channel = "vsock"`): a vhost-user vsock device in user space.
+VHOST_VSOCK_VERSION := 0.3.0
+VHOST_VSOCK := $(CURDIR)/target/vhost-device-vsock/bin/vhost-device-vsock
 export SHIM_BIN_DIR := $(BIN_DIR)
 export SHIM_VM_CACHE := $(VM_CACHE)
 # The tests and the build steps print names of things that failed; colour codes only hide them in logs.
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: demo test bench deps build guest guest-image virtiofsd fmt lint install check-freebsd
+.PHONY: demo test bench deps build guest guest-image virtiofsd vhost-device-vsock fmt lint install check-freebsd
 
 deps:
 	@scripts/deps.sh $(RUST_MIN) $(APT_PKGS) --no-recommends $(APT_PKGS_NO_RECOMMENDS)
@@ -43,7 +46,7 @@ deps:
 # Binaries, test harnesses and examples (the skeleton shim, in $(BIN_DIR)/examples) in one
 # invocation: built separately, cargo resolves dev-dependency features differently and
 # rebuilds most crates for the tests.
-build: deps virtiofsd
+build: deps virtiofsd vhost-device-vsock
 	@scripts/step.sh build cargo build --release --workspace --bins --tests --examples
 	@$(MAKE) --no-print-directory guest-image
 
@@ -64,6 +67,14 @@ virtiofsd: deps $(VIRTIOFSD)
 	@ln -sfn $(VIRTIOFSD) $(BIN_DIR)/virtiofsd
 $(VIRTIOFSD): | deps
 	@scripts/step.sh virtiofsd sh -c 'cd / && cargo install --locked --root $(CURDIR)/target/virtiofsd virtiofsd@$(VIRTIOFSD_VERSION)'
+
+# vhost-device-vsock (crates.io, rust-vmm): the host side of the guest's AF_VSOCK when the
+# host has no /dev/vhost-vsock or no working KVM (this one); built like virtiofsd.
+vhost-device-vsock: deps $(VHOST_VSOCK)
+	@mkdir -p $(BIN_DIR)
+	@ln -sfn $(VHOST_VSOCK) $(BIN_DIR)/vhost-device-vsock
+$(VHOST_VSOCK): | deps
+	@scripts/step.sh vhost-device-vsock sh -c 'cd / && cargo install --locked --root $(CURDIR)/target/vhost-device-vsock vhost-device-vsock@$(VHOST_VSOCK_VERSION)'
 
 demo: build
 	$(BIN_DIR)/shim-demo
@@ -91,6 +102,7 @@ lint: deps
 install: build
 	install -m 0755 $(BIN_DIR)/containerd-shim-runc-v2 $(BIN_DIR)/containerd-shim-wasm-v2 $(BIN_DIR)/containerd-shim-jail-v2 $(BIN_DIR)/containerd-shim-vm-v2 /usr/local/bin/
 	install -m 0755 $(VIRTIOFSD) /usr/local/bin/virtiofsd
+	install -m 0755 $(VHOST_VSOCK) /usr/local/bin/vhost-device-vsock
 	install -d /usr/local/bin/vm-guest
 	install -m 0644 $(BIN_DIR)/vm-guest/vmlinux $(BIN_DIR)/vm-guest/initramfs.cpio /usr/local/bin/vm-guest/
 

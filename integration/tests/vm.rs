@@ -394,3 +394,218 @@ fn the_conformance_runner_passes_against_the_vm_shim_for_every_generation() {
         assert!(report.passed(), "as containerd {generation}:\n{report}");
     }
 }
+
+// ---- The agent's channel (issue 12, item 3): vsock, and a host that reconnects. ----------
+// Kept together at the end of the file.
+
+/// A runtime options file in `c`'s directory selecting `channel`; the `--runtime-config-path`
+/// flags for `ctr run`.
+fn channel_flags(c: &Containerd, channel: &str) -> [String; 2] {
+    let config = c.dir().join(format!("vm-{channel}.toml"));
+    std::fs::write(&config, format!("Channel = \"{channel}\"\n")).unwrap();
+    [
+        "--runtime-config-path".to_string(),
+        config.to_string_lossy().into_owned(),
+    ]
+}
+
+#[test]
+fn over_vsock_a_container_runs_execs_and_exits_as_over_virtio_serial() {
+    let c = with_our_shims();
+    let flags = channel_flags(&c, "vsock");
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let id = unique_id("vm-vsock-rm");
+    let mut args = vec!["run", "--rm", "--runtime", RUNTIME];
+    args.extend_from_slice(&flags);
+    args.extend_from_slice(&[BUSYBOX_REF, &id, "sh", "-c", "echo over vsock; exit 5"]);
+    let out = c.ctr(&args);
+    assert_eq!(out.status, 5, "{out:?}\n{}", c.log_tail(60));
+    assert_eq!(out.stdout.trim(), "over vsock", "{out:?}");
+    assert!(
+        c.log_tail(400).contains("vsock through"),
+        "the shim did not log its vsock device"
+    );
+    assert_no_vm_left(&c, &id, &id);
+
+    let id = unique_id("vm-vsock-exec");
+    run_detached(&c, &id, &flags, &["sleep", "1000"]);
+    assert!(
+        vm_processes(&c, &id)
+            .iter()
+            .any(|(_, cmd)| cmd.contains("vhost-device-vsock")),
+        "no vhost-device-vsock for the VM: {:?}",
+        vm_processes(&c, &id)
+    );
+    let exec = c.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        &id,
+        "sh",
+        "-c",
+        "echo in exec; exit 3",
+    ]);
+    assert_eq!(exec.status, 3, "{exec:?}");
+    assert_eq!(exec.stdout.trim(), "in exec", "{exec:?}");
+    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);
+    delete_stopped(&c, &id, 137);
+    // vhost-device-vsock too: it names the VM's directory on its command line.
+    assert_no_vm_left(&c, &id, &id);
+}
+
+/// Cuts the VM shim's connection to its agent (of the VM whose first container is `first`)
+/// as a broken socket would: `shutdown(2)` on the shim's own socket, reached through
+/// `pidfd_getfd`. Both channels' host ends are unix sockets accepted at the VM's
+/// `agent.sock` (QEMU's chardev, or vhost-device-vsock's): `ss` names their peers.
+fn cut_agent_connection(c: &Containerd, first: &str) {
+    let dir = vm_dir(c, first);
+    let shim: i32 = std::fs::read_to_string(dir.join("shim.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let agent = dir.join("agent.sock").to_string_lossy().into_owned();
+    let ss = std::process::Command::new("ss")
+        .args(["-xn"])
+        .output()
+        .unwrap();
+    let ss = String::from_utf8_lossy(&ss.stdout);
+    // Netid State Recv-Q Send-Q Local Port Peer Port
+    let peers: Vec<String> = ss
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| f.len() >= 8 && f[1] == "ESTAB" && f[4] == agent)
+        .map(|f| format!("socket:[{}]", f[7]))
+        .collect();
+    assert_eq!(peers.len(), 1, "connections at {agent}: {ss}");
+    let fd: i32 = std::fs::read_dir(format!("/proc/{shim}/fd"))
+        .unwrap()
+        .flatten()
+        .find(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy() == peers[0]))
+        .and_then(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+        .unwrap_or_else(|| panic!("the shim {shim} holds no {}", peers[0]));
+    // SAFETY: pidfd_open and pidfd_getfd return new fds or -1; shutdown and close take fds
+    // this function owns.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, shim, 0) as i32;
+        assert!(
+            pidfd >= 0,
+            "pidfd_open {shim}: {}",
+            std::io::Error::last_os_error()
+        );
+        let dup = libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) as i32;
+        assert!(
+            dup >= 0,
+            "pidfd_getfd {shim} {fd}: {}",
+            std::io::Error::last_os_error()
+        );
+        assert_eq!(libc::shutdown(dup, libc::SHUT_RDWR), 0);
+        libc::close(dup);
+        libc::close(pidfd);
+    }
+}
+
+/// How many times the shim's log says it reconnected to its agent.
+fn reconnects(c: &Containerd) -> usize {
+    std::fs::read_to_string(c.log_path())
+        .unwrap_or_default()
+        .matches("reconnected to the VM's agent")
+        .count()
+}
+
+/// A running container outlives its shim's agent connection, cut `rounds` times: each time
+/// the shim dials again, and the container still execs (output, exit code); its exit,
+/// published by the guest after the last reconnect, reaches containerd.
+fn a_cut_agent_connection_is_dialled_again(channel: &str, rounds: usize) {
+    let c = with_our_shims();
+    let flags = channel_flags(&c, channel);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let id = unique_id("vm-recon");
+    run_detached(&c, &id, &flags, &["sleep", "1000"]);
+    for round in 1..=rounds {
+        cut_agent_connection(&c, &id);
+        assert!(
+            wait_until(LONG, || reconnects(&c) >= round),
+            "round {round}: the shim did not reconnect\n{}",
+            c.log_tail(60)
+        );
+        let exec_id = format!("e{round}");
+        let exec = c.ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            &exec_id,
+            &id,
+            "sh",
+            "-c",
+            "echo still here; exit 4",
+        ]);
+        assert_eq!(
+            exec.status,
+            4,
+            "round {round}: {exec:?}\n{}",
+            c.log_tail(60)
+        );
+        assert_eq!(exec.stdout.trim(), "still here", "round {round}: {exec:?}");
+    }
+    let ps = c.ctr_ok(&["task", "ps", &id]).stdout;
+    assert!(ps.lines().count() >= 2, "ctr task ps shows the init: {ps}");
+    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);
+    delete_stopped(&c, &id, 137);
+    assert_no_vm_left(&c, &id, &id);
+}
+
+#[test]
+fn over_virtio_serial_a_cut_agent_connection_is_dialled_again() {
+    a_cut_agent_connection_is_dialled_again("virtio-serial", 3);
+}
+
+#[test]
+fn over_vsock_a_cut_agent_connection_is_dialled_again() {
+    a_cut_agent_connection_is_dialled_again("vsock", 3);
+}
+
+#[test]
+fn over_vsock_an_agent_that_does_not_answer_in_time_is_a_clear_error_and_leaves_no_vm() {
+    refused_with(
+        "Channel = \"vsock\"\nDialTimeoutMs = 1\n",
+        &["did not answer within 1ms"],
+    );
+}
+
+#[test]
+fn a_channel_the_shim_does_not_know_is_refused_naming_both() {
+    refused_with("Channel = \"tcp\"\n", &["virtio-serial", "vsock"]);
+}
+
+/// Not a timing assertion: prints `ctr run --rm busybox true` on each channel (median of 5).
+#[test]
+fn run_rm_time_on_each_channel() {
+    let c = with_our_shims();
+    for channel in ["virtio-serial", "vsock"] {
+        let flags = channel_flags(&c, channel);
+        let mut ms: Vec<f64> = (0..5)
+            .map(|_| {
+                let id = unique_id("vm-time");
+                let t = std::time::Instant::now();
+                c.ctr_ok(&[
+                    "run",
+                    "--rm",
+                    "--runtime",
+                    RUNTIME,
+                    &flags[0],
+                    &flags[1],
+                    BUSYBOX_REF,
+                    &id,
+                    "true",
+                ]);
+                t.elapsed().as_secs_f64() * 1000.0
+            })
+            .collect();
+        println!(
+            "ctr run --rm true over {channel}: median {:.0} ms of {ms:.0?}",
+            integration::bench::median(&mut ms)
+        );
+    }
+}

@@ -33,7 +33,8 @@
 //! three seams: the backend reports their exits through [`ShimContext::exits`]
 //! ([`Backend::HOST_PROCESSES`] `= false`), carries their stdio itself
 //! ([`Backend::HOST_STDIO`] `= false`, [`stdio::CarriedStdio`]), and the task service can be
-//! served on any connected byte stream with [`serve_on`] — a guest agent's port, with the
+//! served on any connected byte stream with [`serve_on`] (or on each of a succession of
+//! them, [`serve_each`], so that a peer can reconnect) — a guest agent's port, with the
 //! reaper it installed itself ([`reaper::install`], [`reaper::Exits`]) and its events
 //! fetched by the host over that same stream ([`peer_events::PeerEvents`]).
 
@@ -79,7 +80,7 @@ pub use backend::{Backend, CreateRequest, Created, ExecRequest, ShimContext, Sig
 pub use error::{Context, Error, Result};
 pub use options::RuntimeOptions;
 pub use protocol;
-pub use serve::serve_on;
+pub use serve::{serve_each, serve_on};
 pub use service::TaskService;
 
 use std::io::{Read, Write};

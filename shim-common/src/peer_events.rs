@@ -6,7 +6,8 @@
 //! keeps one call to [`EVENTS_SERVICE`]`/Next` pending, answered with the oldest queued
 //! event as soon as there is one (like `Wait`, a pending call costs no thread), and calls
 //! again. Events keep their order; at most [`crate::events::QUEUE`] wait, the oldest
-//! dropped beyond that (and logged).
+//! dropped beyond that (and logged). A `Next` whose connection has closed gets nothing: the
+//! event waits for the next connection's `Next` ([`crate::serve_each`]).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -73,6 +74,22 @@ impl PeerEvents {
     }
 }
 
+impl PeerEvents {
+    /// A new peer is there (it says so in its first call on a new connection): a `Next`
+    /// that the last one left waiting is dropped, so no event is handed to a caller that has
+    /// gone — also where the closed connection cannot be told from the new one (a
+    /// virtio-serial port, one fd for every host).
+    pub fn new_peer(&self) {
+        let waiting = self
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .waiting
+            .take();
+        drop(waiting);
+    }
+}
+
 impl Publisher for PeerEvents {
     fn publish(&self, topic: &str, event: Any) {
         let envelope = Envelope {
@@ -85,8 +102,8 @@ impl Publisher for PeerEvents {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         match s.waiting.take() {
             // Sent under the lock, so a later event cannot overtake it.
-            Some(reply) => reply.send(Ok(envelope)),
-            None => {
+            Some(reply) if !reply.peer_gone() => reply.send(Ok(envelope)),
+            _ => {
                 if s.queued.len() >= QUEUE {
                     s.queued.pop_front();
                     log::error!("event queue full ({QUEUE}); dropped the oldest");
@@ -132,6 +149,25 @@ mod tests {
         events.publish("/tasks/start", Any::new());
         events.publish("/tasks/exit", Any::new());
         assert_eq!(next(&client).topic, "/tasks/start");
+        assert_eq!(next(&client).topic, "/tasks/exit");
+    }
+
+    #[test]
+    fn a_next_left_by_a_peer_that_went_gets_no_event() {
+        let events = PeerEvents::new("ns");
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        Server::new(events.methods())
+            .spawn(None, vec![OwnedFd::from(theirs)])
+            .unwrap();
+        let client = Client::new(ours.into()).unwrap();
+        let empty = protobuf::well_known_types::empty::Empty::new();
+        // Left waiting in the server when its caller gave up.
+        let e = client
+            .call(EVENTS_SERVICE, "Next", &empty, Duration::from_millis(50))
+            .unwrap_err();
+        assert!(matches!(e, crate::Error::DeadlineExceeded(_)), "{e}");
+        events.new_peer();
+        events.publish("/tasks/exit", Any::new());
         assert_eq!(next(&client).topic, "/tasks/exit");
     }
 }

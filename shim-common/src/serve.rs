@@ -1,5 +1,6 @@
 //! The daemon: serve the task API on the listener `start` handed over until shut down; and
-//! [`serve_on`], the same service on any connected byte stream (a VM's guest agent).
+//! [`serve_on`], the same service on any connected byte stream (a VM's guest agent), or
+//! [`serve_each`], on each of a succession of them (an agent whose host reconnects).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
@@ -132,6 +133,96 @@ pub fn serve_on<B: Backend>(
     }
     stop_backend();
     Ok(())
+}
+
+/// Serves one task service of backend `B` on each connection `next` hands over, one after
+/// the other, until a `Shutdown` is accepted (then returns `Ok`) or `next` fails (returns its
+/// error). As [`serve_on`] otherwise; but when a peer closes its connection the service
+/// stays: its containers, their processes and stdio, and the events queued for the peer
+/// ([`crate::peer_events::PeerEvents`]) are there for the next connection, which `next`
+/// waits for (a guest agent's `accept` on its vsock listener, or its virtio-serial port
+/// turning readable again). Answers to calls of a closed connection are dropped, never
+/// written to the next one.
+///
+/// ```no_run
+/// # fn f<B: shim_common::Backend>(listener: std::os::unix::net::UnixListener) -> shim_common::Result<()> {
+/// use shim_common::{peer_events::PeerEvents, serve_each, Context, ShimContext};
+/// let ctx = ShimContext {
+///     namespace: "default".into(),
+///     id: "pod".into(),
+///     bundle: "/run/agent".into(),
+///     debug: false,
+///     address: String::new(),
+///     exits: Default::default(),
+/// };
+/// let events = PeerEvents::new(&ctx.namespace);
+/// let next = move || {
+///     let (stream, _) = listener.accept().context("accept the host")?;
+///     Ok(stream.into())
+/// };
+/// serve_each::<B>(ctx, next, events.clone(), None, events.methods())
+/// # }
+/// ```
+pub fn serve_each<B: Backend>(
+    ctx: ShimContext,
+    mut next: impl FnMut() -> Result<OwnedFd> + Send + 'static,
+    publisher: Arc<dyn Publisher>,
+    reaper: Option<&'static Reaper>,
+    methods: rpc::Methods,
+) -> Result<()> {
+    let (tx, rx) = mpsc::channel();
+    let (server, stop_backend) = server::<B>(ctx, publisher, reaper, methods, || {}, tx.clone())?;
+    let idle = server.idle();
+    // The connection being served (a duplicate, to end it after a Shutdown), and why
+    // `next` could not give another.
+    let current: Arc<Mutex<Option<OwnedFd>>> = Arc::default();
+    let failed: Arc<Mutex<Option<Error>>> = Arc::default();
+    {
+        let (current, failed) = (current.clone(), failed.clone());
+        std::thread::Builder::new()
+            .name("ttrpc".into())
+            .spawn(move || loop {
+                let stream = match next() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        *lock(&failed) = Some(e);
+                        let _ = tx.send(Why::Closed);
+                        return;
+                    }
+                };
+                let raw = stream.as_raw_fd();
+                match stream.try_clone() {
+                    Ok(dup) => *lock(&current) = Some(dup),
+                    Err(e) => log::warn!("duplicate served stream fd {raw}: {e}"),
+                }
+                log::info!("serving a connection on fd {raw}");
+                server.run(None, vec![stream]);
+                lock(&current).take();
+                log::info!("the connection on fd {raw} closed; the service waits for the next");
+            })
+            .context("spawn ttrpc server")?;
+    }
+    let why = rx.recv().unwrap_or(Why::Closed);
+    log::info!("stopped serving connections ({why:?})");
+    if why == Why::ShutdownRequest {
+        if !idle.wait(ANSWER_GRACE) {
+            log::warn!("stopping with requests still being handled");
+        }
+        if let Some(peer) = lock(&current).take() {
+            // SAFETY: shutdown(2) on an fd we own (a no-op on a character device).
+            unsafe { libc::shutdown(peer.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+    }
+    stop_backend();
+    let failed = lock(&failed).take();
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Serves until `Shutdown` (with no task left), `SIGTERM` or `SIGINT`, then exits.
@@ -358,6 +449,119 @@ mod tests {
         let _: protobuf::well_known_types::empty::Empty =
             call(&client, "Shutdown", &ShutdownRequest::new()).unwrap();
         served.join().unwrap().unwrap();
+    }
+
+    fn next_event(c: &Client, timeout: Duration) -> Result<protocol::events::Envelope> {
+        let empty = protobuf::well_known_types::empty::Empty::new();
+        let bytes = c.call(crate::peer_events::EVENTS_SERVICE, "Next", &empty, timeout)?;
+        protocol::events::Envelope::parse_from_bytes(&bytes)
+            .map_err(|e| Error::Runtime(e.to_string()))
+    }
+
+    #[test]
+    fn serve_each_keeps_containers_and_events_for_the_next_connection() {
+        let bundle = tempfile::tempdir().unwrap();
+        let (connect, connections) = mpsc::channel::<OwnedFd>();
+        let served = std::thread::spawn(move || {
+            let events = crate::peer_events::PeerEvents::new("ns");
+            let methods = events.methods();
+            let next = move || {
+                connections
+                    .recv()
+                    .map_err(|_| Error::Unavailable("no more connections".into()))
+            };
+            serve_each::<Remote>(ctx(), next, events, None, methods)
+        });
+        let dial = || {
+            let (ours, theirs) = UnixStream::pair().unwrap();
+            connect.send(OwnedFd::from(theirs)).unwrap();
+            Client::new(ours.into()).unwrap()
+        };
+        let id = || "c1".to_string();
+
+        let first = dial();
+        let create = CreateTaskRequest {
+            id: id(),
+            bundle: bundle.path().to_str().unwrap().into(),
+            ..Default::default()
+        };
+        let _: CreateTaskResponse = call(&first, "Create", &create).unwrap();
+        assert_eq!(
+            next_event(&first, Duration::from_secs(10)).unwrap().topic,
+            protocol::topics::TASK_CREATE
+        );
+        // A `Next` left waiting when the connection goes: its event must not go with it.
+        let e = next_event(&first, Duration::from_millis(100)).unwrap_err();
+        assert!(matches!(e, Error::DeadlineExceeded(_)), "{e}");
+        drop(first);
+
+        // Served only once the first connection is done with.
+        let second = dial();
+        let start = StartRequest {
+            id: id(),
+            ..Default::default()
+        };
+        let _: StartResponse = call(&second, "Start", &start).unwrap();
+        let state: StateResponse = call(
+            &second,
+            "State",
+            &StateRequest {
+                id: id(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            state.status.enum_value(),
+            Ok(protocol::task::Status::RUNNING)
+        );
+        assert_eq!(
+            next_event(&second, Duration::from_secs(10)).unwrap().topic,
+            protocol::topics::TASK_START
+        );
+        drop(second);
+
+        // Events published while nobody is connected wait, in order.
+        let third = dial();
+        let kill = KillRequest {
+            id: id(),
+            signal: 9,
+            ..Default::default()
+        };
+        let _: protobuf::well_known_types::empty::Empty = call(&third, "Kill", &kill).unwrap();
+        let waited: WaitResponse = call(
+            &third,
+            "Wait",
+            &WaitRequest {
+                id: id(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(waited.exit_status, 137);
+        drop(third);
+        let fourth = dial();
+        assert_eq!(
+            next_event(&fourth, Duration::from_secs(10)).unwrap().topic,
+            protocol::topics::TASK_EXIT
+        );
+        let delete = DeleteRequest {
+            id: id(),
+            ..Default::default()
+        };
+        let _: DeleteResponse = call(&fourth, "Delete", &delete).unwrap();
+        let _: protobuf::well_known_types::empty::Empty =
+            call(&fourth, "Shutdown", &ShutdownRequest::new()).unwrap();
+        served.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn serve_each_returns_the_error_of_a_connection_source_that_fails() {
+        let events = crate::peer_events::PeerEvents::new("ns");
+        let methods = events.methods();
+        let next = || Err(Error::Unavailable("the port went away".into()));
+        let e = serve_each::<Remote>(ctx(), next, events, None, methods).unwrap_err();
+        assert!(e.to_string().contains("the port went away"), "{e}");
     }
 
     #[test]

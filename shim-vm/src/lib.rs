@@ -5,12 +5,14 @@
 //! | where | what | module |
 //! |---|---|---|
 //! | host, shim | the SDK's task service with [`backend::VmBackend`] | `backend`, `pod`, `share`, `relay`, `guest` |
-//! | host, beside | QEMU `microvm`, `virtiofsd` for the shared directory | `vmm`, `virtiofsd` |
+//! | host, beside | QEMU `microvm`, `virtiofsd` for the shared directory, `vhost-device-vsock` for a vsock channel | `vmm`, `virtiofsd`, `vsock` |
+//! | both | the channel between them: virtio-serial or vsock | `channel`, `vsock` |
 //! | guest, PID 1 | the SDK's task service with the runc backend, stdio fifos | `agent`, `boot` |
 
 pub mod agent;
 pub mod backend;
 pub mod boot;
+pub mod channel;
 pub mod guest;
 pub mod image;
 pub mod options;
@@ -20,3 +22,4 @@ pub mod relay;
 pub mod share;
 pub mod virtiofsd;
 pub mod vmm;
+pub mod vsock;

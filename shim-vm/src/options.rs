@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use shim_common::options::{self, RuntimeOptions, Toml};
 use shim_common::{Error, Result};
 
+use crate::channel::Channel;
 use crate::image::{self, GuestImage};
 
 /// Annotation: guest memory in MiB, beyond [`VmOptions::overhead_mib`].
@@ -45,6 +46,12 @@ pub struct VmOptions {
     /// TCG's translation cache, MiB (`TcgTbMib`); 0: QEMU's default. Smaller trades host
     /// memory per VM for time (see [`crate::vmm::VmConfig::tcg_tb_mib`]).
     pub tcg_tb_mib: u32,
+    /// The agent's channel (`Channel`): `"virtio-serial"` (default) or `"vsock"`
+    /// ([`crate::channel`]).
+    pub channel: Channel,
+    /// `vhost-device-vsock` (`VhostVsockPath`), for `Channel = "vsock"` on a host without
+    /// KVM and `/dev/vhost-vsock`; default beside the shim, then `PATH`.
+    pub vhost_vsock_path: String,
 }
 
 impl Default for VmOptions {
@@ -61,6 +68,8 @@ impl Default for VmOptions {
             guest_runtime: "crun".into(),
             force_tcg: false,
             tcg_tb_mib: 0,
+            channel: Channel::default(),
+            vhost_vsock_path: String::new(),
         }
     }
 }
@@ -87,6 +96,8 @@ impl RuntimeOptions for VmOptions {
             }
             "forcetcg" => self.force_tcg = options::boolean(value)?,
             "tcgtbmib" => self.tcg_tb_mib = options::uint32(value)?,
+            "channel" => self.channel = Channel::parse(&options::string(value)?)?,
+            "vhostvsockpath" => self.vhost_vsock_path = options::string(value)?,
             _ => return Ok(false),
         }
         Ok(true)
@@ -197,6 +208,11 @@ mod tests {
             .is_err());
         assert!(o.set("tcgtbmib", &Toml::Integer(32)).unwrap());
         assert_eq!(o.tcg_tb_mib, 32);
+        assert_eq!(o.channel, Channel::VirtioSerial);
+        assert!(o.set("channel", &Toml::String("vsock".into())).unwrap());
+        assert_eq!(o.channel, Channel::Vsock);
+        let e = o.set("channel", &Toml::String("tcp".into())).unwrap_err();
+        assert!(e.contains("vsock"), "{e}");
         assert!(!o.set("nosuchkey", &Toml::Boolean(true)).unwrap());
     }
 }

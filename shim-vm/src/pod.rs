@@ -5,8 +5,6 @@
 
 use std::collections::HashSet;
 use std::fs;
-use std::os::fd::OwnedFd;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -18,10 +16,10 @@ use protocol::task_events::{TaskExit, TaskOOM};
 use shim_common::reaper::{self, ExitSink};
 use shim_common::{Context, Error, Result};
 
-use crate::guest::Guest;
+use crate::guest::{Dial, Guest};
 use crate::options::{Size, VmOptions};
 use crate::virtiofsd::{self, Cache};
-use crate::vmm::{self, Accel, Vm, VmConfig};
+use crate::vmm::{self, Accel, Vm, VmChannel, VmConfig};
 
 /// Where every VM's runtime directory lives.
 pub const RUN_DIR: &str = "/run/shim-vm";
@@ -180,15 +178,17 @@ impl Pod {
                 }),
                 accel: options.force_tcg.then_some(Accel::Tcg),
                 tcg_tb_mib: (options.tcg_tb_mib > 0).then_some(options.tcg_tb_mib),
+                channel: VmChannel::from_option(options.channel, &options.vhost_vsock_path),
             };
             // Subscribed before QEMU exists, so its exit cannot be missed.
             let exits = reaper::subscribe();
             let vm = Vm::start(&config)?;
-            write_pids(&self.dir, vm.pid(), vm.virtiofsd_pid());
-            let stream = UnixStream::connect(vm.agent_socket())
-                .with_context(|| format!("connect {}", vm.agent_socket().display()))?;
+            write_pids(&self.dir, vm.pid(), &[vm.virtiofsd_pid(), vm.vsock_pid()]);
+            let address = vm.agent_address().clone();
+            log::info!("dialling the VM's agent: {address}");
+            let dial: Dial = Box::new(move |timeout| address.dial(timeout));
             let timeout = Duration::from_millis(u64::from(options.dial_timeout_ms));
-            let (guest, hello) = Guest::connect(OwnedFd::from(stream), timeout)
+            let (guest, hello) = Guest::connect(dial, timeout)
                 .map_err(|e| Error::Unavailable(format!("{e} ({})", vm.diagnostics())))?;
             let accel = vm.accel();
             log::info!(
@@ -289,6 +289,9 @@ impl Pod {
         };
         drop(s);
         self.changed.notify_all();
+        if let Some(r) = &running {
+            r.guest.retire();
+        }
         let vm = running.as_ref().and_then(|r| lock(&r.vm).take());
         if let Some(vm) = vm {
             log::error!(
@@ -310,6 +313,7 @@ impl Pod {
             State::Up(r) => r.clone(),
             _ => return,
         };
+        running.guest.retire();
         let _ = running
             .guest
             .agent::<Empty>("PowerOff", &Empty::new(), Duration::from_secs(2));
@@ -348,15 +352,16 @@ pub fn owner_alive(dir: &Path) -> bool {
     pid != std::process::id() && running.is_some() && running == ours
 }
 
-/// QEMU's and virtiofsd's pids, for the `delete` action of a shim that died; and the
-/// shim's own, since containerd runs that action for every container whose connection
-/// closes — after an ordinary `Delete` too, while the shim still serves the others.
-fn write_pids(dir: &Path, qemu: u32, virtiofsd: Option<u32>) {
-    let virtiofsd = virtiofsd.map(|p| p.to_string()).unwrap_or_default();
+/// QEMU's and its helpers' (virtiofsd, vhost-device-vsock) pids, for the `delete` action
+/// of a shim that died; and the shim's own, since containerd runs that action for every
+/// container whose connection closes — after an ordinary `Delete` too, while the shim
+/// still serves the others.
+fn write_pids(dir: &Path, qemu: u32, helpers: &[Option<u32>]) {
+    let helpers: Vec<String> = helpers.iter().flatten().map(u32::to_string).collect();
     if let Err(e) = fs::write(dir.join(SHIM_PID), std::process::id().to_string()) {
         log::warn!("write {}: {e}", dir.join(SHIM_PID).display());
     }
-    if let Err(e) = fs::write(dir.join(PIDS), format!("{qemu} {virtiofsd}\n")) {
+    if let Err(e) = fs::write(dir.join(PIDS), format!("{qemu} {}\n", helpers.join(" "))) {
         log::warn!("write {}: {e}", dir.join(PIDS).display());
     }
 }

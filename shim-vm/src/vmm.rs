@@ -1,6 +1,7 @@
 //! The VMM: one QEMU `microvm` per VM, tuned for boot time (no firmware, option ROMs, PIC or
 //! PIT; the uncompressed kernel booted through PVH), with the agent on a virtio-serial port
-//! bound to a host socket, QMP to stop it, and virtiofs for a shared directory.
+//! bound to a host socket or on vsock ([`crate::channel`]), QMP to stop it, and virtiofs for
+//! a shared directory.
 //!
 //! ```no_run
 //! # fn main() -> shim_common::Result<()> {
@@ -23,9 +24,11 @@ use std::time::{Duration, Instant, SystemTime};
 use shim_common::{Context, Error, Result};
 
 use crate::boot::{CLOCK_PARAM, SHARE_PARAM};
+use crate::channel::{Address, Channel, CHANNEL_PARAM};
 use crate::image::GuestImage;
 use crate::process::Process;
 use crate::virtiofsd::{Cache, Virtiofsd};
+use crate::vsock::{self, VhostUserVsock};
 
 /// QEMU's binary, looked up on `PATH` unless configured.
 pub const QEMU: &str = "qemu-system-x86_64";
@@ -97,6 +100,18 @@ impl Accel {
     }
 }
 
+/// Whether the kernel's vhost-vsock serves this VM (why, if so; why not, if not): it needs
+/// KVM and `/dev/vhost-vsock`.
+fn kernel_vsock(accel: Accel) -> std::result::Result<String, String> {
+    if accel != Accel::Kvm {
+        return Err(format!(
+            "the VM runs under {accel}, and vhost-vsock needs KVM"
+        ));
+    }
+    vsock::kernel_device()?;
+    Ok(format!("KVM, and {} opens", vsock::KERNEL_DEVICE))
+}
+
 fn accel_arg(accel: Accel, tb_mib: Option<u32>) -> String {
     match (accel, tb_mib) {
         (Accel::Tcg, Some(mib)) => format!("tcg,tb-size={mib}"),
@@ -116,6 +131,32 @@ pub struct Share {
     pub virtiofsd: PathBuf,
     /// virtiofsd's cache policy.
     pub cache: Cache,
+}
+
+/// The agent's channel as the VMM sets it up.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum VmChannel {
+    /// A virtio-serial port behind QEMU's chardev socket.
+    #[default]
+    Serial,
+    /// vsock: the kernel's vhost-vsock where it works (KVM and `/dev/vhost-vsock`), else
+    /// `vhost_user` (`vhost-device-vsock`; `None`: not found, an error then).
+    Vsock {
+        /// The `vhost-device-vsock` binary ([`vsock::locate`]).
+        vhost_user: Option<PathBuf>,
+    },
+}
+
+impl VmChannel {
+    /// The option's [`Channel`], with `vhost-device-vsock` where it is found.
+    pub fn from_option(channel: Channel, vhost_vsock_path: &str) -> VmChannel {
+        match channel {
+            Channel::VirtioSerial => VmChannel::Serial,
+            Channel::Vsock => VmChannel::Vsock {
+                vhost_user: vsock::locate(vhost_vsock_path),
+            },
+        }
+    }
 }
 
 /// One VM's configuration.
@@ -144,6 +185,8 @@ pub struct VmConfig {
     /// pages count in the VM's host memory: measured here, 32 MiB saves ~35 MiB of QEMU's
     /// PSS and costs ~0.3 s per `ctr run` (code translated again).
     pub tcg_tb_mib: Option<u32>,
+    /// The agent's channel.
+    pub channel: VmChannel,
 }
 
 impl VmConfig {
@@ -160,6 +203,7 @@ impl VmConfig {
             share: None,
             accel: None,
             tcg_tb_mib: None,
+            channel: VmChannel::Serial,
         }
     }
 }
@@ -169,7 +213,9 @@ impl VmConfig {
 pub struct Vm {
     qemu: Process,
     virtiofsd: Option<Virtiofsd>,
+    vsock: Option<VhostUserVsock>,
     agent: PathBuf,
+    address: Address,
     qmp: PathBuf,
     console: PathBuf,
     stderr: PathBuf,
@@ -225,13 +271,14 @@ impl Vm {
         let agent = dir.join("agent.sock");
         let qmp = dir.join("qmp.sock");
         let fs_sock = dir.join("virtiofs.sock");
+        let vsock_sock = dir.join("vsock.sock");
         if fs_sock.as_os_str().len() > 107 {
             return Err(Error::InvalidArgument(format!(
                 "runtime directory {} is too long for unix socket paths",
                 dir.display()
             )));
         }
-        for s in [&agent, &qmp, &fs_sock] {
+        for s in [&agent, &qmp, &fs_sock, &vsock_sock] {
             let _ = fs::remove_file(s);
         }
         let console = dir.join("console.log");
@@ -249,6 +296,67 @@ impl Vm {
             accel.accel,
             accel.reason
         );
+
+        // The agent's channel: what QEMU gets, how the host dials, what serves it beside.
+        let mut vsock_device = None;
+        let mut channel_args: Vec<String> = Vec::new();
+        let address = match &config.channel {
+            VmChannel::Serial => {
+                channel_args.extend([
+                    "-device".into(),
+                    "virtio-serial-device".into(),
+                    "-chardev".into(),
+                    format!(
+                        "socket,id=agent,path={},server=on,wait=off",
+                        opt_path(&agent)
+                    ),
+                    "-device".into(),
+                    format!("virtserialport,chardev=agent,name={AGENT_PORT}"),
+                ]);
+                Address::Serial(agent.clone())
+            }
+            VmChannel::Vsock { vhost_user } => match kernel_vsock(accel.accel) {
+                Ok(why) => {
+                    let cid = vsock::kernel_guest_cid(dir);
+                    log::info!(
+                        "vm {}: vsock through the kernel's vhost-vsock ({why}), guest CID {cid}",
+                        dir.display()
+                    );
+                    channel_args.extend([
+                        "-device".into(),
+                        format!("vhost-vsock-device,guest-cid={cid}"),
+                    ]);
+                    Address::Vsock {
+                        cid,
+                        port: vsock::AGENT_PORT,
+                    }
+                }
+                Err(why) => {
+                    let binary = vhost_user
+                        .as_deref()
+                        .ok_or_else(|| vsock::missing_binary(None))?;
+                    log::info!(
+                        "vm {}: vsock through {} (no kernel vhost-vsock: {why})",
+                        dir.display(),
+                        binary.display()
+                    );
+                    let device =
+                        VhostUserVsock::start(binary, &vsock_sock, &agent, vsock::USER_GUEST_CID)?;
+                    channel_args.extend([
+                        "-chardev".into(),
+                        format!("socket,id=vsock,path={}", opt_path(&vsock_sock)),
+                        "-device".into(),
+                        "vhost-user-vsock-device,chardev=vsock".into(),
+                    ]);
+                    vsock_device = Some(device);
+                    Address::HybridVsock {
+                        uds: agent.clone(),
+                        port: vsock::AGENT_PORT,
+                    }
+                }
+            },
+        };
+        let vhost_user = config.share.is_some() || vsock_device.is_some();
 
         let virtiofsd = match &config.share {
             Some(s) => Some(Virtiofsd::start(&s.virtiofsd, &fs_sock, &s.dir, s.cache)?),
@@ -268,6 +376,9 @@ impl Vm {
         if let Some(s) = &config.share {
             append.push_str(&format!(" {SHARE_PARAM}={}", s.tag));
         }
+        if config.channel != VmChannel::Serial {
+            append.push_str(&format!(" {CHANNEL_PARAM}={}", Channel::Vsock));
+        }
         if !config.cmdline.is_empty() {
             append.push(' ');
             append.push_str(&config.cmdline);
@@ -277,7 +388,7 @@ impl Vm {
         let mut machine =
             String::from("microvm,x-option-roms=off,isa-serial=on,rtc=on,pic=off,pit=off,acpi=on");
         let mut cmd = Command::new(&qemu);
-        if config.share.is_some() {
+        if vhost_user {
             // vhost-user needs guest memory the backend can map.
             machine.push_str(",memory-backend=mem");
             cmd.arg("-object")
@@ -295,16 +406,7 @@ impl Vm {
             .arg("-chardev")
             .arg(format!("file,id=console,path={}", opt_path(&console)))
             .args(["-serial", "chardev:console"])
-            .args(["-device", "virtio-serial-device"])
-            .arg("-chardev")
-            .arg(format!(
-                "socket,id=agent,path={},server=on,wait=off",
-                opt_path(&agent)
-            ))
-            .args([
-                "-device",
-                &format!("virtserialport,chardev=agent,name={AGENT_PORT}"),
-            ])
+            .args(&channel_args)
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", opt_path(&qmp)));
         if let Some(s) = &config.share {
@@ -323,14 +425,19 @@ impl Vm {
         let mut vm = Vm {
             qemu: process,
             virtiofsd,
+            vsock: vsock_device,
             agent,
+            address,
             qmp,
             console,
             stderr,
             accel,
         };
         let deadline = Instant::now() + START_TIMEOUT;
-        while !(vm.agent.exists() && vm.qmp.exists()) {
+        // vhost-device-vsock's socket for the host is there before QEMU; a serial port's
+        // socket once QEMU made it; the kernel's vsock has none.
+        let agent_socket = !matches!(vm.address, Address::Vsock { .. });
+        while !((vm.agent.exists() || !agent_socket) && vm.qmp.exists()) {
             let died = vm.qemu.wait_timeout(Duration::from_millis(5))?;
             if died || Instant::now() >= deadline {
                 let what = if died {
@@ -344,9 +451,20 @@ impl Vm {
         Ok(vm)
     }
 
-    /// The host end of the agent's virtio-serial port: connect to it (one client at a time).
+    /// The host's unix socket of the agent's channel: the virtio-serial port (connect to it,
+    /// one client at a time), or `vhost-device-vsock`'s (connect, then `CONNECT <port>`).
     pub fn agent_socket(&self) -> &Path {
         &self.agent
+    }
+
+    /// How the host dials the agent.
+    pub fn agent_address(&self) -> &Address {
+        &self.address
+    }
+
+    /// `vhost-device-vsock`'s pid, for a vsock channel through it.
+    pub fn vsock_pid(&self) -> Option<u32> {
+        self.vsock.as_ref().map(VhostUserVsock::pid)
     }
 
     /// QEMU's pid.
@@ -434,6 +552,8 @@ impl Vm {
         if let Some(v) = self.virtiofsd.take() {
             let _ = v.stop(Duration::from_secs(1));
         }
+        // Serves QEMU after QEMU after QEMU: it never exits by itself.
+        self.vsock.take();
         for s in [&self.agent, &self.qmp] {
             let _ = fs::remove_file(s);
         }

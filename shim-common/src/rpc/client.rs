@@ -103,6 +103,15 @@ impl Client {
     /// a ttrpc server at the other end. Starts the reader thread; the fd is made
     /// non-blocking, so that no write outlasts its call's deadline.
     pub fn new(fd: OwnedFd) -> Result<Client> {
+        Client::with_first_stream_id(fd, 1)
+    }
+
+    /// [`Client::new`], numbering its calls' streams from `first` (made odd, as a client's
+    /// are) instead of 1. A peer that may still answer calls of an earlier connection on
+    /// the same byte stream (a virtio-serial port that the next host opens before the guest
+    /// saw the last one go) then answers stream ids this client never used, and those
+    /// answers are dropped instead of taken for its own.
+    pub fn with_first_stream_id(fd: OwnedFd, first: u32) -> Result<Client> {
         set_nonblocking(&fd)?;
         let (wake, woken) = UnixStream::pair().context("create ttrpc client wakeup pair")?;
         let conn = Arc::new(Conn {
@@ -111,7 +120,7 @@ impl Client {
             turn: Condvar::new(),
             state: Mutex::new(State {
                 // Client-initiated streams have odd ids.
-                next_id: 1,
+                next_id: first | 1,
                 pending: HashMap::new(),
                 closed: None,
             }),

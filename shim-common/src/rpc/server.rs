@@ -6,6 +6,7 @@ use std::io::{ErrorKind, Read};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ttrpc::proto::{Code, Codec, ResponseInit, MESSAGE_TYPE_REQUEST, MESSAGE_TYPE_RESPONSE};
@@ -61,6 +62,13 @@ impl Drop for Reply {
 }
 
 impl Reply {
+    /// Whether the connection this answer would go to has closed: a peer that reconnects
+    /// never sees it. A handler that hands something over in its answer (the next queued
+    /// event) keeps it for a later caller instead.
+    pub fn peer_gone(&self) -> bool {
+        self.stream.closed.load(Ordering::Acquire)
+    }
+
     /// Sends `res`: OK status and payload, or the error's status.
     pub fn send<M: protobuf::Message>(mut self, res: ttrpc::Result<M>) {
         self.sent = true;
@@ -114,11 +122,19 @@ struct Conn {
 struct Stream {
     file: File,
     write: Mutex<()>,
+    /// Set when the poll loop dropped the connection. The fd may still reach a peer: a
+    /// virtio-serial port's next host reads what is written to it, and answers meant for
+    /// the last one must not reach it.
+    closed: AtomicBool,
 }
 
 impl Stream {
     fn send(&self, stream_id: u32, payload: &[u8]) {
         let _g = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        if self.closed.load(Ordering::Acquire) {
+            log::debug!("ttrpc: dropped an answer on stream {stream_id} of a closed connection");
+            return;
+        }
         if let Err(e) = frame::write(&self.file, stream_id, MESSAGE_TYPE_RESPONSE, payload) {
             // The peer went away; the poll loop notices and drops the connection.
             log::debug!("ttrpc response on fd {}: {e}", self.file.as_raw_fd());
@@ -185,7 +201,13 @@ impl Server {
                 None => (false, &fds[..]),
             };
             let mut ready = ready.iter().map(|p| p.revents != 0);
-            conns.retain_mut(|c| !ready.next().unwrap_or(false) || self.read(c, &mut chunk));
+            conns.retain_mut(|c| {
+                let open = !ready.next().unwrap_or(false) || self.read(c, &mut chunk);
+                if !open {
+                    c.stream.closed.store(true, Ordering::Release);
+                }
+                open
+            });
             if let (true, Some(l)) = (accept, &listener) {
                 match l.accept() {
                     Ok((s, _)) => conns.push(Conn::new(OwnedFd::from(s))),
@@ -270,6 +292,7 @@ impl Conn {
             stream: Arc::new(Stream {
                 file: File::from(fd),
                 write: Mutex::new(()),
+                closed: AtomicBool::new(false),
             }),
             buf: Vec::new(),
         }

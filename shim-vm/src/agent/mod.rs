@@ -1,20 +1,24 @@
 //! The guest agent, PID 1 of the VM: set the guest up, then serve the SDK's own task
-//! service with the runc backend on the virtio-serial port to the host — no second
-//! implementation of the task API — beside the SDK's event stream and the agent's stdio
-//! calls ([`stdio`]).
+//! service with the runc backend on the channel to the host ([`crate::channel`]: the
+//! virtio-serial port, or a vsock listener) — no second implementation of the task API —
+//! beside the SDK's event stream and the agent's stdio calls ([`stdio`]). One service serves
+//! each host connection in turn: a host that reconnects finds its containers, their stdio
+//! and the events queued meanwhile.
 
 pub mod stdio;
 
-use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use protobuf::well_known_types::empty::Empty;
 use protocol::agent::{HelloRequest, HelloResponse};
 use shim_common::peer_events::PeerEvents;
-use shim_common::{reaper, rpc, serve_on, signals, Context, Result, ShimContext};
+use shim_common::{reaper, rpc, serve_each, signals, Context, Result, ShimContext};
 
 use crate::boot;
+use crate::channel::{Channel, Listener, CHANNEL_PARAM};
 
 /// The virtio-serial port's name, as the host's QEMU names it.
 pub const PORT: &str = "agent";
@@ -32,6 +36,8 @@ pub struct Cmdline {
     pub namespace: String,
     /// containerd runs with debug logging.
     pub debug: bool,
+    /// The channel to serve the host on (`shim_vm.channel=`).
+    pub channel: Channel,
 }
 
 impl Cmdline {
@@ -50,6 +56,10 @@ impl Cmdline {
             };
             match key {
                 "ns" => c.namespace = value.to_string(),
+                "channel" => match Channel::parse(value) {
+                    Ok(ch) => c.channel = ch,
+                    Err(e) => eprintln!("{CHANNEL_PARAM}: {e}; serving on the default"),
+                },
                 "debug" => c.debug = value == "1",
                 _ => {}
             }
@@ -75,10 +85,11 @@ pub fn run() -> Result<()> {
     for dir in [STDIO_DIR, STATE_DIR] {
         std::fs::create_dir_all(dir).with_context(|| format!("create {dir}"))?;
     }
-    let port = boot::port(PORT, PORT_TIMEOUT)?;
-    wait_for_host(&port)?;
+    let listener = Listener::open(cmdline.channel, PORT, PORT_TIMEOUT)?;
+    let serving = uptime();
     log::info!(
-        "agent serving after {:?} of uptime (started at {started:?}; modules {:?}, share {:?})",
+        "agent listening on {} after {:?} of uptime (started at {started:?}; modules {:?}, share {:?})",
+        cmdline.channel,
         uptime(),
         booted.modules,
         booted.share
@@ -95,22 +106,39 @@ pub fn run() -> Result<()> {
     let events = PeerEvents::new(&ctx.namespace);
     let mut methods = events.methods();
     methods.extend(stdio::Streams::new(Path::new(STDIO_DIR)).methods());
-    methods.extend(agent_methods());
-    serve_on::<shim_runc_v2::RuncBackend>(ctx, port, events, Some(reaper), methods)
+    let connections = Arc::new(AtomicU64::new(0));
+    methods.extend(agent_methods(serving, connections.clone(), events.clone()));
+    let next = move || {
+        let stream = listener.next()?;
+        let n = connections.fetch_add(1, Ordering::Relaxed) + 1;
+        if n > 1 {
+            log::info!("host connection {n}: serving the same containers again");
+        }
+        Ok(stream)
+    };
+    serve_each::<shim_runc_v2::RuncBackend>(ctx, next, events, Some(reaper), methods)
 }
 
-/// `Hello` and `PowerOff`.
-fn agent_methods() -> rpc::Methods {
+/// `Hello` (saying when the agent started serving, `serving`, and which of `connections`
+/// this is; a host's first call on each connection, so the last host's waiting `Next` of
+/// `events` is dropped then) and `PowerOff`.
+fn agent_methods(
+    serving: Duration,
+    connections: Arc<AtomicU64>,
+    events: Arc<PeerEvents>,
+) -> rpc::Methods {
     let mut m = rpc::Methods::new();
     m.insert(
         format!("/{}/Hello", protocol::AGENT_SERVICE),
-        rpc::unary(|_: HelloRequest| {
+        rpc::unary(move |_: HelloRequest| {
+            events.new_peer();
             Ok(HelloResponse {
                 version: env!("CARGO_PKG_VERSION").into(),
                 kernel: nix::sys::utsname::uname()
                     .map(|u| u.release().to_string_lossy().into_owned())
                     .unwrap_or_default(),
-                boot_ns: u64::try_from(uptime().as_nanos()).unwrap_or(u64::MAX),
+                boot_ns: u64::try_from(serving.as_nanos()).unwrap_or(u64::MAX),
+                connection: connections.load(Ordering::Relaxed),
                 ..Default::default()
             })
         }),
@@ -126,29 +154,6 @@ fn agent_methods() -> rpc::Methods {
         }),
     );
     m
-}
-
-/// A virtio-serial port reads end-of-file while no host is connected: serving it then
-/// would end at once. The host connects before the guest boots and sends its first call
-/// right away, so the port turns readable; until then it polls hung up, and there is no
-/// event for "a host connected" but that.
-fn wait_for_host(port: &OwnedFd) -> Result<()> {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    loop {
-        let mut fds = [PollFd::new(port.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::from(100u8)) {
-            Ok(_) => {}
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(std::io::Error::from(e)).context("poll the agent port"),
-        }
-        let got = fds[0].revents().unwrap_or(PollFlags::empty());
-        if got.contains(PollFlags::POLLIN) {
-            return Ok(());
-        }
-        if got.contains(PollFlags::POLLHUP) {
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
 }
 
 /// Time since the guest kernel started.
@@ -170,11 +175,15 @@ mod tests {
 
     #[test]
     fn cmdline_settings_are_read_and_the_rest_ignored() {
-        let c = Cmdline::parse("quiet shim_vm.ns=k8s.io shim_vm.debug=1 panic=-1 shim_vm.x");
+        let c = Cmdline::parse(
+            "quiet shim_vm.ns=k8s.io shim_vm.debug=1 panic=-1 shim_vm.x shim_vm.channel=vsock",
+        );
         assert_eq!(c.namespace, "k8s.io");
         assert!(c.debug);
-        let c = Cmdline::parse("console=ttyS0");
+        assert_eq!(c.channel, Channel::Vsock);
+        let c = Cmdline::parse("console=ttyS0 shim_vm.channel=carrier-pigeon");
         assert_eq!(c.namespace, "default");
         assert!(!c.debug);
+        assert_eq!(c.channel, Channel::VirtioSerial);
     }
 }
