@@ -3,6 +3,7 @@
 //! subreaper's `waitpid(-1)` nor hit a reused pid.
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
@@ -72,6 +73,24 @@ impl Process {
             let _ = self.child.wait();
         }
         Ok(true)
+    }
+
+    /// Waits up to 10 s for the daemon to open its listening `socket`; if it exits or
+    /// never does, it is killed and the error quotes what it wrote to `log`.
+    pub fn wait_for_socket(&mut self, name: &str, socket: &Path, log: &Path) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            if self.wait_timeout(Duration::from_millis(5))? || Instant::now() >= deadline {
+                let _ = self.kill();
+                let said = std::fs::read_to_string(log).unwrap_or_default();
+                return Err(shim_common::Error::Runtime(format!(
+                    "{name} did not open {}: {}",
+                    socket.display(),
+                    said.trim()
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Whether it has exited (without waiting).

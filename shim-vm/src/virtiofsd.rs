@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use shim_common::{Context, Error, Result};
 
@@ -106,18 +106,7 @@ impl Virtiofsd {
                 }
             }
         })?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            if process.wait_timeout(Duration::from_millis(5))? || Instant::now() >= deadline {
-                let _ = process.kill();
-                let said = std::fs::read_to_string(&log).unwrap_or_default();
-                return Err(Error::Runtime(format!(
-                    "virtiofsd did not open {}: {}",
-                    socket.display(),
-                    said.trim()
-                )));
-            }
-        }
+        process.wait_for_socket("virtiofsd", socket, &log)?;
         Ok(Virtiofsd {
             process,
             socket: socket.to_path_buf(),

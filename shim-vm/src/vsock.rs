@@ -26,7 +26,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, VsockAddr};
 use shim_common::{Context, Error, Result};
@@ -227,18 +227,7 @@ impl VhostUserVsock {
             context: format!("start {}", binary.display()),
             source: e,
         })?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            if process.wait_timeout(Duration::from_millis(5))? || Instant::now() >= deadline {
-                let _ = process.kill();
-                let said = std::fs::read_to_string(&log).unwrap_or_default();
-                return Err(Error::Runtime(format!(
-                    "{BINARY} did not open {}: {}",
-                    socket.display(),
-                    said.trim()
-                )));
-            }
-        }
+        process.wait_for_socket(BINARY, socket, &log)?;
         Ok(VhostUserVsock {
             process,
             socket: socket.to_path_buf(),
