@@ -524,20 +524,38 @@ fn reconnects(c: &Containerd) -> usize {
         .count()
 }
 
-/// A running container outlives its shim's agent connection, cut `rounds` times: each time
-/// the shim dials again, and the container still execs (output, exit code); its exit,
-/// published by the guest after the last reconnect, reaches containerd.
+/// A running container outlives its shim's agent connection, cut `rounds` times while it
+/// writes numbered lines without pause: each time the shim dials again, the output keeps
+/// coming, and the container still execs (output, exit code); in the end every line is
+/// there once, in order (what was in flight at each cut included), and its exit, published
+/// by the guest after the last reconnect, reaches containerd.
 fn a_cut_agent_connection_is_dialled_again(channel: &str, rounds: usize) {
     let c = with_our_shims();
-    let flags = channel_flags(&c, channel);
+    let mut flags = channel_flags(&c, channel).to_vec();
+    let log = c.dir().join(format!("recon-{channel}.out"));
+    flags.extend(["--log-uri".to_string(), format!("file://{}", log.display())]);
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let id = unique_id("vm-recon");
-    run_detached(&c, &id, &flags, &["sleep", "1000"]);
+    let count = "i=0; while :; do i=$((i+1)); echo $i; done";
+    run_detached(&c, &id, &flags, &["sh", "-c", count]);
+    let written = || std::fs::metadata(&log).map_or(0, |m| m.len());
     for round in 1..=rounds {
+        let before = written();
+        assert!(
+            wait_until(LONG, || written() > before),
+            "round {round}: no output\n{}",
+            c.log_tail(60)
+        );
         cut_agent_connection(&c, &id);
         assert!(
             wait_until(LONG, || reconnects(&c) >= round),
             "round {round}: the shim did not reconnect\n{}",
+            c.log_tail(60)
+        );
+        let after = written();
+        assert!(
+            wait_until(LONG, || written() > after),
+            "round {round}: the output stopped at the reconnect\n{}",
             c.log_tail(60)
         );
         let exec_id = format!("e{round}");
@@ -563,6 +581,21 @@ fn a_cut_agent_connection_is_dialled_again(channel: &str, rounds: usize) {
     assert!(ps.lines().count() >= 2, "ctr task ps shows the init: {ps}");
     c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);
     delete_stopped(&c, &id, 137);
+    // Each `echo` is one write of a whole line: the lines count 1, 2, 3... without a gap
+    // or a repeat.
+    let out = std::fs::read_to_string(&log).unwrap();
+    let mut lines = 0u64;
+    for line in out.lines() {
+        lines += 1;
+        assert_eq!(
+            line.parse::<u64>().ok(),
+            Some(lines),
+            "line {lines} of {}",
+            log.display()
+        );
+    }
+    assert!(lines > rounds as u64, "{lines} lines");
+    println!("{channel}: {lines} lines, whole across {rounds} cuts");
     assert_no_vm_left(&c, &id, &id);
 }
 

@@ -30,6 +30,13 @@ const RECONNECT_BACKOFF: Duration = Duration::from_millis(20);
 const RECONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The wait between dials while the guest is not listening yet (vsock, booting).
 const DIAL_RETRY: Duration = Duration::from_millis(10);
+/// How long the first dial may wait for the guest to take the connection; doubled after
+/// each one that was not taken, up to [`DIAL_ATTEMPT_MAX`]. A vsock `CONNECT` sent while
+/// the guest's driver is still coming up can be left unanswered for good (the device holds
+/// it until the guest next moves its queues): a fresh one gets through once it listens.
+const DIAL_ATTEMPT_FIRST: Duration = Duration::from_millis(500);
+/// The longest a single dial may wait.
+const DIAL_ATTEMPT_MAX: Duration = Duration::from_secs(8);
 
 /// Each connection's stream ids start `2^STREAM_ID_BITS` past the last one's.
 const STREAM_ID_BITS: u32 = 24;
@@ -94,16 +101,36 @@ impl Guest {
         self.call(protocol::AGENT_SERVICE, method, req, timeout)
     }
 
+    /// A call of the agent's own service that may be made twice (its request says
+    /// where it stands, as `ReadStdio`'s and `WriteStdin`'s offsets do): across a
+    /// reconnect it is made again on the new connection, so only the VM's end ends it.
+    pub fn agent_again<M: Message>(
+        &self,
+        method: &str,
+        req: &impl Message,
+        timeout: Duration,
+    ) -> Result<M> {
+        self.call_again(protocol::AGENT_SERVICE, method, req, timeout)
+    }
+
     /// The guest's next event, waiting as long as the VM lives: across a reconnect, the
     /// long-poll resumes on the new connection (the agent kept what was queued).
     pub fn next_event(&self) -> Result<Envelope> {
         let empty = protobuf::well_known_types::empty::Empty::new();
+        self.call_again(EVENTS_SERVICE, "Next", &empty, Duration::MAX)
+    }
+
+    fn call_again<M: Message>(
+        &self,
+        service: &str,
+        method: &str,
+        req: &impl Message,
+        timeout: Duration,
+    ) -> Result<M> {
         loop {
             let (client, generation) = self.current();
-            match client.call_as(EVENTS_SERVICE, "Next", &empty, Duration::MAX) {
-                Err(Error::Unavailable(why)) => {
-                    self.lost(generation, "Next", &why)?;
-                }
+            match client.call_as(service, method, req, timeout) {
+                Err(Error::Unavailable(why)) => self.lost(generation, method, &why)?,
                 res => return res.map_err(guest_error),
             }
         }
@@ -221,15 +248,21 @@ fn hello_within(
             "the VM's agent did not answer within {timeout:?} (last: {last})"
         ))
     };
+    let mut attempt = DIAL_ATTEMPT_FIRST;
     loop {
-        let stream = match dial(left()) {
+        let stream = match dial(left().min(attempt)) {
             Ok(s) => s,
             Err(e) if !retry => return Err(e),
             Err(e) => {
                 if left() <= DIAL_RETRY {
                     return Err(expired(&e.to_string()));
                 }
-                std::thread::sleep(DIAL_RETRY);
+                if matches!(e, Error::DeadlineExceeded(_)) {
+                    log::debug!("dial again, the last one was not taken: {e}");
+                    attempt = (attempt * 2).min(DIAL_ATTEMPT_MAX);
+                } else {
+                    std::thread::sleep(DIAL_RETRY);
+                }
                 continue;
             }
         };

@@ -6,6 +6,9 @@
 //! catches up, and only then does the SDK publish the exit. Input ends when the SDK closes
 //! the stdin pipe (`CloseIO`): the agent is told after everything was written, and the
 //! guest task service closes the process's stdin behind it.
+//!
+//! Both count the bytes they carried, so a connection cut mid-call costs nothing: the
+//! call is made again on the next connection, from where it stood.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -63,7 +66,7 @@ pub fn start(
 }
 
 fn output(guest: &Guest, p: &Process, stream: Stream, mut to: File) {
-    let req = ReadStdioRequest {
+    let mut req = ReadStdioRequest {
         container_id: p.container.clone(),
         exec_id: p.exec.clone(),
         stream: stream.into(),
@@ -71,16 +74,20 @@ fn output(guest: &Guest, p: &Process, stream: Stream, mut to: File) {
     };
     let mut writable = true;
     loop {
-        let got: ReadStdioResponse = match guest.agent("ReadStdio", &req, Duration::MAX) {
+        let got: ReadStdioResponse = match guest.agent_again("ReadStdio", &req, Duration::MAX) {
             Ok(got) => got,
             Err(e) => {
                 log::debug!("{stream:?} of {}/{:?}: {e}", p.container, p.exec);
                 break;
             }
         };
+        // The agent answers from where we asked; should it not, never write a byte twice.
+        let skip = usize::try_from(req.offset.saturating_sub(got.offset)).unwrap_or(usize::MAX);
+        let new = got.data.get(skip..).unwrap_or_default();
+        req.offset = got.offset.max(req.offset) + new.len() as u64;
         // The SDK drains its end whatever happens to containerd's; if even that is gone,
         // keep reading so the guest process is never blocked on us.
-        if writable && !got.data.is_empty() && to.write_all(&got.data).is_err() {
+        if writable && !new.is_empty() && to.write_all(new).is_err() {
             writable = false;
         }
         if got.eof {
@@ -91,6 +98,7 @@ fn output(guest: &Guest, p: &Process, stream: Stream, mut to: File) {
 
 fn input(guest: &Guest, p: &Process, mut from: File) {
     let mut buf = vec![0u8; STDIN_CHUNK];
+    let mut offset = 0u64;
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) => break,
@@ -102,19 +110,21 @@ fn input(guest: &Guest, p: &Process, mut from: File) {
             container_id: p.container.clone(),
             exec_id: p.exec.clone(),
             data: buf[..n].to_vec(),
+            offset,
             ..Default::default()
         };
-        if let Err(e) = guest.agent::<Empty>("WriteStdin", &req, Duration::MAX) {
+        if let Err(e) = guest.agent_again::<Empty>("WriteStdin", &req, Duration::MAX) {
             log::debug!("stdin of {}/{:?}: {e}", p.container, p.exec);
             return;
         }
+        offset += n as u64;
     }
     let close = StdioRequest {
         container_id: p.container.clone(),
         exec_id: p.exec.clone(),
         ..Default::default()
     };
-    let _ = guest.agent::<Empty>("CloseStdin", &close, crate::guest::CALL_TIMEOUT);
+    let _ = guest.agent_again::<Empty>("CloseStdin", &close, crate::guest::CALL_TIMEOUT);
     let req = CloseIORequest {
         id: p.container.clone(),
         exec_id: p.exec.clone(),

@@ -7,6 +7,12 @@
 //! task service's copy waits: nothing is dropped. Input is pushed: `WriteStdin` is
 //! answered at once while fewer than [`BUFFERED`] bytes wait for the process, later
 //! otherwise. Pending answers cost no thread ([`Reply`]).
+//!
+//! Both directions count bytes, so a call repeated on a new connection (the host dialled
+//! again after its connection was cut, not knowing whether the answer was sent) neither
+//! loses nor doubles any: `ReadStdio` names how much of the stream the host has, and the
+//! agent keeps its last answer until a call asks past it; `WriteStdin` names where its
+//! bytes start, and what the agent already took is not taken again.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
@@ -176,7 +182,7 @@ impl Streams {
             s.ok_or_else(|| Error::NotFound(format!("{:?} of {}", req.stream, req.container_id)))
         });
         match stream {
-            Ok(stream) => stream.ask(reply),
+            Ok(stream) => stream.ask(req.offset, reply),
             Err(e) => reply.send::<Empty>(Err(e.into())),
         }
     }
@@ -188,7 +194,7 @@ impl Streams {
                 .ok_or_else(|| Error::NotFound(format!("stdin of {}", req.container_id)))
         });
         match stdin {
-            Ok(stdin) => stdin.push(req.data, reply),
+            Ok(stdin) => stdin.push(req.offset, req.data, reply),
             Err(e) => reply.send::<Empty>(Err(e.into())),
         }
     }
@@ -238,6 +244,10 @@ struct Out {
     /// Bytes read and not yet asked for. A `Vec`, not a ring: every copy in and out is one
     /// `memcpy`, which matters under TCG, where a byte-by-byte copy costs ~50 ns.
     buf: Vec<u8>,
+    /// The last answer's bytes, kept until the host asks past them.
+    sent: Vec<u8>,
+    /// Where `sent` starts in the stream.
+    sent_at: u64,
     eof: bool,
     /// The host's pending `ReadStdio`.
     waiting: Option<Reply>,
@@ -326,7 +336,8 @@ impl Outbound {
         }
     }
 
-    /// Up to [`CHUNK`] of what gathered; eof once nothing is left after it.
+    /// Up to [`CHUNK`] of what gathered, kept as `sent` (which was let go of); eof once
+    /// nothing is left after it.
     fn take(s: &mut Out) -> ReadStdioResponse {
         let data = if s.buf.len() <= CHUNK {
             std::mem::take(&mut s.buf)
@@ -334,18 +345,43 @@ impl Outbound {
             let rest = s.buf.split_off(CHUNK);
             std::mem::replace(&mut s.buf, rest)
         };
+        s.sent_at += s.sent.len() as u64;
+        s.sent = data.clone();
         ReadStdioResponse {
             data,
             eof: s.eof && s.buf.is_empty(),
+            offset: s.sent_at,
             ..Default::default()
         }
     }
 
-    /// A `ReadStdio`: answered now if there is something to say, else when there is. A
+    /// A `ReadStdio` from a host that has `offset` bytes: the last answer again if it did
+    /// not get it, else answered now if there is something to say, else when there is. A
     /// second one replaces the first, whose caller gave up on it.
-    fn ask(&self, reply: Reply) {
+    fn ask(&self, offset: u64, reply: Reply) {
         let mut s = lock(&self.state);
-        if !s.buf.is_empty() || s.eof {
+        let sent_end = s.sent_at + s.sent.len() as u64;
+        if offset == sent_end {
+            s.sent_at = sent_end;
+            s.sent.clear();
+        } else if offset != s.sent_at {
+            let msg = format!(
+                "ReadStdio from byte {offset}: the agent holds bytes {}..{sent_end} of the stream",
+                s.sent_at
+            );
+            drop(s);
+            return reply.send::<Empty>(Err(Error::InvalidArgument(msg).into()));
+        }
+        if !s.sent.is_empty() {
+            let res = ReadStdioResponse {
+                data: s.sent.clone(),
+                eof: s.eof && s.buf.is_empty(),
+                offset: s.sent_at,
+                ..Default::default()
+            };
+            drop(s);
+            reply.send(Ok(res));
+        } else if !s.buf.is_empty() || s.eof {
             let res = Self::take(&mut s);
             drop(s);
             self.room.notify_all();
@@ -359,6 +395,7 @@ impl Outbound {
         let mut s = lock(&self.state);
         s.abandoned = true;
         s.buf.clear();
+        s.sent.clear();
         drop(s);
         self.room.notify_all();
         let _ = (&self.stop).write_all(b"x");
@@ -376,6 +413,8 @@ struct Inbound {
 struct In {
     queue: VecDeque<Vec<u8>>,
     queued: usize,
+    /// Bytes taken from the host so far: where the next `WriteStdin` starts.
+    taken: u64,
     /// A `WriteStdin` answered once the queue is below [`BUFFERED`].
     parked: Option<Reply>,
     closed: bool,
@@ -437,13 +476,29 @@ impl Inbound {
         drop(fifo);
     }
 
-    fn push(&self, data: Vec<u8>, reply: Reply) {
+    /// `data`, which starts at byte `offset` of the stream: only what was not taken before.
+    fn push(&self, offset: u64, mut data: Vec<u8>, reply: Reply) {
         let mut s = lock(&self.state);
         if s.closed {
             drop(s);
             let msg = format!("{}: stdin is closed", self.path.display());
             return reply.send::<Empty>(Err(Error::FailedPrecondition(msg).into()));
         }
+        if offset > s.taken {
+            let msg = format!(
+                "WriteStdin from byte {offset}: the agent has {} bytes of this stdin",
+                s.taken
+            );
+            drop(s);
+            return reply.send::<Empty>(Err(Error::InvalidArgument(msg).into()));
+        }
+        let already = usize::try_from(s.taken - offset).unwrap_or(usize::MAX);
+        if already >= data.len() {
+            drop(s);
+            return reply.send(Ok(Empty::new()));
+        }
+        data.drain(..already);
+        s.taken += data.len() as u64;
         if !s.broken {
             s.queued += data.len();
             s.queue.push_back(data);
@@ -505,14 +560,16 @@ mod tests {
     }
 
     fn read_all(c: &Client, container: &str, stream: Stream) -> Vec<u8> {
-        let req = ReadStdioRequest {
-            container_id: container.into(),
-            stream: stream.into(),
-            ..Default::default()
-        };
         let mut all = Vec::new();
         loop {
+            let req = ReadStdioRequest {
+                container_id: container.into(),
+                stream: stream.into(),
+                offset: all.len() as u64,
+                ..Default::default()
+            };
             let got: ReadStdioResponse = call(c, "ReadStdio", &req);
+            assert_eq!(got.offset, all.len() as u64);
             all.extend(got.data);
             if got.eof {
                 return all;
@@ -575,10 +632,15 @@ mod tests {
         let c = serve(tmp.path());
         let paths = open(&c, "c1");
         let mut reader = OpenOptions::new().read(true).open(&paths.stdin).unwrap();
-        let req = |data: &[u8]| WriteStdinRequest {
-            container_id: "c1".into(),
-            data: data.to_vec(),
-            ..Default::default()
+        let mut offset = 0u64;
+        let mut req = |data: &[u8]| {
+            offset += data.len() as u64;
+            WriteStdinRequest {
+                container_id: "c1".into(),
+                data: data.to_vec(),
+                offset: offset - data.len() as u64,
+                ..Default::default()
+            }
         };
         let big = vec![7u8; 6 << 20];
         let got = std::thread::spawn(move || {
@@ -656,5 +718,86 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("bad process id"), "{e}");
+    }
+
+    /// What a host that lost its connection does: asks again from where it was. Each
+    /// byte arrives once, whichever answers were lost.
+    #[test]
+    fn calls_repeated_after_a_lost_answer_neither_lose_nor_double_bytes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = serve(tmp.path());
+        let paths = open(&c, "c1");
+        let out = paths.stdout.clone();
+        let data: Vec<u8> = (0..3u32 << 20).map(|i| (i % 253) as u8).collect();
+        let expected = data.clone();
+        let w = std::thread::spawn(move || writer(&out).write_all(&data).unwrap());
+        let read = |offset: u64| -> ReadStdioResponse {
+            let req = ReadStdioRequest {
+                container_id: "c1".into(),
+                offset,
+                ..Default::default()
+            };
+            call(&c, "ReadStdio", &req)
+        };
+        let mut all: Vec<u8> = Vec::new();
+        let mut answers = 0;
+        loop {
+            let got = read(all.len() as u64);
+            answers += 1;
+            if answers % 2 == 1 {
+                // This answer "was lost": the same call again gets the same bytes.
+                let again = read(all.len() as u64);
+                assert_eq!((again.offset, &again.data), (got.offset, &got.data));
+            }
+            assert_eq!(got.offset, all.len() as u64);
+            all.extend(&got.data);
+            if got.eof {
+                break;
+            }
+        }
+        assert_eq!(all, expected);
+        w.join().unwrap();
+        let e = c
+            .call(
+                protocol::AGENT_SERVICE,
+                "ReadStdio",
+                &ReadStdioRequest {
+                    container_id: "c1".into(),
+                    offset: 1,
+                    ..Default::default()
+                },
+                T,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("from byte 1"), "{e}");
+
+        let mut reader = OpenOptions::new().read(true).open(&paths.stdin).unwrap();
+        let got = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            reader.read_to_end(&mut all).unwrap();
+            all
+        });
+        let write = |offset: u64, data: &[u8]| {
+            let req = WriteStdinRequest {
+                container_id: "c1".into(),
+                data: data.to_vec(),
+                offset,
+                ..Default::default()
+            };
+            c.call(protocol::AGENT_SERVICE, "WriteStdin", &req, T)
+        };
+        write(0, b"hello ").unwrap();
+        write(0, b"hello ").unwrap(); // repeated whole
+        write(3, b"lo world").unwrap(); // repeated in part, with new bytes
+        let e = write(100, b"gap").unwrap_err().to_string();
+        assert!(e.contains("has 11 bytes"), "{e}");
+        let close = StdioRequest {
+            container_id: "c1".into(),
+            ..Default::default()
+        };
+        let _: Empty = call(&c, "CloseStdin", &close);
+        let _: Empty = call(&c, "CloseStdin", &close);
+        assert_eq!(got.join().unwrap(), b"hello world");
     }
 }
