@@ -108,31 +108,8 @@ pub fn serve_on<B: Backend>(
     reaper: Option<&'static Reaper>,
     methods: rpc::Methods,
 ) -> Result<()> {
-    let (tx, rx) = mpsc::channel();
-    let (server, stop_backend) = server::<B>(ctx, publisher, reaper, methods, || {}, tx.clone())?;
-    let idle = server.idle();
-    // To end a socket's connection after a Shutdown; the server owns `stream` itself.
-    let raw = stream.as_raw_fd();
-    let peer = stream.try_clone().context("duplicate served stream")?;
-    std::thread::Builder::new()
-        .name("ttrpc".into())
-        .spawn(move || {
-            server.run(None, vec![stream]);
-            let _ = tx.send(Why::Closed);
-        })
-        .context("spawn ttrpc server")?;
-    let why = rx.recv().unwrap_or(Why::Closed);
-    log::info!("stopped serving fd {raw} ({why:?})");
-    if why == Why::ShutdownRequest {
-        if !idle.wait(ANSWER_GRACE) {
-            log::warn!("stopping with requests still being handled");
-        }
-        // Not a socket (a character device): it closes when the process exits.
-        // SAFETY: shutdown(2) on an fd this function owns.
-        unsafe { libc::shutdown(peer.as_raw_fd(), libc::SHUT_RDWR) };
-    }
-    stop_backend();
-    Ok(())
+    let mut once = Some(stream);
+    serve_connections::<B>(ctx, move || once.take().map(Ok), publisher, reaper, methods)
 }
 
 /// Serves one task service of backend `B` on each connection `next` hands over, one after
@@ -170,6 +147,18 @@ pub fn serve_each<B: Backend>(
     reaper: Option<&'static Reaper>,
     methods: rpc::Methods,
 ) -> Result<()> {
+    serve_connections::<B>(ctx, move || Some(next()), publisher, reaper, methods)
+}
+
+/// [`serve_on`] and [`serve_each`]: one service on each connection of `next` in turn, until
+/// `Shutdown`, an error from `next`, or `next` has no more (`None`).
+fn serve_connections<B: Backend>(
+    ctx: ShimContext,
+    mut next: impl FnMut() -> Option<Result<OwnedFd>> + Send + 'static,
+    publisher: Arc<dyn Publisher>,
+    reaper: Option<&'static Reaper>,
+    methods: rpc::Methods,
+) -> Result<()> {
     let (tx, rx) = mpsc::channel();
     let (server, stop_backend) = server::<B>(ctx, publisher, reaper, methods, || {}, tx.clone())?;
     let idle = server.idle();
@@ -183,9 +172,13 @@ pub fn serve_each<B: Backend>(
             .name("ttrpc".into())
             .spawn(move || loop {
                 let stream = match next() {
-                    Ok(s) => s,
-                    Err(e) => {
+                    Some(Ok(s)) => s,
+                    Some(Err(e)) => {
                         *lock(&failed) = Some(e);
+                        let _ = tx.send(Why::Closed);
+                        return;
+                    }
+                    None => {
                         let _ = tx.send(Why::Closed);
                         return;
                     }
@@ -198,7 +191,7 @@ pub fn serve_each<B: Backend>(
                 log::info!("serving a connection on fd {raw}");
                 server.run(None, vec![stream]);
                 lock(&current).take();
-                log::info!("the connection on fd {raw} closed; the service waits for the next");
+                log::info!("the connection on fd {raw} closed");
             })
             .context("spawn ttrpc server")?;
     }

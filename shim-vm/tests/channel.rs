@@ -219,7 +219,6 @@ fn over_virtio_serial_the_agent_serves_a_host_that_reconnects() {
 }
 
 #[test]
-#[ignore = "hung once in two runs beside the other boot tests (vsock reconnect race, open in issue 12); run with --ignored"]
 fn over_vsock_the_agent_serves_a_host_that_reconnects() {
     the_agent_serves_a_host_that_reconnects(
         VmChannel::Vsock {
