@@ -30,6 +30,11 @@ use crate::vsock;
 
 /// The kernel command-line parameter telling the agent which channel to serve on.
 pub const CHANNEL_PARAM: &str = "shim_vm.channel";
+/// What the agent says on the serial console, followed by the channel's name, once it
+/// listens there.
+pub const LISTENING_ON: &str = "agent listening on";
+/// How much of the console is searched for that line: it comes early in the boot.
+const CONSOLE_SEARCHED: u64 = 1 << 20;
 
 /// Which channel a VM's agent is reached through (runtime option `Channel`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -81,6 +86,12 @@ pub enum Address {
         uds: PathBuf,
         /// The guest's port.
         port: u32,
+        /// The VM's serial console log: no `CONNECT` before the agent said there that it
+        /// listens ([`LISTENING_ON`]). vhost-device-vsock 0.3 takes a host connection
+        /// while the guest's driver is still setting up its queues, fails to use them,
+        /// and its worker thread ends on that error: the device would never move a byte
+        /// again. Once the agent listens, the driver is up.
+        console: PathBuf,
     },
     /// The guest's `AF_VSOCK` address, through the kernel's vhost-vsock.
     Vsock {
@@ -102,7 +113,15 @@ impl Address {
                     .with_context(|| format!("connect {}", path.display()))?;
                 Ok(OwnedFd::from(s))
             }
-            Address::HybridVsock { uds, port } => vsock::connect_hybrid(uds, *port, timeout),
+            Address::HybridVsock { uds, port, console } => {
+                if !said_listening(console, Channel::Vsock) {
+                    return Err(shim_common::Error::Unavailable(format!(
+                        "vsock port {port}: the agent has not said on the console ({}) that it listens",
+                        console.display()
+                    )));
+                }
+                vsock::connect_hybrid(uds, *port, timeout)
+            }
             Address::Vsock { cid, port } => vsock::connect(*cid, *port),
         }
     }
@@ -112,12 +131,25 @@ impl fmt::Display for Address {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Address::Serial(p) => write!(f, "virtio-serial via {}", p.display()),
-            Address::HybridVsock { uds, port } => {
+            Address::HybridVsock { uds, port, .. } => {
                 write!(f, "vsock port {port} via {}", uds.display())
             }
             Address::Vsock { cid, port } => write!(f, "vsock {cid}:{port}"),
         }
     }
+}
+
+/// Whether the agent said on `console` that it listens on `channel`.
+fn said_listening(console: &std::path::Path, channel: Channel) -> bool {
+    use std::io::Read;
+    let mut head = Vec::new();
+    let read =
+        std::fs::File::open(console).and_then(|f| f.take(CONSOLE_SEARCHED).read_to_end(&mut head));
+    if read.is_err() {
+        return false;
+    }
+    let line = format!("{LISTENING_ON} {channel} ");
+    head.windows(line.len()).any(|w| w == line.as_bytes())
 }
 
 /// The guest's side: where the agent finds each host connection.

@@ -352,6 +352,7 @@ impl Vm {
                     Address::HybridVsock {
                         uds: agent.clone(),
                         port: vsock::AGENT_PORT,
+                        console: console.clone(),
                     }
                 }
             },

@@ -88,7 +88,8 @@ pub fn run() -> Result<()> {
     let listener = Listener::open(cmdline.channel, PORT, PORT_TIMEOUT)?;
     let serving = uptime();
     log::info!(
-        "agent listening on {} after {:?} of uptime (started at {started:?}; modules {:?}, share {:?})",
+        "{} {} after {:?} of uptime (started at {started:?}; modules {:?}, share {:?})",
+        crate::channel::LISTENING_ON,
         cmdline.channel,
         uptime(),
         booted.modules,
