@@ -235,6 +235,47 @@ fn a_killed_vmm_is_reported_as_the_containers_exit_and_leaves_nothing() {
     assert_no_vm_left(&c, &id, &id);
 }
 
+/// A device process of the VM (`device`, on `channel`) dies under a running container: the
+/// VM cannot serve it any more, so the shim stops the VM, says why, and the container's
+/// exit (137) reaches containerd; nothing is left.
+fn a_killed_device_process_stops_the_vm(channel: &str, device: &str) {
+    let c = with_our_shims();
+    let flags = channel_flags(&c, channel);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let id = unique_id("vm-devkill");
+    run_detached(&c, &id, &flags, &["sleep", "1000"]);
+    let victims: Vec<i32> = vm_processes(&c, &id)
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains(device))
+        .map(|(pid, _)| pid)
+        .collect();
+    assert!(
+        !victims.is_empty(),
+        "no {device}: {:?}",
+        vm_processes(&c, &id)
+    );
+    for pid in victims {
+        sigkill(pid);
+    }
+    delete_stopped(&c, &id, 137);
+    let log = c.log_tail(400);
+    assert!(
+        log.contains(&format!("{device} exited")),
+        "the shim did not say why the VM stopped\n{log}"
+    );
+    assert_no_vm_left(&c, &id, &id);
+}
+
+#[test]
+fn a_killed_virtiofsd_stops_the_vm_and_reports_the_exit() {
+    a_killed_device_process_stops_the_vm("virtio-serial", "virtiofsd");
+}
+
+#[test]
+fn a_killed_vhost_device_vsock_stops_the_vm_and_reports_the_exit() {
+    a_killed_device_process_stops_the_vm("vsock", "vhost-device-vsock");
+}
+
 #[test]
 fn a_killed_shim_is_cleaned_up_by_delete() {
     let c = with_our_shims();

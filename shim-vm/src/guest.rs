@@ -146,6 +146,11 @@ impl Guest {
         self.retired.store(true, Ordering::Release);
     }
 
+    /// Whether [`Guest::retire`] was called.
+    pub fn retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
+    }
+
     fn call<M: Message>(
         &self,
         service: &str,

@@ -20,6 +20,7 @@ use crate::guest::{Dial, Guest};
 use crate::options::{Size, VmOptions};
 use crate::virtiofsd::{self, Cache};
 use crate::vmm::{self, Accel, Vm, VmChannel, VmConfig};
+use crate::vsock;
 
 /// Where every VM's runtime directory lives.
 pub const RUN_DIR: &str = "/run/shim-vm";
@@ -213,7 +214,11 @@ impl Pod {
         result
     }
 
-    /// Two threads per VM: one applies the guest's events, one waits for QEMU's exit.
+    /// Two threads per VM: one applies the guest's events, one waits for QEMU's exit. A
+    /// device process that dies under a running VM (virtiofsd: the containers' root
+    /// filesystems; vhost-device-vsock: the agent's channel) leaves a VM that cannot serve
+    /// its containers, and QEMU does not stop for it: the VM is stopped then, as if QEMU
+    /// had died.
     fn watch(
         self: &Arc<Self>,
         running: &Arc<Running>,
@@ -228,16 +233,46 @@ impl Pod {
                 }
             })
             .context("spawn guest events thread")?;
-        let pid = lock(&running.vm).as_ref().map(Vm::pid).unwrap_or_default();
-        let me = self.clone();
+        let (pid, helpers) = match lock(&running.vm).as_ref() {
+            Some(vm) => (
+                vm.pid(),
+                [
+                    vm.virtiofsd_pid().map(|p| (p, virtiofsd::BINARY)),
+                    vm.vsock_pid().map(|p| (p, vsock::BINARY)),
+                ],
+            ),
+            None => (0, [None, None]),
+        };
+        let (me, guest) = (self.clone(), running.guest.clone());
         std::thread::Builder::new()
             .name("vmm-watch".into())
             .spawn(move || {
-                let status = match exits {
-                    Some(sub) => sub.wait_for(pid as i32).map(|e| e.status),
-                    None => None,
+                let Some(sub) = exits else {
+                    return me.on_vm_exit(None, None);
                 };
-                me.on_vm_exit(status);
+                let mut why = None;
+                let status = loop {
+                    let Some(exit) = sub.recv() else { break None };
+                    if exit.pid == pid as i32 {
+                        break Some(exit.status);
+                    }
+                    let helper = helpers
+                        .iter()
+                        .flatten()
+                        .find(|(p, _)| *p as i32 == exit.pid);
+                    if let Some((_, name)) = helper {
+                        if why.is_none() && !guest.retired() {
+                            let w = format!("{name} exited (status {})", exit.status);
+                            log::error!("{w} under the running VM: stopping the VM");
+                            why = Some(w);
+                            let _ = nix::sys::signal::kill(
+                                nix::unistd::Pid::from_raw(pid as i32),
+                                nix::sys::signal::Signal::SIGKILL,
+                            );
+                        }
+                    }
+                };
+                me.on_vm_exit(status, why);
             })
             .context("spawn VMM watch thread")?;
         Ok(())
@@ -278,12 +313,14 @@ impl Pod {
         }
     }
 
-    fn on_vm_exit(&self, status: Option<u32>) {
+    /// QEMU exited with `status`; `why`, if the shim stopped it.
+    fn on_vm_exit(&self, status: Option<u32>, why: Option<String>) {
+        let what = match &why {
+            Some(why) => format!("the VM was stopped: {why}"),
+            None => format!("the VM exited (status {status:?})"),
+        };
         let mut s = lock(&self.state);
-        let running = match std::mem::replace(
-            &mut *s,
-            State::Dead(format!("the VM exited (status {status:?})")),
-        ) {
+        let running = match std::mem::replace(&mut *s, State::Dead(what.clone())) {
             State::Up(r) => Some(r),
             _ => None,
         };
@@ -295,7 +332,7 @@ impl Pod {
         let vm = running.as_ref().and_then(|r| lock(&r.vm).take());
         if let Some(vm) = vm {
             log::error!(
-                "the VM exited unexpectedly (status {status:?}); its processes are reported killed: {}",
+                "{what}, unexpectedly; its processes are reported killed: {}",
                 vm.diagnostics()
             );
             drop(vm); // ends virtiofsd, removes the sockets
