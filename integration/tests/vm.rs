@@ -3,10 +3,10 @@
 //! guest agent runs the container with crun; output, exit codes, exec, signals, stdin and
 //! cleanup are what `ctr` sees of any runc container.
 
-use integration::checks::{processes_mentioning, wait_until};
+use integration::checks::{mounts_mentioning, processes_mentioning, wait_until};
 use integration::events::EventLog;
 use integration::fixture::{
-    assert_nothing_left, wait_status, with_our_shims, GROUP_ANNOTATION, LONG,
+    assert_nothing_left, task_status, wait_status, with_our_shims, GROUP_ANNOTATION, LONG,
 };
 use integration::{unique_id, Containerd, BUSYBOX_REF};
 
@@ -218,6 +218,81 @@ fn two_containers_of_one_group_share_one_vm() {
         c.ctr_ok(&["task", "delete", id]);
         c.ctr_ok(&["container", "delete", id]);
     }
+    assert_no_vm_left(&c, &a, &b);
+}
+
+/// A container whose rootfs the guest cannot mount onto (an empty read-only file system:
+/// no mount point for `/proc` can be made in it) fails to start with the guest runtime's
+/// error; the pod's other container runs on in the same VM, and nothing of the failed one
+/// is left.
+#[test]
+fn a_rootfs_the_guest_cannot_mount_onto_fails_that_container_alone() {
+    let c = with_our_shims();
+    let group = unique_id("vm-badroot");
+    let annotation = format!("{GROUP_ANNOTATION}={group}");
+    let (a, b) = (format!("{group}-a"), format!("{group}-b"));
+    run_detached(&c, &a, &["--annotation", &annotation], &["sleep", "1000"]);
+
+    let root = c.dir().join("ro-rootfs");
+    std::fs::create_dir_all(&root).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &root,
+        Some("tmpfs"),
+        nix::mount::MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+    .unwrap();
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    let _unmount = Unmount(root.clone());
+    let root_arg = root.to_string_lossy().into_owned();
+    let out = c.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--annotation",
+        &annotation,
+        "--rootfs",
+        &root_arg,
+        &b,
+        "/bin/sh",
+        "-c",
+        "true",
+    ]);
+    assert_ne!(out.status, 0, "{out:?}");
+    assert!(
+        out.stderr.contains("in the VM") && out.stderr.contains("Read-only file system"),
+        "not the guest runtime's error: {out:?}"
+    );
+    println!("{}", out.stderr.trim());
+    // The VM still serves the pod's other container.
+    let exec = c.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        &a,
+        "sh",
+        "-c",
+        "echo alive; exit 2",
+    ]);
+    assert_eq!(exec.status, 2, "{exec:?}");
+    assert_eq!(exec.stdout.trim(), "alive", "{exec:?}");
+    c.ctr(&["container", "delete", &b]);
+    assert_eq!(task_status(&c, &b), None);
+    assert_eq!(mounts_mentioning(&b), Vec::<String>::new());
+    assert!(
+        !vm_dir(&c, &a).join("shared").join(&b).exists(),
+        "the failed container's share is left"
+    );
+    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &a]);
+    delete_stopped(&c, &a, 137);
     assert_no_vm_left(&c, &a, &b);
 }
 
