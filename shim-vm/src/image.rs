@@ -89,13 +89,12 @@ pub const KERNEL_PACKAGE: &str = "linux-image-cloud-amd64";
 pub const MODULES: &[&str] = &[
     "virtio_mmio",
     "virtio_console",
-    "virtio_blk",
     "fuse",
     "virtiofs",
-    "erofs",
     "overlay",
     "vsock",
     "vmw_vsock_virtio_transport",
+    "virtio_balloon",
 ];
 
 /// The host runtimes copied into the guest (at the same paths), with their libraries.

@@ -191,6 +191,13 @@ impl Pod {
             let timeout = Duration::from_millis(u64::from(options.dial_timeout_ms));
             let (guest, hello) = Guest::connect(dial, timeout)
                 .map_err(|e| Error::Unavailable(format!("{e} ({})", vm.diagnostics())))?;
+            match vm.page_out_boot_files() {
+                Ok(n) => log::info!(
+                    "reclaimed QEMU's copies of the kernel and initramfs ({} MiB)",
+                    n >> 20
+                ),
+                Err(e) => log::debug!("{e}"),
+            }
             let accel = vm.accel();
             log::info!(
                 "VM up in {:?} ({:?}: {}; guest kernel {}, agent {} serving {:?} after the kernel started)",

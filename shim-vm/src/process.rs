@@ -123,6 +123,34 @@ impl Process {
         Ok(())
     }
 
+    /// `process_madvise(2)` `MADV_PAGEOUT` of `ranges` (address, length) of its memory:
+    /// reclaims those pages now. The bytes advised.
+    pub fn page_out(&self, ranges: &[(usize, usize)]) -> std::io::Result<usize> {
+        let iov: Vec<libc::iovec> = ranges
+            .iter()
+            .map(|&(base, len)| libc::iovec {
+                iov_base: base as *mut libc::c_void,
+                iov_len: len,
+            })
+            .collect();
+        // SAFETY: process_madvise reads `iov.len()` iovecs from `iov`, which lives across
+        // the call; the addresses are the other process's, never dereferenced here.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_process_madvise,
+                self.pidfd.as_raw_fd(),
+                iov.as_ptr(),
+                iov.len(),
+                libc::MADV_PAGEOUT,
+                0,
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(rc as usize)
+    }
+
     /// SIGKILL, then waits (bounded) for it to be gone.
     pub fn kill(&mut self) -> Result<()> {
         self.signal(libc::SIGKILL)?;

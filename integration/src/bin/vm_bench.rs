@@ -65,8 +65,6 @@ fn remove(c: &Containerd, id: &str) {
 fn vm_footprint(c: &Containerd) -> [(u64, u64); 3] {
     let id = detached(c, VM_RUNTIME);
     let dir = shim_vm::pod::run_dir(&c.address().to_string_lossy(), c.namespace(), &id);
-    // Settled: the guest idles once its container runs.
-    std::thread::sleep(Duration::from_secs(2));
     let procs = processes_mentioning(&dir.to_string_lossy());
     let find = |name: &str| {
         procs
@@ -74,13 +72,40 @@ fn vm_footprint(c: &Containerd) -> [(u64, u64); 3] {
             .find(|(_, cmd)| cmd.contains(name))
             .map(|(pid, _)| *pid)
     };
-    let shim = c.shim_pids().first().copied();
-    let figures = [shim, find("qemu-system"), find("virtiofsd")].map(|pid| {
-        pid.map(|p| (rss_kb(p).unwrap_or(0), pss_kb(p).unwrap_or(0)))
-            .unwrap_or((0, 0))
-    });
+    let pids = [
+        c.shim_pids().first().copied(),
+        find("qemu-system"),
+        find("virtiofsd"),
+    ];
+    let sample = || {
+        pids.map(|pid| {
+            pid.map(|p| (rss_kb(p).unwrap_or(0), pss_kb(p).unwrap_or(0)))
+                .unwrap_or((0, 0))
+        })
+    };
+    let pss = |f: &[(u64, u64); 3]| f.iter().map(|(_, p)| p).sum::<u64>();
+    // Settled: the guest idles once its container runs, and hands back the pages it freed
+    // (free page reporting, a few seconds after they are freed). Sampled each second until
+    // the PSS has not fallen by 1 MB for 3 s, at most 30 s.
+    let started = Instant::now();
+    let mut best = sample();
+    let mut since = Instant::now();
+    while since.elapsed() < Duration::from_secs(3) && started.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = sample();
+        if pss(&now) + 1024 < pss(&best) {
+            since = Instant::now();
+        }
+        if pss(&now) < pss(&best) {
+            best = now;
+        }
+    }
+    eprintln!(
+        "vm-bench: idle VM PSS settled after {:.0?}",
+        started.elapsed()
+    );
     remove(c, &id);
-    figures
+    best
 }
 
 /// MB/s of `cmd` (writing `mib` MiB to stdout, or nowhere when `expect_out` is false) in an

@@ -92,7 +92,11 @@ pub fn run() -> Result<()> {
         crate::channel::LISTENING_ON,
         cmdline.channel,
         uptime(),
-        booted.modules,
+        booted
+            .modules
+            .iter()
+            .map(|(name, took)| format!("{name} {}ms", took.as_millis()))
+            .collect::<Vec<_>>(),
         booted.share
     );
 

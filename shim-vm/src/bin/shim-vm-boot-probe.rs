@@ -54,7 +54,7 @@ fn run() -> shim_common::Result<()> {
         .unwrap_or_else(|e| format!("error: {e}"));
     let mountinfo = read("/proc/self/mountinfo");
     let facts = serde_json::json!({
-        "modules": booted.modules,
+        "modules": booted.modules.iter().map(|(name, _)| name).collect::<Vec<_>>(),
         "share": booted.share,
         "virtiofs_mounted": mountinfo.lines().any(|l| l.contains(" - virtiofs ")),
         "cgroup2_mounted": mountinfo.lines().any(|l| l.contains(" - cgroup2 ")),
