@@ -577,6 +577,18 @@ mod tests {
         }
     }
 
+    /// The error a `ReadStdio` of `container`'s stdout from `offset` gets.
+    fn read_error(c: &Client, container: &str, offset: u64) -> String {
+        let req = ReadStdioRequest {
+            container_id: container.into(),
+            offset,
+            ..Default::default()
+        };
+        c.call(protocol::AGENT_SERVICE, "ReadStdio", &req, T)
+            .unwrap_err()
+            .to_string()
+    }
+
     fn open(c: &Client, id: &str) -> OpenStdioResponse {
         call(
             c,
@@ -695,18 +707,7 @@ mod tests {
             Err(e) => assert!(e.to_string().contains("not found"), "{e}"),
         }
         assert!(!Path::new(&paths.stdout).exists());
-        let e = c
-            .call(
-                protocol::AGENT_SERVICE,
-                "ReadStdio",
-                &ReadStdioRequest {
-                    container_id: "c1".into(),
-                    ..Default::default()
-                },
-                T,
-            )
-            .unwrap_err()
-            .to_string();
+        let e = read_error(&c, "c1", 0);
         assert!(e.contains("not found"), "{e}");
         let bad = OpenStdioRequest {
             container_id: "../x".into(),
@@ -757,19 +758,7 @@ mod tests {
         }
         assert_eq!(all, expected);
         w.join().unwrap();
-        let e = c
-            .call(
-                protocol::AGENT_SERVICE,
-                "ReadStdio",
-                &ReadStdioRequest {
-                    container_id: "c1".into(),
-                    offset: 1,
-                    ..Default::default()
-                },
-                T,
-            )
-            .unwrap_err()
-            .to_string();
+        let e = read_error(&c, "c1", 1);
         assert!(e.contains("from byte 1"), "{e}");
 
         let mut reader = OpenOptions::new().read(true).open(&paths.stdin).unwrap();
