@@ -534,20 +534,6 @@ pub fn container_config(name: &str, image: &str, command: &[&str]) -> api::Conta
         command: command.iter().map(|s| s.to_string()).collect(),
         log_path: format!("{name}.log"),
         labels: HashMap::from([("shimtest".to_string(), name.to_string())]),
-        // As the kubelet sends them (without, CRI's zero value puts every container in the
-        // pod's pid namespace, as `shareProcessNamespace: true` would).
-        linux: Some(api::LinuxContainerConfig {
-            security_context: Some(api::LinuxContainerSecurityContext {
-                namespace_options: Some(api::NamespaceOption {
-                    network: api::NamespaceMode::Pod as i32,
-                    pid: api::NamespaceMode::Container as i32,
-                    ipc: api::NamespaceMode::Pod as i32,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
         ..Default::default()
     }
 }
