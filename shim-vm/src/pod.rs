@@ -250,7 +250,7 @@ impl Pod {
             ),
             None => (0, [None, None]),
         };
-        let (me, guest) = (self.clone(), running.guest.clone());
+        let (me, running) = (self.clone(), running.clone());
         std::thread::Builder::new()
             .name("vmm-watch".into())
             .spawn(move || {
@@ -268,14 +268,13 @@ impl Pod {
                         .flatten()
                         .find(|(p, _)| *p as i32 == exit.pid);
                     if let Some((_, name)) = helper {
-                        if why.is_none() && !guest.retired() {
+                        if why.is_none() && !running.guest.retired() {
                             let w = format!("{name} exited (status {})", exit.status);
                             log::error!("{w} under the running VM: stopping the VM");
                             why = Some(w);
-                            let _ = nix::sys::signal::kill(
-                                nix::unistd::Pid::from_raw(pid as i32),
-                                nix::sys::signal::Signal::SIGKILL,
-                            );
+                            if let Some(vm) = lock(&running.vm).as_ref() {
+                                vm.kill_vmm();
+                            }
                         }
                     }
                 };

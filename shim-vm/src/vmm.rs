@@ -495,6 +495,14 @@ impl Vm {
         self.vsock.as_ref().map(VhostUserVsock::pid)
     }
 
+    /// SIGKILLs QEMU through its pidfd (never a reused pid) without waiting: whoever
+    /// reaps it reports the exit.
+    pub fn kill_vmm(&self) {
+        if let Err(e) = self.qemu.signal(libc::SIGKILL) {
+            log::warn!("{e}");
+        }
+    }
+
     /// QEMU's pid.
     pub fn pid(&self) -> u32 {
         self.qemu.pid()
