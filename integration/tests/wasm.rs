@@ -915,6 +915,20 @@ fn cri_pod_with_pause_wasm_and_native_sidecar() {
         .exec_sync(&sidecar, &["echo", "side"], 10)
         .expect("exec");
     assert_eq!((out.stdout.as_slice(), out.exit_code), (&b"side\n"[..], 0));
+    // The sidecar shares pause's pid namespace (no namespace options: CRI's POD mode), and
+    // still sees its own memory cgroup, read-only, at the usual place.
+    let cgroup = "grep -qx \"$(pidof sleep)\" /sys/fs/cgroup/memory/cgroup.procs && echo own; \
+                  grep -q ' /sys/fs/cgroup/memory cgroup ro,' /proc/mounts && echo ro; \
+                  pidof pause >/dev/null && echo pod";
+    let out = cri
+        .exec_sync(&sidecar, &["sh", "-c", cgroup], 10)
+        .expect("exec");
+    assert_eq!(
+        (String::from_utf8_lossy(&out.stdout).as_ref(), out.exit_code),
+        ("own\nro\npod\n", 0),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stats = cri.container_stats(&idle).expect("stats");
     assert!(
         stats

@@ -162,7 +162,17 @@ impl Backend for WasmBackend {
         if !req.checkpoint.is_empty() {
             return Err(Error::Unimplemented("restore from a checkpoint".into()));
         }
-        let spec = load_spec(req.bundle)?;
+        let mut spec = load_spec(req.bundle)?;
+        if crate::cgroup_mount::adapt(&mut spec)? {
+            // libcontainer reads the spec from the bundle alone.
+            let path = req.bundle.join("config.json");
+            spec.save(&path)
+                .map_err(|e| Error::Runtime(format!("write {}: {e}", path.display())))?;
+            log::info!(
+                "{}: /sys/fs/cgroup as bind mounts (joins a pid namespace)",
+                req.id
+            );
+        }
         let rootfs = rootfs_of(&spec, req.bundle);
         let guest = match self.guest(req.id, req.bundle, &spec, &rootfs) {
             Ok(g) => g,

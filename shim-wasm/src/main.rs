@@ -5,6 +5,7 @@
 //! instead of `execve`, or execs a native entrypoint (pause, sidecars) as runc would.
 
 mod backend;
+mod cgroup_mount;
 mod engine;
 mod entrypoint;
 mod executor;
