@@ -17,6 +17,8 @@ const PROTOS: &[&str] = &[
     "proto/bootstrap/bootstrap.proto",
     "proto/types/introspection.proto",
     "proto/vm/agent.proto",
+    "proto/types/platform.proto",
+    "proto/sandbox/v1/sandbox.proto",
 ];
 
 /// containerd's cgroup metrics (the `Stats` answer), generated without reflection: with it

@@ -48,11 +48,13 @@ generated!(
     images,
     containers,
     leases,
+    platform,
+    sandbox,
 );
 
 // ttrpc's sync glue: clients for test harnesses (the SDK dispatches the task methods itself).
 #[cfg(feature = "sync")]
-generated!(shim_ttrpc, events_ttrpc);
+generated!(shim_ttrpc, events_ttrpc, sandbox_ttrpc);
 
 /// `containerd.task.v2.Task` as containerd names it on the wire.
 pub const TASK_SERVICE_V2: &str = "containerd.task.v2.Task";
@@ -60,6 +62,17 @@ pub const TASK_SERVICE_V2: &str = "containerd.task.v2.Task";
 pub const TASK_SERVICE_V3: &str = "containerd.task.v3.Task";
 /// The micro-VM guest agent's own calls ([`agent`]), served beside the task service.
 pub const AGENT_SERVICE: &str = "shim.vm.agent.v1.Agent";
+/// containerd 2.x's sandbox API ([`sandbox`]), served beside the task service by shims
+/// whose backend holds pods (`sandboxer = "shim"`).
+pub const SANDBOX_SERVICE: &str = "containerd.runtime.sandbox.v1.Sandbox";
+
+/// `SandboxStatusResponse.state`: containerd compares these strings exactly.
+pub mod sandbox_state {
+    /// Started and not stopped.
+    pub const READY: &str = "SANDBOX_READY";
+    /// Created but not started, or stopped.
+    pub const NOT_READY: &str = "SANDBOX_NOTREADY";
+}
 
 /// containerd's own gRPC services on its main socket (the shim's `-address`), for shims that
 /// read images and content. Messages: [`content`], [`images`], [`containers`], [`leases`].
