@@ -324,6 +324,13 @@ pub trait Backend: Send + Sync + 'static {
         Err(Error::Unimplemented("ResizePty".into()))
     }
 
+    /// The backend's pods for containerd 2.x's sandbox API (`sandboxer = "shim"`), served
+    /// beside the task service when there are any. The default: none, and the shim answers
+    /// that API as unknown, like containerd's runc shim.
+    fn sandboxes(&self) -> Option<&dyn crate::sandbox::Sandboxes> {
+        None
+    }
+
     /// The daemon is about to exit, its containers deleted (`Shutdown`) or not (a
     /// signal): stop what the backend runs beside them — a VM. The default has nothing.
     fn shutdown(&self) {}

@@ -50,6 +50,8 @@ pub mod error;
 pub mod events;
 pub mod executable;
 mod flags;
+#[cfg(target_os = "linux")]
+pub mod host_pods;
 pub mod logger;
 pub mod mount;
 pub mod options;
@@ -58,6 +60,7 @@ pub mod pod;
 pub mod reaper;
 pub mod rpc;
 pub mod runtime_cli;
+pub mod sandbox;
 pub mod service;
 pub mod signals;
 mod socket;
@@ -145,12 +148,24 @@ fn dispatch<B: Backend>(name: &str) -> Result<()> {
     }
 }
 
+/// Whether a shim daemon still answers at the address recorded in `bundle`.
+#[cfg(target_os = "linux")]
+fn daemon_answers(bundle: &Path) -> bool {
+    std::fs::read_to_string(bundle.join("address"))
+        .is_ok_and(|a| std::os::unix::net::UnixStream::connect(socket::path(a.trim())).is_ok())
+}
+
 /// The `delete` action: let the backend clean up after a dead daemon and answer containerd
 /// with a `DeleteResponse` (exit status 137: the task died with its shim).
 fn delete<B: Backend>(flags: &Flags) -> Result<Vec<u8>> {
     let bundle = Path::new(&flags.bundle);
     let options = options::load::<B::Options>(bundle);
     let mut cleaned = B::cleanup(&serve::context(flags), &flags.id, bundle, &options);
+    #[cfg(target_os = "linux")]
+    if !daemon_answers(bundle) {
+        // A sandbox's holder outlives a killed shim (as a pause container would).
+        cleaned = cleaned.and(host_pods::cleanup(bundle));
+    }
     if B::MOUNTS_ROOTFS {
         // Even if the backend failed: a leaked mount outlives everything else.
         let unmounted = mount::unmount_all(&bundle.join("rootfs"));

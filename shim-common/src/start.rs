@@ -22,8 +22,12 @@ use crate::socket::{self, Bound};
 pub const GROUP_ANNOTATION: &str = "io.containerd.runc.v2.group";
 
 /// The key that decides which containers share a shim: the group annotation, else the
-/// pod's sandbox id, else the container's own id.
+/// pod's sandbox id, else the container's own id. A bundle without a spec is a sandbox's
+/// (containerd 2.x's `shim` sandboxer writes none): its own group.
 pub fn group_id(bundle: &Path, id: &str) -> Result<String> {
+    if !bundle.join("config.json").exists() {
+        return Ok(id.to_string());
+    }
     let spec = crate::bundle::spec(bundle)?;
     let annotation = |k: &str| {
         spec.get("annotations")

@@ -6,7 +6,9 @@ use std::sync::Mutex;
 use protobuf::well_known_types::any::Any;
 use protobuf::Message;
 use protocol::options::CheckpointOptions;
+use shim_common::host_pods::HostPods;
 use shim_common::prelude::*;
+use shim_common::sandbox::Sandboxes;
 use shim_common::stdio::ChildStdio;
 
 use crate::options::RuncConfig;
@@ -30,6 +32,8 @@ struct Restore {
 
 pub struct RuncBackend {
     namespace: String,
+    /// Pods of containerd 2.x's sandbox API: namespaces held without a pause container.
+    pods: HostPods,
 }
 
 impl Backend for RuncBackend {
@@ -39,6 +43,7 @@ impl Backend for RuncBackend {
     fn new(ctx: &ShimContext) -> Result<Self> {
         Ok(RuncBackend {
             namespace: ctx.namespace.clone(),
+            pods: HostPods::default(),
         })
     }
 
@@ -159,6 +164,10 @@ impl Backend for RuncBackend {
 
     fn resume(&self, c: &Container) -> Result<()> {
         c.runc.simple("resume", &c.id)
+    }
+
+    fn sandboxes(&self) -> Option<&dyn Sandboxes> {
+        Some(&self.pods)
     }
 
     fn cleanup(ctx: &ShimContext, id: &str, bundle: &Path, options: &RuncConfig) -> Result<()> {

@@ -19,6 +19,8 @@ pub(super) struct ExitQueue {
 #[derive(Default)]
 pub(super) struct PidTable {
     pub(super) owners: HashMap<i32, (String, String)>,
+    /// Sandboxes' processes (containerd's sandbox API), when they are host children.
+    pub(super) sandboxes: HashMap<i32, String>,
     pub(super) early: HashMap<i32, Exit>,
     /// Backend calls in flight that will report a new pid.
     pub(super) starting: usize,
@@ -43,6 +45,16 @@ impl<B: Backend> Inner<B> {
         Starting(self)
     }
 
+    /// Records that `pid` holds sandbox `id`, or returns its exit if it was reaped already.
+    pub(super) fn claim_sandbox(&self, pid: u32, id: &str) -> Option<Exit> {
+        let mut t = lock(&self.pids);
+        let pid = pid as i32;
+        t.early.remove(&pid).or_else(|| {
+            t.sandboxes.insert(pid, id.to_string());
+            None
+        })
+    }
+
     /// Records who owns `pid`, or returns its exit if it was reaped already.
     pub(super) fn claim(&self, pid: u32, id: &str, exec_id: &str) -> Option<Exit> {
         let mut t = lock(&self.pids);
@@ -58,6 +70,11 @@ impl<B: Backend> Inner<B> {
             let mut t = lock(&self.pids);
             match t.owners.remove(&exit.pid) {
                 Some(owner) => owner,
+                None if t.sandboxes.contains_key(&exit.pid) => {
+                    let id = t.sandboxes.remove(&exit.pid).unwrap_or_default();
+                    drop(t);
+                    return self.sandbox_exited(&id, exit.status, exit.at);
+                }
                 None => {
                     if t.starting > 0 {
                         t.early.insert(exit.pid, exit);

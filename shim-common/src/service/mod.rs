@@ -53,6 +53,9 @@ mod exits;
 mod io;
 mod lifecycle;
 mod query;
+mod sandbox;
+#[cfg(test)]
+mod sandbox_tests;
 mod start;
 mod table;
 #[cfg(test)]
@@ -62,6 +65,7 @@ use container::*;
 use exits::*;
 use io::*;
 use lifecycle::Lifecycle;
+use sandbox::SandboxCell;
 use table::*;
 
 /// Called when `Shutdown` finds no task left and nothing on its way: the daemon stops
@@ -181,7 +185,8 @@ impl<B: Backend> TaskService<B> {
     }
 
     /// The ttrpc method table, under both `containerd.task.v2.Task` and
-    /// `containerd.task.v3.Task` (containerd 2.x). `Wait` is answered when the process
+    /// `containerd.task.v3.Task` (containerd 2.x), with containerd 2.x's sandbox API when
+    /// the backend has [`crate::sandbox::Sandboxes`]. `Wait` is answered when the process
     /// exits rather than by a thread blocked until then.
     pub fn methods(self) -> rpc::Methods {
         let mut methods = rpc::Methods::new();
@@ -235,6 +240,9 @@ impl<B: Backend> TaskService<B> {
                     Err(e) => reply.send::<WaitResponse>(Err(e)),
                 }),
             );
+        }
+        if self.inner.backend.sandboxes().is_some() {
+            sandbox::routes(&self.inner, &mut methods);
         }
         methods.insert(
             format!("/{GROUP_SERVICE}/Join"),

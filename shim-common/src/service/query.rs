@@ -77,9 +77,10 @@ impl<B: Backend> Inner<B> {
     }
 
     pub(super) fn connect(&self, req: ConnectRequest) -> Result<ConnectResponse> {
+        // containerd 2.x reconnects to a sandbox's shim with the sandbox's id.
         let task_pid = match self.cell(&req.id) {
             Ok(cell) => lock(&cell.state).init.pid,
-            Err(_) => 0,
+            Err(_) => self.sandbox_pid(&req.id).unwrap_or(0),
         };
         Ok(ConnectResponse {
             shim_pid: std::process::id(),

@@ -15,6 +15,8 @@ pub(super) struct Table<C> {
     pub(super) creating: HashSet<String>,
     /// Containers `start` found this shim for, and when, until their `Create` arrives.
     pub(super) joined: HashMap<String, Instant>,
+    /// The sandboxes of containerd's sandbox API: the shim stays while one is there.
+    pub(super) sandboxes: HashMap<String, Arc<SandboxCell>>,
     /// Shutdown accepted: the shim is exiting.
     pub(super) closing: bool,
 }
@@ -25,6 +27,7 @@ impl<C> Default for Table<C> {
             cells: HashMap::new(),
             creating: HashSet::new(),
             joined: HashMap::new(),
+            sandboxes: HashMap::new(),
             closing: false,
         }
     }
@@ -36,6 +39,9 @@ impl<C> Table<C> {
         self.joined.retain(|_, at| at.elapsed() < JOIN_TIMEOUT);
         if let Some(id) = self.cells.keys().chain(&self.creating).next() {
             return Some(format!("container {id}"));
+        }
+        if let Some(id) = self.sandboxes.keys().next() {
+            return Some(format!("sandbox {id}"));
         }
         self.joined
             .keys()

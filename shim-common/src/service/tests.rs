@@ -6,7 +6,7 @@ use crate::backend::ShimContext;
 /// A backend with only the required methods, living outside host cgroups.
 /// Answers every call; keeps the init's stdio, so that a test can play the process.
 #[derive(Default)]
-struct Minimal(Mutex<Option<ChildStdio>>);
+pub(super) struct Minimal(Mutex<Option<ChildStdio>>);
 
 impl Backend for Minimal {
     type Container = ();

@@ -1,0 +1,381 @@
+//! Pods without a pause container, for backends whose containers are host processes (runc,
+//! Wasm in youki containers): a sandbox of containerd's sandbox API is a small *holder*
+//! process that sits in the pod's network namespace (CRI's `netns_path`) and in IPC, UTS
+//! (named after the pod's hostname) and PID namespaces of its own. CRI builds the pod's
+//! container specs from the pid `StartSandbox` returns (`/proc/<pid>/ns/*`), so they join
+//! those namespaces as they would a pause container's.
+//!
+//! The holder is forked, not executed: it runs only raw system calls, keeps no file of the
+//! shim's open (the shim's sockets close when the shim goes), and as the init of the pod's
+//! PID namespace reaps the orphans of containers sharing it. It ends on `SIGTERM` or
+//! `SIGKILL`; its end ends every process left in that PID namespace. Its pid and start time
+//! are kept in the sandbox's bundle, so that the `delete` action can stop a holder whose shim
+//! was killed.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use protobuf::well_known_types::any::Any;
+
+use crate::error::{Context, Error, Result};
+use crate::sandbox::{SandboxCreate, SandboxExit, Sandboxes};
+
+/// The file in a sandbox's bundle that names its holder: `<pid> <start time>`.
+pub const HOLDER_FILE: &str = "holder";
+
+/// CRI's `PodSandboxConfig`, the `options` of its `CreateSandbox`.
+const POD_SANDBOX_CONFIG: &str = "runtime.v1.PodSandboxConfig";
+
+/// The backend's sandboxes, one holder each.
+#[derive(Default)]
+pub struct HostPods {
+    pods: Mutex<HashMap<String, Pod>>,
+}
+
+struct Pod {
+    bundle: PathBuf,
+    netns: Option<PathBuf>,
+    hostname: Option<String>,
+    holder: Option<Holder>,
+}
+
+/// A running holder, by pidfd (its pid cannot be reused under us).
+struct Holder {
+    pid: u32,
+    pidfd: OwnedFd,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Sandboxes for HostPods {
+    fn create(&self, req: &SandboxCreate<'_>) -> Result<()> {
+        if let Some(netns) = req.netns {
+            // Now, not at start: a wrong path is the caller's error, reported at once.
+            File::open(netns).with_context(|| format!("network namespace {}", netns.display()))?;
+        }
+        let hostname = req.options.map(pod_hostname).transpose()?.flatten();
+        let pod = Pod {
+            bundle: req.bundle.to_path_buf(),
+            netns: req.netns.map(Path::to_path_buf),
+            hostname,
+            holder: None,
+        };
+        lock(&self.pods).insert(req.id.to_string(), pod);
+        Ok(())
+    }
+
+    fn start(&self, id: &str, _exit: SandboxExit) -> Result<u32> {
+        let (netns, hostname, bundle) = {
+            let pods = lock(&self.pods);
+            let pod = pods
+                .get(id)
+                .ok_or_else(|| Error::NotFound(format!("sandbox {id}")))?;
+            (pod.netns.clone(), pod.hostname.clone(), pod.bundle.clone())
+        };
+        let pid = spawn_holder(netns.as_deref(), hostname.as_deref())?;
+        let pidfd = pidfd_open(pid)?;
+        let started = start_time(pid).unwrap_or_default();
+        if let Err(e) = std::fs::write(bundle.join(HOLDER_FILE), format!("{pid} {started}")) {
+            log::warn!("sandbox {id}: cannot record its holder: {e}");
+        }
+        if let Some(pod) = lock(&self.pods).get_mut(id) {
+            pod.holder = Some(Holder { pid, pidfd });
+        }
+        Ok(pid)
+    }
+
+    fn stop(&self, id: &str, _timeout: Duration) -> Result<()> {
+        // The holder has nothing to save: the timeout is for what the pod's containers do
+        // on their own stop, which containerd asks for before this.
+        let pods = lock(&self.pods);
+        match pods.get(id).and_then(|p| p.holder.as_ref()) {
+            Some(h) => pidfd_kill(&h.pidfd, h.pid),
+            None => Ok(()),
+        }
+    }
+
+    fn shutdown(&self, id: &str) -> Result<()> {
+        if let Some(pod) = lock(&self.pods).remove(id) {
+            let _ = std::fs::remove_file(pod.bundle.join(HOLDER_FILE));
+        }
+        Ok(())
+    }
+
+    fn info(&self, id: &str) -> HashMap<String, String> {
+        let pods = lock(&self.pods);
+        let mut info = HashMap::new();
+        if let Some(pod) = pods.get(id) {
+            if let Some(netns) = &pod.netns {
+                info.insert("netns".into(), netns.display().to_string());
+            }
+            if let Some(h) = &pod.holder {
+                info.insert("holder".into(), h.pid.to_string());
+            }
+        }
+        info
+    }
+}
+
+/// The `delete` action for a sandbox: stops the holder its dead shim left, if the pid in the
+/// bundle is still that holder (same start time). Nothing recorded: nothing to do.
+pub fn cleanup(bundle: &Path) -> Result<()> {
+    let path = bundle.join(HOLDER_FILE);
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(());
+    };
+    let mut f = text.split_whitespace();
+    let (Some(Ok(pid)), Some(Ok(started))) = (
+        f.next().map(str::parse::<u32>),
+        f.next().map(str::parse::<u64>),
+    ) else {
+        return Err(Error::InvalidArgument(format!(
+            "{}: {text:?}",
+            path.display()
+        )));
+    };
+    if let Ok(pidfd) = pidfd_open(pid) {
+        if start_time(pid) == Some(started) {
+            pidfd_kill(&pidfd, pid)?;
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
+/// The pod's hostname from CRI's `PodSandboxConfig` (field 2): read without CRI's whole
+/// schema, which the shim has no other use for. Other option types carry none.
+pub fn pod_hostname(options: &Any) -> Result<Option<String>> {
+    if !options.type_url.ends_with(POD_SANDBOX_CONFIG) {
+        return Ok(None);
+    }
+    let bad = |e: protobuf::Error| Error::InvalidArgument(format!("PodSandboxConfig: {e}"));
+    let mut input = protobuf::CodedInputStream::from_bytes(&options.value);
+    let mut hostname = None;
+    while let Some(tag) = input.read_raw_tag_or_eof().map_err(bad)? {
+        let wire = protobuf::rt::WireType::new(tag & 7).ok_or_else(|| {
+            Error::InvalidArgument(format!("PodSandboxConfig: wire type {}", tag & 7))
+        })?;
+        if tag >> 3 == 2 && wire == protobuf::rt::WireType::LengthDelimited {
+            hostname = Some(input.read_string().map_err(bad)?);
+        } else {
+            input.skip_field(wire).map_err(bad)?;
+        }
+    }
+    Ok(hostname.filter(|h| !h.is_empty()))
+}
+
+fn pidfd_open(pid: u32) -> Result<OwnedFd> {
+    // SAFETY: a plain system call; the fd returned is ours alone.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(Error::Io {
+            context: format!("pidfd_open {pid}"),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: the kernel just gave us this fd.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn pidfd_kill(pidfd: &OwnedFd, pid: u32) -> Result<()> {
+    // SAFETY: a plain system call on a pidfd we own.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    let err = std::io::Error::last_os_error();
+    if r < 0 && err.raw_os_error() != Some(libc::ESRCH) {
+        return Err(Error::Io {
+            context: format!("kill holder {pid}"),
+            source: err,
+        });
+    }
+    Ok(())
+}
+
+/// Field 22 of `/proc/<pid>/stat`: the process's start, in clock ticks since boot.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Which step of the holder's setup failed, as the intermediate child reports it.
+const STEPS: [&str; 5] = [
+    "enter the network namespace",
+    "unshare IPC, UTS and PID namespaces",
+    "set the hostname",
+    "fork the holder",
+    "open /dev/null",
+];
+
+/// Forks the holder and returns its pid. An intermediate child enters and unshares the
+/// namespaces (a new PID namespace takes effect for children only) and forks the holder,
+/// which the shim, as subreaper, inherits when the intermediate exits.
+fn spawn_holder(netns: Option<&Path>, hostname: Option<&str>) -> Result<u32> {
+    let netns = netns
+        .map(|p| File::open(p).with_context(|| format!("network namespace {}", p.display())))
+        .transpose()?;
+    let hostname = hostname
+        .map(|h| CString::new(h).map_err(|_| Error::InvalidArgument(format!("hostname {h:?}"))))
+        .transpose()?;
+    let devnull = File::open("/dev/null").context("open /dev/null")?;
+    let (rx, tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
+    // SAFETY: the child runs only async-signal-safe system calls until it exits or becomes
+    // the holder, which never returns into Rust code that could allocate or lock.
+    let child = unsafe { libc::fork() };
+    if child < 0 {
+        return Err(Error::Io {
+            context: "fork the holder's parent".into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    if child == 0 {
+        // SAFETY: see above; every value used was prepared before the fork.
+        unsafe {
+            intermediate(
+                netns.as_ref().map(|f| f.as_raw_fd()),
+                hostname.as_ref().map(|h| h.as_ptr()),
+                devnull.as_raw_fd(),
+                tx.as_raw_fd(),
+            )
+        }
+    }
+    drop(tx);
+    let mut report = [0u8; 8];
+    let read = nix::unistd::read(rx.as_raw_fd(), &mut report).context("read the holder's pid")?;
+    // The intermediate is reaped by the reaper; its exit is nobody's.
+    if read != report.len() {
+        return Err(Error::Runtime(
+            "the holder's parent died before reporting".into(),
+        ));
+    }
+    let (step, value) = (
+        u32::from_ne_bytes([report[0], report[1], report[2], report[3]]),
+        i32::from_ne_bytes([report[4], report[5], report[6], report[7]]),
+    );
+    match STEPS.get(step as usize) {
+        None => Ok(value as u32),
+        Some(what) => Err(Error::Io {
+            context: format!("pod holder: {what}"),
+            source: std::io::Error::from_raw_os_error(value),
+        }),
+    }
+}
+
+/// Reports `(step, value)` on `tx` and exits: step `u32::MAX` with the holder's pid, or a
+/// failed step with its errno.
+unsafe fn report(tx: i32, step: u32, value: i32) -> ! {
+    let mut buf = [0u8; 8];
+    buf[..4].copy_from_slice(&step.to_ne_bytes());
+    buf[4..].copy_from_slice(&value.to_ne_bytes());
+    libc::write(tx, buf.as_ptr().cast(), buf.len());
+    libc::_exit(if step == u32::MAX { 0 } else { 1 })
+}
+
+unsafe fn errno() -> i32 {
+    *libc::__errno_location()
+}
+
+unsafe fn intermediate(
+    netns: Option<i32>,
+    hostname: Option<*const libc::c_char>,
+    devnull: i32,
+    tx: i32,
+) -> ! {
+    if let Some(fd) = netns {
+        if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+            report(tx, 0, errno());
+        }
+    }
+    if libc::unshare(libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWPID) != 0 {
+        report(tx, 1, errno());
+    }
+    if let Some(name) = hostname {
+        if libc::sethostname(name, libc::strlen(name)) != 0 {
+            report(tx, 2, errno());
+        }
+    }
+    let holder = libc::fork();
+    if holder < 0 {
+        report(tx, 3, errno());
+    }
+    if holder == 0 {
+        hold(devnull)
+    }
+    report(tx, u32::MAX, holder)
+}
+
+/// The holder: stdio on /dev/null and no other fd, then reaps orphans until `SIGTERM`.
+unsafe fn hold(devnull: i32) -> ! {
+    for fd in 0..3 {
+        if libc::dup2(devnull, fd) < 0 {
+            libc::_exit(1);
+        }
+    }
+    libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+    libc::chdir(c"/".as_ptr());
+    libc::prctl(libc::PR_SET_NAME, c"pod-holder".as_ptr());
+    let mut set: libc::sigset_t = std::mem::zeroed();
+    libc::sigfillset(&mut set);
+    libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+    let mut wanted: libc::sigset_t = std::mem::zeroed();
+    libc::sigemptyset(&mut wanted);
+    for s in [libc::SIGCHLD, libc::SIGTERM, libc::SIGINT] {
+        libc::sigaddset(&mut wanted, s);
+    }
+    loop {
+        match libc::sigwaitinfo(&wanted, std::ptr::null_mut()) {
+            libc::SIGTERM | libc::SIGINT => libc::_exit(0),
+            _ => while libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) > 0 {},
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(fields: &[(u32, &[u8])]) -> Any {
+        let mut value = Vec::new();
+        for (field, bytes) in fields {
+            value.push(((field << 3) | 2) as u8);
+            value.push(bytes.len() as u8);
+            value.extend_from_slice(bytes);
+        }
+        Any {
+            type_url: format!("type.googleapis.com/{POD_SANDBOX_CONFIG}"),
+            value,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_hostname_is_field_two_of_the_pod_config() {
+        // metadata (1, a message), hostname (2), log_directory (3)
+        let any = config(&[(1, b"\x0a\x03pod"), (2, b"web-0"), (3, b"/var/log/pods/x")]);
+        assert_eq!(pod_hostname(&any).unwrap().as_deref(), Some("web-0"));
+        assert_eq!(pod_hostname(&config(&[(1, b"")])).unwrap(), None);
+        let other = Any {
+            type_url: "containerd.runc.v1.Options".into(),
+            value: vec![0x12, 0x01, b'x'],
+            ..Default::default()
+        };
+        assert_eq!(pod_hostname(&other).unwrap(), None);
+        let mut cut = config(&[(2, b"web-0")]);
+        cut.value.truncate(3);
+        assert!(pod_hostname(&cut).is_err());
+    }
+}

@@ -1,0 +1,435 @@
+//! containerd 2.x's sandbox API (`containerd.runtime.sandbox.v1.Sandbox`) on a backend's
+//! [`Sandboxes`]: each sandbox's phase, its exit and who waits for it (see
+//! [`crate::sandbox`]).
+
+use std::path::Path;
+use std::sync::Condvar;
+use std::time::SystemTime;
+
+use protocol::metrics::Metric;
+use protocol::sandbox::*;
+use protocol::sandbox_state;
+
+use super::*;
+use crate::sandbox::{SandboxCreate, SandboxExit, Sandboxes};
+
+/// How long `StopSandbox` waits for the sandbox's exit beyond the timeout it was given,
+/// after the backend said the process is on its way out.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Where a sandbox is. A phase ending in -ing has a backend call running for it: other
+/// calls that would change it are refused meanwhile, queries go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Phase {
+    Creating,
+    Created,
+    Starting,
+    Ready,
+    Stopping,
+    Stopped,
+    ShuttingDown,
+}
+
+/// The answer to a `WaitSandbox`, delivered when the sandbox's process ends.
+type SandboxWaiter = Box<dyn FnOnce(Result<WaitSandboxResponse>) + Send>;
+
+pub(super) struct SandboxState {
+    phase: Phase,
+    pid: u32,
+    created_at: Option<SystemTime>,
+    exit: Option<Exit>,
+    waiters: Vec<SandboxWaiter>,
+}
+
+/// One sandbox; `exited` is signalled with its exit (for `StopSandbox`).
+pub(super) struct SandboxCell {
+    state: Mutex<SandboxState>,
+    exited: Condvar,
+}
+
+fn wait_sandbox_response(exit: Exit) -> WaitSandboxResponse {
+    WaitSandboxResponse {
+        exit_status: exit.status,
+        exited_at: MessageField::some(timestamp(exit.at)),
+        ..Default::default()
+    }
+}
+
+fn busy(id: &str, phase: Phase) -> Error {
+    Error::FailedPrecondition(format!("sandbox {id} is {phase:?}"))
+}
+
+impl<B: Backend> Inner<B> {
+    fn sandboxes(&self) -> Result<&dyn Sandboxes> {
+        self.backend
+            .sandboxes()
+            .ok_or_else(|| Error::Unimplemented("the sandbox API".into()))
+    }
+
+    fn sandbox(&self, id: &str) -> Result<Arc<SandboxCell>> {
+        lock(&self.containers)
+            .sandboxes
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("sandbox {id}")))
+    }
+
+    /// The pid of sandbox `id`'s process, once started.
+    pub(super) fn sandbox_pid(&self, id: &str) -> Option<u32> {
+        let cell = self.sandbox(id).ok()?;
+        let pid = lock(&cell.state).pid;
+        (pid != 0).then_some(pid)
+    }
+
+    /// Moves the sandbox from one of `from` to `to`, or says why not.
+    fn enter(&self, id: &str, from: &[Phase], to: Phase) -> Result<Arc<SandboxCell>> {
+        let cell = self.sandbox(id)?;
+        {
+            let mut s = lock(&cell.state);
+            if !from.contains(&s.phase) {
+                return Err(busy(id, s.phase));
+            }
+            s.phase = to;
+        }
+        Ok(cell)
+    }
+
+    pub(super) fn create_sandbox(&self, r: CreateSandboxRequest) -> Result<CreateSandboxResponse> {
+        validate_id("sandbox", &r.sandbox_id)?;
+        let sandboxes = self.sandboxes()?;
+        let id = r.sandbox_id.as_str();
+        {
+            let mut t = lock(&self.containers);
+            if t.closing {
+                return Err(Error::FailedPrecondition(format!(
+                    "sandbox {id}: the shim is shutting down"
+                )));
+            }
+            if t.sandboxes.contains_key(id) {
+                return Err(Error::AlreadyExists(format!("sandbox {id}")));
+            }
+            let cell = SandboxCell {
+                state: Mutex::new(SandboxState {
+                    phase: Phase::Creating,
+                    pid: 0,
+                    created_at: None,
+                    exit: None,
+                    waiters: Vec::new(),
+                }),
+                exited: Condvar::new(),
+            };
+            t.sandboxes.insert(id.to_string(), Arc::new(cell));
+        }
+        let netns = (!r.netns_path.is_empty()).then(|| Path::new(&r.netns_path));
+        let created = sandboxes.create(&SandboxCreate {
+            id,
+            bundle: Path::new(&r.bundle_path),
+            rootfs: &r.rootfs,
+            options: r.options.as_ref(),
+            netns,
+        });
+        let mut t = lock(&self.containers);
+        match created {
+            Ok(()) => {
+                if let Some(cell) = t.sandboxes.get(id) {
+                    lock(&cell.state).phase = Phase::Created;
+                }
+                Ok(CreateSandboxResponse::new())
+            }
+            Err(e) => {
+                t.sandboxes.remove(id);
+                Err(e)
+            }
+        }
+    }
+
+    pub(super) fn start_sandbox(&self, r: StartSandboxRequest) -> Result<StartSandboxResponse> {
+        let sandboxes = self.sandboxes()?;
+        let id = r.sandbox_id.as_str();
+        // Before `CreateSandbox` is out of order rather than unknown.
+        let cell = self
+            .enter(id, &[Phase::Created], Phase::Starting)
+            .map_err(|e| match e {
+                Error::NotFound(_) => {
+                    Error::FailedPrecondition(format!("sandbox {id}: not created"))
+                }
+                e => e,
+            })?;
+        let starting = self.starting();
+        let me = self.me.clone();
+        let owner = id.to_string();
+        let exit = SandboxExit::new(move |status| {
+            if let Some(inner) = me.upgrade() {
+                inner.sandbox_exited(&owner, status, SystemTime::now());
+            }
+        });
+        let started = sandboxes.start(id, exit);
+        let pid = match started {
+            Ok(pid) => pid,
+            Err(e) => {
+                lock(&cell.state).phase = Phase::Created;
+                return Err(e);
+            }
+        };
+        if B::HOST_PROCESSES {
+            if let Some(early) = self.claim_sandbox(pid, id) {
+                self.sandbox_exited(id, early.status, early.at);
+            }
+        }
+        drop(starting);
+        let now = SystemTime::now();
+        let mut s = lock(&cell.state);
+        s.pid = pid;
+        s.created_at = Some(now);
+        s.phase = match s.exit {
+            Some(_) => Phase::Stopped,
+            None => Phase::Ready,
+        };
+        Ok(StartSandboxResponse {
+            pid,
+            created_at: MessageField::some(timestamp(now)),
+            ..Default::default()
+        })
+    }
+
+    /// Records the end of sandbox `id`'s process (the first report counts) and answers
+    /// whoever waits for it.
+    pub(super) fn sandbox_exited(&self, id: &str, status: u32, at: SystemTime) {
+        let Ok(cell) = self.sandbox(id) else { return };
+        let waiters = {
+            let mut s = lock(&cell.state);
+            if s.exit.is_some() {
+                return;
+            }
+            let exit = Exit {
+                pid: s.pid as i32,
+                status,
+                at,
+            };
+            s.exit = Some(exit);
+            if matches!(s.phase, Phase::Ready | Phase::Stopping) {
+                s.phase = Phase::Stopped;
+            }
+            cell.exited.notify_all();
+            std::mem::take(&mut s.waiters)
+        };
+        log::info!("sandbox {id}: exited with status {status}");
+        let exit = lock(&cell.state).exit;
+        for w in waiters {
+            w(exit
+                .map(wait_sandbox_response)
+                .ok_or_else(|| Error::Runtime(format!("sandbox {id}: exit lost"))));
+        }
+    }
+
+    pub(super) fn stop_sandbox(&self, r: StopSandboxRequest) -> Result<StopSandboxResponse> {
+        let sandboxes = self.sandboxes()?;
+        let id = r.sandbox_id.as_str();
+        let cell = self.sandbox(id)?;
+        {
+            let mut s = lock(&cell.state);
+            match s.phase {
+                Phase::Stopped => return Ok(StopSandboxResponse::new()),
+                Phase::Created => {
+                    // Never started: nothing runs, and a `WaitSandbox` has its answer.
+                    s.phase = Phase::Stopped;
+                    drop(s);
+                    self.sandbox_exited(id, 0, SystemTime::now());
+                    return Ok(StopSandboxResponse::new());
+                }
+                Phase::Ready => s.phase = Phase::Stopping,
+                phase => return Err(busy(id, phase)),
+            }
+        }
+        let timeout = Duration::from_secs(r.timeout_secs.into());
+        let stopped = sandboxes.stop(id, timeout);
+        let deadline = Instant::now() + timeout + STOP_GRACE;
+        let mut s = lock(&cell.state);
+        while s.exit.is_none() && stopped.is_ok() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            s = cell
+                .exited
+                .wait_timeout(s, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+        if s.exit.is_some() {
+            s.phase = Phase::Stopped;
+            return Ok(StopSandboxResponse::new());
+        }
+        s.phase = Phase::Ready;
+        stopped?;
+        Err(Error::DeadlineExceeded(format!(
+            "sandbox {id}: still running {:?} after it was stopped",
+            timeout + STOP_GRACE
+        )))
+    }
+
+    pub(super) fn wait_sandbox_later(&self, r: WaitSandboxRequest, done: SandboxWaiter) {
+        let cell = match self.sandbox(&r.sandbox_id) {
+            Ok(cell) => cell,
+            Err(e) => return done(Err(e)),
+        };
+        let mut s = lock(&cell.state);
+        match s.exit {
+            Some(exit) => {
+                drop(s);
+                done(Ok(wait_sandbox_response(exit)))
+            }
+            None => s.waiters.push(done),
+        }
+    }
+
+    pub(super) fn sandbox_status(&self, r: SandboxStatusRequest) -> Result<SandboxStatusResponse> {
+        let sandboxes = self.sandboxes()?;
+        let cell = self.sandbox(&r.sandbox_id)?;
+        let (phase, pid, created_at, exit) = {
+            let s = lock(&cell.state);
+            (s.phase, s.pid, s.created_at, s.exit)
+        };
+        let ready = matches!(phase, Phase::Ready | Phase::Stopping);
+        Ok(SandboxStatusResponse {
+            state: if ready {
+                sandbox_state::READY
+            } else {
+                sandbox_state::NOT_READY
+            }
+            .into(),
+            pid,
+            created_at: created_at.map(timestamp).into(),
+            exited_at: exit.map(|e| timestamp(e.at)).into(),
+            info: if r.verbose {
+                sandboxes.info(&r.sandbox_id)
+            } else {
+                HashMap::new()
+            },
+            sandbox_id: r.sandbox_id,
+            ..Default::default()
+        })
+    }
+
+    pub(super) fn ping_sandbox(&self, r: PingRequest) -> Result<PingResponse> {
+        let cell = self.sandbox(&r.sandbox_id)?;
+        let phase = lock(&cell.state).phase;
+        match phase {
+            Phase::Ready | Phase::Stopping => Ok(PingResponse::new()),
+            phase => Err(busy(&r.sandbox_id, phase)),
+        }
+    }
+
+    pub(super) fn platform(&self, r: PlatformRequest) -> Result<PlatformResponse> {
+        let sandboxes = self.sandboxes()?;
+        self.sandbox(&r.sandbox_id)?;
+        Ok(PlatformResponse {
+            platform: MessageField::some(sandboxes.platform(&r.sandbox_id)?),
+            ..Default::default()
+        })
+    }
+
+    pub(super) fn sandbox_metrics(
+        &self,
+        r: SandboxMetricsRequest,
+    ) -> Result<SandboxMetricsResponse> {
+        let sandboxes = self.sandboxes()?;
+        self.sandbox(&r.sandbox_id)?;
+        let data = sandboxes.metrics(&r.sandbox_id)?;
+        Ok(SandboxMetricsResponse {
+            metrics: MessageField::some(Metric {
+                timestamp: MessageField::some(timestamp(SystemTime::now())),
+                id: r.sandbox_id,
+                data: MessageField::some(data),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    }
+
+    /// Stops the sandbox if it runs, releases it, and exits the daemon when nothing else is
+    /// left (containerd's `ShutdownSandbox` "must shutdown shim instance").
+    pub(super) fn shutdown_sandbox(
+        &self,
+        r: ShutdownSandboxRequest,
+    ) -> Result<ShutdownSandboxResponse> {
+        let sandboxes = self.sandboxes()?;
+        let id = r.sandbox_id.as_str();
+        let cell = self.sandbox(id)?;
+        if lock(&cell.state).phase == Phase::Ready {
+            self.stop_sandbox(StopSandboxRequest {
+                sandbox_id: id.to_string(),
+                ..Default::default()
+            })?;
+        }
+        let previous = {
+            let mut s = lock(&cell.state);
+            match s.phase {
+                Phase::Created | Phase::Stopped => {
+                    std::mem::replace(&mut s.phase, Phase::ShuttingDown)
+                }
+                phase => return Err(busy(id, phase)),
+            }
+        };
+        if let Err(e) = sandboxes.shutdown(id) {
+            lock(&cell.state).phase = previous;
+            return Err(e);
+        }
+        let waiters = std::mem::take(&mut lock(&cell.state).waiters);
+        for w in waiters {
+            w(Err(Error::NotFound(format!("sandbox {id}: shut down"))));
+        }
+        lock(&self.containers).sandboxes.remove(id);
+        self.shutdown(ShutdownRequest::default())?;
+        Ok(ShutdownSandboxResponse::new())
+    }
+}
+
+/// Adds the sandbox API's routes to `methods`.
+pub(super) fn routes<B: Backend>(inner: &Arc<Inner<B>>, methods: &mut rpc::Methods) {
+    let mut add = |name: &str, handler: rpc::Handler| {
+        methods.insert(format!("/{}/{name}", protocol::SANDBOX_SERVICE), handler);
+    };
+    add(
+        "CreateSandbox",
+        route(inner, "CreateSandbox", Inner::create_sandbox),
+    );
+    add(
+        "StartSandbox",
+        route(inner, "StartSandbox", Inner::start_sandbox),
+    );
+    add("Platform", route(inner, "Platform", Inner::platform));
+    add(
+        "StopSandbox",
+        route(inner, "StopSandbox", Inner::stop_sandbox),
+    );
+    add(
+        "SandboxStatus",
+        route(inner, "SandboxStatus", Inner::sandbox_status),
+    );
+    add(
+        "PingSandbox",
+        route(inner, "PingSandbox", Inner::ping_sandbox),
+    );
+    add(
+        "ShutdownSandbox",
+        route(inner, "ShutdownSandbox", Inner::shutdown_sandbox),
+    );
+    add(
+        "SandboxMetrics",
+        route(inner, "SandboxMetrics", Inner::sandbox_metrics),
+    );
+    let inner = inner.clone();
+    add(
+        "WaitSandbox",
+        Box::new(
+            move |req, reply| match rpc::decode::<WaitSandboxRequest>(&req) {
+                Ok(r) => inner.wait_sandbox_later(
+                    r,
+                    Box::new(move |res| reply.send(answer("WaitSandbox", res))),
+                ),
+                Err(e) => reply.send::<WaitSandboxResponse>(Err(e)),
+            },
+        ),
+    );
+}
