@@ -35,6 +35,9 @@ use sha2::{Digest, Sha256};
 
 use crate::checks::wait_until;
 
+mod sandbox;
+pub use sandbox::run_sandbox_pod;
+
 /// The containerd release whose shim contract to play.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Generation {
@@ -347,13 +350,25 @@ impl TaskApi {
         method: &str,
         req: &Req,
     ) -> ttrpc::Result<Resp> {
+        self.call_on(self.service, method, req, Some(CALL_TIMEOUT))
+    }
+
+    /// A unary call of another service on the same connection (the sandbox API), with
+    /// `timeout` (`None`: none, as containerd's `WaitSandbox`).
+    pub fn call_on<Req: Message, Resp: Message>(
+        &self,
+        service: &str,
+        method: &str,
+        req: &Req,
+        timeout: Option<Duration>,
+    ) -> ttrpc::Result<Resp> {
         let payload = req
             .write_to_bytes()
             .map_err(|e| ttrpc::Error::Others(format!("encode {method}: {e}")))?;
         let mut creq = ttrpc::Request::new();
-        creq.set_service(self.service.to_string());
+        creq.set_service(service.to_string());
         creq.set_method(method.to_string());
-        creq.set_timeout_nano(CALL_TIMEOUT.as_nanos() as i64);
+        creq.set_timeout_nano(timeout.map_or(0, |t| t.as_nanos() as i64));
         let mut md = HashMap::new();
         md.insert(
             "containerd-namespace-ttrpc".to_string(),
@@ -727,7 +742,9 @@ pub fn busybox_rootfs(dir: &Path) -> Result<(), String> {
     })?;
     fs::set_permissions(&target, fs::Permissions::from_mode(0o755))
         .map_err(|e| format!("chmod busybox: {e}"))?;
-    for applet in ["sh", "echo", "sleep", "true", "cat", "ls", "kill"] {
+    for applet in [
+        "sh", "echo", "sleep", "true", "cat", "ls", "kill", "hostname",
+    ] {
         symlink("busybox", dir.join("bin").join(applet))
             .map_err(|e| format!("link {applet}: {e}"))?;
     }

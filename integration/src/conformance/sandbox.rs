@@ -1,0 +1,528 @@
+//! containerd 2.x's `shim` sandboxer, played: a CRI pod without a pause container.
+//!
+//! The calls and their order are CRI's with `sandboxer = "shim"`: `start` for the sandbox id
+//! (the bundle has no `config.json`), then on that connection `CreateSandbox` (the pod's
+//! `PodSandboxConfig` as options, CRI's `netns_path`), `StartSandbox`, `WaitSandbox` left
+//! pending (no timeout), `SandboxStatus`; a pod container on a connection of its own (its
+//! bundle's `sandbox` file names the pod), its spec joining `/proc/<sandbox pid>/ns/*` and the
+//! netns; the runner reconnecting as a restarted containerd does (task `Connect` with the
+//! sandbox id, then `SandboxStatus`); StopPodSandbox's `StopSandbox` (timeout 0) after the
+//! container is gone, RemovePodSandbox's `ShutdownSandbox`, then the `delete` action that
+//! closing the connection sets off.
+
+use std::os::unix::fs::MetadataExt;
+use std::sync::mpsc;
+
+use protocol::platform::Platform;
+use protocol::sandbox::*;
+use protocol::{sandbox_state, SANDBOX_SERVICE};
+
+use super::*;
+
+/// What CRI sends as `CreateSandbox.options`: a `PodSandboxConfig` with only `hostname`
+/// (field 2) and a `metadata` (field 1) set; a shim must skip what it does not read.
+fn pod_config(hostname: &str) -> Any {
+    let mut value = vec![0x0a, 0x05, 0x0a, 0x03, b'p', b'o', b'd'];
+    value.push(0x12);
+    value.push(hostname.len() as u8);
+    value.extend_from_slice(hostname.as_bytes());
+    Any {
+        type_url: "type.googleapis.com/runtime.v1.PodSandboxConfig".into(),
+        value,
+        ..Default::default()
+    }
+}
+
+/// A network namespace of the test's own (`ip netns add`), removed on drop.
+struct NetNs(String);
+
+impl NetNs {
+    fn new(name: &str) -> Result<NetNs, String> {
+        let out = Command::new("ip")
+            .args(["netns", "add", name])
+            .output()
+            .map_err(|e| format!("ip netns add (apt install iproute2): {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "ip netns add {name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(NetNs(name.to_string()))
+    }
+
+    fn path(&self) -> PathBuf {
+        PathBuf::from("/var/run/netns").join(&self.0)
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.0])
+            .status();
+    }
+}
+
+/// The namespace `/proc/<pid>/ns/<kind>` names (`net:[4026…]`).
+fn ns(pid: u32, kind: &str) -> String {
+    fs::read_link(format!("/proc/{pid}/ns/{kind}"))
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|e| format!("({e})"))
+}
+
+fn sandbox_call<Req: Message, Resp: Message>(
+    api: &TaskApi,
+    method: &str,
+    req: &Req,
+) -> Result<Resp, String> {
+    api.call_on(SANDBOX_SERVICE, method, req, Some(CALL_TIMEOUT))
+        .map_err(|e| describe(&e))
+}
+
+/// A call that must fail with `code`.
+fn refused<Req: Message>(
+    api: &TaskApi,
+    method: &str,
+    req: &Req,
+    code: ttrpc::Code,
+) -> Result<String, String> {
+    match api.call_on::<_, Empty>(SANDBOX_SERVICE, method, req, Some(CALL_TIMEOUT)) {
+        Err(ttrpc::Error::RpcStatus(s)) if s.code() == code => {
+            Ok(format!("{method}: {code:?} ({})", s.message()))
+        }
+        Err(e) => Err(format!("{method}: {} instead of {code:?}", describe(&e))),
+        Ok(_) => Err(format!("{method}: accepted instead of {code:?}")),
+    }
+}
+
+/// Walks one pod (sandbox `config.id`, one container) through its life as containerd 2.x's
+/// CRI with `sandboxer = "shim"` would; `kill_shim` instead SIGKILLs the shim while the pod
+/// runs and checks that the `delete` action stops what it left. Never panics.
+pub fn run_sandbox_pod(config: &Config, kill_shim: bool) -> Report {
+    let mut report = Report::default();
+    let pg = match Playground::new(&config.shim, config.generation, &config.id) {
+        Ok(pg) => pg,
+        Err(e) => {
+            report.check("playground", Err(e));
+            return report;
+        }
+    };
+    let ctr_id = format!("{}-c", config.id);
+    let ctr = match Playground::new(&config.shim, config.generation, &ctr_id) {
+        Ok(c) => c,
+        Err(e) => {
+            report.check("playground", Err(e));
+            return report;
+        }
+    };
+    // `ip netns` names are host-wide; the id is unique.
+    let netns = match NetNs::new(&format!("shimconf-{}", config.id)) {
+        Ok(n) => n,
+        Err(e) => {
+            report.check("netns", Err(e));
+            return report;
+        }
+    };
+    walk_pod(&pg, &ctr, &netns, config, kill_shim, &mut report);
+    report
+}
+
+fn walk_pod(
+    pg: &Playground,
+    ctr: &Playground,
+    netns: &NetNs,
+    config: &Config,
+    kill_shim: bool,
+    report: &mut Report,
+) -> Option<()> {
+    let id = pg.id.clone();
+    let hostname = "pod-host";
+    // A sandbox bundle has no spec.
+    let _ = fs::remove_file(pg.bundle().join("config.json"));
+
+    let out = pg.run_start(&pg.start_stdin(config.runtime_options.as_ref()));
+    let answer = out
+        .and_then(|o| {
+            if o.success {
+                parse_answer(pg.generation, &o.stdout)
+            } else {
+                Err(format!("exit status non-zero: {}", o.stderr))
+            }
+        })
+        .map_err(|e| report.check("start", Err(e)))
+        .ok()?;
+    report.check(
+        "start",
+        Ok(format!(
+            "task API v{} at {}",
+            answer.version, answer.address
+        )),
+    );
+    pg.set_address(&answer.address);
+    let connect = |what: &str, report: &mut Report| {
+        TaskApi::connect(&answer.address, answer.version, &pg.namespace)
+            .map_err(|e| report.check(what, Err(e)))
+            .ok()
+    };
+    let api = connect("connect", report)?;
+
+    // CreateSandbox, and what must be refused around it.
+    let create = CreateSandboxRequest {
+        sandbox_id: id.clone(),
+        bundle_path: pg.bundle().display().to_string(),
+        options: protobuf::MessageField::some(pod_config(hostname)),
+        netns_path: netns.path().display().to_string(),
+        ..Default::default()
+    };
+    let start = StartSandboxRequest {
+        sandbox_id: id.clone(),
+        ..Default::default()
+    };
+    report.check(
+        "start before create",
+        refused(
+            &api,
+            "StartSandbox",
+            &start,
+            ttrpc::Code::FAILED_PRECONDITION,
+        ),
+    );
+    let created = sandbox_call::<_, CreateSandboxResponse>(&api, "CreateSandbox", &create);
+    if !report.check("create sandbox", created.map(|_| "created".into())) {
+        return None;
+    }
+    report.check(
+        "create twice",
+        refused(&api, "CreateSandbox", &create, ttrpc::Code::ALREADY_EXISTS),
+    );
+    let status_req = SandboxStatusRequest {
+        sandbox_id: id.clone(),
+        ..Default::default()
+    };
+    let unknown = SandboxStatusRequest {
+        sandbox_id: "no-such-sandbox".into(),
+        ..Default::default()
+    };
+    report.check(
+        "status of an unknown sandbox",
+        refused(&api, "SandboxStatus", &unknown, ttrpc::Code::NOT_FOUND),
+    );
+
+    // StartSandbox: the pid whose namespaces the pod's containers join.
+    let started = sandbox_call::<_, StartSandboxResponse>(&api, "StartSandbox", &start).and_then(
+        |r| match (r.pid, r.created_at.is_some()) {
+            (0, _) => Err("pid 0".into()),
+            (_, false) => Err("no created_at".into()),
+            (pid, true) => Ok(pid),
+        },
+    );
+    let pid = match started {
+        Ok(pid) => {
+            let same = fs::metadata(netns.path()).map(|m| m.ino()).ok()
+                == fs::metadata(format!("/proc/{pid}/ns/net"))
+                    .map(|m| m.ino())
+                    .ok();
+            let r = if same {
+                Ok(format!("pid {pid}, in {}", ns(pid, "net")))
+            } else {
+                Err(format!(
+                    "pid {pid} is in {}, not the pod's netns",
+                    ns(pid, "net")
+                ))
+            };
+            report.check("start sandbox", r);
+            pid
+        }
+        Err(e) => {
+            report.check("start sandbox", Err(e));
+            return None;
+        }
+    };
+    report.check(
+        "start twice",
+        refused(
+            &api,
+            "StartSandbox",
+            &start,
+            ttrpc::Code::FAILED_PRECONDITION,
+        ),
+    );
+
+    // WaitSandbox, pending until the end, on its own connection as a goroutine would.
+    let waiter = connect("wait", report)?;
+    let (tx, waited) = mpsc::channel();
+    let wait_req = WaitSandboxRequest {
+        sandbox_id: id.clone(),
+        ..Default::default()
+    };
+    std::thread::spawn(move || {
+        let r = waiter.call_on::<_, WaitSandboxResponse>(
+            SANDBOX_SERVICE,
+            "WaitSandbox",
+            &wait_req,
+            None,
+        );
+        let _ = tx.send(r.map_err(|e| describe(&e)));
+    });
+
+    let platform = sandbox_call::<_, PlatformResponse>(
+        &api,
+        "Platform",
+        &PlatformRequest {
+            sandbox_id: id.clone(),
+            ..Default::default()
+        },
+    )
+    .and_then(|p| {
+        let p: Platform = p.platform.unwrap_or_default();
+        match p.os.as_str() {
+            "linux" => Ok(format!("{}/{}", p.os, p.architecture)),
+            _ => Err(format!("platform {p:?}")),
+        }
+    });
+    report.check("platform", platform);
+    let ready = |api: &TaskApi, what: &str, report: &mut Report| {
+        let r = sandbox_call::<_, SandboxStatusResponse>(api, "SandboxStatus", &status_req)
+            .and_then(|s| {
+                if s.state == sandbox_state::READY && s.pid == pid && s.sandbox_id == id {
+                    Ok(format!("{} pid {}", s.state, s.pid))
+                } else {
+                    Err(format!("{:?} pid {} id {:?}", s.state, s.pid, s.sandbox_id))
+                }
+            });
+        report.check(what, r)
+    };
+    ready(&api, "status ready", report);
+
+    // A container of the pod, as CRI's spec for it and containerd's connection per task.
+    let mut spec = super::spec(
+        &ctr.rootfs(),
+        &["sh", "-c", "hostname; cat /proc/1/comm; exec sleep 1000"],
+    );
+    spec["hostname"] = serde_json::Value::Null;
+    spec["linux"]["namespaces"] = serde_json::json!([
+        {"type": "pid", "path": format!("/proc/{pid}/ns/pid")},
+        {"type": "network", "path": netns.path()},
+        {"type": "ipc", "path": format!("/proc/{pid}/ns/ipc")},
+        {"type": "uts", "path": format!("/proc/{pid}/ns/uts")},
+        {"type": "mount"}
+    ]);
+    let written = fs::write(ctr.bundle().join("config.json"), spec.to_string())
+        .and_then(|()| fs::write(ctr.bundle().join("sandbox"), &id));
+    if let Err(e) = written {
+        report.check("pod container", Err(format!("write its bundle: {e}")));
+        return None;
+    }
+    let task = connect("pod container", report)?;
+    let create = ctr
+        .create_request(config.runtime_options.as_ref())
+        .map_err(|e| report.check("pod container", Err(e)))
+        .ok()?;
+    let task_pid = task
+        .call::<_, CreateTaskResponse>("Create", &create)
+        .and_then(|r| {
+            task.call::<_, StartResponse>(
+                "Start",
+                &StartRequest {
+                    id: ctr.id.clone(),
+                    ..Default::default()
+                },
+            )
+            .map(|_| r.pid)
+        })
+        .map_err(|e| report.check("pod container", Err(describe(&e))))
+        .ok()?;
+    let joined: Vec<String> = ["net", "ipc", "uts", "pid"]
+        .into_iter()
+        .filter(|k| ns(task_pid, k) != ns(pid, k))
+        .map(str::to_string)
+        .collect();
+    let want = format!("{hostname}\npod-holder\n");
+    let seen = wait_until(EXIT_TIMEOUT, || ctr.fifo_text("init-stdout") == want);
+    report.check(
+        "pod container",
+        if joined.is_empty() && seen {
+            Ok(format!(
+                "pid {task_pid}: hostname {hostname}, pid 1 the holder, same netns"
+            ))
+        } else {
+            Err(format!(
+                "namespaces not shared: {joined:?}; output {:?}",
+                ctr.fifo_text("init-stdout")
+            ))
+        },
+    );
+
+    if kill_shim {
+        return killed_shim(pg, &api, pid, task_pid, report);
+    }
+
+    // containerd restarts: a new connection, task `Connect` by the sandbox's id, status.
+    drop(api);
+    let api = connect("reconnect", report)?;
+    let r = api
+        .call::<_, ConnectResponse>(
+            "Connect",
+            &ConnectRequest {
+                id: id.clone(),
+                ..Default::default()
+            },
+        )
+        .map_err(|e| describe(&e))
+        .and_then(|c| {
+            pg.set_shim_pid(c.shim_pid);
+            match c.task_pid == pid {
+                true => Ok(format!(
+                    "shim pid {}, sandbox pid {}",
+                    c.shim_pid, c.task_pid
+                )),
+                false => Err(format!("task_pid {} for the sandbox", c.task_pid)),
+            }
+        });
+    report.check("reconnect", r);
+    ready(&api, "status after reconnect", report);
+
+    // StopPodSandbox: the container first, then StopSandbox with no timeout.
+    let killed = task
+        .call::<_, Empty>(
+            "Kill",
+            &KillRequest {
+                id: ctr.id.clone(),
+                signal: 9,
+                ..Default::default()
+            },
+        )
+        .and_then(|_| {
+            task.call::<_, WaitResponse>(
+                "Wait",
+                &WaitRequest {
+                    id: ctr.id.clone(),
+                    ..Default::default()
+                },
+            )
+        })
+        .and_then(|_| {
+            task.call::<_, DeleteResponse>(
+                "Delete",
+                &DeleteRequest {
+                    id: ctr.id.clone(),
+                    ..Default::default()
+                },
+            )
+        });
+    report.check(
+        "container gone",
+        killed
+            .map(|d| format!("exit {}", d.exit_status))
+            .map_err(|e| describe(&e)),
+    );
+    drop(task);
+    let stop = StopSandboxRequest {
+        sandbox_id: id.clone(),
+        ..Default::default()
+    };
+    let stopped = sandbox_call::<_, StopSandboxResponse>(&api, "StopSandbox", &stop);
+    report.check("stop sandbox", stopped.map(|_| "stopped".into()));
+    let w = waited
+        .recv_timeout(EXIT_TIMEOUT)
+        .map_err(|_| "WaitSandbox not answered after StopSandbox".to_string())
+        .and_then(|r| r)
+        .and_then(|w| match w.exited_at.is_some() {
+            true => Ok(format!("exit status {}", w.exit_status)),
+            false => Err("no exited_at".into()),
+        });
+    report.check("wait sandbox", w);
+    let status = sandbox_call::<_, SandboxStatusResponse>(&api, "SandboxStatus", &status_req)
+        .and_then(|s| match (s.state.as_str(), s.exited_at.is_some()) {
+            (sandbox_state::NOT_READY, true) => Ok(s.state),
+            _ => Err(format!("{:?}, exited_at {:?}", s.state, s.exited_at)),
+        });
+    report.check("status after stop", status);
+    report.check(
+        "holder gone",
+        match wait_until(EXIT_TIMEOUT, || !process_alive(pid)) {
+            true => Ok(format!("pid {pid}")),
+            false => Err(format!("pid {pid} still alive")),
+        },
+    );
+
+    // RemovePodSandbox: ShutdownSandbox; the shim exits; the connection's close runs `delete`.
+    let shut = sandbox_call::<_, ShutdownSandboxResponse>(
+        &api,
+        "ShutdownSandbox",
+        &ShutdownSandboxRequest {
+            sandbox_id: id.clone(),
+            ..Default::default()
+        },
+    );
+    report.check("shutdown sandbox", shut.map(|_| "shut down".into()));
+    let shim = pg.shim_pid().unwrap_or(0);
+    report.check(
+        "shim exits",
+        match wait_until(EXIT_TIMEOUT, || !process_alive(shim)) {
+            true => Ok(format!("pid {shim}")),
+            false => Err(format!("shim {shim} still alive")),
+        },
+    );
+    drop(api);
+    delete_action(pg, report)
+}
+
+/// The shim SIGKILLed under a running pod: containerd's `delete` action must stop the holder
+/// (and with it the pod's processes, which die with their PID namespace's init).
+fn killed_shim(
+    pg: &Playground,
+    api: &TaskApi,
+    pid: u32,
+    task_pid: u32,
+    report: &mut Report,
+) -> Option<()> {
+    let shim = api
+        .call::<_, ConnectResponse>(
+            "Connect",
+            &ConnectRequest {
+                id: pg.id.clone(),
+                ..Default::default()
+            },
+        )
+        .map(|c| c.shim_pid)
+        .map_err(|e| report.check("kill shim", Err(describe(&e))))
+        .ok()?;
+    pg.set_shim_pid(shim);
+    // SAFETY: plain kill(2) of the pid the shim reported as its own.
+    unsafe { libc::kill(shim as i32, libc::SIGKILL) };
+    let dead = wait_until(EXIT_TIMEOUT, || !process_alive(shim));
+    let alive = process_alive(pid);
+    report.check(
+        "kill shim",
+        match (dead, alive) {
+            (true, true) => Ok(format!("shim {shim} gone, holder {pid} still there")),
+            _ => Err(format!("shim dead {dead}, holder alive {alive}")),
+        },
+    );
+    delete_action(pg, report)?;
+    let gone = wait_until(EXIT_TIMEOUT, || {
+        !process_alive(pid) && !process_alive(task_pid)
+    });
+    report.check(
+        "pod stopped by delete",
+        match gone {
+            true => Ok(format!("holder {pid} and container {task_pid} gone")),
+            false => Err(format!(
+                "holder alive {}, container alive {}",
+                process_alive(pid),
+                process_alive(task_pid)
+            )),
+        },
+    );
+    Some(())
+}
+
+fn delete_action(pg: &Playground, report: &mut Report) -> Option<()> {
+    let r = pg.run_delete_action().and_then(|(out, resp)| match resp {
+        Some(d) => Ok(format!("exit status {}", d.exit_status)),
+        None => Err(format!("failed: {}", out.stderr)),
+    });
+    report.check("delete action", r).then_some(())
+}
