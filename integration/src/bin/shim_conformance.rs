@@ -23,6 +23,12 @@
 //! received and their order, then Shutdown (the daemon and its socket must go) and the
 //! `delete` action (a `DeleteResponse` with exit status 137).
 //!
+//! `--sandbox` (2.0 and later) plays containerd 2.x's `shim` sandboxer instead: a pod
+//! without a pause container through the sandbox API (`CreateSandbox` with a netns the
+//! runner makes, `StartSandbox`, `WaitSandbox`, `SandboxStatus`, a container joining the
+//! sandbox's namespaces, a reconnect, `StopSandbox`, `ShutdownSandbox`, `delete`), with
+//! every out-of-order call expected refused; it needs `ip` (iproute2).
+//!
 //! Options: `--runc-binary` sends `containerd.runc.v1.Options{binary_name}`;
 //! `--runtime-options` sends `runtimeoptions.v1.Options` with the file's TOML as
 //! `config_body`, `--runtime-options-path` with the file's path as `config_path` (what
@@ -34,14 +40,15 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use integration::conformance::{run_lifecycle, Config, Generation};
+use integration::conformance::{run_lifecycle, run_sandbox_pod, Config, Generation};
 use protobuf::well_known_types::any::Any;
 
 const USAGE: &str = "usage: shim-conformance --shim PATH --generation 1.6|1.7|2.0|2.3 \
-[--runc-binary NAME] [--runtime-options FILE.toml] [--runtime-options-path FILE.toml] [--id ID]";
+[--runc-binary NAME] [--runtime-options FILE.toml] [--runtime-options-path FILE.toml] [--id ID] \
+[--sandbox]";
 
 fn main() -> ExitCode {
-    let config = match parse(std::env::args().skip(1)) {
+    let (config, sandbox) = match parse(std::env::args().skip(1)) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("shim-conformance: {e}\n{USAGE}");
@@ -53,7 +60,10 @@ fn main() -> ExitCode {
         config.shim.display(),
         config.generation
     );
-    let report = run_lifecycle(&config);
+    let report = match sandbox {
+        true => run_sandbox_pod(&config, false),
+        false => run_lifecycle(&config),
+    };
     print!("{report}");
     if report.passed() {
         println!("PASS all {} steps", report.steps.len());
@@ -68,7 +78,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn parse(mut args: impl Iterator<Item = String>) -> Result<Config, String> {
+fn parse(mut args: impl Iterator<Item = String>) -> Result<(Config, bool), String> {
+    let mut sandbox = false;
     let mut shim = None;
     let mut generation = None;
     let mut options = None;
@@ -79,6 +90,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Config, String> {
             "--shim" => shim = Some(PathBuf::from(value()?)),
             "--generation" => generation = Some(value()?.parse::<Generation>()?),
             "--id" => id = value()?,
+            "--sandbox" => sandbox = true,
             "--runc-binary" => {
                 let o = protocol::options::Options {
                     binary_name: value()?,
@@ -104,12 +116,19 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Config, String> {
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
-    Ok(Config {
+    let config = Config {
         shim: shim.ok_or("--shim is required")?,
         generation: generation.ok_or("--generation is required")?,
         runtime_options: options,
         id,
-    })
+    };
+    if sandbox && matches!(config.generation, Generation::V1_6 | Generation::V1_7) {
+        return Err(format!(
+            "--sandbox: containerd {} has no shim sandboxer",
+            config.generation
+        ));
+    }
+    Ok((config, sandbox))
 }
 
 fn pack<M: protocol::TypeUrl>(m: &M) -> Result<Any, String> {
