@@ -1,5 +1,5 @@
 //! containerd 2.x's sandbox API (`sandboxer = "shim"`), played by the conformance runner
-//! against our runc shim: a pod without a pause container, its container in the sandbox's
+//! against our runc and Wasm shims (one SDK): a pod without a pause container, its container in the sandbox's
 //! namespaces and the test's own netns, a reconnect as after a containerd restart, stop,
 //! wait, shutdown and the `delete` action; every out-of-order call refused; a SIGKILLed
 //! shim's pod stopped by `delete`.
@@ -8,8 +8,12 @@ use integration::conformance::{run_sandbox_pod, Config, Generation, Report};
 use integration::{require_root, target_bin_dir, unique_id};
 
 fn pod(generation: Generation, kill_shim: bool) -> Report {
+    pod_of("containerd-shim-runc-v2", generation, kill_shim)
+}
+
+fn pod_of(binary: &str, generation: Generation, kill_shim: bool) -> Report {
     require_root();
-    let shim = target_bin_dir().join("containerd-shim-runc-v2");
+    let shim = target_bin_dir().join(binary);
     assert!(shim.exists(), "build the shims first: {}", shim.display());
     let report = run_sandbox_pod(
         &Config {
@@ -81,4 +85,20 @@ fn a_killed_shims_pod_is_stopped_by_the_delete_action() {
             "{r}"
         );
     }
+}
+
+#[test]
+fn the_wasm_shim_serves_the_same_pod_from_the_same_sdk() {
+    let r = pod_of("containerd-shim-wasm-v2", Generation::V2_0, false);
+    assert_eq!(
+        r.steps.last().map(|s| s.name.as_str()),
+        Some("delete action"),
+        "{r}"
+    );
+    let r = pod_of("containerd-shim-wasm-v2", Generation::V2_0, true);
+    assert_eq!(
+        r.steps.last().map(|s| s.name.as_str()),
+        Some("pod stopped by delete"),
+        "{r}"
+    );
 }

@@ -8,6 +8,8 @@ use std::sync::{Mutex, OnceLock, PoisonError};
 
 use oci_spec::runtime::{LinuxResources, Process, Spec};
 use shim_common::cgroups::Cgroup;
+use shim_common::host_pods::HostPods;
+use shim_common::sandbox::Sandboxes;
 use shim_common::{
     Backend, Context, CreateRequest, Created, Error, ExecRequest, Result, ShimContext, Signal,
     Target,
@@ -41,6 +43,8 @@ pub struct WasmBackend {
     /// compiles in the shim, and by `start`, which changes the process's cwd that a fork
     /// copies (see [`Youki::start`]).
     fork: Mutex<()>,
+    /// Pods of containerd 2.x's sandbox API: namespaces held without a pause container.
+    pods: HostPods,
 }
 
 impl WasmBackend {
@@ -155,6 +159,7 @@ impl Backend for WasmBackend {
             images: Images::new(&ctx.address, &ctx.namespace),
             engine: OnceLock::new(),
             fork: Mutex::new(()),
+            pods: HostPods::default(),
         })
     }
 
@@ -307,6 +312,10 @@ impl Backend for WasmBackend {
 
     fn resume(&self, c: &Container) -> Result<()> {
         Youki::resume(&mut c.state.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    fn sandboxes(&self) -> Option<&dyn Sandboxes> {
+        Some(&self.pods)
     }
 
     fn cleanup(ctx: &ShimContext, id: &str, bundle: &Path, _: &()) -> Result<()> {
