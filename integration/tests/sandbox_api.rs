@@ -1,8 +1,8 @@
 //! containerd 2.x's sandbox API (`sandboxer = "shim"`), played by the conformance runner
-//! against our runc and Wasm shims (one SDK): a pod without a pause container, its container in the sandbox's
-//! namespaces and the test's own netns, a reconnect as after a containerd restart, stop,
-//! wait, shutdown and the `delete` action; every out-of-order call refused; a SIGKILLed
-//! shim's pod stopped by `delete`.
+//! against our runc and Wasm shims (one SDK): a pod without a pause container, its container
+//! in the sandbox's namespaces and the test's own netns, a reconnect as after a containerd
+//! restart, stop, wait, shutdown and the `delete` action; every out-of-order call refused; a
+//! SIGKILLed shim's pod stopped by `delete`.
 
 use integration::conformance::{run_sandbox_pod, Config, Generation, Report};
 use integration::{require_root, target_bin_dir, unique_id};
