@@ -42,6 +42,8 @@ fn a_pause_less_pod_lives_and_ends_as_containerd_20_drives_it() {
         [
             "start",
             "start before create",
+            "bad netns refused",
+            "bad pod config refused",
             "create sandbox",
             "create twice",
             "status of an unknown sandbox",

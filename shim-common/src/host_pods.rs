@@ -58,7 +58,9 @@ impl Sandboxes for HostPods {
     fn create(&self, req: &SandboxCreate<'_>) -> Result<()> {
         if let Some(netns) = req.netns {
             // Now, not at start: a wrong path is the caller's error, reported at once.
-            File::open(netns).with_context(|| format!("network namespace {}", netns.display()))?;
+            File::open(netns).map_err(|e| {
+                Error::InvalidArgument(format!("network namespace {}: {e}", netns.display()))
+            })?;
         }
         let hostname = req.options.map(pod_hostname).transpose()?.flatten();
         let pod = Pod {

@@ -188,6 +188,21 @@ fn walk_pod(
             ttrpc::Code::FAILED_PRECONDITION,
         ),
     );
+    // Bad input is refused and leaves nothing: the same id is created right after.
+    let mut bad = create.clone();
+    bad.netns_path = "/nonexistent/netns".into();
+    report.check(
+        "bad netns refused",
+        refused(&api, "CreateSandbox", &bad, ttrpc::Code::INVALID_ARGUMENT),
+    );
+    let mut bad = create.clone();
+    let mut cut = pod_config(hostname);
+    cut.value.truncate(cut.value.len() - 2);
+    bad.options = protobuf::MessageField::some(cut);
+    report.check(
+        "bad pod config refused",
+        refused(&api, "CreateSandbox", &bad, ttrpc::Code::INVALID_ARGUMENT),
+    );
     let created = sandbox_call::<_, CreateSandboxResponse>(&api, "CreateSandbox", &create);
     if !report.check("create sandbox", created.map(|_| "created".into())) {
         return None;
