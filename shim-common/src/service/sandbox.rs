@@ -390,35 +390,21 @@ pub(super) fn routes<B: Backend>(inner: &Arc<Inner<B>>, methods: &mut rpc::Metho
     let mut add = |name: &str, handler: rpc::Handler| {
         methods.insert(format!("/{}/{name}", protocol::SANDBOX_SERVICE), handler);
     };
-    add(
-        "CreateSandbox",
-        route(inner, "CreateSandbox", Inner::create_sandbox),
-    );
-    add(
-        "StartSandbox",
-        route(inner, "StartSandbox", Inner::start_sandbox),
-    );
-    add("Platform", route(inner, "Platform", Inner::platform));
-    add(
-        "StopSandbox",
-        route(inner, "StopSandbox", Inner::stop_sandbox),
-    );
-    add(
-        "SandboxStatus",
-        route(inner, "SandboxStatus", Inner::sandbox_status),
-    );
-    add(
-        "PingSandbox",
-        route(inner, "PingSandbox", Inner::ping_sandbox),
-    );
-    add(
-        "ShutdownSandbox",
-        route(inner, "ShutdownSandbox", Inner::shutdown_sandbox),
-    );
-    add(
-        "SandboxMetrics",
-        route(inner, "SandboxMetrics", Inner::sandbox_metrics),
-    );
+    macro_rules! unary {
+        ($($name:literal => $f:path),* $(,)?) => {
+            $(add($name, route(inner, $name, $f));)*
+        };
+    }
+    unary! {
+        "CreateSandbox" => Inner::create_sandbox,
+        "StartSandbox" => Inner::start_sandbox,
+        "Platform" => Inner::platform,
+        "StopSandbox" => Inner::stop_sandbox,
+        "SandboxStatus" => Inner::sandbox_status,
+        "PingSandbox" => Inner::ping_sandbox,
+        "ShutdownSandbox" => Inner::shutdown_sandbox,
+        "SandboxMetrics" => Inner::sandbox_metrics,
+    }
     let inner = inner.clone();
     add(
         "WaitSandbox",
