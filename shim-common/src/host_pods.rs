@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -23,6 +23,7 @@ use std::time::Duration;
 use protobuf::well_known_types::any::Any;
 
 use crate::error::{Context, Error, Result};
+use crate::pidfd::PidFd;
 use crate::sandbox::{SandboxCreate, SandboxExit, Sandboxes};
 
 /// The file in a sandbox's bundle that names its holder: `<pid> <start time>`.
@@ -47,7 +48,7 @@ struct Pod {
 /// A running holder, by pidfd (its pid cannot be reused under us).
 struct Holder {
     pid: u32,
-    pidfd: OwnedFd,
+    pidfd: PidFd,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -173,38 +174,15 @@ pub fn pod_hostname(options: &Any) -> Result<Option<String>> {
     Ok(hostname.filter(|h| !h.is_empty()))
 }
 
-fn pidfd_open(pid: u32) -> Result<OwnedFd> {
-    // SAFETY: a plain system call; the fd returned is ours alone.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return Err(Error::Io {
-            context: format!("pidfd_open {pid}"),
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    // SAFETY: the kernel just gave us this fd.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+fn pidfd_open(pid: u32) -> Result<PidFd> {
+    PidFd::open(pid).with_context(|| format!("pidfd_open {pid}"))
 }
 
-fn pidfd_kill(pidfd: &OwnedFd, pid: u32) -> Result<()> {
-    // SAFETY: a plain system call on a pidfd we own.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
-            libc::SIGKILL,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
-    let err = std::io::Error::last_os_error();
-    if r < 0 && err.raw_os_error() != Some(libc::ESRCH) {
-        return Err(Error::Io {
-            context: format!("kill holder {pid}"),
-            source: err,
-        });
-    }
-    Ok(())
+fn pidfd_kill(pidfd: &PidFd, pid: u32) -> Result<()> {
+    pidfd
+        .signal(libc::SIGKILL)
+        .map(drop)
+        .with_context(|| format!("kill holder {pid}"))
 }
 
 /// Field 22 of `/proc/<pid>/stat`: the process's start, in clock ticks since boot.

@@ -56,6 +56,8 @@ pub mod logger;
 pub mod mount;
 pub mod options;
 pub mod peer_events;
+#[cfg(target_os = "linux")]
+pub mod pidfd;
 pub mod pod;
 pub mod reaper;
 pub mod rpc;
@@ -148,21 +150,16 @@ fn dispatch<B: Backend>(name: &str) -> Result<()> {
     }
 }
 
-/// Whether a shim daemon still answers at the address recorded in `bundle`.
-#[cfg(target_os = "linux")]
-fn daemon_answers(bundle: &Path) -> bool {
-    std::fs::read_to_string(bundle.join("address"))
-        .is_ok_and(|a| std::os::unix::net::UnixStream::connect(socket::path(a.trim())).is_ok())
-}
-
 /// The `delete` action: let the backend clean up after a dead daemon and answer containerd
 /// with a `DeleteResponse` (exit status 137: the task died with its shim).
 fn delete<B: Backend>(flags: &Flags) -> Result<Vec<u8>> {
     let bundle = Path::new(&flags.bundle);
     let options = options::load::<B::Options>(bundle);
     let mut cleaned = B::cleanup(&serve::context(flags), &flags.id, bundle, &options);
+    let address = std::fs::read_to_string(bundle.join("address")).ok();
+    let answers = |a: &str| std::os::unix::net::UnixStream::connect(socket::path(a)).is_ok();
     #[cfg(target_os = "linux")]
-    if !daemon_answers(bundle) {
+    if !address.as_deref().is_some_and(|a| answers(a.trim())) {
         // A sandbox's holder outlives a killed shim (as a pause container would).
         cleaned = cleaned.and(host_pods::cleanup(bundle));
     }
@@ -174,11 +171,11 @@ fn delete<B: Backend>(flags: &Flags) -> Result<Vec<u8>> {
     // The dead daemon's socket, unless a live shim of the same group still answers there;
     // removed even if the backend's cleanup failed, since nothing can use it any more. Under
     // the socket directory's lock: a `start` may be binding that name for a new shim.
-    if let Ok(address) = std::fs::read_to_string(bundle.join("address")) {
+    if let Some(address) = &address {
         let address = address.trim();
         match socket::lock_dir(address) {
             Ok(_held) => {
-                if std::os::unix::net::UnixStream::connect(socket::path(address)).is_err() {
+                if !answers(address) {
                     socket::remove(address)?;
                 }
             }

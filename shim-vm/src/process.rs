@@ -2,19 +2,20 @@
 //! watched through a pidfd, so that waiting with a timeout and killing never race the
 //! subreaper's `waitpid(-1)` nor hit a reused pid.
 
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use shim_common::pidfd::PidFd;
 use shim_common::{reaper, Context, Result};
 
 /// A running (or exited, not yet dropped) child.
 #[derive(Debug)]
 pub struct Process {
     child: Child,
-    pidfd: OwnedFd,
+    pidfd: PidFd,
     exited: bool,
     name: String,
 }
@@ -23,21 +24,20 @@ impl Process {
     /// Spawns `cmd` via [`reaper::spawn`]; `name` is for errors.
     pub fn spawn(cmd: &mut Command, name: &str) -> std::io::Result<Process> {
         let child = reaper::spawn(cmd)?;
-        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) };
-        if fd < 0 {
-            let e = std::io::Error::last_os_error();
-            let mut child = child;
-            let _ = child.kill();
-            if reaper::installed().is_none() {
-                let _ = child.wait();
+        let pidfd = match PidFd::open(child.id()) {
+            Ok(fd) => fd,
+            Err(e) => {
+                let mut child = child;
+                let _ = child.kill();
+                if reaper::installed().is_none() {
+                    let _ = child.wait();
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
+        };
         Ok(Process {
             child,
-            // SAFETY: a fresh fd that nothing else owns.
-            pidfd: unsafe { OwnedFd::from_raw_fd(fd as i32) },
+            pidfd,
             exited: false,
             name: name.to_string(),
         })
@@ -103,24 +103,10 @@ impl Process {
         if self.exited {
             return Ok(());
         }
-        // SAFETY: pidfd_send_signal(pidfd, sig, NULL info, 0 flags).
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                self.pidfd.as_raw_fd(),
-                signal,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            )
-        };
-        if rc < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ESRCH) {
-                return Ok(());
-            }
-            return Err(e).with_context(|| format!("signal {}", self.name));
-        }
-        Ok(())
+        self.pidfd
+            .signal(signal)
+            .map(drop)
+            .with_context(|| format!("signal {}", self.name))
     }
 
     /// `process_madvise(2)` `MADV_PAGEOUT` of `ranges` (address, length) of its memory:

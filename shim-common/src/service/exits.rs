@@ -70,12 +70,11 @@ impl<B: Backend> Inner<B> {
             let mut t = lock(&self.pids);
             match t.owners.remove(&exit.pid) {
                 Some(owner) => owner,
-                None if t.sandboxes.contains_key(&exit.pid) => {
-                    let id = t.sandboxes.remove(&exit.pid).unwrap_or_default();
-                    drop(t);
-                    return self.sandbox_exited(&id, exit.status, exit.at);
-                }
                 None => {
+                    if let Some(id) = t.sandboxes.remove(&exit.pid) {
+                        drop(t);
+                        return self.sandbox_exited(&id, exit.status, exit.at);
+                    }
                     if t.starting > 0 {
                         t.early.insert(exit.pid, exit);
                     }

@@ -196,7 +196,7 @@ impl<B: Backend> Inner<B> {
     /// whoever waits for it.
     pub(super) fn sandbox_exited(&self, id: &str, status: u32, at: SystemTime) {
         let Ok(cell) = self.sandbox(id) else { return };
-        let waiters = {
+        let (exit, waiters) = {
             let mut s = lock(&cell.state);
             if s.exit.is_some() {
                 return;
@@ -211,14 +211,11 @@ impl<B: Backend> Inner<B> {
                 s.phase = Phase::Stopped;
             }
             cell.exited.notify_all();
-            std::mem::take(&mut s.waiters)
+            (exit, std::mem::take(&mut s.waiters))
         };
         log::info!("sandbox {id}: exited with status {status}");
-        let exit = lock(&cell.state).exit;
         for w in waiters {
-            w(exit
-                .map(wait_sandbox_response)
-                .ok_or_else(|| Error::Runtime(format!("sandbox {id}: exit lost"))));
+            w(Ok(wait_sandbox_response(exit)));
         }
     }
 
