@@ -1,6 +1,9 @@
 # Two entry points on a fresh Debian 12 machine (as root, with a Rust toolchain):
 #   make demo   installs what is missing, builds, runs containers through our shims
 #   make test   installs what is missing, builds once, runs every test
+# For the inner loop: `make test-unit` (no containerd, no VM), `make test AREA=<area>` (one
+# area's unit and end-to-end tests: sdk runc wasm jail vm cri sandbox; scripts/test.sh),
+# `make clean-machine` (what killed runs left: processes, mounts, CI roots; free disk).
 TARGET  := x86_64-unknown-linux-gnu
 # CARGO_TARGET_DIR, when set, is where cargo puts everything (and so where the binaries are).
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
@@ -33,12 +36,16 @@ VIRTIOFSD := $(CURDIR)/target/virtiofsd/bin/virtiofsd
 # The VM shim's vsock channel (`Channel = "vsock"`): a vhost-user vsock device in user space.
 VHOST_VSOCK_VERSION := 0.3.0
 VHOST_VSOCK := $(CURDIR)/target/vhost-device-vsock/bin/vhost-device-vsock
+# cargo-nextest runs the tests: each in its own process, with a time bound
+# (.config/nextest.toml). The machine's own when it is this version, else built from crates.io.
+NEXTEST_VERSION := 0.9.143
+NEXTEST := $(CURDIR)/target/cargo-nextest-$(NEXTEST_VERSION)/bin/cargo-nextest
 export SHIM_BIN_DIR := $(BIN_DIR)
 export SHIM_VM_CACHE := $(VM_CACHE)
 # The tests and the build steps print names of things that failed; colour codes only hide them in logs.
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: demo test bench deps build guest guest-image virtiofsd vhost-device-vsock fmt lint install check-freebsd
+.PHONY: demo test test-unit clean-machine nextest bench deps build guest guest-image virtiofsd vhost-device-vsock fmt lint install check-freebsd
 
 deps:
 	@scripts/deps.sh $(RUST_MIN) $(APT_PKGS) --no-recommends $(APT_PKGS_NO_RECOMMENDS)
@@ -80,8 +87,22 @@ demo: build
 	$(BIN_DIR)/shim-demo
 
 # One release build serves the unit tests, the end-to-end tests and the binaries they drive.
-test: build
-	@scripts/step.sh test cargo test --release --workspace --no-fail-fast
+# AREA=<area> runs one area's tests only (scripts/test.sh lists them).
+test: build $(NEXTEST)
+	@scripts/test.sh $(NEXTEST) $(AREA)
+
+# Every crate's unit tests and doc tests: no containerd, no VM, so no guest image either.
+test-unit: deps $(NEXTEST)
+	@scripts/test.sh $(NEXTEST) unit
+
+nextest: deps $(NEXTEST)
+$(NEXTEST): | deps
+	@scripts/step.sh nextest scripts/install-nextest.sh $(NEXTEST_VERSION) $(CURDIR)/target/cargo-nextest-$(NEXTEST_VERSION)
+
+# What killed test and CI runs left on this machine (test processes, QEMU, mounts, network
+# namespaces, pristine roots), removed by pid and path; free disk before and after.
+clean-machine:
+	@scripts/clean-machine.sh $(BIN_DIR)
 
 bench: build
 	$(BIN_DIR)/shim-bench --runs 30

@@ -315,18 +315,16 @@ impl Containerd {
         }
 
         let base = temp_base();
-        sweep_stale(&base);
+        for line in sweep_stale(&base, DIR_PREFIX) {
+            eprintln!("integration: {line}");
+        }
         let dir = tempfile::Builder::new()
             .prefix(DIR_PREFIX)
             .tempdir_in(&base)
             .ctx_path("creating temp dir in", &base)?;
         let d = dir.path().to_path_buf();
         // Mark ownership first, so a later sweep can tell whether we are alive.
-        fs::write(
-            d.join("owner"),
-            owner_token(std::process::id()).unwrap_or_default(),
-        )
-        .ctx_path("writing", &d.join("owner"))?;
+        write_owner(&d)?;
 
         // Like a production host (state in /run, root on disk): task bundles live on tmpfs,
         // the metadata database and snapshots on the temp dir's filesystem. Drop unmounts it
@@ -815,7 +813,7 @@ impl Drop for Containerd {
         self.remove_pods();
         self.remove_tasks_and_containers();
         self.stop_daemon();
-        let clean = cleanup_dir(&self.dir_path, &self.address);
+        let clean = cleanup_dir(&self.dir_path, &self.address).clean;
         if let Some(dir) = self.dir.take() {
             if clean {
                 if let Err(e) = dir.close() {
@@ -1316,8 +1314,8 @@ pub fn rss_kb(pid: i32) -> Result<u64, Error> {
 
 /// Kills every process whose command line mentions `dir` or `address`, plus
 /// all their descendants (container processes do not mention either), then
-/// waits briefly for them to disappear.
-fn kill_referencing(dir: &Path, address: &Path) {
+/// waits briefly for them to disappear. Returns each one killed with its command line.
+fn kill_referencing(dir: &Path, address: &Path) -> Vec<(i32, String)> {
     let me = std::process::id() as i32;
     let dir_b = dir.as_os_str().as_bytes();
     let addr_b = address.as_os_str().as_bytes();
@@ -1345,6 +1343,18 @@ fn kill_referencing(dir: &Path, address: &Path) {
             stack.extend(children.get(&pid).into_iter().flatten().copied());
         }
     }
+    let killed: Vec<(i32, String)> = victims
+        .iter()
+        .map(|&pid| {
+            let args = cmdline(pid).unwrap_or_default();
+            let line = args
+                .iter()
+                .map(|a| String::from_utf8_lossy(a))
+                .collect::<Vec<_>>()
+                .join(" ");
+            (pid, line)
+        })
+        .collect();
     for &pid in &victims {
         // SAFETY: kill(2) has no memory-safety preconditions.
         unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -1359,6 +1369,7 @@ fn kill_referencing(dir: &Path, address: &Path) {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    killed
 }
 
 /// Mount points at or below `dir`, deepest first.
@@ -1436,12 +1447,20 @@ fn bundles(dir: &Path) -> Vec<(String, String)> {
     out
 }
 
+/// What [`cleanup_dir`] did.
+struct Teardown {
+    /// Nothing is mounted under the directory any more: it may be removed. When false,
+    /// the caller must not delete it.
+    clean: bool,
+    /// The processes it killed, with their command lines.
+    killed: Vec<(i32, String)>,
+}
+
 /// Full teardown of a (dead or alive) containerd's directory, minus removing
-/// the directory. Returns false if mounts remain, in which case the caller
-/// must not delete the directory.
-fn cleanup_dir(dir: &Path, address: &Path) -> bool {
+/// the directory.
+fn cleanup_dir(dir: &Path, address: &Path) -> Teardown {
     let leftovers = bundles(dir);
-    kill_referencing(dir, address);
+    let killed = kill_referencing(dir, address);
     for (ns, id) in &leftovers {
         // Sockets of killed shims: containerd 1.6 names them
         // sha256(<address>/<ns>/<id>) under /run/containerd/s.
@@ -1480,7 +1499,7 @@ fn cleanup_dir(dir: &Path, address: &Path) -> bool {
     sweep_runc_states(dir);
     let clean = unmount_all(dir);
     cleanup_cni(dir);
-    clean
+    Teardown { clean, killed }
 }
 
 /// Removes runc state (and kills the container, cgroups too) of every container whose
@@ -1569,37 +1588,71 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// Tears down directories left by test processes that died without running
-/// `Drop` (SIGKILL, abort, timeout). Only directories named `shimtest-ctd-*` with
-/// an `owner` file whose process no longer exists are touched.
-fn sweep_stale(base: &Path) {
+/// `Drop` (SIGKILL, abort, a test ended at its time bound). Only directories under `base`
+/// named `<prefix>*` with an `owner` file whose process no longer exists are touched.
+/// Returns a line for each thing removed.
+pub(crate) fn sweep_stale(base: &Path, prefix: &str) -> Vec<String> {
+    let mut done = Vec::new();
     let Ok(rd) = fs::read_dir(base) else {
-        return;
+        return done;
     };
     for e in rd.filter_map(Result::ok) {
         let name = e.file_name();
-        if !name.as_bytes().starts_with(DIR_PREFIX.as_bytes()) {
+        if !name.as_bytes().starts_with(prefix.as_bytes()) {
             continue;
         }
         let dir = e.path();
         let Ok(owner) = fs::read_to_string(dir.join("owner")) else {
             continue;
         };
-        let mut it = owner.split_whitespace();
-        let (Some(pid), Some(start)) = (it.next(), it.next()) else {
-            continue;
-        };
-        let alive = pid
-            .parse::<u32>()
-            .ok()
-            .and_then(owner_token)
-            .is_some_and(|tok| tok == format!("{pid} {start}"));
-        if alive {
+        if owner_alive(&owner) {
             continue;
         }
-        if cleanup_dir(&dir, &dir.join("c.sock")) {
-            let _ = fs::remove_dir_all(&dir);
+        let teardown = cleanup_dir(&dir, &dir.join("c.sock"));
+        for (pid, cmd) in teardown.killed {
+            done.push(format!("killed pid {pid} of {}: {cmd}", dir.display()));
+        }
+        if teardown.clean {
+            match fs::remove_dir_all(&dir) {
+                Ok(()) => done.push(format!("removed {}", dir.display())),
+                Err(e) => done.push(format!("removing {}: {e}", dir.display())),
+            }
+        } else {
+            done.push(format!(
+                "mounts remain under {}: left in place",
+                dir.display()
+            ));
         }
     }
+    done
+}
+
+/// Whether the process an `owner` file names (`"<pid> <start time>"`) still runs.
+fn owner_alive(owner: &str) -> bool {
+    let mut it = owner.split_whitespace();
+    let (Some(pid), Some(start)) = (it.next(), it.next()) else {
+        return false;
+    };
+    pid.parse::<u32>()
+        .ok()
+        .and_then(owner_token)
+        .is_some_and(|tok| tok == format!("{pid} {start}"))
+}
+
+/// Writes `dir/owner`, naming this process: [`sweep_stale`] leaves the directory alone
+/// while it runs.
+pub(crate) fn write_owner(dir: &Path) -> Result<(), Error> {
+    fs::write(
+        dir.join("owner"),
+        owner_token(std::process::id()).unwrap_or_default(),
+    )
+    .ctx_path("writing", &dir.join("owner"))
+}
+
+/// Base directory for the private containerds' temp dirs (see [`temp_base`]), and their
+/// name prefix.
+pub(crate) fn temp_dirs() -> (PathBuf, &'static str) {
+    (temp_base(), DIR_PREFIX)
 }
 
 #[cfg(test)]

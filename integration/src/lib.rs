@@ -24,6 +24,7 @@ pub mod error;
 pub mod events;
 pub mod fixture;
 pub mod image;
+pub mod leftovers;
 pub mod output;
 pub mod shim_client;
 pub mod soak;

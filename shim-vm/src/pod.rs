@@ -377,12 +377,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 const PIDS: &str = "pids";
 const SHIM_PID: &str = "shim.pid";
 
-/// Whether the shim that owns the VM in `dir` still runs (then it stops the VM itself).
-pub fn owner_alive(dir: &Path) -> bool {
-    let Some(pid) = fs::read_to_string(dir.join(SHIM_PID))
+/// The pid of the shim that booted the VM in `dir`, once it has booted.
+pub fn owner_pid(dir: &Path) -> Option<u32> {
+    fs::read_to_string(dir.join(SHIM_PID))
         .ok()
         .and_then(|p| p.trim().parse::<u32>().ok())
-    else {
+}
+
+/// Whether the shim that owns the VM in `dir` still runs (then it stops the VM itself).
+pub fn owner_alive(dir: &Path) -> bool {
+    let Some(pid) = owner_pid(dir) else {
         return false;
     };
     let ours = std::env::current_exe()

@@ -464,9 +464,11 @@ impl Playground {
             return Err(format!("shim binary {} not found", shim.display()));
         }
         let dir = tempfile::Builder::new()
-            .prefix("shim-conformance-")
+            .prefix(DIR_PREFIX)
             .tempdir()
             .map_err(|e| format!("temp dir: {e}"))?;
+        // A run killed before drop (a test ended at its time bound) is swept by the next.
+        crate::containerd::write_owner(dir.path()).map_err(|e| e.to_string())?;
         let rootfs = dir.path().join("rootfs");
         busybox_rootfs(&rootfs)?;
         // containerd's layout, `<state>/<namespace>/<id>`: Go shims find the container by
@@ -806,6 +808,10 @@ pub struct Config {
 const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
 /// The namespace the runner plays in (runc keeps its state under `/run/containerd/runc/<ns>`).
 pub const NAMESPACE: &str = "conformance";
+
+/// Name prefix of a playground's directory (under the temp dir); the sweep of leftovers
+/// finds dead runs' directories by it.
+pub const DIR_PREFIX: &str = "shim-conformance-";
 
 /// Walks one container through its whole life as containerd of `config.generation` would,
 /// recording a [`Step`] per check. Never panics; a failed step ends the walk where going on
