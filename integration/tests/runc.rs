@@ -620,3 +620,60 @@ fn crun_as_the_runtime_runs_and_starts_containers() {
     c.ctr_ok(&["task", "delete", &id]);
     c.ctr_ok(&["container", "delete", &id]);
 }
+
+/// The kernel's OOM killer must pick a shim before containerd: a shim's `oom_score_adj` is
+/// containerd's plus one, at most 1000, as containerd's client tests expect
+/// (`TestShimOOMScore`) and its Go shim does in `start`. Checked beside Debian's Go shim,
+/// with containerd's score raised (root here lacks CAP_SYS_RESOURCE, so only raising works).
+#[test]
+fn shim_oom_score_is_containerds_plus_one() {
+    require_root();
+    let c = Containerd::builder()
+        .bin_dir(target_bin_dir())
+        .go_shim(true)
+        .start()
+        .expect("start containerd");
+    c.import_busybox().expect("import busybox image");
+    let containerd = c.pid().expect("containerd runs");
+    let score = |pid: u32| -> i32 {
+        let path = format!("/proc/{pid}/oom_score_adj");
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        text.trim().parse().expect("a number")
+    };
+    for (daemon, expected) in [(300, 301), (1000, 1000)] {
+        std::fs::write(
+            format!("/proc/{containerd}/oom_score_adj"),
+            daemon.to_string(),
+        )
+        .expect("raise containerd's oom_score_adj");
+        assert_eq!(score(containerd), daemon);
+        for runtime in [integration::OUR_RUNTIME, integration::GO_RUNTIME] {
+            let before = c.shim_pids();
+            let id = unique_id("oom");
+            c.ctr_ok(&[
+                "run",
+                "-d",
+                "--runtime",
+                runtime,
+                BUSYBOX_REF,
+                &id,
+                "sleep",
+                "1000",
+            ]);
+            let new: Vec<i32> = c
+                .shim_pids()
+                .into_iter()
+                .filter(|p| !before.contains(p))
+                .collect();
+            assert_eq!(new.len(), 1, "one new shim for {id}: {new:?}");
+            assert_eq!(
+                score(new[0] as u32),
+                expected,
+                "{runtime}'s shim with containerd at {daemon}"
+            );
+            c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);
+            wait_status(&c, &id, "STOPPED");
+            remove(&c, &id);
+        }
+    }
+}

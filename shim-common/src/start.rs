@@ -173,13 +173,17 @@ fn spawn_daemon(
     }
     // The daemon is not waited for: once `start` exits it is re-parented to containerd.
     let mut daemon = crate::reaper::spawn(&mut cmd).context("spawn shim daemon")?;
-    if let Some(path) = cgroup {
-        // Before it serves anything: everything it starts is then accounted there too.
-        if let Err(e) = join_cgroup(path, daemon.id()) {
-            let _ = daemon.kill();
-            let _ = daemon.wait();
-            return Err(e);
-        }
+    // Before it serves anything: everything it starts is then accounted in the cgroup, and
+    // inherits its OOM score.
+    let placed = match cgroup {
+        Some(path) => join_cgroup(path, daemon.id()),
+        None => Ok(()),
+    }
+    .and_then(|()| crate::os::oom_score_above_parent(daemon.id()));
+    if let Err(e) = placed {
+        let _ = daemon.kill();
+        let _ = daemon.wait();
+        return Err(e);
     }
     Ok(())
 }

@@ -51,6 +51,7 @@ impl Share {
         share.rootfs(bundle, &spec)?;
         share.binds(&mut spec)?;
         for_guest(&mut spec);
+        crate::spec_version::for_guest(&mut spec)?;
         let text = serde_json::to_vec(&spec)
             .map_err(|e| Error::Runtime(format!("encode config.json: {e}")))?;
         fs::write(share.host.join("config.json"), text).context("write the guest's config.json")?;

@@ -51,6 +51,19 @@ pub enum Generation {
     V2_3,
 }
 
+impl Generation {
+    /// The `ociVersion` this generation writes into `config.json`: the runtime-spec its Go
+    /// module vendors (1.6.20 writes 1.0.2-dev, as measured here; 2.3 writes 1.3.0).
+    pub fn oci_version(self) -> &'static str {
+        match self {
+            Generation::V1_6 => "1.0.2-dev",
+            Generation::V1_7 => "1.1.0",
+            Generation::V2_0 => "1.2.0",
+            Generation::V2_3 => "1.3.0",
+        }
+    }
+}
+
 impl std::str::FromStr for Generation {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -476,7 +489,8 @@ impl Playground {
         let bundle = dir.path().join(NAMESPACE).join(id);
         // containerd always makes bundle/rootfs; shims unmount it in `delete`.
         fs::create_dir_all(bundle.join("rootfs")).map_err(|e| format!("create bundle: {e}"))?;
-        let spec = spec(&rootfs, &["sh", "-c", "echo init-out; exec sleep 1000"]);
+        let mut spec = spec(&rootfs, &["sh", "-c", "echo init-out; exec sleep 1000"]);
+        spec["ociVersion"] = generation.oci_version().into();
         fs::write(bundle.join("config.json"), spec.to_string())
             .map_err(|e| format!("write config.json: {e}"))?;
         // containerd creates the shim log fifo before `start` and copies it to its own log;

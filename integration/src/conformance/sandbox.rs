@@ -315,6 +315,7 @@ fn walk_pod(
         &ctr.rootfs(),
         &["sh", "-c", "hostname; cat /proc/1/comm; exec sleep 1000"],
     );
+    spec["ociVersion"] = config.generation.oci_version().into();
     spec["hostname"] = serde_json::Value::Null;
     spec["linux"]["namespaces"] = serde_json::json!([
         {"type": "pid", "path": format!("/proc/{pid}/ns/pid")},

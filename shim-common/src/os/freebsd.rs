@@ -34,6 +34,12 @@ pub fn set_subreaper() -> Result<()> {
     Ok(())
 }
 
+/// FreeBSD's OOM killer has no per-process score to raise (`protect(1)` only exempts a
+/// process), so the shim daemon is left as it is.
+pub fn oom_score_above_parent(_pid: u32) -> Result<()> {
+    Ok(())
+}
+
 /// Whether `pid` is exiting (`P_WEXIT`), a zombie or gone, from `kern.proc.pid.<pid>`.
 pub fn exiting(pid: i32) -> bool {
     let mib = [libc::CTL_KERN, libc::KERN_PROC, libc::KERN_PROC_PID, pid];

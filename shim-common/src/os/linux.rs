@@ -20,6 +20,45 @@ pub fn set_subreaper() -> Result<()> {
     Ok(())
 }
 
+/// The largest `oom_score_adj`: the kernel's OOM killer picks such a process first.
+const OOM_SCORE_ADJ_MAX: i32 = 1000;
+const OOM_SCORE_ADJ_MIN: i32 = -1000;
+
+/// Gives the shim daemon `pid` our parent's (containerd's) `oom_score_adj` plus one, at most
+/// the maximum, as containerd's Go shim does in `start`: under memory pressure the kernel
+/// kills a shim before the daemon that manages every container. Raising a score needs no
+/// privilege; a permission error is ignored only where the file is not ours to write
+/// (unprivileged, or in a user namespace), as containerd does.
+pub fn oom_score_above_parent(pid: u32) -> Result<()> {
+    let parent = std::os::unix::process::parent_id();
+    let path = format!("/proc/{parent}/oom_score_adj");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
+    let score: i32 = text
+        .trim()
+        .parse()
+        .map_err(|e| Error::Runtime(format!("{path} holds {:?}: {e}", text.trim())))?;
+    let want = score
+        .saturating_add(1)
+        .clamp(OOM_SCORE_ADJ_MIN, OOM_SCORE_ADJ_MAX);
+    let target = format!("/proc/{pid}/oom_score_adj");
+    match std::fs::write(&target, want.to_string()) {
+        Err(e)
+            if e.kind() == std::io::ErrorKind::PermissionDenied
+                && (!nix::unistd::geteuid().is_root() || in_user_namespace()) =>
+        {
+            Ok(())
+        }
+        r => r.with_context(|| format!("set {target} to {want} (containerd's {score} + 1)")),
+    }
+}
+
+/// Whether this process runs in a user namespace other than the initial one, whose uid map
+/// is the identity over all 2^32 - 1 ids.
+fn in_user_namespace() -> bool {
+    std::fs::read_to_string("/proc/self/uid_map")
+        .is_ok_and(|m| m.split_whitespace().collect::<Vec<_>>() != ["0", "0", "4294967295"])
+}
+
 /// Whether `pid` is exiting, a zombie or gone. A v1 logger's fd 5 also closes when it
 /// dies, and the kernel closes files only after marking the task `PF_EXITING`, so this
 /// tells "closed because ready" from "closed because dying" without waiting.

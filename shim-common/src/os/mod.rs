@@ -9,6 +9,7 @@
 //! | `mount_rootfs()`, `unmount_all()` | `mount(2)`, `umount2(MNT_DETACH)` | `nmount(2)`, `unmount(2)` |
 //! | `exiting(pid)` | `/proc/<pid>/stat` (zombie, `PF_EXITING`) | `sysctl(KERN_PROC_PID)` (`SZOMB`, `P_WEXIT`) |
 //! | `metrics()`, `OomWatcher` | host cgroups ([`crate::cgroups`]) | `Unimplemented`: no cgroups |
+//! | `oom_score_above_parent(pid)` | `/proc/<pid>/oom_score_adj`: containerd's + 1 | nothing: no per-process score |
 //!
 //! A new OS is one more file implementing these.
 
