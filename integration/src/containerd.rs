@@ -1605,7 +1605,8 @@ pub(crate) fn sweep_stale(base: &Path, prefix: &str) -> Vec<String> {
         let Ok(owner) = fs::read_to_string(dir.join("owner")) else {
             continue;
         };
-        if owner_alive(&owner) {
+        // Empty or partial while its owner is still writing it: not ours to judge.
+        if !owner_gone(&owner) {
             continue;
         }
         let teardown = cleanup_dir(&dir, &dir.join("c.sock"));
@@ -1627,16 +1628,16 @@ pub(crate) fn sweep_stale(base: &Path, prefix: &str) -> Vec<String> {
     done
 }
 
-/// Whether the process an `owner` file names (`"<pid> <start time>"`) still runs.
-fn owner_alive(owner: &str) -> bool {
+/// Whether the process a complete `owner` file names (`"<pid> <start time>"`) is gone.
+fn owner_gone(owner: &str) -> bool {
     let mut it = owner.split_whitespace();
     let (Some(pid), Some(start)) = (it.next(), it.next()) else {
         return false;
     };
-    pid.parse::<u32>()
-        .ok()
-        .and_then(owner_token)
-        .is_some_and(|tok| tok == format!("{pid} {start}"))
+    let Ok(pid) = pid.parse::<u32>() else {
+        return false;
+    };
+    owner_token(pid).is_none_or(|tok| tok != format!("{pid} {start}"))
 }
 
 /// Writes `dir/owner`, naming this process: [`sweep_stale`] leaves the directory alone
@@ -1670,6 +1671,19 @@ mod tests {
             "containerd-shim-gorunc-v2"
         );
         assert!(shim_binary_name("runc").is_err());
+    }
+
+    #[test]
+    fn only_a_complete_owner_whose_process_is_gone_is_swept() {
+        let me = owner_token(std::process::id()).expect("own token");
+        assert!(!owner_gone(&me));
+        // Being written by a live test: never swept.
+        assert!(!owner_gone(""));
+        assert!(!owner_gone(&std::process::id().to_string()));
+        // pid_max is at most 2^22: this pid never runs.
+        assert!(owner_gone("4194305 12345"));
+        // The pid runs, but started at another time: reused.
+        assert!(owner_gone(&format!("{} 1", std::process::id())));
     }
 
     #[test]

@@ -35,6 +35,7 @@ fn passes(shim: PathBuf, generation: Generation) -> integration::conformance::Re
         generation,
         runtime_options: None,
         id: unique_id("conf"),
+        one_socket: false,
     });
     assert!(report.passed(), "as containerd {generation}:\n{report}");
     report
@@ -547,4 +548,35 @@ fn host_pid_round(shim: &std::path::Path, what: &str) {
         "{what}: processes left: {:?}",
         processes_mentioning(&child)
     );
+}
+
+/// A daemon other than containerd that has only its ttrpc socket, and passes it as the gRPC
+/// address too (issue 30, item 2): every shim of the SDK walks the whole lifecycle under it.
+/// The Wasm shim used to ask that socket for the container's image on every `Create` and
+/// wait 120 s for an answer a ttrpc server never gives.
+#[test]
+fn under_a_daemon_with_only_a_ttrpc_socket_every_shim_passes() {
+    require_root();
+    for binary in ["containerd-shim-runc-v2", "containerd-shim-wasm-v2"] {
+        let shim = target_bin_dir().join(binary);
+        assert!(shim.exists(), "build the shims first: {}", shim.display());
+        for generation in [
+            Generation::V1_6,
+            Generation::V1_7,
+            Generation::V2_0,
+            Generation::V2_3,
+        ] {
+            let report = run_lifecycle(&Config {
+                shim: shim.clone(),
+                generation,
+                runtime_options: None,
+                id: unique_id("one-socket"),
+                one_socket: true,
+            });
+            assert!(
+                report.passed(),
+                "{binary} as containerd {generation} with one socket:\n{report}"
+            );
+        }
+    }
 }

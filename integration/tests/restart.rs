@@ -143,6 +143,17 @@ fn events_of_a_30_s_outage_arrive_in_order_when_containerd_returns() {
     }
     let shim = connect(&c, &a);
     let exec_pid = start_exec(&shim, &a, "e", &["sleep", "1000"]) as i32;
+    let log = c.log_path().to_path_buf();
+    let namespace = format!("ns={}", c.namespace());
+    // The exec's start is not an event of the outage: it reaches containerd before it stops
+    // (on a loaded machine it may take a moment).
+    assert!(
+        wait_until(LONG, || forwarded(&log, &namespace, 0)
+            .iter()
+            .any(|t| t == "/tasks/exec-started")),
+        "exec-started never forwarded: {:?}",
+        forwarded(&log, &namespace, 0)
+    );
     let pid_of = |id: &str| {
         let req = StateRequest {
             id: id.into(),
@@ -191,19 +202,7 @@ fn events_of_a_30_s_outage_arrive_in_order_when_containerd_returns() {
         "/tasks/exit",
         "/tasks/exit",
     ];
-    let namespace = format!("ns={}", c.namespace());
-    let forwarded = || -> Vec<String> {
-        let log = std::fs::read(c.log_path()).unwrap_or_default();
-        String::from_utf8_lossy(&log[mark.min(log.len())..])
-            .lines()
-            .filter(|l| l.contains("msg=\"event forwarded\"") && l.contains(&namespace))
-            .filter_map(|l| {
-                l.split_whitespace()
-                    .find_map(|f| f.strip_prefix("topic="))
-                    .map(|t| t.trim_matches('"').to_string())
-            })
-            .collect()
-    };
+    let forwarded = || forwarded(&log, &namespace, mark);
     assert!(
         wait_until(LONG, || forwarded().len() >= want.len()),
         "forwarded after the restart: {:?}",
@@ -214,4 +213,19 @@ fn events_of_a_30_s_outage_arrive_in_order_when_containerd_returns() {
         c.ctr_ok(&["task", "delete", id]);
         c.ctr_ok(&["container", "delete", id]);
     }
+}
+
+/// The topics of the events containerd's debug `log` says it forwarded for `namespace`
+/// (`ns=<name>`), from byte `from` on.
+fn forwarded(log: &std::path::Path, namespace: &str, from: usize) -> Vec<String> {
+    let log = std::fs::read(log).unwrap_or_default();
+    String::from_utf8_lossy(&log[from.min(log.len())..])
+        .lines()
+        .filter(|l| l.contains("msg=\"event forwarded\"") && l.contains(namespace))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|f| f.strip_prefix("topic="))
+                .map(|t| t.trim_matches('"').to_string())
+        })
+        .collect()
 }

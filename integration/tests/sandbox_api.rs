@@ -21,6 +21,7 @@ fn pod_of(binary: &str, generation: Generation, kill_shim: bool) -> Report {
             generation,
             runtime_options: None,
             id: unique_id("pod"),
+            one_socket: false,
         },
         kill_shim,
     );

@@ -516,6 +516,7 @@ fn the_conformance_runner_passes_against_the_vm_shim_for_every_generation() {
             generation,
             runtime_options: None,
             id: unique_id("vm-conf"),
+            one_socket: false,
         });
         assert!(report.passed(), "as containerd {generation}:\n{report}");
     }

@@ -25,7 +25,8 @@ pub struct ShimContext {
     /// Whether containerd runs with debug logging (the shim log then says more).
     pub debug: bool,
     /// containerd's gRPC socket, for backends that read its content store (empty when the
-    /// shim runs without a containerd, e.g. inside a VM).
+    /// shim runs without a containerd, e.g. inside a VM, or under a daemon whose only socket
+    /// is its ttrpc one).
     pub address: String,
     /// Where a backend whose processes are not host children (a VM's, a remote runtime's)
     /// reports their exits; the SDK sets it for the task service it serves. See

@@ -296,12 +296,25 @@ pub(crate) fn context(flags: &Flags) -> ShimContext {
         id: flags.id.clone(),
         bundle: flags.bundle.clone(),
         debug: flags.debug,
-        address: if flags.address.is_empty() {
-            flags.grpc_address.clone()
-        } else {
-            flags.address.clone()
-        },
+        address: grpc_address(flags),
         exits: Default::default(),
+    }
+}
+
+/// containerd's gRPC socket: `-address`, else `GRPC_ADDRESS`; empty when that is the ttrpc
+/// socket too, as a daemon other than containerd that has only one socket passes it: a gRPC
+/// client would wait there for an answer that never comes.
+fn grpc_address(flags: &Flags) -> String {
+    let address = if flags.address.is_empty() {
+        &flags.grpc_address
+    } else {
+        &flags.address
+    };
+    let path = |a: &str| a.strip_prefix("unix://").unwrap_or(a).to_string();
+    if path(address) == path(&flags.ttrpc_address) {
+        String::new()
+    } else {
+        address.clone()
     }
 }
 
@@ -370,6 +383,27 @@ mod tests {
         fn pids(&self, _: &()) -> Result<Vec<u32>> {
             Ok(vec![7])
         }
+    }
+
+    #[test]
+    fn the_grpc_address_is_empty_when_it_is_the_ttrpc_socket() {
+        let flags = |address: &str, grpc: &str, ttrpc: &str| Flags {
+            address: address.into(),
+            grpc_address: grpc.into(),
+            ttrpc_address: ttrpc.into(),
+            ..Default::default()
+        };
+        // containerd: two sockets.
+        let sock = "/run/containerd/containerd.sock";
+        let ttrpc = "/run/containerd/containerd.sock.ttrpc";
+        assert_eq!(grpc_address(&flags(sock, sock, ttrpc)), sock);
+        assert_eq!(grpc_address(&flags("", sock, ttrpc)), sock);
+        // A daemon with one socket, however it spells it.
+        assert_eq!(
+            grpc_address(&flags("/run/d.sock", "", "unix:///run/d.sock")),
+            ""
+        );
+        assert_eq!(grpc_address(&flags("", "/run/d.sock", "/run/d.sock")), "");
     }
 
     fn ctx() -> ShimContext {

@@ -29,6 +29,10 @@
 //! sandbox's namespaces, a reconnect, `StopSandbox`, `ShutdownSandbox`, `delete`), with
 //! every out-of-order call expected refused; it needs `ip` (iproute2).
 //!
+//! `--one-socket` plays a daemon other than containerd that has only its ttrpc socket:
+//! `-address` and `GRPC_ADDRESS` name the events service's socket too, which speaks no gRPC
+//! (a shim must not wait on it).
+//!
 //! Options: `--runc-binary` sends `containerd.runc.v1.Options{binary_name}`;
 //! `--runtime-options` sends `runtimeoptions.v1.Options` with the file's TOML as
 //! `config_body`, `--runtime-options-path` with the file's path as `config_path` (what
@@ -45,7 +49,7 @@ use protobuf::well_known_types::any::Any;
 
 const USAGE: &str = "usage: shim-conformance --shim PATH --generation 1.6|1.7|2.0|2.3 \
 [--runc-binary NAME] [--runtime-options FILE.toml] [--runtime-options-path FILE.toml] [--id ID] \
-[--sandbox]";
+[--sandbox] [--one-socket]";
 
 fn main() -> ExitCode {
     let (config, sandbox) = match parse(std::env::args().skip(1)) {
@@ -80,6 +84,7 @@ fn main() -> ExitCode {
 
 fn parse(mut args: impl Iterator<Item = String>) -> Result<(Config, bool), String> {
     let mut sandbox = false;
+    let mut one_socket = false;
     let mut shim = None;
     let mut generation = None;
     let mut options = None;
@@ -91,6 +96,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<(Config, bool), Strin
             "--generation" => generation = Some(value()?.parse::<Generation>()?),
             "--id" => id = value()?,
             "--sandbox" => sandbox = true,
+            "--one-socket" => one_socket = true,
             "--runc-binary" => {
                 let o = protocol::options::Options {
                     binary_name: value()?,
@@ -121,6 +127,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<(Config, bool), Strin
         generation: generation.ok_or("--generation is required")?,
         runtime_options: options,
         id,
+        one_socket,
     };
     if sandbox && matches!(config.generation, Generation::V1_6 | Generation::V1_7) {
         return Err(format!(

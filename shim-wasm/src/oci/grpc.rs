@@ -22,6 +22,12 @@ use tonic::{Code, Request, Status};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Per call; the longest is reading a large layer or writing a large artifact.
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+/// Per unary call (a container, an image, a lease, a blob's info): containerd answers these
+/// locally in milliseconds. Connecting to a unix socket does not wait for the server, so
+/// this is also what finds a peer that is not containerd's gRPC API at all: a daemon that
+/// serves only ttrpc there reads HTTP/2's preface as the header of a 1.3 GB message and
+/// never answers, and a create would otherwise wait [`CALL_TIMEOUT`] for it.
+const UNARY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bytes per `WriteContentRequest`: well under gRPC's default 4 MiB message limit.
 const WRITE_CHUNK: usize = 1 << 20;
 
@@ -76,7 +82,7 @@ impl Client {
         self.retry(|| {
             let request = self.request(req.clone(), lease)?;
             let mut client = tonic::client::Grpc::new(self.channel.clone());
-            self.rt.block_on(async move {
+            let call = async move {
                 ready(&mut client).await?;
                 let resp = client
                     .unary(
@@ -86,6 +92,15 @@ impl Client {
                     )
                     .await?;
                 Ok(resp.into_inner())
+            };
+            self.rt.block_on(async {
+                tokio::time::timeout(UNARY_TIMEOUT, call)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(Status::deadline_exceeded(format!(
+                            "no answer to {path} in {UNARY_TIMEOUT:?}"
+                        )))
+                    })
             })
         })
     }
