@@ -4,7 +4,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::checks::{mounts_mentioning, processes_mentioning, wait_until};
-use crate::{require_root, target_bin_dir, Containerd};
+use crate::{require_root, target_bin_dir, Containerd, BUSYBOX_REF};
 
 /// Generous upper bound for something containerd does asynchronously; never a figure.
 pub const LONG: Duration = Duration::from_secs(20);
@@ -13,6 +13,33 @@ pub const LONG: Duration = Duration::from_secs(20);
 /// `io.containerd.runc.v2` is our shim) and busybox imported.
 pub fn with_our_shims() -> Containerd {
     with_our_shims_and(&[])
+}
+
+/// [`with_our_shims`] plus Debian's Go shim as `io.containerd.gorunc.v2`: the baseline a
+/// test or benchmark compares ours with.
+pub fn with_our_and_go_shims() -> Containerd {
+    require_root();
+    let c = Containerd::builder()
+        .bin_dir(target_bin_dir())
+        .go_shim(true)
+        .start()
+        .expect("start containerd");
+    c.import_busybox().expect("import busybox image");
+    c
+}
+
+/// `ctr run -d` of busybox `sleep 100000` as container `id` on `runtime`.
+pub fn run_sleeping(c: &Containerd, runtime: &str, id: &str) {
+    c.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        runtime,
+        BUSYBOX_REF,
+        id,
+        "sleep",
+        "100000",
+    ]);
 }
 
 /// [`with_our_shims`] with more directories on `PATH` after ours (stand-ins for `criu`...).

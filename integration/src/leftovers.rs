@@ -11,10 +11,11 @@
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use crate::checks::processes_mentioning;
 use crate::conformance;
 use crate::containerd::{self, sweep_stale};
 
@@ -104,7 +105,7 @@ fn sweep_vm_dirs(run_dir: &Path) -> Vec<String> {
         if live {
             continue;
         }
-        let before = processes_naming(&dir);
+        let before = processes_mentioning(&dir.to_string_lossy());
         shim_vm::pod::cleanup_dir(&dir);
         for (pid, cmd) in before {
             done.push(format!("killed pid {pid} of {}: {cmd}", dir.display()));
@@ -131,22 +132,6 @@ fn young(path: &Path, age: Duration) -> bool {
         .ok()
         .and_then(|t| t.elapsed().ok())
         .is_some_and(|elapsed| elapsed < age)
-}
-
-/// Live processes whose command line mentions `dir`, with that command line.
-fn processes_naming(dir: &Path) -> Vec<(u32, String)> {
-    let needle = dir.to_string_lossy().into_owned();
-    let Ok(rd) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    rd.filter_map(Result::ok)
-        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
-        .filter_map(|pid| {
-            let raw = fs::read(PathBuf::from(format!("/proc/{pid}/cmdline"))).ok()?;
-            let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
-            cmd.contains(&needle).then(|| (pid, cmd.trim().to_string()))
-        })
-        .collect()
 }
 
 #[cfg(test)]

@@ -560,12 +560,7 @@ fn under_a_daemon_with_only_a_ttrpc_socket_every_shim_passes() {
     for binary in ["containerd-shim-runc-v2", "containerd-shim-wasm-v2"] {
         let shim = target_bin_dir().join(binary);
         assert!(shim.exists(), "build the shims first: {}", shim.display());
-        for generation in [
-            Generation::V1_6,
-            Generation::V1_7,
-            Generation::V2_0,
-            Generation::V2_3,
-        ] {
+        for generation in Generation::ALL {
             let report = run_lifecycle(&Config {
                 shim: shim.clone(),
                 generation,

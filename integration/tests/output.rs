@@ -176,13 +176,7 @@ fn init_output_through_ctr_run_is_complete() {
 fn containerd_for_ctr() -> (Containerd, String) {
     match std::env::var("SHIM_OUTPUT_RUNTIME") {
         Ok(runtime) if runtime == integration::GO_RUNTIME => {
-            let c = Containerd::builder()
-                .bin_dir(target_bin_dir())
-                .go_shim(true)
-                .start()
-                .expect("start containerd");
-            c.import_busybox().expect("import busybox image");
-            (c, runtime)
+            (integration::fixture::with_our_and_go_shims(), runtime)
         }
         _ => (with_our_shims(), integration::OUR_RUNTIME.to_string()),
     }

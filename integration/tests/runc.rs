@@ -627,13 +627,7 @@ fn crun_as_the_runtime_runs_and_starts_containers() {
 /// with containerd's score raised (root here lacks CAP_SYS_RESOURCE, so only raising works).
 #[test]
 fn shim_oom_score_is_containerds_plus_one() {
-    require_root();
-    let c = Containerd::builder()
-        .bin_dir(target_bin_dir())
-        .go_shim(true)
-        .start()
-        .expect("start containerd");
-    c.import_busybox().expect("import busybox image");
+    let c = integration::fixture::with_our_and_go_shims();
     let containerd = c.pid().expect("containerd runs");
     let score = |pid: u32| -> i32 {
         let path = format!("/proc/{pid}/oom_score_adj");
@@ -650,16 +644,7 @@ fn shim_oom_score_is_containerds_plus_one() {
         for runtime in [integration::OUR_RUNTIME, integration::GO_RUNTIME] {
             let before = c.shim_pids();
             let id = unique_id("oom");
-            c.ctr_ok(&[
-                "run",
-                "-d",
-                "--runtime",
-                runtime,
-                BUSYBOX_REF,
-                &id,
-                "sleep",
-                "1000",
-            ]);
+            integration::fixture::run_sleeping(&c, runtime, &id);
             let new: Vec<i32> = c
                 .shim_pids()
                 .into_iter()

@@ -505,12 +505,7 @@ fn the_conformance_runner_passes_against_the_vm_shim_for_every_generation() {
         "build the shims first: {} is missing",
         shim.display()
     );
-    for generation in [
-        Generation::V1_6,
-        Generation::V1_7,
-        Generation::V2_0,
-        Generation::V2_3,
-    ] {
+    for generation in Generation::ALL {
         let report = run_lifecycle(&Config {
             shim: shim.clone(),
             generation,

@@ -310,8 +310,7 @@ fn grpc_address(flags: &Flags) -> String {
     } else {
         &flags.address
     };
-    let path = |a: &str| a.strip_prefix("unix://").unwrap_or(a).to_string();
-    if path(address) == path(&flags.ttrpc_address) {
+    if crate::socket::path(address) == crate::socket::path(&flags.ttrpc_address) {
         String::new()
     } else {
         address.clone()

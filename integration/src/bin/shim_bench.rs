@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use integration::bench::{median, run_rm};
 use integration::checks::wait_until;
+use integration::fixture::run_sleeping;
 use integration::{
     pss_kb, require_root, rss_kb, target_bin_dir, unique_id, Containerd, BUSYBOX_REF, GO_RUNTIME,
     OUR_RUNTIME,
@@ -157,16 +158,7 @@ fn exec_latency(c: &Containerd, n: usize) -> (f64, f64) {
 /// Exec soak on one container of `runtime`: shim RSS (MB) after warm-up and at the end.
 fn soak(c: &Containerd, runtime: &str, n: usize) -> (f64, f64) {
     let id = unique_id("soak");
-    c.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        runtime,
-        BUSYBOX_REF,
-        &id,
-        "sleep",
-        "100000",
-    ]);
+    run_sleeping(c, runtime, &id);
     let pid = c.shim_pids()[0];
     let shim = integration::shim_client::connect(c, &id);
     let s = integration::soak::exec_soak(&shim, pid, &id, c.dir(), n, n.min(200));

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use integration::bench::{median, run_rm};
 use integration::checks::{processes_mentioning, wait_until};
-use integration::{pss_kb, require_root, rss_kb, unique_id, Containerd, BUSYBOX_REF, OUR_RUNTIME};
+use integration::{pss_kb, require_root, rss_kb, unique_id, Containerd, OUR_RUNTIME};
 
 const VM_RUNTIME: &str = "io.containerd.vm.v2";
 
@@ -40,16 +40,7 @@ fn parse_debug_duration(s: &str) -> Option<f64> {
 
 fn detached(c: &Containerd, runtime: &str) -> String {
     let id = unique_id("vmidle");
-    c.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        runtime,
-        BUSYBOX_REF,
-        &id,
-        "sleep",
-        "100000",
-    ]);
+    integration::fixture::run_sleeping(c, runtime, &id);
     id
 }
 

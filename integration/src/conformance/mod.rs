@@ -52,6 +52,14 @@ pub enum Generation {
 }
 
 impl Generation {
+    /// Every generation, oldest first.
+    pub const ALL: [Generation; 4] = [
+        Generation::V1_6,
+        Generation::V1_7,
+        Generation::V2_0,
+        Generation::V2_3,
+    ];
+
     /// The `ociVersion` this generation writes into `config.json`: the runtime-spec its Go
     /// module vendors (1.6.20 writes 1.0.2-dev, as measured here; 2.3 writes 1.3.0).
     pub fn oci_version(self) -> &'static str {
