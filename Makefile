@@ -25,7 +25,8 @@ APT_PKGS := \
 	iproute2 \
 	criu \
 	clang lld wasi-libc libclang-rt-14-dev-wasm32 \
-	kmod libcap-ng-dev
+	kmod libcap-ng-dev \
+	erofs-utils e2fsprogs
 # Installed without their Recommends: QEMU's pull in ~150 packages (firmware, GUI libraries)
 # that a headless microvm never uses.
 APT_PKGS_NO_RECOMMENDS := qemu-system-x86

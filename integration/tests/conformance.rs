@@ -1,15 +1,17 @@
 //! Every containerd generation's `start` contract, through the `shim-conformance` runner's
 //! pieces (no containerd): our shim passes as 1.6, 1.7, 2.0 and 2.3; Debian's Go shim passes
 //! as 1.6 (a check of the runner itself); bad bootstrap input and malformed runtime options
-//! get clear errors and leave nothing behind.
+//! get clear errors and leave nothing behind; a rootfs of image files (an erofs layer, an
+//! ext4 upper the shim makes) mounts through loop devices, as containerd's EROFS snapshotter
+//! hands it over, and leaves no mount or loop device.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use integration::checks::{processes_mentioning, runc_state, wait_until};
 use integration::conformance::{
-    parse_answer, process_alive, run_lifecycle, AnswerForm, Config, Generation, Playground,
-    TaskApi, NAMESPACE,
+    leftover_mounts, loop_devices_of, parse_answer, process_alive, run_lifecycle, AnswerForm,
+    Config, Generation, Playground, RootfsLayout, TaskApi, NAMESPACE,
 };
 use integration::{require_root, target_bin_dir, unique_id, GO_SHIM_BINARY};
 use protobuf::well_known_types::empty::Empty;
@@ -36,6 +38,7 @@ fn passes(shim: PathBuf, generation: Generation) -> integration::conformance::Re
         runtime_options: None,
         id: unique_id("conf"),
         one_socket: false,
+        rootfs: Default::default(),
     });
     assert!(report.passed(), "as containerd {generation}:\n{report}");
     report
@@ -567,11 +570,70 @@ fn under_a_daemon_with_only_a_ttrpc_socket_every_shim_passes() {
                 runtime_options: None,
                 id: unique_id("one-socket"),
                 one_socket: true,
+                rootfs: Default::default(),
             });
             assert!(
                 report.passed(),
                 "{binary} as containerd {generation} with one socket:\n{report}"
             );
         }
+    }
+}
+
+/// containerd's EROFS snapshotter in block mode, as each generation: the runner's
+/// `layered rootfs` step checks the init's write landed in the ext4 upper and that after
+/// the delete nothing is mounted or bound to a loop device.
+#[test]
+fn an_erofs_layer_and_ext4_upper_mount_on_loop_devices_and_leave_nothing() {
+    let shim = our_shim();
+    for generation in Generation::ALL {
+        let report = run_lifecycle(&Config {
+            shim: shim.clone(),
+            generation,
+            runtime_options: None,
+            id: unique_id("layered"),
+            one_socket: false,
+            rootfs: RootfsLayout::Layered,
+        });
+        assert!(report.passed(), "as containerd {generation}:\n{report}");
+        assert!(
+            detail(&report, "layered rootfs").contains("upper/"),
+            "{report}"
+        );
+    }
+}
+
+/// A layer image that is not erofs: `Create` fails naming the image, and what was mounted
+/// before it (the ext4 upper, on its loop device) is taken down again. Repeated: the loop
+/// devices are a host-wide pool.
+#[test]
+fn a_corrupt_erofs_layer_fails_create_and_leaves_no_mount_or_loop_device() {
+    for round in 0..3 {
+        let pg = Playground::new(&our_shim(), Generation::V2_3, &unique_id("badlayer")).unwrap();
+        pg.use_layered_rootfs().unwrap();
+        let layer = pg.layers().join("layer.erofs");
+        std::fs::write(&layer, vec![0x5au8; 64 << 10]).unwrap();
+        let out = pg.run_start(&pg.start_stdin(None)).unwrap();
+        assert!(out.success, "{}", out.stderr);
+        let (answer, api, _) = connected(&pg, &out.stdout);
+        let req = pg.create_request(None).unwrap();
+        let err = api
+            .call::<_, CreateTaskResponse>("Create", &req)
+            .expect_err("Create on a corrupt erofs layer succeeded");
+        let ttrpc::Error::RpcStatus(status) = &err else {
+            panic!("not a status: {err:?}");
+        };
+        assert!(
+            status.message().contains("layer.erofs"),
+            "round {round}: {}",
+            status.message()
+        );
+        assert_eq!(leftover_mounts(&pg.bundle()), Vec::<String>::new());
+        assert_eq!(loop_devices_of(&pg.layers()), Vec::<String>::new());
+        assert!(!pg.bundle().join("rootfs-mounts").exists());
+        // The upper image was made before the failure and stays, as containerd's snapshot.
+        assert!(pg.layers().join("rwlayer.img").exists());
+        drop(api);
+        shut_down(&pg, &answer.address, answer.version);
     }
 }

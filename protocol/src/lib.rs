@@ -105,6 +105,8 @@ pub mod type_urls {
     pub const RUNC_OPTIONS: &str = "containerd.runc.v1.Options";
     /// `runtimeoptions.v1.Options`, what the CRI plugin sends for a runtime with options.
     pub const RUNTIME_OPTIONS: &str = "runtimeoptions.v1.Options";
+    /// An OCI runtime `Spec`, JSON-encoded: a sandbox's, in `StartSandboxResponse.spec`.
+    pub const OCI_SPEC: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
     /// An OCI runtime-spec `Process`, JSON-encoded, carried by `ExecProcessRequest.spec`.
     pub const OCI_PROCESS: &str = "types.containerd.io/opencontainers/runtime-spec/1/Process";
     /// An OCI runtime's `features` JSON (what `runc features` prints), as containerd 2.x reads

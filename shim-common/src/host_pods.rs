@@ -3,7 +3,9 @@
 //! process that sits in the pod's network namespace (CRI's `netns_path`) and in IPC, UTS
 //! (named after the pod's hostname) and PID namespaces of its own. CRI builds the pod's
 //! container specs from the pid `StartSandbox` returns (`/proc/<pid>/ns/*`), so they join
-//! those namespaces as they would a pause container's.
+//! those namespaces as they would a pause container's. A host-network pod (no `netns_path`)
+//! keeps the host's network and UTS namespaces, hence the node's hostname, as containerd's
+//! own pod sandbox controller leaves its pause container.
 //!
 //! The holder is forked, not executed: it runs only raw system calls, keeps no file of the
 //! shim's open (the shim's sockets close when the shim goes), and as the init of the pod's
@@ -20,17 +22,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use protobuf::well_known_types::any::Any;
-
 use crate::error::{Context, Error, Result};
 use crate::pidfd::PidFd;
+use crate::pod::PodConfig;
 use crate::sandbox::{SandboxCreate, SandboxExit, Sandboxes};
 
 /// The file in a sandbox's bundle that names its holder: `<pid> <start time>`.
 pub const HOLDER_FILE: &str = "holder";
-
-/// CRI's `PodSandboxConfig`, the `options` of its `CreateSandbox`.
-const POD_SANDBOX_CONFIG: &str = "runtime.v1.PodSandboxConfig";
 
 /// The backend's sandboxes, one holder each.
 #[derive(Default)]
@@ -42,6 +40,7 @@ struct Pod {
     bundle: PathBuf,
     netns: Option<PathBuf>,
     hostname: Option<String>,
+    annotations: HashMap<String, String>,
     holder: Option<Holder>,
 }
 
@@ -63,11 +62,22 @@ impl Sandboxes for HostPods {
                 Error::InvalidArgument(format!("network namespace {}: {e}", netns.display()))
             })?;
         }
-        let hostname = req.options.map(pod_hostname).transpose()?.flatten();
+        // A host-network pod has the node's hostname (kubelet sends none for it).
+        let hostname = match req.netns {
+            Some(_) => req
+                .options
+                .map(PodConfig::of)
+                .transpose()?
+                .flatten()
+                .map(|c| c.hostname)
+                .filter(|h| !h.is_empty()),
+            None => None,
+        };
         let pod = Pod {
             bundle: req.bundle.to_path_buf(),
             netns: req.netns.map(Path::to_path_buf),
             hostname,
+            annotations: req.annotations.clone(),
             holder: None,
         };
         lock(&self.pods).insert(req.id.to_string(), pod);
@@ -116,7 +126,11 @@ impl Sandboxes for HostPods {
         let mut info = HashMap::new();
         if let Some(pod) = pods.get(id) {
             if let Some(netns) = &pod.netns {
-                info.insert("netns".into(), netns.display().to_string());
+                // JSON, as `crictl inspectp` embeds each value.
+                info.insert(
+                    "netns".into(),
+                    serde_json::Value::from(netns.display().to_string()).to_string(),
+                );
             }
             if let Some(h) = &pod.holder {
                 info.insert("holder".into(), h.pid.to_string());
@@ -124,6 +138,36 @@ impl Sandboxes for HostPods {
         }
         info
     }
+
+    fn spec(&self, id: &str) -> Option<serde_json::Value> {
+        let pods = lock(&self.pods);
+        let pod = pods.get(id)?;
+        let pid = pod.holder.as_ref()?.pid;
+        Some(holder_spec(pod, pid))
+    }
+}
+
+/// The holder as a pause container's spec would describe it: the namespaces a container
+/// of the pod joins (by the holder's `/proc/<pid>/ns/*`, as CRI's container specs name
+/// them), the hostname, the pod's annotations.
+fn holder_spec(pod: &Pod, pid: u32) -> serde_json::Value {
+    let ns = |kind: &str, file: &str| serde_json::json!({"type": kind, "path": format!("/proc/{pid}/ns/{file}")});
+    let mut namespaces = vec![ns("pid", "pid"), ns("ipc", "ipc")];
+    if pod.netns.is_some() {
+        namespaces.push(ns("network", "net"));
+        namespaces.push(ns("uts", "uts"));
+    }
+    let mut spec = serde_json::json!({
+        "ociVersion": "1.1.0",
+        "process": {"args": ["pod-holder"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+        "root": {"path": "/", "readonly": true},
+        "annotations": pod.annotations,
+        "linux": {"namespaces": namespaces},
+    });
+    if let Some(h) = &pod.hostname {
+        spec["hostname"] = h.clone().into();
+    }
+    spec
 }
 
 /// The `delete` action for a sandbox: stops the holder its dead shim left, if the pid in the
@@ -152,28 +196,6 @@ pub fn cleanup(bundle: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The pod's hostname from CRI's `PodSandboxConfig` (field 2): read without CRI's whole
-/// schema, which the shim has no other use for. Other option types carry none.
-pub fn pod_hostname(options: &Any) -> Result<Option<String>> {
-    if !options.type_url.ends_with(POD_SANDBOX_CONFIG) {
-        return Ok(None);
-    }
-    let bad = |e: protobuf::Error| Error::InvalidArgument(format!("PodSandboxConfig: {e}"));
-    let mut input = protobuf::CodedInputStream::from_bytes(&options.value);
-    let mut hostname = None;
-    while let Some(tag) = input.read_raw_tag_or_eof().map_err(bad)? {
-        let wire = protobuf::rt::WireType::new(tag & 7).ok_or_else(|| {
-            Error::InvalidArgument(format!("PodSandboxConfig: wire type {}", tag & 7))
-        })?;
-        if tag >> 3 == 2 && wire == protobuf::rt::WireType::LengthDelimited {
-            hostname = Some(input.read_string().map_err(bad)?);
-        } else {
-            input.skip_field(wire).map_err(bad)?;
-        }
-    }
-    Ok(hostname.filter(|h| !h.is_empty()))
-}
-
 fn pidfd_open(pid: u32) -> Result<PidFd> {
     PidFd::open(pid).with_context(|| format!("pidfd_open {pid}"))
 }
@@ -195,7 +217,7 @@ fn start_time(pid: u32) -> Option<u64> {
 /// Which step of the holder's setup failed, as the intermediate child reports it.
 const STEPS: [&str; 5] = [
     "enter the network namespace",
-    "unshare IPC, UTS and PID namespaces",
+    "unshare IPC, UTS (unless host network) and PID namespaces",
     "set the hostname",
     "fork the holder",
     "open /dev/null",
@@ -280,7 +302,13 @@ unsafe fn intermediate(
             report(tx, 0, errno());
         }
     }
-    if libc::unshare(libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWPID) != 0 {
+    // A host-network pod keeps the host's UTS namespace too.
+    let uts = if netns.is_some() {
+        libc::CLONE_NEWUTS
+    } else {
+        0
+    };
+    if libc::unshare(libc::CLONE_NEWIPC | uts | libc::CLONE_NEWPID) != 0 {
         report(tx, 1, errno());
     }
     if let Some(name) = hostname {
@@ -321,41 +349,5 @@ unsafe fn hold(devnull: i32) -> ! {
             libc::SIGTERM | libc::SIGINT => libc::_exit(0),
             _ => while libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) > 0 {},
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn config(fields: &[(u32, &[u8])]) -> Any {
-        let mut value = Vec::new();
-        for (field, bytes) in fields {
-            value.push(((field << 3) | 2) as u8);
-            value.push(bytes.len() as u8);
-            value.extend_from_slice(bytes);
-        }
-        Any {
-            type_url: format!("type.googleapis.com/{POD_SANDBOX_CONFIG}"),
-            value,
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn the_hostname_is_field_two_of_the_pod_config() {
-        // metadata (1, a message), hostname (2), log_directory (3)
-        let any = config(&[(1, b"\x0a\x03pod"), (2, b"web-0"), (3, b"/var/log/pods/x")]);
-        assert_eq!(pod_hostname(&any).unwrap().as_deref(), Some("web-0"));
-        assert_eq!(pod_hostname(&config(&[(1, b"")])).unwrap(), None);
-        let other = Any {
-            type_url: "containerd.runc.v1.Options".into(),
-            value: vec![0x12, 0x01, b'x'],
-            ..Default::default()
-        };
-        assert_eq!(pod_hostname(&other).unwrap(), None);
-        let mut cut = config(&[(2, b"web-0")]);
-        cut.value.truncate(3);
-        assert!(pod_hostname(&cut).is_err());
     }
 }

@@ -157,15 +157,17 @@ fn delete<B: Backend>(flags: &Flags) -> Result<Vec<u8>> {
     let options = options::load::<B::Options>(bundle);
     let mut cleaned = B::cleanup(&serve::context(flags), &flags.id, bundle, &options);
     let address = std::fs::read_to_string(bundle.join("address")).ok();
-    let answers = |a: &str| std::os::unix::net::UnixStream::connect(socket::path(a)).is_ok();
     #[cfg(target_os = "linux")]
-    if !address.as_deref().is_some_and(|a| answers(a.trim())) {
+    if !address
+        .as_deref()
+        .is_some_and(|a| socket::answers(a.trim()))
+    {
         // A sandbox's holder outlives a killed shim (as a pause container would).
         cleaned = cleaned.and(host_pods::cleanup(bundle));
     }
     if B::MOUNTS_ROOTFS {
         // Even if the backend failed: a leaked mount outlives everything else.
-        let unmounted = mount::unmount_all(&bundle.join("rootfs"));
+        let unmounted = mount::unmount_rootfs(&bundle.join("rootfs"));
         cleaned = cleaned.and(unmounted);
     }
     // The dead daemon's socket, unless a live shim of the same group still answers there;
@@ -175,7 +177,7 @@ fn delete<B: Backend>(flags: &Flags) -> Result<Vec<u8>> {
         let address = address.trim();
         match socket::lock_dir(address) {
             Ok(_held) => {
-                if !answers(address) {
+                if !socket::answers(address) {
                     socket::remove(address)?;
                 }
             }

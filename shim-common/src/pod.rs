@@ -1,7 +1,16 @@
 //! A container's place in a CRI pod, from the annotations containerd's CRI plugin writes
-//! into every container's spec: which shim serves it (one per pod) and what it shares.
+//! into every container's spec: which shim serves it (one per pod) and what it shares; and
+//! what a pod sandbox's `PodSandboxConfig` says of the pod.
 
+use protobuf::rt::WireType;
+use protobuf::well_known_types::any::Any;
+use protobuf::CodedInputStream;
 use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// CRI's `PodSandboxConfig`: the `options` of containerd 2.x's `CreateSandbox` for a pod.
+pub const POD_SANDBOX_CONFIG: &str = "runtime.v1.PodSandboxConfig";
 
 /// `sandbox` for the pod's sandbox (pause) container, `container` for the others.
 pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
@@ -44,10 +53,153 @@ impl PodRole {
     }
 }
 
+/// What the SDK reads of CRI's `PodSandboxConfig`, field by field: CRI's whole schema would
+/// be a large dependency for two fields.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodConfig {
+    /// `metadata` (field 1).
+    pub metadata: PodMetadata,
+    /// `hostname` (field 2): empty for a host-network pod (kubelet sends none).
+    pub hostname: String,
+}
+
+/// CRI's `PodSandboxMetadata`: who the pod is in Kubernetes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodMetadata {
+    /// `name` (field 1).
+    pub name: String,
+    /// `uid` (field 2).
+    pub uid: String,
+    /// `namespace` (field 3).
+    pub namespace: String,
+    /// `attempt` (field 4).
+    pub attempt: u32,
+}
+
+impl PodConfig {
+    /// Decodes `options` when it is a `PodSandboxConfig`; other option types are `None`.
+    ///
+    /// ```
+    /// use protobuf::well_known_types::any::Any;
+    /// use shim_common::pod::PodConfig;
+    /// // metadata {name: "web"}, hostname: "web-0"
+    /// let value = b"\x0a\x05\x0a\x03web\x12\x05web-0".to_vec();
+    /// let options = Any {
+    ///     type_url: "type.googleapis.com/runtime.v1.PodSandboxConfig".into(),
+    ///     value,
+    ///     ..Default::default()
+    /// };
+    /// let config = PodConfig::of(&options)?.unwrap();
+    /// assert_eq!((config.metadata.name.as_str(), config.hostname.as_str()), ("web", "web-0"));
+    /// # Ok::<(), shim_common::Error>(())
+    /// ```
+    pub fn of(options: &Any) -> Result<Option<PodConfig>> {
+        if !options.type_url.ends_with(POD_SANDBOX_CONFIG) {
+            return Ok(None);
+        }
+        let mut config = PodConfig::default();
+        let mut metadata = Vec::new();
+        fields(&options.value, |n, input| {
+            match n {
+                1 => metadata = input.read_bytes()?,
+                2 => config.hostname = input.read_string()?,
+                _ => return Ok(false),
+            }
+            Ok(true)
+        })?;
+        config.metadata = PodMetadata::decode(&metadata)?;
+        Ok(Some(config))
+    }
+}
+
+impl PodMetadata {
+    fn decode(bytes: &[u8]) -> Result<PodMetadata> {
+        let mut m = PodMetadata::default();
+        fields(bytes, |n, input| {
+            match n {
+                1 => m.name = input.read_string()?,
+                2 => m.uid = input.read_string()?,
+                3 => m.namespace = input.read_string()?,
+                4 => m.attempt = input.read_uint32()?,
+                _ => return Ok(false),
+            }
+            Ok(true)
+        })?;
+        Ok(m)
+    }
+
+    /// The sandbox's name as containerd's CRI makes it: `<name>_<namespace>_<uid>_<attempt>`.
+    pub fn sandbox_name(&self) -> String {
+        format!(
+            "{}_{}_{}_{}",
+            self.name, self.namespace, self.uid, self.attempt
+        )
+    }
+}
+
+/// Walks the fields of a protobuf message: `read` takes the fields it knows (returning
+/// `true`) and the rest are skipped. Malformed input is an `InvalidArgument`.
+fn fields(
+    bytes: &[u8],
+    mut read: impl FnMut(u32, &mut CodedInputStream) -> protobuf::Result<bool>,
+) -> Result<()> {
+    let bad = |e: protobuf::Error| Error::InvalidArgument(format!("PodSandboxConfig: {e}"));
+    let mut input = CodedInputStream::from_bytes(bytes);
+    while let Some(tag) = input.read_raw_tag_or_eof().map_err(bad)? {
+        let wire = WireType::new(tag & 7).ok_or_else(|| {
+            Error::InvalidArgument(format!("PodSandboxConfig: wire type {}", tag & 7))
+        })?;
+        if !read(tag >> 3, &mut input).map_err(bad)? {
+            input.skip_field(wire).map_err(bad)?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn config(fields: &[(u32, &[u8])]) -> Any {
+        let mut value = Vec::new();
+        for (field, bytes) in fields {
+            value.push(((field << 3) | 2) as u8);
+            value.push(bytes.len() as u8);
+            value.extend_from_slice(bytes);
+        }
+        Any {
+            type_url: format!("type.googleapis.com/{POD_SANDBOX_CONFIG}"),
+            value,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_pod_config_gives_its_hostname_and_metadata() {
+        // metadata {name 1, uid 2, namespace 3, attempt 4 (varint)}, hostname 2, log dir 3
+        let metadata = b"\x0a\x03web\x12\x02u1\x1a\x07default\x20\x02";
+        let any = config(&[(1, metadata), (2, b"web-0"), (3, b"/var/log/pods/x")]);
+        let c = PodConfig::of(&any).unwrap().unwrap();
+        assert_eq!(c.hostname, "web-0");
+        assert_eq!(c.metadata.sandbox_name(), "web_default_u1_2");
+        assert_eq!(
+            PodConfig::of(&config(&[(1, b"")])).unwrap(),
+            Some(PodConfig::default())
+        );
+        let other = Any {
+            type_url: "containerd.runc.v1.Options".into(),
+            value: vec![0x12, 0x01, b'x'],
+            ..Default::default()
+        };
+        assert_eq!(PodConfig::of(&other).unwrap(), None);
+        let mut cut = config(&[(2, b"web-0")]);
+        cut.value.truncate(3);
+        assert!(matches!(
+            PodConfig::of(&cut),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
 
     #[test]
     fn roles_come_from_cri_annotations() {

@@ -35,6 +35,8 @@ pub struct SandboxCreate<'a> {
     pub options: Option<&'a Any>,
     /// The pod's network namespace, made by CRI (`None`: host network, or none asked for).
     pub netns: Option<&'a Path>,
+    /// The sandbox's annotations (CRI's pod annotations, and its own).
+    pub annotations: &'a HashMap<String, String>,
 }
 
 /// Tells the SDK that a sandbox's process ended (its exit status, 128 + signal when killed).
@@ -88,9 +90,18 @@ pub trait Sandboxes: Send + Sync {
         Err(Error::Unimplemented("SandboxMetrics".into()))
     }
 
-    /// What `SandboxStatus` tells in `info` when asked to be verbose.
+    /// What `SandboxStatus` tells in `info` when asked to be verbose, beside the SDK's
+    /// `info` key (containerd's `SandboxInfo`: pid, process status, runtime type and
+    /// spec). Values show best in `crictl inspectp` when they are JSON.
     fn info(&self, _id: &str) -> HashMap<String, String> {
         HashMap::new()
+    }
+
+    /// The sandbox's OCI runtime spec once started, as containerd keeps a pause container's:
+    /// its namespaces, cgroups path, resources and annotations, which containerd 2.3's NRI
+    /// reads from `StartSandboxResponse.spec`. `None`: the sandbox has none.
+    fn spec(&self, _id: &str) -> Option<serde_json::Value> {
+        None
     }
 }
 

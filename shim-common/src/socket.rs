@@ -7,7 +7,7 @@
 use std::fs;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
@@ -92,7 +92,7 @@ pub fn bind(address: &str, _held: &DirLock) -> Result<Bound> {
     match listen(&path) {
         Ok(l) => Ok(Bound::New(l)),
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
-            if UnixStream::connect(&path).is_ok() {
+            if answers(address) {
                 return Ok(Bound::Existing);
             }
             // Nobody answers: a shim died without cleaning up. Take the name over.
@@ -109,6 +109,26 @@ fn listen(path: &Path) -> io::Result<UnixListener> {
     let l = UnixListener::bind(path)?;
     fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
     Ok(l)
+}
+
+/// How long [`answers`] waits for a reply.
+const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Whether a live server answers at `address`: a ttrpc call (to a method no one serves) gets
+/// a reply. A successful `connect` alone proves nothing: a dying shim's listener takes
+/// connections until its last thread has closed the fd table, after its pid is a zombie.
+pub fn answers(address: &str) -> bool {
+    let Ok(client) = crate::rpc::Client::connect(address) else {
+        return false;
+    };
+    let probe = protobuf::well_known_types::empty::Empty::new();
+    match client.call("shim.liveness", "Probe", &probe, ANSWER_TIMEOUT) {
+        Ok(_) => true,
+        Err(e) => !matches!(
+            e.code(),
+            ttrpc::Code::DEADLINE_EXCEEDED | ttrpc::Code::UNAVAILABLE
+        ),
+    }
 }
 
 /// Removes the socket file of `address`; a missing file is not an error.
@@ -156,8 +176,19 @@ mod tests {
             Bound::New(l) => l,
             Bound::Existing => panic!("nothing listens yet"),
         };
+        // Listening but never answering, as a shim in its last moments: not live.
+        let silent = first.try_clone().unwrap();
+        assert!(!answers(&addr));
+        // A ttrpc server there, even one serving nothing: live.
+        crate::rpc::Server::new(Default::default())
+            .spawn(Some(first), Vec::new())
+            .unwrap();
+        assert!(answers(&addr));
         assert!(matches!(bind(&addr, &held).unwrap(), Bound::Existing));
-        drop(first); // the socket file stays behind, like after a SIGKILLed shim
+        drop(silent);
+        let _ = fs::remove_file(path(&addr));
+        // The socket file left behind, like after a SIGKILLed shim.
+        drop(UnixListener::bind(path(&addr)).unwrap());
         assert!(path(&addr).exists());
         assert!(matches!(bind(&addr, &held).unwrap(), Bound::New(_)));
         let mode = fs::metadata(path(&addr).parent().unwrap())

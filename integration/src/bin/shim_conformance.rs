@@ -19,7 +19,8 @@
 //! answer as that containerd does — plain address, JSON `{"version":..}`, or a protobuf
 //! `BootstrapResult` — connects to the task API version the answer selects (v2 or v3), and
 //! walks a container through Create, Start, State, Exec (exit code 3), Wait, Delete of the
-//! exec, Kill (SIGKILL → 137), Wait, Delete, checking stdout, exit codes and the events
+//! exec, Kill (SIGKILL → 137), Wait, Stats (cgroup metrics, as CRI asks after each exit),
+//! Delete, checking stdout, exit codes and the events
 //! received and their order, then Shutdown (the daemon and its socket must go) and the
 //! `delete` action (a `DeleteResponse` with exit status 137).
 //!
@@ -33,6 +34,13 @@
 //! `-address` and `GRPC_ADDRESS` name the events service's socket too, which speaks no gRPC
 //! (a shim must not wait on it).
 //!
+//! `--rootfs layered` hands the container its rootfs as containerd's EROFS snapshotter does
+//! in block mode: the busybox layer as an erofs image (`ro,loop`), a writable ext4 image the
+//! shim makes (`mkfs/ext4`, `rw,loop`), and a templated overlay of the two
+//! (`format/mkdir/overlay`); after the delete nothing may stay mounted or on a loop device
+//! (needs `mkfs.erofs` and `debugfs`: erofs-utils, e2fsprogs). The default, `dir`, is a plain
+//! directory in `root.path`.
+//!
 //! Options: `--runc-binary` sends `containerd.runc.v1.Options{binary_name}`;
 //! `--runtime-options` sends `runtimeoptions.v1.Options` with the file's TOML as
 //! `config_body`, `--runtime-options-path` with the file's path as `config_path` (what
@@ -44,12 +52,12 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use integration::conformance::{run_lifecycle, run_sandbox_pod, Config, Generation};
+use integration::conformance::{run_lifecycle, run_sandbox_pod, Config, Generation, RootfsLayout};
 use protobuf::well_known_types::any::Any;
 
 const USAGE: &str = "usage: shim-conformance --shim PATH --generation 1.6|1.7|2.0|2.3 \
 [--runc-binary NAME] [--runtime-options FILE.toml] [--runtime-options-path FILE.toml] [--id ID] \
-[--sandbox] [--one-socket]";
+[--sandbox] [--one-socket] [--rootfs dir|layered]";
 
 fn main() -> ExitCode {
     let (config, sandbox) = match parse(std::env::args().skip(1)) {
@@ -85,6 +93,7 @@ fn main() -> ExitCode {
 fn parse(mut args: impl Iterator<Item = String>) -> Result<(Config, bool), String> {
     let mut sandbox = false;
     let mut one_socket = false;
+    let mut rootfs = RootfsLayout::HostDir;
     let mut shim = None;
     let mut generation = None;
     let mut options = None;
@@ -97,6 +106,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<(Config, bool), Strin
             "--id" => id = value()?,
             "--sandbox" => sandbox = true,
             "--one-socket" => one_socket = true,
+            "--rootfs" => rootfs = value()?.parse()?,
             "--runc-binary" => {
                 let o = protocol::options::Options {
                     binary_name: value()?,
@@ -128,6 +138,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<(Config, bool), Strin
         runtime_options: options,
         id,
         one_socket,
+        rootfs,
     };
     if sandbox && matches!(config.generation, Generation::V1_6 | Generation::V1_7) {
         return Err(format!(

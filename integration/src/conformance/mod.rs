@@ -29,7 +29,7 @@ use protocol::events_ttrpc::{create_events, Events};
 use protocol::shim::{
     ConnectRequest, ConnectResponse, CreateTaskRequest, CreateTaskResponse, DeleteRequest,
     DeleteResponse, ExecProcessRequest, KillRequest, ShutdownRequest, StartRequest, StartResponse,
-    StateRequest, StateResponse, WaitRequest, WaitResponse,
+    StateRequest, StateResponse, StatsRequest, StatsResponse, WaitRequest, WaitResponse,
 };
 use sha2::{Digest, Sha256};
 
@@ -476,6 +476,8 @@ pub struct Playground {
     shim_pid: Mutex<Option<u32>>,
     /// The address `start` answered with, once it did.
     address: Mutex<Option<String>>,
+    /// `CreateTaskRequest.rootfs`: none unless [`Playground::use_layered_rootfs`].
+    rootfs_mounts: Mutex<Vec<protocol::mount::Mount>>,
 }
 
 impl Playground {
@@ -528,7 +530,79 @@ impl Playground {
             fifos: Mutex::new(Vec::new()),
             shim_pid: Mutex::new(None),
             address: Mutex::new(None),
+            rootfs_mounts: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Where [`Playground::use_layered_rootfs`] keeps its image files.
+    pub fn layers(&self) -> PathBuf {
+        self.dir.path().join("layers")
+    }
+
+    /// Switches the container to [`RootfsLayout::Layered`]: makes `layer.erofs` from the
+    /// busybox rootfs with `mkfs.erofs`, points the spec's `root.path` at `<bundle>/rootfs`,
+    /// has the init write `/layered`, and sends the EROFS snapshotter's block-mode mounts.
+    pub fn use_layered_rootfs(&self) -> Result<Vec<protocol::mount::Mount>, String> {
+        use protocol::mount::Mount;
+        let layers = self.layers();
+        fs::create_dir_all(&layers).map_err(|e| format!("create {}: {e}", layers.display()))?;
+        let erofs = layers.join("layer.erofs");
+        let out = Command::new("mkfs.erofs")
+            .args(["--quiet", "-Enoinline_data"])
+            .arg(&erofs)
+            .arg(self.rootfs())
+            .output()
+            .map_err(|e| format!("run mkfs.erofs (apt install erofs-utils): {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "mkfs.erofs: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let config = self.bundle().join("config.json");
+        let mut spec: serde_json::Value = fs::read(&config)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or("read back config.json")?;
+        spec["root"]["path"] = "rootfs".into();
+        spec["process"]["args"] = serde_json::json!([
+            "sh",
+            "-c",
+            "echo layered > /layered; echo init-out; exec sleep 1000"
+        ]);
+        fs::write(&config, spec.to_string()).map_err(|e| format!("write config.json: {e}"))?;
+        let m = |type_: &str, source: &Path, options: &[&str]| Mount {
+            type_: type_.into(),
+            source: source.display().to_string(),
+            options: options.iter().map(|o| o.to_string()).collect(),
+            ..Default::default()
+        };
+        let mounts = vec![
+            m(
+                "mkfs/ext4",
+                &layers.join("rwlayer.img"),
+                &[
+                    "X-containerd.mkfs.fs=ext4",
+                    "X-containerd.mkfs.size=16777216",
+                    "rw",
+                    "loop",
+                ],
+            ),
+            m("erofs", &erofs, &["ro", "loop"]),
+            m(
+                "format/mkdir/overlay",
+                Path::new("overlay"),
+                &[
+                    "X-containerd.mkdir.path={{ mount 0 }}/upper:0755",
+                    "X-containerd.mkdir.path={{ mount 0 }}/work:0755",
+                    "workdir={{ mount 0 }}/work",
+                    "upperdir={{ mount 0 }}/upper",
+                    "lowerdir={{ mount 1 }}",
+                ],
+            ),
+        ];
+        *self.rootfs_mounts.lock().unwrap_or_else(|p| p.into_inner()) = mounts.clone();
+        Ok(mounts)
     }
 
     pub fn bundle(&self) -> PathBuf {
@@ -683,6 +757,11 @@ impl Playground {
             stdout: self.fifo("init-stdout")?,
             stderr: self.fifo("init-stderr")?,
             options: options.cloned().into(),
+            rootfs: self
+                .rootfs_mounts
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
             ..Default::default()
         })
     }
@@ -829,6 +908,34 @@ pub struct Config {
     /// shim test tools do: `-address` and `GRPC_ADDRESS` name the socket its events service
     /// listens on, which speaks no gRPC.
     pub one_socket: bool,
+    /// How containerd hands over the container's root filesystem.
+    pub rootfs: RootfsLayout,
+}
+
+/// How the playground hands a container its root filesystem.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RootfsLayout {
+    /// A host directory in the spec's `root.path`, no mounts (containerd with no snapshotter).
+    #[default]
+    HostDir,
+    /// Image files, as containerd's EROFS snapshotter in block mode hands them over: the
+    /// busybox layer as `layer.erofs` (`ro,loop`), a writable ext4 `rwlayer.img` the shim
+    /// makes (`mkfs/ext4`, `rw,loop`), and an overlay of the two whose paths are templates
+    /// (`format/mkdir/overlay`). The init writes `/layered` into it.
+    Layered,
+}
+
+impl std::str::FromStr for RootfsLayout {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "dir" => Ok(RootfsLayout::HostDir),
+            "layered" => Ok(RootfsLayout::Layered),
+            other => Err(format!(
+                "unknown rootfs layout {other:?} (want dir or layered)"
+            )),
+        }
+    }
 }
 
 const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -856,12 +963,19 @@ pub fn run_lifecycle(config: &Config) -> Report {
             return report;
         }
     };
+    if config.rootfs == RootfsLayout::Layered {
+        if let Err(e) = pg.use_layered_rootfs() {
+            report.check("setup", Err(e));
+            return report;
+        }
+    }
     report.check(
         "setup",
         Ok(format!(
-            "bundle {} rootfs {} events {}",
+            "bundle {} rootfs {} ({:?}) events {}",
             pg.bundle().display(),
             pg.rootfs().display(),
+            config.rootfs,
             pg.ttrpc_address
         )),
     );
@@ -1111,6 +1225,7 @@ fn walk(pg: &Playground, config: &Config, report: &mut Report) -> bool {
             Err(e) => Err(describe(&e)),
         },
     );
+    report.check("stats after exit", stats_after_exit(&api, &id));
     let del = api.call::<_, DeleteResponse>(
         "Delete",
         &DeleteRequest {
@@ -1142,6 +1257,10 @@ fn walk(pg: &Playground, config: &Config, report: &mut Report) -> bool {
             ))
         },
     );
+
+    if config.rootfs == RootfsLayout::Layered {
+        report.check("layered rootfs", check_layers(pg));
+    }
 
     // events and their order
     report.check("events", check_events(pg, &id));
@@ -1196,6 +1315,90 @@ fn walk(pg: &Playground, config: &Config, report: &mut Report) -> bool {
         },
     );
     report.passed()
+}
+
+/// After the init's delete: the container wrote into the ext4 upper layer, and nothing of the
+/// rootfs is left mounted or bound to a loop device.
+pub fn check_layers(pg: &Playground) -> Result<String, String> {
+    let rw = pg.layers().join("rwlayer.img");
+    let left = leftover_mounts(&pg.bundle());
+    if !left.is_empty() {
+        return Err(format!("still mounted: {left:?}"));
+    }
+    let bound = loop_devices_of(&pg.layers());
+    if !bound.is_empty() {
+        return Err(format!("loop devices still bound: {bound:?}"));
+    }
+    let stages = pg.bundle().join("rootfs-mounts");
+    if stages.exists() {
+        return Err(format!("{} left behind", stages.display()));
+    }
+    let out = Command::new("debugfs")
+        .args(["-R", "cat /upper/layered"])
+        .arg(&rw)
+        .output()
+        .map_err(|e| format!("run debugfs (apt install e2fsprogs): {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.trim() != "layered" {
+        return Err(format!(
+            "{} holds {:?} at upper/layered, want \"layered\" ({})",
+            rw.display(),
+            text.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok("the init's /layered in rwlayer.img's upper/; nothing mounted, no loop device left".into())
+}
+
+/// Mount points at or under `dir`, from this mount namespace's table.
+pub fn leftover_mounts(dir: &Path) -> Vec<String> {
+    let prefix = dir.display().to_string();
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| p.starts_with(&prefix))
+        .map(String::from)
+        .collect()
+}
+
+/// Loop devices whose backing file is under `dir`, as `loopN=<file>`.
+pub fn loop_devices_of(dir: &Path) -> Vec<String> {
+    let prefix = dir.display().to_string();
+    let Ok(entries) = fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            let file = fs::read_to_string(format!("/sys/block/{name}/loop/backing_file")).ok()?;
+            file.trim()
+                .starts_with(&prefix)
+                .then(|| format!("{name}={}", file.trim()))
+        })
+        .collect()
+}
+
+/// `Stats` of a container whose init has exited and which is not yet deleted: containerd's
+/// CRI asks then (its OOM check on a container's exit) and logs "no metrics received" when
+/// the shim has none. The Go shim reads the container's cgroup, which lives until delete.
+pub fn stats_after_exit(api: &TaskApi, id: &str) -> Result<String, String> {
+    let r = api
+        .call::<_, StatsResponse>(
+            "Stats",
+            &StatsRequest {
+                id: id.into(),
+                ..Default::default()
+            },
+        )
+        .map_err(|e| describe(&e))?;
+    let stats = r.stats.into_option().ok_or("an answer without stats")?;
+    match stats.type_url.as_str() {
+        protocol::type_urls::CGROUPS_V1_METRICS | protocol::type_urls::CGROUPS_V2_METRICS => {
+            Ok(format!("{} ({} bytes)", stats.type_url, stats.value.len()))
+        }
+        other => Err(format!("stats of type {other:?}")),
+    }
 }
 
 /// containerd's order: create < start < exec-added < exec-started < exit(exec) <

@@ -8,7 +8,11 @@
 //! netns; the runner reconnecting as a restarted containerd does (task `Connect` with the
 //! sandbox id, then `SandboxStatus`); StopPodSandbox's `StopSandbox` (timeout 0) after the
 //! container is gone, RemovePodSandbox's `ShutdownSandbox`, then the `delete` action that
-//! closing the connection sets off.
+//! closing the connection sets off. Checked as containerd 2.3 reads them: the sandbox spec
+//! in `StartSandboxResponse.spec` (NRI), `SandboxStatus.info["info"]` (CRI's `SandboxInfo`),
+//! `Stats` of the container after its exit and before its delete (CRI's OOM check), a second
+//! `CreateSandbox` through a second `start` refused, and a host-network sandbox in the
+//! host's network and UTS namespaces.
 
 use std::os::unix::fs::MetadataExt;
 use std::sync::mpsc;
@@ -173,6 +177,7 @@ fn walk_pod(
         bundle_path: pg.bundle().display().to_string(),
         options: protobuf::MessageField::some(pod_config(hostname)),
         netns_path: netns.path().display().to_string(),
+        annotations: HashMap::from([(ANNOTATION.0.to_string(), ANNOTATION.1.to_string())]),
         ..Default::default()
     };
     let start = StartSandboxRequest {
@@ -229,16 +234,17 @@ fn walk_pod(
         |r| match (r.pid, r.created_at.is_some()) {
             (0, _) => Err("pid 0".into()),
             (_, false) => Err("no created_at".into()),
-            (pid, true) => Ok(pid),
+            (_, true) => Ok(r),
         },
     );
-    let pid = match started {
-        Ok(pid) => {
+    let (pid, spec) = match started {
+        Ok(r) => {
+            let pid = r.pid;
             let same = fs::metadata(netns.path()).map(|m| m.ino()).ok()
                 == fs::metadata(format!("/proc/{pid}/ns/net"))
                     .map(|m| m.ino())
                     .ok();
-            let r = if same {
+            let checked = if same {
                 Ok(format!("pid {pid}, in {}", ns(pid, "net")))
             } else {
                 Err(format!(
@@ -246,14 +252,15 @@ fn walk_pod(
                     ns(pid, "net")
                 ))
             };
-            report.check("start sandbox", r);
-            pid
+            report.check("start sandbox", checked);
+            (pid, r.spec.into_option())
         }
         Err(e) => {
             report.check("start sandbox", Err(e));
             return None;
         }
     };
+    report.check("sandbox spec", check_spec(spec.as_ref(), pid, true));
     report.check(
         "start twice",
         refused(
@@ -309,6 +316,9 @@ fn walk_pod(
         report.check(what, r)
     };
     ready(&api, "status ready", report);
+    report.check("status info", status_info(&api, &id, pid));
+    report.check("create through a second start", create_again(pg, &create));
+    report.check("host-network sandbox", host_network_sandbox(pg, &api));
 
     // A container of the pod, as CRI's spec for it and containerd's connection per task.
     let mut spec = super::spec(
@@ -418,20 +428,23 @@ fn walk_pod(
                 },
             )
         })
-        .and_then(|_| {
-            task.call::<_, DeleteResponse>(
-                "Delete",
-                &DeleteRequest {
-                    id: ctr.id.clone(),
-                    ..Default::default()
-                },
-            )
-        });
+        .map_err(|e| describe(&e));
+    if killed.is_ok() {
+        report.check("stats after exit", stats_after_exit(&task, &ctr.id));
+    }
+    let killed = killed.and_then(|_| {
+        task.call::<_, DeleteResponse>(
+            "Delete",
+            &DeleteRequest {
+                id: ctr.id.clone(),
+                ..Default::default()
+            },
+        )
+        .map_err(|e| describe(&e))
+    });
     report.check(
         "container gone",
-        killed
-            .map(|d| format!("exit {}", d.exit_status))
-            .map_err(|e| describe(&e)),
+        killed.map(|d| format!("exit {}", d.exit_status)),
     );
     drop(task);
     let stop = StopSandboxRequest {
@@ -541,4 +554,157 @@ fn delete_action(pg: &Playground, report: &mut Report) -> Option<()> {
         None => Err(format!("failed: {}", out.stderr)),
     });
     report.check("delete action", r).then_some(())
+}
+
+/// An annotation CRI puts on every pod, sent in `CreateSandbox.annotations`.
+const ANNOTATION: (&str, &str) = ("io.kubernetes.cri.sandbox-name", "conformance-pod");
+
+/// `StartSandboxResponse.spec` as containerd 2.3's NRI decodes it: an `Any` of the
+/// runtime-spec `Spec` type holding JSON, whose namespaces are the sandbox pid's (network and
+/// UTS only for a pod with its own netns) and whose annotations are the pod's.
+fn check_spec(spec: Option<&Any>, pid: u32, own_netns: bool) -> Result<String, String> {
+    let spec = spec.ok_or("no spec: containerd 2.3 logs `type with url : not found`")?;
+    if spec.type_url != protocol::type_urls::OCI_SPEC {
+        return Err(format!("spec type {:?}", spec.type_url));
+    }
+    let json: serde_json::Value =
+        serde_json::from_slice(&spec.value).map_err(|e| format!("spec is not JSON: {e}"))?;
+    let mut kinds: Vec<String> = Vec::new();
+    for n in json["linux"]["namespaces"].as_array().into_iter().flatten() {
+        let kind = n["type"].as_str().unwrap_or_default();
+        let path = n["path"].as_str().unwrap_or_default();
+        let file = if kind == "network" { "net" } else { kind };
+        if path != format!("/proc/{pid}/ns/{file}") {
+            return Err(format!("namespace {kind} at {path:?}"));
+        }
+        kinds.push(kind.into());
+    }
+    kinds.sort();
+    let want: &[&str] = match own_netns {
+        true => &["ipc", "network", "pid", "uts"],
+        false => &["ipc", "pid"],
+    };
+    if kinds != want {
+        return Err(format!("namespaces {kinds:?}, want {want:?}"));
+    }
+    if own_netns && json["annotations"][ANNOTATION.0] != ANNOTATION.1 {
+        return Err(format!("annotations {}", json["annotations"]));
+    }
+    Ok(format!("{} with namespaces {kinds:?}", spec.type_url))
+}
+
+/// A verbose `SandboxStatus`'s `info["info"]`, as containerd's CRI decodes it into its
+/// `SandboxInfo` (a field of the wrong type fails `PodSandboxStatus`) and `crictl inspectp`
+/// shows it.
+fn status_info(api: &TaskApi, id: &str, pid: u32) -> Result<String, String> {
+    let s: SandboxStatusResponse = sandbox_call(
+        api,
+        "SandboxStatus",
+        &SandboxStatusRequest {
+            sandbox_id: id.into(),
+            verbose: true,
+            ..Default::default()
+        },
+    )?;
+    let text = s.info.get("info").ok_or("no info[\"info\"]")?;
+    let info: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("info is not JSON: {e}: {text}"))?;
+    for (key, value) in &s.info {
+        serde_json::from_str::<serde_json::Value>(value)
+            .map_err(|e| format!("info[{key:?}] is not JSON ({e}): crictl would break on it"))?;
+    }
+    let typed = info["pid"].as_u64() == Some(pid.into())
+        && info["processStatus"] == "running"
+        && info["netNamespaceClosed"] == false
+        && info["runtimeType"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("io.containerd."))
+        && info["runtimeSpec"].is_object()
+        && info["sandboxMetadata"]["Version"] == "v1"
+        && info["sandboxMetadata"]["Metadata"]["ID"] == id
+        && info["sandboxMetadata"]["Metadata"]["Name"] == "pod___0";
+    match typed {
+        true => Ok(format!(
+            "pid {pid}, {}, runtimeType {}, name {}",
+            info["processStatus"], info["runtimeType"], info["sandboxMetadata"]["Metadata"]["Name"]
+        )),
+        false => Err(format!("info {info}")),
+    }
+}
+
+/// containerd's `shim` sandboxer starts a shim per `CreateSandbox`: a second `start` with
+/// the same id reaches the same shim, which must refuse the sandbox it already has.
+fn create_again(pg: &Playground, create: &CreateSandboxRequest) -> Result<String, String> {
+    let out = pg.run_start(&pg.start_stdin(None))?;
+    if !out.success {
+        return Err(format!("second start: {}", out.stderr));
+    }
+    let answer = parse_answer(pg.generation, &out.stdout)?;
+    let api = TaskApi::connect(&answer.address, answer.version, &pg.namespace)?;
+    refused(&api, "CreateSandbox", create, ttrpc::Code::ALREADY_EXISTS)
+        .map(|r| format!("{r} at {}", answer.address))
+}
+
+/// A host-network pod (no `netns_path`) beside the first in the same shim: its holder stays
+/// in the host's network and UTS namespaces (containerd's own controller gives the pause
+/// container neither), with IPC and PID of its own; then it is stopped and released.
+fn host_network_sandbox(pg: &Playground, api: &TaskApi) -> Result<String, String> {
+    let id = format!("{}-hostnet", pg.id);
+    let bundle = pg.bundle().with_file_name(&id);
+    fs::create_dir_all(&bundle).map_err(|e| format!("create {}: {e}", bundle.display()))?;
+    let create = CreateSandboxRequest {
+        sandbox_id: id.clone(),
+        bundle_path: bundle.display().to_string(),
+        options: protobuf::MessageField::some(pod_config("not-used")),
+        ..Default::default()
+    };
+    sandbox_call::<_, CreateSandboxResponse>(api, "CreateSandbox", &create)?;
+    let started = sandbox_call::<_, StartSandboxResponse>(
+        api,
+        "StartSandbox",
+        &StartSandboxRequest {
+            sandbox_id: id.clone(),
+            ..Default::default()
+        },
+    );
+    let checked = started.and_then(|r| {
+        let me = std::process::id();
+        let pid = r.pid;
+        let host: Vec<&str> = ["net", "uts"]
+            .into_iter()
+            .filter(|k| ns(pid, k) != ns(me, k))
+            .collect();
+        let own: Vec<&str> = ["ipc", "pid"]
+            .into_iter()
+            .filter(|k| ns(pid, k) == ns(me, k))
+            .collect();
+        if !host.is_empty() || !own.is_empty() {
+            return Err(format!(
+                "holder {pid}: not in the host's {host:?}, not its own {own:?}"
+            ));
+        }
+        check_spec(r.spec.as_ref(), pid, false)
+            .map(|spec| format!("holder {pid} in the host's net and uts; spec {spec}"))
+    });
+    // Released either way; the shim stays for the first pod.
+    let stop = sandbox_call::<_, StopSandboxResponse>(
+        api,
+        "StopSandbox",
+        &StopSandboxRequest {
+            sandbox_id: id.clone(),
+            ..Default::default()
+        },
+    );
+    let shut = sandbox_call::<_, ShutdownSandboxResponse>(
+        api,
+        "ShutdownSandbox",
+        &ShutdownSandboxRequest {
+            sandbox_id: id,
+            ..Default::default()
+        },
+    );
+    let checked = checked?;
+    stop?;
+    shut?;
+    Ok(checked)
 }

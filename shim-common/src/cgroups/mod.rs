@@ -119,14 +119,36 @@ pub fn join(path: &str, pid: u32) -> Result<()> {
 
 /// containerd's `Stats` payload for the cgroup `pid` belongs to.
 pub fn metrics(pid: u32) -> Result<Any> {
-    let (type_url, value) = match Cgroup::of(pid)? {
+    metrics_of(&Cgroup::of(pid)?)
+}
+
+/// A container's cgroup, found while its init runs. Its metrics stay readable after the
+/// init exits, until the runtime removes the cgroup at delete: containerd's CRI asks for
+/// them then, to see whether the exit was an OOM kill.
+#[derive(Debug, Clone)]
+pub struct CgroupMetrics(Cgroup);
+
+impl CgroupMetrics {
+    /// The cgroup `pid` is in now; `None` once it is gone.
+    pub fn of(pid: u32) -> Option<CgroupMetrics> {
+        Cgroup::of(pid).ok().map(CgroupMetrics)
+    }
+
+    /// The cgroup's metrics, as [`metrics`] gives them.
+    pub fn read(&self) -> Result<Any> {
+        metrics_of(&self.0)
+    }
+}
+
+fn metrics_of(cgroup: &Cgroup) -> Result<Any> {
+    let (type_url, value) = match cgroup {
         Cgroup::V1(dirs) => (
             protocol::type_urls::CGROUPS_V1_METRICS,
-            v1::metrics(&dirs).write_to_bytes(),
+            v1::metrics(dirs).write_to_bytes(),
         ),
         Cgroup::V2(dir) => (
             protocol::type_urls::CGROUPS_V2_METRICS,
-            v2::metrics(&dir).write_to_bytes(),
+            v2::metrics(dir).write_to_bytes(),
         ),
     };
     Ok(Any {

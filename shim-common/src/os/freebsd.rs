@@ -70,6 +70,20 @@ pub fn metrics(_pid: u32) -> Result<Any> {
     ))
 }
 
+/// No cgroups to remember: [`CgroupMetrics::of`] always says so and no value exists.
+#[derive(Debug, Clone)]
+pub enum CgroupMetrics {}
+
+impl CgroupMetrics {
+    pub fn of(_pid: u32) -> Option<CgroupMetrics> {
+        None
+    }
+
+    pub fn read(&self) -> Result<Any> {
+        match *self {}
+    }
+}
+
 /// No cgroups, so no OOM events: [`OomWatcher::new`] always fails and no value exists.
 pub enum OomWatcher {}
 
@@ -108,7 +122,7 @@ pub fn mount_rootfs(mounts: &[Mount], target: &Path) -> Result<()> {
     Ok(())
 }
 
-fn mount_one(m: &Mount, target: &Path) -> Result<()> {
+pub(crate) fn mount_one(m: &Mount, target: &Path) -> Result<()> {
     let fstype = match m.type_.as_str() {
         "" | "bind" | "rbind" => "nullfs",
         t => t,

@@ -7,8 +7,9 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use protocol::mount::Mount;
 
 use crate::error::{Context, Error, Result};
+use crate::os::loop_device::{LoopDevice, LoopParams};
 
-pub use crate::cgroups::{metrics, OomWatcher};
+pub use crate::cgroups::{metrics, CgroupMetrics, OomWatcher};
 
 /// Makes this process the subreaper of its descendants.
 pub fn set_subreaper() -> Result<()> {
@@ -81,13 +82,36 @@ pub fn exiting(pid: i32) -> bool {
     zombie || flags & PF_EXITING != 0
 }
 
-/// Splits mount options into `mount(2)` flags, propagation flags and the data string.
-fn parse_options(options: &[String]) -> (MsFlags, MsFlags, String) {
+/// A mount's options, split as `mount(2)` and the loop device want them.
+#[derive(Debug, PartialEq)]
+struct Options {
+    flags: MsFlags,
+    propagation: MsFlags,
+    /// The filesystem's own options, comma-joined.
+    data: String,
+    /// `loop`: the source is an image file to bind to a loop device first.
+    loop_device: bool,
+    /// `direct-io`, with `loop`: the device bypasses the image's page cache.
+    direct_io: bool,
+}
+
+/// Splits mount options into `mount(2)` flags, propagation flags, the data string and the
+/// loop device's (`loop`, `direct-io`: as containerd, neither reaches the filesystem).
+fn parse_options(options: &[String]) -> Options {
     let mut flags = MsFlags::empty();
     let mut propagation = MsFlags::empty();
     let mut data = Vec::new();
+    let (mut loop_device, mut direct_io) = (false, false);
     for o in options {
         let (set, clear) = match o.as_str() {
+            "loop" => {
+                loop_device = true;
+                continue;
+            }
+            "direct-io" => {
+                direct_io = true;
+                continue;
+            }
             "async" => (MsFlags::empty(), MsFlags::MS_SYNCHRONOUS),
             "atime" => (MsFlags::empty(), MsFlags::MS_NOATIME),
             "bind" => (MsFlags::MS_BIND, MsFlags::empty()),
@@ -134,7 +158,18 @@ fn parse_options(options: &[String]) -> (MsFlags, MsFlags, String) {
         };
         flags = (flags | set) & !clear;
     }
-    (flags, propagation, data.join(","))
+    if !loop_device && direct_io {
+        // Without a loop device it is the filesystem's to judge.
+        data.push("direct-io".to_string());
+        direct_io = false;
+    }
+    Options {
+        flags,
+        propagation,
+        data: data.join(","),
+        loop_device,
+        direct_io,
+    }
 }
 
 /// Mounts every entry of `mounts` on `target`, in order (containerd sends one for a
@@ -151,14 +186,43 @@ pub fn mount_rootfs(mounts: &[Mount], target: &Path) -> Result<()> {
     Ok(())
 }
 
-fn mount_one(m: &Mount, target: &Path) -> Result<()> {
-    let (mut flags, propagation, data) = parse_options(&m.options);
+/// Mounts `m` on `target`; see [`mount_rootfs`].
+pub(crate) fn mount_one(m: &Mount, target: &Path) -> Result<()> {
+    let Options {
+        mut flags,
+        propagation,
+        data,
+        loop_device,
+        direct_io,
+    } = parse_options(&m.options);
+    // Closed once mounted (or not): autoclear then ties the device's life to the mount's.
+    let device = loop_device
+        .then(|| {
+            let params = LoopParams {
+                read_only: flags.contains(MsFlags::MS_RDONLY),
+                direct_io,
+            };
+            LoopDevice::attach(Path::new(&m.source), params)
+        })
+        .transpose()?;
+    let source = device
+        .as_ref()
+        .map_or(m.source.as_str(), |d| d.path().to_str().unwrap_or_default());
     if m.type_ == "bind" {
         flags |= MsFlags::MS_BIND;
     }
     let fstype = (!m.type_.is_empty() && m.type_ != "bind").then_some(m.type_.as_str());
     let data = (!data.is_empty()).then_some(data.as_str());
-    let what = || format!("mount {} ({}) on {}", m.source, m.type_, target.display());
+    let what = || match &device {
+        Some(d) => format!(
+            "mount {} ({} on {}) on {}",
+            m.source,
+            m.type_,
+            d.path().display(),
+            target.display()
+        ),
+        None => format!("mount {} ({}) on {}", m.source, m.type_, target.display()),
+    };
     // A read-only bind needs a second, remounting call: the first ignores MS_RDONLY.
     let ro_bind = flags.contains(MsFlags::MS_BIND | MsFlags::MS_RDONLY);
     let first = if ro_bind {
@@ -166,7 +230,7 @@ fn mount_one(m: &Mount, target: &Path) -> Result<()> {
     } else {
         flags
     };
-    mount(Some(m.source.as_str()), target, fstype, first, data).with_context(what)?;
+    mount(Some(source), target, fstype, first, data).with_context(what)?;
     if ro_bind {
         mount(
             None::<&str>,
@@ -223,18 +287,34 @@ mod tests {
         ]
         .map(String::from)
         .to_vec();
-        let (flags, prop, data) = parse_options(&opts);
-        assert_eq!(flags, MsFlags::MS_RDONLY | MsFlags::MS_NOSUID);
-        assert!(prop.is_empty());
-        assert_eq!(data, "index=off,workdir=/w,upperdir=/u,lowerdir=/l");
+        let o = parse_options(&opts);
+        assert_eq!(o.flags, MsFlags::MS_RDONLY | MsFlags::MS_NOSUID);
+        assert!(o.propagation.is_empty());
+        assert_eq!(o.data, "index=off,workdir=/w,upperdir=/u,lowerdir=/l");
+        assert!(!o.loop_device);
     }
 
     #[test]
     fn later_options_win_and_propagation_is_separate() {
         let opts: Vec<String> = ["ro", "rw", "rbind", "rprivate"].map(String::from).to_vec();
-        let (flags, prop, data) = parse_options(&opts);
-        assert_eq!(flags, MsFlags::MS_BIND | MsFlags::MS_REC);
-        assert_eq!(prop, MsFlags::MS_PRIVATE | MsFlags::MS_REC);
-        assert!(data.is_empty());
+        let o = parse_options(&opts);
+        assert_eq!(o.flags, MsFlags::MS_BIND | MsFlags::MS_REC);
+        assert_eq!(o.propagation, MsFlags::MS_PRIVATE | MsFlags::MS_REC);
+        assert!(o.data.is_empty());
+    }
+
+    #[test]
+    fn loop_and_direct_io_go_to_the_loop_device_not_the_filesystem() {
+        let opts: Vec<String> = ["ro", "loop", "direct-io", "device=/x"]
+            .map(String::from)
+            .to_vec();
+        let o = parse_options(&opts);
+        assert!(o.loop_device && o.direct_io);
+        assert_eq!(o.flags, MsFlags::MS_RDONLY);
+        assert_eq!(o.data, "device=/x");
+        // Without `loop`, `direct-io` is the filesystem's own option.
+        let o = parse_options(&["direct-io".to_string()]);
+        assert!(!o.loop_device && !o.direct_io);
+        assert_eq!(o.data, "direct-io");
     }
 }

@@ -6,15 +6,17 @@
 //! | item | Linux | FreeBSD |
 //! |---|---|---|
 //! | `set_subreaper()` | `prctl(PR_SET_CHILD_SUBREAPER)` | `procctl(PROC_REAP_ACQUIRE)` |
-//! | `mount_rootfs()`, `unmount_all()` | `mount(2)`, `umount2(MNT_DETACH)` | `nmount(2)`, `unmount(2)` |
+//! | `mount_rootfs()`, `mount_one()`, `unmount_all()` | `mount(2)` (image files on loop devices), `umount2(MNT_DETACH)` | `nmount(2)`, `unmount(2)` |
 //! | `exiting(pid)` | `/proc/<pid>/stat` (zombie, `PF_EXITING`) | `sysctl(KERN_PROC_PID)` (`SZOMB`, `P_WEXIT`) |
-//! | `metrics()`, `OomWatcher` | host cgroups ([`crate::cgroups`]) | `Unimplemented`: no cgroups |
+//! | `metrics()`, `CgroupMetrics`, `OomWatcher` | host cgroups ([`crate::cgroups`]) | `Unimplemented`: no cgroups |
 //! | `oom_score_above_parent(pid)` | `/proc/<pid>/oom_score_adj`: containerd's + 1 | nothing: no per-process score |
 //!
 //! A new OS is one more file implementing these.
 
 #[cfg(target_os = "linux")]
 mod linux;
+#[cfg(target_os = "linux")]
+pub mod loop_device;
 #[cfg(target_os = "linux")]
 pub use linux::*;
 

@@ -51,6 +51,9 @@ pub(super) struct Container<C> {
     pub(super) deleted: bool,
     /// No pid namespace of its own ([`shares_pid_namespace`]).
     pub(super) kill_all_on_exit: bool,
+    /// The init's cgroup, found at create (host cgroups only): `Stats` after the init's
+    /// exit reads it.
+    pub(super) cgroup: Option<crate::os::CgroupMetrics>,
 }
 
 /// The answer to a `Wait`, delivered whenever the process exits.

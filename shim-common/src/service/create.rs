@@ -70,6 +70,9 @@ impl<B: Backend> Inner<B> {
                 waiters: Vec::new(),
                 deleted: false,
                 kill_all_on_exit: shares_pid_namespace(&bundle),
+                cgroup: (self.backend.host_cgroups() && pid > 0)
+                    .then(|| crate::os::CgroupMetrics::of(pid))
+                    .flatten(),
             }),
         });
         lock(&self.containers)

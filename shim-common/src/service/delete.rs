@@ -59,7 +59,7 @@ impl<B: Backend> Inner<B> {
             .then(|| PathBuf::from(&c.bundle).join("rootfs"));
         drop(c);
         let undone = self.backend.delete(&runtime).and_then(|()| match &rootfs {
-            Some(rootfs) => unmount_all(rootfs),
+            Some(rootfs) => unmount_rootfs(rootfs),
             None => Ok(()),
         });
         let mut c = lock(&cell.state);

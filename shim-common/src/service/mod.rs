@@ -38,7 +38,7 @@ use crate::backend::{linux_resources, Backend, CreateRequest, ExecRequest, Signa
 use crate::console::{Console, ConsoleSocket};
 use crate::error::{Error, Result};
 use crate::events::{publish, publish_oom, timestamp, Publisher};
-use crate::mount::{unmount_all, BundleRootfs};
+use crate::mount::{unmount_rootfs, BundleRootfs};
 use crate::options::{self, RuntimeOptions};
 use crate::os::OomWatcher;
 use crate::reaper::{Exit, Exits};

@@ -65,13 +65,23 @@ impl<B: Backend> Inner<B> {
     }
 
     pub(super) fn stats(&self, r: StatsRequest) -> Result<StatsResponse> {
-        let (runtime, pid) = {
+        let (runtime, pid, exited_cgroup) = {
             let cell = self.cell(&r.id)?;
             let c = lock(&cell.state);
-            (c.runtime.clone(), c.init.pid)
+            let exited = c.init.exit.is_some() || c.init.held_exit.is_some();
+            (
+                c.runtime.clone(),
+                c.init.pid,
+                c.cgroup.clone().filter(|_| exited),
+            )
+        };
+        let stats = match exited_cgroup {
+            // The init is gone (its pid may be another's now); its cgroup lives until delete.
+            Some(cgroup) => cgroup.read()?,
+            None => self.backend.stats(&runtime, pid)?,
         };
         Ok(StatsResponse {
-            stats: MessageField::some(self.backend.stats(&runtime, pid)?),
+            stats: MessageField::some(stats),
             ..Default::default()
         })
     }

@@ -2,15 +2,17 @@
 //! [`Sandboxes`]: each sandbox's phase, its exit and who waits for it (see
 //! [`crate::sandbox`]).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Condvar;
 use std::time::SystemTime;
 
+use protobuf::well_known_types::any::Any;
 use protocol::metrics::Metric;
 use protocol::sandbox::*;
 use protocol::sandbox_state;
 
 use super::*;
+use crate::pod::{PodConfig, PodMetadata};
 use crate::sandbox::{SandboxCreate, SandboxExit, Sandboxes};
 
 /// How long `StopSandbox` waits for the sandbox's exit beyond the timeout it was given,
@@ -39,6 +41,12 @@ pub(super) struct SandboxState {
     created_at: Option<SystemTime>,
     exit: Option<Exit>,
     waiters: Vec<SandboxWaiter>,
+    /// The pod's network namespace, as `CreateSandbox` named it.
+    netns: Option<PathBuf>,
+    /// The backend's spec of the started sandbox, JSON.
+    spec: Option<serde_json::Value>,
+    /// Who the pod is, from CRI's `PodSandboxConfig` (none for other clients).
+    pod: Option<PodMetadata>,
 }
 
 /// One sandbox; `exited` is signalled with its exit (for `StopSandbox`).
@@ -53,6 +61,57 @@ fn wait_sandbox_response(exit: Exit) -> WaitSandboxResponse {
         exited_at: MessageField::some(timestamp(exit.at)),
         ..Default::default()
     }
+}
+
+/// The sandbox's spec as containerd's `typeurl` decodes a runtime-spec `Spec`.
+fn spec_any(spec: serde_json::Value) -> Any {
+    Any {
+        type_url: protocol::type_urls::OCI_SPEC.into(),
+        value: spec.to_string().into_bytes(),
+        ..Default::default()
+    }
+}
+
+/// `info["info"]` of a verbose `SandboxStatus`: the JSON of containerd's CRI `SandboxInfo`,
+/// which containerd decodes (a field of the wrong type fails `PodSandboxStatus`) and
+/// `crictl inspectp` prints. Only fields the SDK knows are set; containerd adds the rest
+/// (`overhead`, `resources`). `sandboxMetadata` is containerd's versioned store record, which
+/// it refuses in any other form.
+fn sandbox_info(id: &str, s: &SandboxState) -> serde_json::Value {
+    // containerd's process statuses, as its pause container's task would report them.
+    let status = match s.phase {
+        Phase::Creating | Phase::Created | Phase::Starting => "created",
+        Phase::Ready | Phase::Stopping => "running",
+        Phase::Stopped | Phase::ShuttingDown => "stopped",
+    };
+    let runtime = std::env::args_os()
+        .next()
+        .as_deref()
+        .map(Path::new)
+        .and_then(Path::file_name)
+        .map(|n| crate::bootstrap::runtime_name(&n.to_string_lossy()))
+        .unwrap_or_default();
+    let mut info = serde_json::json!({
+        "pid": s.pid,
+        "processStatus": status,
+        "netNamespaceClosed": s.netns.as_deref().is_some_and(|p| !p.exists()),
+        "runtimeType": runtime,
+    });
+    if let Some(spec) = &s.spec {
+        info["runtimeSpec"] = spec.clone();
+    }
+    if let Some(pod) = &s.pod {
+        // containerd's sandbox store record, in the versioned form it decodes.
+        info["sandboxMetadata"] = serde_json::json!({
+            "Version": "v1",
+            "Metadata": {
+                "ID": id,
+                "Name": pod.sandbox_name(),
+                "NetNSPath": s.netns.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
+            },
+        });
+    }
+    info
 }
 
 fn busy(id: &str, phase: Phase) -> Error {
@@ -98,6 +157,7 @@ impl<B: Backend> Inner<B> {
         validate_id("sandbox", &r.sandbox_id)?;
         let sandboxes = self.sandboxes()?;
         let id = r.sandbox_id.as_str();
+        let pod = r.options.as_ref().map(PodConfig::of).transpose()?.flatten();
         {
             let mut t = lock(&self.containers);
             if t.closing {
@@ -105,6 +165,8 @@ impl<B: Backend> Inner<B> {
                     "sandbox {id}: the shim is shutting down"
                 )));
             }
+            // The `CreateSandbox` that `start` announced has come, whatever its answer.
+            t.joined.remove(id);
             if t.sandboxes.contains_key(id) {
                 return Err(Error::AlreadyExists(format!("sandbox {id}")));
             }
@@ -115,6 +177,9 @@ impl<B: Backend> Inner<B> {
                     created_at: None,
                     exit: None,
                     waiters: Vec::new(),
+                    netns: (!r.netns_path.is_empty()).then(|| PathBuf::from(&r.netns_path)),
+                    spec: None,
+                    pod: pod.map(|p| p.metadata),
                 }),
                 exited: Condvar::new(),
             };
@@ -127,6 +192,7 @@ impl<B: Backend> Inner<B> {
             rootfs: &r.rootfs,
             options: r.options.as_ref(),
             netns,
+            annotations: &r.annotations,
         });
         let mut t = lock(&self.containers);
         match created {
@@ -177,6 +243,7 @@ impl<B: Backend> Inner<B> {
             }
         }
         drop(starting);
+        let spec = sandboxes.spec(id);
         let now = SystemTime::now();
         let mut s = lock(&cell.state);
         s.pid = pid;
@@ -185,9 +252,11 @@ impl<B: Backend> Inner<B> {
             Some(_) => Phase::Stopped,
             None => Phase::Ready,
         };
+        s.spec = spec.clone();
         Ok(StartSandboxResponse {
             pid,
             created_at: MessageField::some(timestamp(now)),
+            spec: spec.map(spec_any).into(),
             ..Default::default()
         })
     }
@@ -288,6 +357,17 @@ impl<B: Backend> Inner<B> {
             (s.phase, s.pid, s.created_at, s.exit)
         };
         let ready = matches!(phase, Phase::Ready | Phase::Stopping);
+        let info = match r.verbose {
+            true => {
+                let mut info = sandboxes.info(&r.sandbox_id);
+                info.insert(
+                    "info".into(),
+                    sandbox_info(&r.sandbox_id, &lock(&cell.state)).to_string(),
+                );
+                info
+            }
+            false => HashMap::new(),
+        };
         Ok(SandboxStatusResponse {
             state: if ready {
                 sandbox_state::READY
@@ -298,11 +378,7 @@ impl<B: Backend> Inner<B> {
             pid,
             created_at: created_at.map(timestamp).into(),
             exited_at: exit.map(|e| timestamp(e.at)).into(),
-            info: if r.verbose {
-                sandboxes.info(&r.sandbox_id)
-            } else {
-                HashMap::new()
-            },
+            info,
             sandbox_id: r.sandbox_id,
             ..Default::default()
         })

@@ -360,3 +360,51 @@ fn only_a_backend_with_sandboxes_serves_the_sandbox_api() {
     .methods();
     assert!(!without.contains_key(&name));
 }
+
+#[test]
+fn a_create_announced_by_start_is_answered_even_when_refused_and_the_daemon_still_exits() {
+    let (svc, daemon_exits) = service(Pods::default());
+    let inner = &svc.inner;
+    inner.create_sandbox(create("p1")).unwrap();
+    // A second `start` for the same id finds this shim and announces the sandbox.
+    inner
+        .join(ConnectRequest {
+            id: "p1".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(
+        code(inner.create_sandbox(create("p1"))),
+        ttrpc::Code::ALREADY_EXISTS
+    );
+    inner
+        .shutdown_sandbox(ShutdownSandboxRequest {
+            sandbox_id: "p1".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(daemon_exits.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn a_verbose_status_tells_containerds_sandbox_info() {
+    let (svc, _) = service(Pods::default());
+    let inner = &svc.inner;
+    inner.create_sandbox(create("p1")).unwrap();
+    let pid = inner.start_sandbox(start("p1")).unwrap().pid;
+    let s = inner
+        .sandbox_status(SandboxStatusRequest {
+            sandbox_id: "p1".into(),
+            verbose: true,
+            ..Default::default()
+        })
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_str(&s.info["info"]).unwrap();
+    assert_eq!(info["pid"], pid);
+    assert_eq!(info["processStatus"], "running");
+    // The test's netns path does not exist: containerd's `netNamespaceClosed`.
+    assert_eq!(info["netNamespaceClosed"], true);
+    assert!(info["runtimeType"].is_string());
+    // Not verbose: no info, as containerd's own controller.
+    assert!(status(inner, "p1").unwrap().info.is_empty());
+}

@@ -80,10 +80,11 @@ impl<B: Backend> Inner<B> {
                 "container {id}: the shim is shutting down"
             )));
         }
+        // The `Create` that `start` announced has come, whatever its answer.
+        t.joined.remove(id);
         if t.cells.contains_key(id) || !t.creating.insert(id.to_string()) {
             return Err(Error::AlreadyExists(format!("container {id}")));
         }
-        t.joined.remove(id);
         Ok(Reserved {
             inner: self,
             id: id.to_string(),

@@ -1,22 +1,43 @@
 //! Mounting the rootfs containerd describes in `CreateTaskRequest.rootfs`, with the host's
-//! own mount calls (`mount(2)` on Linux, `nmount(2)` on FreeBSD: see `os/`).
+//! own mount calls (`mount(2)` on Linux, `nmount(2)` on FreeBSD: see `os/`). Entries with
+//! the `loop` option are image files bound to a loop device first (Linux); lists that use
+//! containerd's mount transforms and templates are mounted in stages (see [`staged`]).
 //!
 //! ```no_run
-//! use shim_common::mount::{mount_rootfs, unmount_all};
+//! use shim_common::mount::{mount_rootfs, unmount_rootfs};
 //! # let (mounts, rootfs): (Vec<shim_common::protocol::mount::Mount>, std::path::PathBuf) = Default::default();
 //! mount_rootfs(&mounts, &rootfs)?;
 //! // ... the container runs ...
-//! unmount_all(&rootfs)?;
+//! unmount_rootfs(&rootfs)?;
 //! # Ok::<(), shim_common::Error>(())
 //! ```
 
-pub use crate::os::{mount_rootfs, unmount_all};
+pub mod staged;
+
+pub use crate::os::unmount_all;
 
 use std::path::{Path, PathBuf};
 
 use protocol::mount::Mount;
 
 use crate::error::{Context, Result};
+
+/// Mounts `mounts` on `rootfs`: in stages when the list uses containerd's transforms or
+/// templates (the entries before the last beside `rootfs`, in `rootfs-mounts/`), else every
+/// entry on `rootfs` in order. On failure, undoes what it mounted.
+pub fn mount_rootfs(mounts: &[Mount], rootfs: &Path) -> Result<()> {
+    if staged::is_staged(mounts) {
+        staged::mount(mounts, rootfs)
+    } else {
+        crate::os::mount_rootfs(mounts, rootfs)
+    }
+}
+
+/// Unmounts what [`mount_rootfs`] mounted on `rootfs` (and its stages, if any). Nothing
+/// mounted is fine.
+pub fn unmount_rootfs(rootfs: &Path) -> Result<()> {
+    staged::unmount(rootfs)
+}
 
 /// The rootfs of a container being created, mounted at `<bundle>/rootfs`. If creation fails
 /// and the guard is dropped, the mounts go with it; [`BundleRootfs::keep`] hands them over
@@ -54,7 +75,7 @@ impl BundleRootfs {
 impl Drop for BundleRootfs {
     fn drop(&mut self) {
         if self.mounted {
-            let _ = unmount_all(&self.target);
+            let _ = unmount_rootfs(&self.target);
         }
     }
 }
