@@ -125,6 +125,13 @@ fn status(inner: &Inner<Pods>, id: &str) -> Result<SandboxStatusResponse> {
     })
 }
 
+fn shutdown(inner: &Inner<Pods>, id: &str) -> Result<ShutdownSandboxResponse> {
+    inner.shutdown_sandbox(ShutdownSandboxRequest {
+        sandbox_id: id.into(),
+        ..Default::default()
+    })
+}
+
 /// A `WaitSandbox` whose answer arrives on the returned channel.
 fn wait(inner: &Inner<Pods>, id: &str) -> mpsc::Receiver<Result<WaitSandboxResponse>> {
     let (tx, rx) = mpsc::channel();
@@ -224,12 +231,7 @@ fn a_sandbox_goes_create_start_stop_shutdown_and_then_the_daemon_exits() {
         .unwrap();
     assert_eq!(wait(inner, "p1").recv().unwrap().unwrap().exit_status, 137);
 
-    inner
-        .shutdown_sandbox(ShutdownSandboxRequest {
-            sandbox_id: "p1".into(),
-            ..Default::default()
-        })
-        .unwrap();
+    shutdown(inner, "p1").unwrap();
     assert_eq!(lock(&inner.backend.shut).as_slice(), ["p1"]);
     assert_eq!(code(status(inner, "p1")), ttrpc::Code::NOT_FOUND);
     assert_eq!(daemon_exits.load(Ordering::SeqCst), 1);
@@ -251,12 +253,7 @@ fn a_sandbox_process_that_dies_on_its_own_is_not_ready_and_its_wait_answers() {
     assert_eq!(waited.recv().unwrap().unwrap().exit_status, 9);
     assert_eq!(status(inner, "p1").unwrap().state, sandbox_state::NOT_READY);
     // Shutdown of a dead sandbox needs no stop.
-    inner
-        .shutdown_sandbox(ShutdownSandboxRequest {
-            sandbox_id: "p1".into(),
-            ..Default::default()
-        })
-        .unwrap();
+    shutdown(inner, "p1").unwrap();
     assert_eq!(daemon_exits.load(Ordering::SeqCst), 1);
 }
 
@@ -284,13 +281,7 @@ fn bad_sandbox_calls_are_refused_and_change_nothing() {
         ..Default::default()
     });
     assert_eq!(code(stop), ttrpc::Code::NOT_FOUND);
-    assert_eq!(
-        code(inner.shutdown_sandbox(ShutdownSandboxRequest {
-            sandbox_id: "nope".into(),
-            ..Default::default()
-        })),
-        ttrpc::Code::NOT_FOUND
-    );
+    assert_eq!(code(shutdown(inner, "nope")), ttrpc::Code::NOT_FOUND);
     assert_eq!(
         code(wait(inner, "nope").recv().unwrap()),
         ttrpc::Code::NOT_FOUND
@@ -377,12 +368,7 @@ fn a_create_announced_by_start_is_answered_even_when_refused_and_the_daemon_stil
         code(inner.create_sandbox(create("p1"))),
         ttrpc::Code::ALREADY_EXISTS
     );
-    inner
-        .shutdown_sandbox(ShutdownSandboxRequest {
-            sandbox_id: "p1".into(),
-            ..Default::default()
-        })
-        .unwrap();
+    shutdown(inner, "p1").unwrap();
     assert_eq!(daemon_exits.load(Ordering::SeqCst), 1);
 }
 
