@@ -14,7 +14,7 @@
 #   runc     shim-runc-v2; runc bad_input checkpoint restart stats_oom tty exec_soak
 #   wasm     shim-wasm; wasm wasm_stress
 #   jail     shim-jail; jail
-#   vm       shim-vm; vm
+#   vm       shim-vm; vm vm_pods
 #   cri      cri
 #   sandbox  sandbox_api
 set -uo pipefail
@@ -40,7 +40,7 @@ sdk) filter="package(shim-common) | package(protocol) |$(files conformance skele
 runc) filter="package(shim-runc-v2) |$(files runc bad_input checkpoint restart stats_oom tty exec_soak)" ;;
 wasm) filter="package(shim-wasm) |$(files wasm wasm_stress)" ;;
 jail) filter="package(shim-jail) |$(files jail)" ;;
-vm) filter="package(shim-vm) |$(files vm)" ;;
+vm) filter="package(shim-vm) |$(files vm vm_pods)" ;;
 cri) filter=$(files cri) ;;
 sandbox) filter=$(files sandbox_api) ;;
 *)

@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 use crate::cri::{
-    self, CriClient, CRI_NAMESPACE, HANDLER_ALT, HANDLER_GO, HANDLER_OURS, HANDLER_WASM,
+    self, CriClient, CRI_NAMESPACE, HANDLER_ALT, HANDLER_GO, HANDLER_OURS, HANDLER_VM, HANDLER_WASM,
 };
 use crate::error::{Error, IoContext};
 use crate::image;
@@ -55,6 +55,9 @@ pub const GO_RUNTIME: &str = "io.containerd.gorunc.v2";
 /// Runtime name of our Wasm shim: containerd runs `containerd-shim-wasm-v2` from its `PATH`,
 /// which is ours when `target_bin_dir()` is among `bin_dirs`.
 pub const WASM_RUNTIME: &str = "io.containerd.wasm.v2";
+
+/// Runtime type of our micro-VM shim, `containerd-shim-vm-v2`.
+pub const VM_RUNTIME: &str = "io.containerd.vm.v2";
 
 /// Our Wasm shim's binary name.
 pub const WASM_SHIM_BINARY: &str = "containerd-shim-wasm-v2";
@@ -1055,6 +1058,7 @@ fn cri_config_toml(dir: &Path, snapshotter: &str) -> String {
         runtime(&format!("\"{HANDLER_ALT}\""), OUR_RUNTIME, true),
         runtime(HANDLER_GO, GO_RUNTIME, false),
         runtime(HANDLER_WASM, WASM_RUNTIME, false),
+        runtime(HANDLER_VM, VM_RUNTIME, false),
     ]
     .concat();
     format!(

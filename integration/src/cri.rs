@@ -54,8 +54,18 @@ pub const HANDLER_GO: &str = "gorunc";
 /// (Wasm modules, and native entrypoints such as the pause container, in one pod).
 pub const HANDLER_WASM: &str = "wasm";
 
+/// Handler whose `runtime_type` is `io.containerd.vm.v2`: our `containerd-shim-vm-v2`, each
+/// pod in its own micro-VM.
+pub const HANDLER_VM: &str = "vm";
+
 /// Every handler the harness configures, in config order.
-pub const HANDLERS: &[&str] = &[HANDLER_OURS, HANDLER_ALT, HANDLER_GO, HANDLER_WASM];
+pub const HANDLERS: &[&str] = &[
+    HANDLER_OURS,
+    HANDLER_ALT,
+    HANDLER_GO,
+    HANDLER_WASM,
+    HANDLER_VM,
+];
 
 /// Reference of the locally built sandbox image (`pause`), CRI's `sandbox_image`. Its
 /// registry part is loopback: should anything ever try to pull it, no packet leaves the host.
@@ -422,6 +432,24 @@ impl CriClient {
             stderr: r.stderr,
             exit_code: r.exit_code,
         })
+    }
+
+    /// `UpdateContainerResources`: new Linux resources for container `id`.
+    pub fn update_container_resources(
+        &self,
+        id: &str,
+        linux: api::LinuxContainerResources,
+    ) -> Result<(), CriError> {
+        let mut c = self.runtime.clone();
+        let req = api::UpdateContainerResourcesRequest {
+            container_id: id.to_string(),
+            linux: Some(linux),
+            ..Default::default()
+        };
+        self.rt
+            .block_on(c.update_container_resources(req))
+            .map_err(rpc_err("UpdateContainerResources"))?;
+        Ok(())
     }
 
     /// `ContainerStats`: CPU and memory as the shim reports them from the cgroup.

@@ -20,6 +20,7 @@ pub mod checks;
 pub mod conformance;
 pub mod containerd;
 pub mod cri;
+pub mod cri_fixture;
 pub mod error;
 pub mod events;
 pub mod fixture;
@@ -37,7 +38,7 @@ use std::path::PathBuf;
 
 pub use containerd::{
     pss_kb, rss_kb, Containerd, ContainerdBuilder, CtrOutput, DEFAULT_NAMESPACE, GO_RUNTIME,
-    GO_SHIM_BINARY, OUR_RUNTIME, WASM_RUNTIME, WASM_SHIM_BINARY,
+    GO_SHIM_BINARY, OUR_RUNTIME, VM_RUNTIME, WASM_RUNTIME, WASM_SHIM_BINARY,
 };
 pub use error::Error;
 pub use image::{busybox_oci_archive, cached_busybox_archive, BUSYBOX_REF};

@@ -7,16 +7,13 @@
 use std::collections::BTreeSet;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use integration::checks::{mounts_mentioning, processes_mentioning, runc_state, wait_until};
-use integration::cri::{
-    api, container_config, log_text, pod_config, CriClient, CRI_NAMESPACE, HANDLER_ALT,
-    HANDLER_OURS,
+use integration::cri::{api, log_text, CRI_NAMESPACE, HANDLER_ALT, HANDLER_OURS};
+use integration::cri_fixture::{
+    assert_all_gone, delete_pod, run_pod, run_pod_with, sleeper, start_busybox, LONG,
 };
-use integration::{require_root, target_bin_dir, unique_id, Containerd, BUSYBOX_REF};
-
-const LONG: Duration = Duration::from_secs(30);
+use integration::{require_root, target_bin_dir, unique_id, Containerd};
 
 fn containerd() -> Containerd {
     require_root();
@@ -33,51 +30,6 @@ fn containerd() -> Containerd {
         .cri(true)
         .start()
         .expect("start containerd with CRI")
-}
-
-/// A pod as the tests use it: its id and the config it was run with.
-struct Pod {
-    id: String,
-    config: api::PodSandboxConfig,
-}
-
-fn run_pod(c: &Containerd, cri: &CriClient, name: &str, handler: &str) -> Pod {
-    run_pod_with(c, cri, name, handler, |_| {})
-}
-
-fn run_pod_with(
-    c: &Containerd,
-    cri: &CriClient,
-    name: &str,
-    handler: &str,
-    edit: impl FnOnce(&mut api::PodSandboxConfig),
-) -> Pod {
-    let mut config = pod_config(
-        &unique_id(name),
-        &c.dir().join("pods").join(unique_id(name)),
-    );
-    edit(&mut config);
-    let id = cri
-        .run_pod_sandbox(&config, handler)
-        .unwrap_or_else(|e| panic!("{e}\n--- containerd log ---\n{}", c.log_tail(30)));
-    Pod { id, config }
-}
-
-/// Creates and starts a busybox container running `cmd` in `pod`; returns its id.
-fn start_busybox(cri: &CriClient, pod: &Pod, name: &str, cmd: &[&str]) -> String {
-    let id = cri
-        .create_container(
-            &pod.id,
-            &container_config(name, BUSYBOX_REF, cmd),
-            &pod.config,
-        )
-        .expect("CreateContainer");
-    cri.start_container(&id).expect("StartContainer");
-    id
-}
-
-fn sleeper(cri: &CriClient, pod: &Pod, name: &str) -> String {
-    start_busybox(cri, pod, name, &["sleep", "100000"])
 }
 
 fn shim_set(c: &Containerd) -> BTreeSet<i32> {
@@ -111,54 +63,6 @@ fn shim_address(c: &Containerd, id: &str) -> String {
 
 fn socket_path(address: &str) -> PathBuf {
     PathBuf::from(address.trim_start_matches("unix://"))
-}
-
-/// Stops and removes `pod` through CRI, as a kubelet deleting it does.
-fn delete_pod(cri: &CriClient, pod: &Pod) {
-    cri.stop_pod_sandbox(&pod.id).expect("StopPodSandbox");
-    cri.remove_pod_sandbox(&pod.id).expect("RemovePodSandbox");
-}
-
-/// Nothing of the listed pods and containers is left: no shim, no runc state, no mount
-/// (rootfs, shm, network namespace), no process, no veth on the bridge, no CRI record.
-fn assert_all_gone(c: &Containerd, cri: &CriClient, ids: &[String]) {
-    assert!(
-        wait_until(LONG, || c.shim_pids().is_empty()),
-        "shims still running: {:?}",
-        c.shim_pids()
-    );
-    for id in ids {
-        assert!(
-            !runc_state(CRI_NAMESPACE, id).exists(),
-            "runc state of {id} left behind"
-        );
-        assert_eq!(
-            mounts_mentioning(id),
-            Vec::<String>::new(),
-            "mounts of {id}"
-        );
-        let procs: Vec<_> = processes_mentioning(id)
-            .into_iter()
-            .filter(|(_, cmd)| !cmd.contains("cargo") && !cmd.contains("/deps/cri-"))
-            .collect();
-        assert!(procs.is_empty(), "processes of {id} left behind: {procs:?}");
-    }
-    let netns: Vec<String> = mounts_mentioning(&c.dir().to_string_lossy())
-        .into_iter()
-        .filter(|m| m.contains("/netns/"))
-        .collect();
-    assert!(netns.is_empty(), "network namespaces left: {netns:?}");
-    if let Some(bridge) = c.cni_bridge() {
-        let ports: Vec<_> = std::fs::read_dir(format!("/sys/class/net/{bridge}/brif"))
-            .map(|rd| rd.filter_map(Result::ok).map(|e| e.file_name()).collect())
-            .unwrap_or_default();
-        assert!(ports.is_empty(), "veths left on {bridge}: {ports:?}");
-    }
-    assert!(cri.list_pod_sandboxes().expect("ListPodSandbox").is_empty());
-    assert!(cri
-        .list_containers(None)
-        .expect("ListContainers")
-        .is_empty());
 }
 
 #[test]

@@ -65,7 +65,7 @@ impl Backend for VmBackend {
             req.options.size(&annotations, limit)
         };
         let guest = self.pod.guest(req.options, size)?;
-        let share = Share::create(&self.pod.shared(), req.id, req.bundle)?;
+        let share = Share::create(&self.pod.shared(), req.id, req.bundle, self.pod.sandbox())?;
         std::fs::write(
             req.bundle.join(VM_DIR_FILE),
             self.pod.dir().to_string_lossy().as_bytes(),
@@ -101,6 +101,9 @@ impl Backend for VmBackend {
         };
         stdio.relay(&guest, &process)?;
         self.pod.started(created.pid);
+        if share.is_pod_sandbox() {
+            self.pod.set_sandbox(created.pid);
+        }
         Ok(Created {
             container: Container {
                 id: req.id.to_string(),
@@ -183,7 +186,7 @@ impl Backend for VmBackend {
             Target::Init { .. } => String::new(),
             Target::Exec { exec_id, .. } => exec_id.to_string(),
         };
-        c.guest.task::<Empty>(
+        let killed = c.guest.task::<Empty>(
             "Kill",
             &KillRequest {
                 id: c.id.clone(),
@@ -192,8 +195,17 @@ impl Backend for VmBackend {
                 all,
                 ..Default::default()
             },
-        )?;
-        Ok(())
+        );
+        match killed {
+            Ok(_) => Ok(()),
+            // What ran in a VM that is gone has finished: containerd (CRI's exit handling
+            // kills before it deletes) reads NotFound as that, anything else as a failure.
+            Err(e) if c.guest.retired() => Err(Error::NotFound(format!(
+                "process already finished: the VM of {} is gone ({e})",
+                c.id
+            ))),
+            Err(e) => Err(e),
+        }
     }
 
     fn delete(&self, c: &Container) -> Result<()> {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use shim_common::options::{self, RuntimeOptions, Toml};
-use shim_common::{Error, Result};
+use shim_common::{Context, Error, Result};
 
 use crate::channel::Channel;
 use crate::image::{self, GuestImage};
@@ -15,6 +15,13 @@ use crate::image::{self, GuestImage};
 pub const MEMORY_ANNOTATION: &str = "io.containerd.vm.memory_mib";
 /// Annotation: guest vCPUs.
 pub const VCPUS_ANNOTATION: &str = "io.containerd.vm.vcpus";
+/// containerd's CRI (1.6.7 and later) on a pod's sandbox: the memory limits of the pod's
+/// containers, summed by the kubelet (bytes; `0`: none).
+pub const CRI_MEMORY_ANNOTATION: &str = "io.kubernetes.cri.sandbox-memory";
+/// containerd's CRI on a pod's sandbox: the pod's CPU limit as a CFS quota and period.
+pub const CRI_CPU_QUOTA_ANNOTATION: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+/// See [`CRI_CPU_QUOTA_ANNOTATION`].
+pub const CRI_CPU_PERIOD_ANNOTATION: &str = "io.kubernetes.cri.sandbox-cpu-period";
 
 /// How a VM is made. Every field has a working default; paths default to what `make`
 /// installs next to the shim binary.
@@ -111,6 +118,17 @@ fn positive(v: u32) -> std::result::Result<u32, String> {
     Ok(v)
 }
 
+/// The host's memory in MiB (`MemTotal`): no VM can have more.
+fn host_memory_mib() -> Result<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").context("read /proc/meminfo")?;
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb >> 10)
+        .ok_or_else(|| Error::Runtime("no MemTotal in /proc/meminfo".into()))
+}
+
 /// The VM's size: vCPUs and MiB of guest memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Size {
@@ -122,8 +140,10 @@ pub struct Size {
 
 impl VmOptions {
     /// The VM's size for a first container whose spec has `annotations` and a memory
-    /// limit of `limit` bytes (if any): the larger of the limit and the configured memory,
-    /// plus the overhead.
+    /// limit of `limit` bytes (if any). Memory: our annotation, else the largest of the
+    /// configured memory, the limit and the pod's (CRI's sandbox annotation), plus the
+    /// overhead. vCPUs: our annotation, else the configured ones or the pod's CPU limit
+    /// rounded up, whichever is more (at most the host's CPUs).
     pub fn size(&self, annotations: &HashMap<String, String>, limit: Option<u64>) -> Result<Size> {
         let number = |key: &str| -> Result<Option<u32>> {
             annotations
@@ -137,16 +157,49 @@ impl VmOptions {
                 })
                 .transpose()
         };
-        let vcpus = number(VCPUS_ANNOTATION)?.unwrap_or(self.vcpus);
-        let mut memory = number(MEMORY_ANNOTATION)?.unwrap_or(self.memory_mib);
-        if let Some(limit) = limit {
-            let mib = u32::try_from(limit.div_ceil(1 << 20)).unwrap_or(u32::MAX);
-            memory = memory.max(mib);
-        }
-        Ok(Size {
+        // containerd sets these itself: one it could not have meant is ignored.
+        let cri = |key: &str| {
+            annotations
+                .get(key)
+                .and_then(|v| v.parse::<u64>().ok())
+                .filter(|n| *n > 0)
+        };
+        let mib = |bytes: u64| u32::try_from(bytes.div_ceil(1 << 20)).unwrap_or(u32::MAX);
+        let vcpus = match number(VCPUS_ANNOTATION)? {
+            Some(n) => n,
+            None => {
+                let pod = match (
+                    cri(CRI_CPU_QUOTA_ANNOTATION),
+                    cri(CRI_CPU_PERIOD_ANNOTATION),
+                ) {
+                    (Some(quota), Some(period)) => quota.div_ceil(period),
+                    _ => 0,
+                };
+                let host = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+                self.vcpus.max(u32::try_from(pod.min(host)).unwrap_or(1))
+            }
+        };
+        let memory = match number(MEMORY_ANNOTATION)? {
+            Some(n) => n,
+            None => [limit, cri(CRI_MEMORY_ANNOTATION)]
+                .into_iter()
+                .flatten()
+                .map(mib)
+                .fold(self.memory_mib, u32::max),
+        };
+        let size = Size {
             vcpus,
             memory_mib: memory.saturating_add(self.overhead_mib),
-        })
+        };
+        let host = host_memory_mib()?;
+        if u64::from(size.memory_mib) > host {
+            return Err(Error::FailedPrecondition(format!(
+                "the VM would need {} MiB of memory (the pod's, plus {} MiB overhead); \
+                 this host has {host} MiB",
+                size.memory_mib, self.overhead_mib
+            )));
+        }
+        Ok(size)
     }
 
     /// The guest image: the files the options name, else the ones installed beside the
@@ -192,9 +245,41 @@ mod tests {
             }
         );
         assert_eq!(o.size(&none, Some(1 << 30)).unwrap().memory_mib, 1024 + 128);
+        // A pod's resources through CRI: its memory and its CPU limit rounded up.
+        let pod = HashMap::from([
+            (
+                CRI_MEMORY_ANNOTATION.to_string(),
+                (300u64 << 20).to_string(),
+            ),
+            (CRI_CPU_QUOTA_ANNOTATION.to_string(), "150000".to_string()),
+            (CRI_CPU_PERIOD_ANNOTATION.to_string(), "100000".to_string()),
+        ]);
+        let host = std::thread::available_parallelism().unwrap().get() as u32;
+        assert_eq!(
+            o.size(&pod, None).unwrap(),
+            Size {
+                vcpus: 2.min(host),
+                memory_mib: 300 + 128
+            }
+        );
+        let none_set = HashMap::from([
+            (CRI_MEMORY_ANNOTATION.to_string(), "0".to_string()),
+            (CRI_CPU_QUOTA_ANNOTATION.to_string(), "-1".to_string()),
+        ]);
+        assert_eq!(
+            o.size(&none_set, None).unwrap(),
+            o.size(&none, None).unwrap()
+        );
         let bad = HashMap::from([(VCPUS_ANNOTATION.to_string(), "zero".to_string())]);
         let e = o.size(&bad, None).unwrap_err().to_string();
         assert!(e.contains(VCPUS_ANNOTATION), "{e}");
+        // More memory than the host has: refused, saying how much.
+        let huge = HashMap::from([(CRI_MEMORY_ANNOTATION.to_string(), (1u64 << 50).to_string())]);
+        let e = o.size(&huge, None).unwrap_err().to_string();
+        assert!(
+            e.contains("MiB of memory") && e.contains("this host has"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -50,6 +51,8 @@ pub struct Pod {
     changed: Condvar,
     /// Guest pids that have not exited, reported as killed if the VM dies.
     live: Mutex<Pids>,
+    /// Guest pid of the CRI pod's sandbox (0: none), whose namespaces the pod shares.
+    sandbox: AtomicU32,
 }
 
 #[derive(Default)]
@@ -84,7 +87,18 @@ impl Pod {
             state: Mutex::new(State::Down),
             changed: Condvar::new(),
             live: Mutex::new(Pids::default()),
+            sandbox: AtomicU32::new(0),
         }
+    }
+
+    /// The guest pid of the CRI pod's sandbox, once it runs.
+    pub fn sandbox(&self) -> Option<u32> {
+        Some(self.sandbox.load(Ordering::Relaxed)).filter(|p| *p != 0)
+    }
+
+    /// Records `pid` as the pod's sandbox.
+    pub fn set_sandbox(&self, pid: u32) {
+        self.sandbox.store(pid, Ordering::Relaxed);
     }
 
     /// The VM's runtime directory.

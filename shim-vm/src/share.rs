@@ -25,19 +25,25 @@ pub struct Share {
     host: PathBuf,
     guest: String,
     kept: bool,
+    sandbox: bool,
 }
+
+/// containerd's CRI annotation naming what a container is to its pod: `sandbox` (the pause
+/// container, which holds the pod's namespaces) or `container`.
+pub const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
 
 impl Share {
     /// Shares the container `id` of host bundle `bundle` under `shared` (the VM's shared
-    /// directory).
-    pub fn create(shared: &Path, id: &str, bundle: &Path) -> Result<Share> {
+    /// directory). `sandbox` is the guest pid of the pod's sandbox, if one runs.
+    pub fn create(shared: &Path, id: &str, bundle: &Path, sandbox: Option<u32>) -> Result<Share> {
         if id.is_empty() || id.contains('/') || id.starts_with('.') {
             return Err(Error::InvalidArgument(format!("bad container id {id:?}")));
         }
-        let share = Share {
+        let mut share = Share {
             host: shared.join(id),
             guest: format!("{GUEST_SHARED}/{id}"),
             kept: false,
+            sandbox: false,
         };
         if share.host.exists() {
             // Left by a create that died halfway: start afresh.
@@ -48,9 +54,10 @@ impl Share {
         let text = fs::read(bundle.join("config.json")).context("read the bundle's config.json")?;
         let mut spec: Value = serde_json::from_slice(&text)
             .map_err(|e| Error::InvalidArgument(format!("config.json: {e}")))?;
+        share.sandbox = spec["annotations"][CRI_CONTAINER_TYPE] == "sandbox";
         share.rootfs(bundle, &spec)?;
         share.binds(&mut spec)?;
-        for_guest(&mut spec);
+        for_guest(&mut spec, sandbox);
         crate::spec_version::for_guest(&mut spec)?;
         let text = serde_json::to_vec(&spec)
             .map_err(|e| Error::Runtime(format!("encode config.json: {e}")))?;
@@ -61,6 +68,11 @@ impl Share {
     /// The bundle's path in the guest.
     pub fn guest_bundle(&self) -> &str {
         &self.guest
+    }
+
+    /// Whether the container is a CRI pod's sandbox (its pause container).
+    pub fn is_pod_sandbox(&self) -> bool {
+        self.sandbox
     }
 
     /// The bundle's path on the host.
@@ -184,8 +196,8 @@ fn bind(source: &Path, target: &Path) -> Result<()> {
 }
 
 /// What the guest does without: host programs as hooks, host namespace files, host LSM
-/// labels.
-fn for_guest(spec: &mut Value) {
+/// labels. `sandbox`: the guest pid of the pod's sandbox.
+fn for_guest(spec: &mut Value, sandbox: Option<u32>) {
     if let Some(obj) = spec.as_object_mut() {
         obj.remove("hooks");
     }
@@ -197,9 +209,64 @@ fn for_guest(spec: &mut Value) {
     if let Some(linux) = spec["linux"].as_object_mut() {
         linux.remove("mountLabel");
         if let Some(ns) = linux.get_mut("namespaces").and_then(Value::as_array_mut) {
-            for n in ns.iter_mut().filter_map(Value::as_object_mut) {
-                n.remove("path");
-            }
+            guest_namespaces(ns);
+        }
+    }
+    own_uts(spec, sandbox);
+}
+
+/// A hostname without a UTS namespace: a host-network pod's (containerd's CRI gives its
+/// containers the node's hostname and the host's UTS namespace). In a VM the pod's host is
+/// its own, so the container joins the pod sandbox's UTS namespace, or gets one (the
+/// sandbox itself): the guest runtime refuses a hostname without one.
+fn own_uts(spec: &mut Value, sandbox: Option<u32>) {
+    if spec["hostname"].as_str().is_none_or(str::is_empty) {
+        return;
+    }
+    let Some(linux) = spec["linux"].as_object_mut() else {
+        return;
+    };
+    let ns = linux
+        .entry("namespaces")
+        .or_insert_with(|| Value::Array(Vec::new()));
+    let Some(ns) = ns.as_array_mut() else {
+        return;
+    };
+    if ns.iter().any(|n| n["type"] == "uts") {
+        return;
+    }
+    ns.push(match sandbox {
+        Some(pid) => serde_json::json!({"type": "uts", "path": format!("/proc/{pid}/ns/uts")}),
+        None => serde_json::json!({"type": "uts"}),
+    });
+}
+
+/// The namespaces a container joins, as the guest can join them. A `/proc/<pid>/ns/<type>`
+/// path names a guest process — the VM shim reports guest pids, so containerd's CRI points
+/// a pod's containers at its sandbox's namespaces that way — and stays. Any other path is a
+/// host file the guest cannot open: a host network namespace (CNI's, of the pod) is the
+/// VM's own network, so the container stays in the guest's, where the pod's interface is;
+/// any other becomes a new namespace of the guest.
+fn guest_namespaces(ns: &mut Vec<Value>) {
+    let of_guest = |path: &str| {
+        let mut parts = path.split('/');
+        parts.next() == Some("")
+            && parts.next() == Some("proc")
+            && parts.next().is_some_and(|p| p.parse::<u32>().is_ok())
+            && parts.next() == Some("ns")
+            && parts.next().is_some()
+            && parts.next().is_none()
+    };
+    ns.retain(|n| {
+        let host_path = n["path"].as_str().is_some_and(|p| !of_guest(p));
+        !(host_path && n["type"] == "network")
+    });
+    for n in ns.iter_mut().filter_map(Value::as_object_mut) {
+        if n.get("path")
+            .and_then(Value::as_str)
+            .is_some_and(|p| !of_guest(p))
+        {
+            n.remove("path");
         }
     }
 }
@@ -217,21 +284,56 @@ mod tests {
             "process": {"args": ["true"], "apparmorProfile": "cri-default"},
             "hooks": {"createRuntime": [{"path": "/usr/bin/hook"}]},
             "linux": {
-                "namespaces": [{"type": "network", "path": "/var/run/netns/cni-1"}, {"type": "pid"}],
+                "namespaces": [
+                    {"type": "network", "path": "/var/run/netns/cni-1"},
+                    {"type": "pid"},
+                    {"type": "ipc", "path": "/proc/7/ns/ipc"},
+                    {"type": "uts", "path": "/run/host/uts"}
+                ],
                 "mountLabel": "x",
                 "resources": {"memory": {"limit": 1}}
             }
         });
-        for_guest(&mut spec);
+        for_guest(&mut spec, Some(7));
         assert_eq!(spec["root"], json!({"path": "rootfs", "readonly": true}));
         assert!(spec.get("hooks").is_none());
         assert_eq!(spec["process"], json!({"args": ["true"]}));
         assert_eq!(
             spec["linux"]["namespaces"],
-            json!([{"type": "network"}, {"type": "pid"}])
+            json!([
+                {"type": "pid"},
+                {"type": "ipc", "path": "/proc/7/ns/ipc"},
+                {"type": "uts"}
+            ])
         );
         assert_eq!(spec["linux"]["resources"]["memory"]["limit"], 1);
         assert!(spec["linux"].get("mountLabel").is_none());
+    }
+
+    #[test]
+    fn a_host_network_pod_gets_the_uts_namespace_of_its_sandbox_in_the_guest() {
+        let host_network = |ns: Value| json!({"hostname": "node-1", "linux": {"namespaces": ns}});
+        // The sandbox: a namespace of its own for the hostname.
+        let mut sandbox = host_network(json!([{"type": "pid"}]));
+        for_guest(&mut sandbox, None);
+        assert_eq!(
+            sandbox["linux"]["namespaces"],
+            json!([{"type": "pid"}, {"type": "uts"}])
+        );
+        // Its containers: the sandbox's.
+        let mut container = host_network(json!([{"type": "ipc", "path": "/proc/7/ns/ipc"}]));
+        for_guest(&mut container, Some(7));
+        assert_eq!(
+            container["linux"]["namespaces"][1],
+            json!({"type": "uts", "path": "/proc/7/ns/uts"})
+        );
+        // A spec with its UTS namespace, or without a hostname, stays as it is.
+        let mut own = host_network(json!([{"type": "uts"}]));
+        for_guest(&mut own, Some(7));
+        assert_eq!(own["linux"]["namespaces"], json!([{"type": "uts"}]));
+        let mut plain = json!({"linux": {"namespaces": []}});
+        for_guest(&mut plain, Some(7));
+        assert_eq!(plain["linux"]["namespaces"], json!([]));
     }
 
     #[test]
@@ -250,7 +352,7 @@ mod tests {
         });
         fs::write(bundle.join("config.json"), spec.to_string()).unwrap();
         let shared = tmp.path().join("shared");
-        let share = Share::create(&shared, "c1", &bundle).unwrap();
+        let share = Share::create(&shared, "c1", &bundle, None).unwrap();
         let dir = shared.join("c1");
         assert_eq!(share.guest_bundle(), "/run/shared/c1");
         assert_eq!(fs::read(dir.join("rootfs/bin/sh")).unwrap(), b"sh");

@@ -1,0 +1,445 @@
+//! Kubernetes pods on the micro-VM shim through containerd 1.6's CRI (RuntimeClass handler
+//! `vm`): the pause container's create boots the pod's VM, every later container of the
+//! pod joins it (no new VM, no new shim), and StopPodSandbox + RemovePodSandbox leave
+//! nothing of it.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use integration::checks::{processes_mentioning, wait_until};
+use integration::cri::{api, container_config, log_text, CriClient, CRI_NAMESPACE, HANDLER_VM};
+use integration::cri_fixture::{
+    assert_all_gone, delete_pod, run_pod, run_pod_with, sleeper, start_busybox, start_container,
+    Pod, LONG,
+};
+use integration::{require_root, target_bin_dir, Containerd, BUSYBOX_REF};
+
+fn containerd() -> Containerd {
+    require_root();
+    for bin in ["containerd-shim-vm-v2", "pause"] {
+        let p = target_bin_dir().join(bin);
+        assert!(
+            p.exists(),
+            "build first (make build): {} is missing",
+            p.display()
+        );
+    }
+    Containerd::builder()
+        .log_level("debug")
+        .bin_dir(target_bin_dir())
+        .cri(true)
+        .start()
+        .expect("start containerd with CRI")
+}
+
+/// The runtime directory of `pod`'s VM.
+fn vm_dir(c: &Containerd, pod: &Pod) -> PathBuf {
+    shim_vm::pod::run_dir(&c.address().to_string_lossy(), CRI_NAMESPACE, &pod.id)
+}
+
+/// The QEMU processes of `pod`'s VM.
+fn qemus(c: &Containerd, pod: &Pod) -> BTreeSet<i32> {
+    processes_mentioning(&vm_dir(c, pod).to_string_lossy())
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("qemu-system"))
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// The command line of `pod`'s QEMU.
+fn qemu_cmdline(c: &Containerd, pod: &Pod) -> String {
+    processes_mentioning(&vm_dir(c, pod).to_string_lossy())
+        .into_iter()
+        .find(|(_, cmd)| cmd.contains("qemu-system"))
+        .map(|(_, cmd)| cmd)
+        .unwrap_or_default()
+}
+
+fn shims(c: &Containerd) -> BTreeSet<i32> {
+    c.shim_pids().into_iter().collect()
+}
+
+/// `cmd` in container `id`: its stdout, once it exited 0.
+fn exec_ok(cri: &CriClient, id: &str, cmd: &[&str]) -> String {
+    let out = cri.exec_sync(id, cmd, 30).expect("ExecSync");
+    assert_eq!(
+        out.exit_code,
+        0,
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Nothing of `pod`'s VM is left once it is removed: no QEMU, no virtiofsd, no directory.
+fn assert_no_vm_left(c: &Containerd, pod: &Pod) {
+    let dir = vm_dir(c, pod);
+    assert!(
+        wait_until(LONG, || processes_mentioning(&dir.to_string_lossy())
+            .is_empty()),
+        "VM processes left: {:?}",
+        processes_mentioning(&dir.to_string_lossy())
+    );
+    assert!(!dir.exists(), "VM directory left: {}", dir.display());
+}
+
+#[test]
+fn a_pod_of_three_containers_runs_in_one_vm_with_its_volumes_logs_and_stats() {
+    let c = containerd();
+    let cri = c.cri_client().expect("CRI client");
+    let pod = run_pod(&c, &cri, "vm-pod", HANDLER_VM);
+    let shim = shims(&c);
+    let vm = qemus(&c, &pod);
+    assert_eq!(
+        (shim.len(), vm.len()),
+        (1, 1),
+        "shims {shim:?}, QEMUs {vm:?}"
+    );
+
+    let volume = c.dir().join("volume");
+    std::fs::create_dir_all(&volume).unwrap();
+    std::fs::write(volume.join("from-host"), "host-data\n").unwrap();
+    let mut writer = container_config(
+        "writer",
+        BUSYBOX_REF,
+        &[
+            "sh",
+            "-c",
+            "echo hello-stdout; echo hello-stderr >&2; cat /data/from-host; \
+             echo guest-data > /data/from-guest; exec sleep 100000",
+        ],
+    );
+    writer.mounts.push(api::Mount {
+        container_path: "/data".into(),
+        host_path: volume.to_string_lossy().into_owned(),
+        ..Default::default()
+    });
+    writer.mounts.push(api::Mount {
+        container_path: "/ro".into(),
+        host_path: volume.to_string_lossy().into_owned(),
+        readonly: true,
+        ..Default::default()
+    });
+    let first = start_container(&cri, &pod, writer);
+    let second = sleeper(&cri, &pod, "second");
+    let third = start_busybox(
+        &cri,
+        &pod,
+        "third",
+        &["sh", "-c", "echo third; exec sleep 100000"],
+    );
+    assert_eq!(
+        shims(&c),
+        shim,
+        "a container of the pod started another shim"
+    );
+    assert_eq!(
+        qemus(&c, &pod),
+        vm,
+        "a container of the pod booted another VM"
+    );
+
+    // In the guest: its kernel, not the host's; the pod's hostname and IPC namespace.
+    let host_kernel = nix::sys::utsname::uname().unwrap();
+    let kernel = exec_ok(&cri, &second, &["uname", "-r"]);
+    assert_ne!(
+        kernel.trim(),
+        host_kernel.release().to_string_lossy(),
+        "not in a VM"
+    );
+    for id in [&first, &second, &third] {
+        assert_eq!(exec_ok(&cri, id, &["hostname"]).trim(), pod.config.hostname);
+    }
+    let ipc = |id: &str| exec_ok(&cri, id, &["readlink", "/proc/self/ns/ipc"]);
+    assert_eq!(
+        ipc(&first),
+        ipc(&third),
+        "containers of one pod share its IPC namespace"
+    );
+    let out = cri
+        .exec_sync(&third, &["sh", "-c", "echo out; echo err >&2; exit 7"], 30)
+        .expect("ExecSync");
+    assert_eq!(
+        (out.stdout.as_slice(), out.stderr.as_slice(), out.exit_code),
+        (&b"out\n"[..], &b"err\n"[..], 7)
+    );
+
+    // The volume, both ways; its read-only view stays read-only.
+    assert!(
+        wait_until(LONG, || std::fs::read_to_string(volume.join("from-guest"))
+            .is_ok_and(|t| t == "guest-data\n")),
+        "the guest's write did not reach the host volume"
+    );
+    assert_eq!(
+        exec_ok(&cri, &first, &["cat", "/ro/from-guest"]),
+        "guest-data\n"
+    );
+    let denied = cri
+        .exec_sync(&first, &["sh", "-c", "echo x > /ro/new"], 30)
+        .expect("ExecSync");
+    assert_ne!(denied.exit_code, 0, "a read-only volume took a write");
+    assert!(!volume.join("new").exists());
+    // CRI's own files: /etc/hostname and /etc/hosts come from the pod's sandbox directory.
+    assert_eq!(
+        exec_ok(&cri, &second, &["cat", "/etc/hostname"]).trim(),
+        pod.config.hostname
+    );
+    assert!(exec_ok(&cri, &second, &["cat", "/etc/hosts"]).contains("localhost"));
+
+    // CRI logs at the log path, written on the host.
+    let mut lines = Vec::new();
+    let complete = wait_until(LONG, || {
+        lines = cri.container_log(&first).unwrap_or_default();
+        log_text(&lines, Some("stdout")) == "hello-stdout\nhost-data\n"
+            && log_text(&lines, Some("stderr")) == "hello-stderr\n"
+    });
+    assert!(complete, "log of {first}: {lines:?}");
+    assert!(wait_until(LONG, || cri
+        .container_log(&third)
+        .is_ok_and(|l| log_text(&l, None) == "third\n")));
+
+    // Stats from the guest's cgroups.
+    let stats = cri.container_stats(&first).expect("ContainerStats");
+    let memory = stats.memory.expect("memory stats");
+    assert!(
+        memory
+            .working_set_bytes
+            .map(|v| v.value)
+            .unwrap_or_default()
+            > 0,
+        "memory stats: {memory:?}"
+    );
+    let cpu = stats.cpu.expect("cpu stats");
+    assert!(
+        cpu.usage_core_nano_seconds
+            .map(|v| v.value)
+            .unwrap_or_default()
+            > 0,
+        "cpu stats: {cpu:?}"
+    );
+
+    delete_pod(&cri, &pod);
+    assert_all_gone(&c, &cri, &[first, second, third, pod.id.clone()]);
+    assert_no_vm_left(&c, &pod);
+}
+
+#[test]
+fn cri_updates_apply_in_the_guest_and_its_oom_kills_reach_cri() {
+    let c = containerd();
+    let cri = c.cri_client().expect("CRI client");
+    let pod = run_pod(&c, &cri, "vm-update", HANDLER_VM);
+    let id = sleeper(&cri, &pod, "limited");
+    // The container's cgroup in the guest (cgroup v2 there, whatever the host has).
+    let memory_max = "cat /sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup)/memory.max";
+    assert_eq!(exec_ok(&cri, &id, &["sh", "-c", memory_max]).trim(), "max");
+    cri.update_container_resources(
+        &id,
+        api::LinuxContainerResources {
+            memory_limit_in_bytes: 48 << 20,
+            ..Default::default()
+        },
+    )
+    .expect("UpdateContainerResources");
+    assert_eq!(
+        exec_ok(&cri, &id, &["sh", "-c", memory_max]).trim(),
+        (48u64 << 20).to_string()
+    );
+
+    // A container that outgrows its limit in the guest is OOM-killed there; the OOM event
+    // reaches CRI before the exit, which it reports as the reason.
+    let mut hog = container_config(
+        "hog",
+        BUSYBOX_REF,
+        &["sh", "-c", "x=0123456789abcdef; while :; do x=$x$x; done"],
+    );
+    hog.linux.get_or_insert_with(Default::default).resources = Some(api::LinuxContainerResources {
+        memory_limit_in_bytes: 20 << 20,
+        ..Default::default()
+    });
+    let hog = start_container(&cri, &pod, hog);
+    let mut status = None;
+    assert!(
+        wait_until(LONG, || {
+            status = cri.container_status(&hog).ok();
+            status.as_ref().is_some_and(|s| s.finished_at > 0)
+        }),
+        "the hog did not exit: {status:?}"
+    );
+    let status = status.expect("status");
+    assert_eq!(
+        (status.exit_code, status.reason.as_str()),
+        (137, "OOMKilled")
+    );
+    assert_eq!(exec_ok(&cri, &id, &["echo", "alive"]), "alive\n");
+
+    delete_pod(&cri, &pod);
+    assert_all_gone(&c, &cri, &[id, hog, pod.id.clone()]);
+    assert_no_vm_left(&c, &pod);
+}
+
+#[test]
+fn two_pods_get_two_vms_sized_by_their_resources_and_leave_nothing() {
+    let c = containerd();
+    let cri = c.cri_client().expect("CRI client");
+    // Pod a's containers may use 384 MiB and 2 CPUs (the kubelet's sum in the pod config,
+    // which containerd's CRI hands the sandbox as annotations); pod b says nothing.
+    let a = run_pod_with(&c, &cri, "vm-a", HANDLER_VM, |config| {
+        config.linux.get_or_insert_with(Default::default).resources =
+            Some(api::LinuxContainerResources {
+                memory_limit_in_bytes: 384 << 20,
+                cpu_quota: 150_000,
+                cpu_period: 100_000,
+                ..Default::default()
+            });
+    });
+    let b = run_pod(&c, &cri, "vm-b", HANDLER_VM);
+    let in_a = sleeper(&cri, &a, "a");
+    let in_b = sleeper(&cri, &b, "b");
+    assert_eq!(shims(&c).len(), 2);
+    let (qa, qb) = (qemus(&c, &a), qemus(&c, &b));
+    assert_eq!((qa.len(), qb.len()), (1, 1), "QEMUs {qa:?} {qb:?}");
+    assert_ne!(qa, qb);
+    // Sized: pod a's memory plus the default overhead (128 MiB), its CPUs rounded up (at
+    // most the host's); pod b the defaults (128 + 128 MiB, 1 vCPU).
+    let cpus = std::thread::available_parallelism().unwrap().get().min(2);
+    let (cmd_a, cmd_b) = (qemu_cmdline(&c, &a), qemu_cmdline(&c, &b));
+    assert!(cmd_a.contains(" -m 512M "), "{cmd_a}");
+    assert!(cmd_a.contains(&format!(" -smp {cpus} ")), "{cmd_a}");
+    assert!(
+        cmd_b.contains(" -m 256M ") && cmd_b.contains(" -smp 1 "),
+        "{cmd_b}"
+    );
+    assert_eq!(exec_ok(&cri, &in_a, &["nproc"]).trim(), cpus.to_string());
+    assert_eq!(exec_ok(&cri, &in_b, &["nproc"]).trim(), "1");
+    // Each pod's containers see their own VM: a file made in one is not in the other.
+    exec_ok(&cri, &in_a, &["touch", "/dev/shm/only-a"]);
+    let seen = cri
+        .exec_sync(&in_b, &["ls", "/dev/shm/only-a"], 30)
+        .expect("ExecSync");
+    assert_ne!(seen.exit_code, 0, "pod b sees pod a's /dev/shm");
+
+    delete_pod(&cri, &a);
+    assert_no_vm_left(&c, &a);
+    assert_eq!(exec_ok(&cri, &in_b, &["echo", "alive"]), "alive\n");
+    delete_pod(&cri, &b);
+    assert_all_gone(&c, &cri, &[in_a, in_b, a.id.clone(), b.id.clone()]);
+    assert_no_vm_left(&c, &b);
+}
+
+#[test]
+fn a_host_network_pod_with_a_shared_pid_namespace_is_one_host_in_its_vm() {
+    let c = containerd();
+    let cri = c.cri_client().expect("CRI client");
+    // The node's network and one PID namespace for the pod: CRI gives the containers the
+    // host's UTS namespace with a hostname, which in the VM is the pod's own.
+    let pod = run_pod_with(&c, &cri, "vm-hostnet", HANDLER_VM, |config| {
+        let options = config
+            .linux
+            .get_or_insert_with(Default::default)
+            .security_context
+            .get_or_insert_with(Default::default)
+            .namespace_options
+            .get_or_insert_with(Default::default);
+        options.network = api::NamespaceMode::Node as i32;
+        options.pid = api::NamespaceMode::Pod as i32;
+    });
+    let first = sleeper(&cri, &pod, "first");
+    let second = sleeper(&cri, &pod, "second");
+    let uts = |id: &str| exec_ok(&cri, id, &["readlink", "/proc/self/ns/uts"]);
+    assert_eq!(uts(&first), uts(&second), "one UTS namespace for the pod");
+    let name = exec_ok(&cri, &first, &["hostname"]);
+    assert_eq!(exec_ok(&cri, &second, &["hostname"]), name);
+    assert_ne!(name.trim(), "(none)");
+    // One PID namespace: each container sees the other's sleep.
+    let ps = exec_ok(&cri, &first, &["ps", "-o", "args"]);
+    assert_eq!(ps.matches("sleep 100000").count(), 2, "{ps}");
+
+    delete_pod(&cri, &pod);
+    assert_all_gone(&c, &cri, &[first, second, pod.id.clone()]);
+    assert_no_vm_left(&c, &pod);
+}
+
+#[test]
+fn bad_input_fails_its_own_request_and_the_pod_lives_on() {
+    let c = containerd();
+    let cri = c.cri_client().expect("CRI client");
+
+    // A pod whose memory no VM on this host can have: refused, naming why; nothing left.
+    let mut huge = integration::cri::pod_config(
+        &integration::unique_id("vm-huge"),
+        &c.dir().join("pods/huge"),
+    );
+    huge.linux.get_or_insert_with(Default::default).resources =
+        Some(api::LinuxContainerResources {
+            memory_limit_in_bytes: 1 << 50,
+            ..Default::default()
+        });
+    let err = cri
+        .run_pod_sandbox(&huge, HANDLER_VM)
+        .expect_err("a 1 PiB pod ran")
+        .to_string();
+    assert!(err.contains("MiB"), "{err}");
+    assert!(
+        wait_until(LONG, || c.shim_pids().is_empty()),
+        "the refused pod's shim stays: {:?}",
+        c.shim_pids()
+    );
+
+    // A container that cannot start in the guest fails alone; the pod's others run on.
+    let pod = run_pod(&c, &cri, "vm-bad", HANDLER_VM);
+    let good = sleeper(&cri, &pod, "good");
+    let bad = cri
+        .create_container(
+            &pod.id,
+            &container_config("bad", BUSYBOX_REF, &["/no/such/program"]),
+            &pod.config,
+        )
+        .expect("CreateContainer");
+    let err = cri
+        .start_container(&bad)
+        .expect_err("a missing program started")
+        .to_string();
+    assert!(err.contains("/no/such/program"), "{err}");
+    assert_eq!(exec_ok(&cri, &good, &["echo", "alive"]), "alive\n");
+    let after = sleeper(&cri, &pod, "after");
+    assert_eq!(exec_ok(&cri, &after, &["echo", "alive"]), "alive\n");
+
+    delete_pod(&cri, &pod);
+    assert_all_gone(&c, &cri, &[good, bad, after, pod.id.clone()]);
+    assert_no_vm_left(&c, &pod);
+}
+
+#[test]
+fn a_killed_vmm_ends_the_pod_s_containers_and_removal_cleans_up() {
+    let c = containerd();
+    let cri = c.cri_client().expect("CRI client");
+    let pod = run_pod(&c, &cri, "vm-killed", HANDLER_VM);
+    let ids = [sleeper(&cri, &pod, "one"), sleeper(&cri, &pod, "two")];
+    let vm = qemus(&c, &pod);
+    assert_eq!(vm.len(), 1, "QEMUs {vm:?}");
+    for pid in &vm {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("kill QEMU");
+    }
+    // CRI sees every container of the pod exit, killed.
+    for id in &ids {
+        let mut status = None;
+        assert!(
+            wait_until(LONG, || {
+                status = cri.container_status(id).ok();
+                status.as_ref().is_some_and(|s| s.finished_at > 0)
+            }),
+            "{id} did not exit: {status:?}\n{}",
+            c.log_tail(80)
+        );
+        assert_eq!(status.expect("status").exit_code, 137);
+    }
+    delete_pod(&cri, &pod);
+    let mut all = ids.to_vec();
+    all.push(pod.id.clone());
+    assert_all_gone(&c, &cri, &all);
+    assert_no_vm_left(&c, &pod);
+}
