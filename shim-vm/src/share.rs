@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use nix::mount::{mount, MsFlags};
 use serde_json::Value;
 use shim_common::mount::unmount_all;
+use shim_common::pod::PodRole;
 use shim_common::{Context, Error, Result};
 
 /// Where the guest mounts the VM's shared directory.
@@ -27,10 +28,6 @@ pub struct Share {
     kept: bool,
     sandbox: bool,
 }
-
-/// containerd's CRI annotation naming what a container is to its pod: `sandbox` (the pause
-/// container, which holds the pod's namespaces) or `container`.
-pub const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
 
 impl Share {
     /// Shares the container `id` of host bundle `bundle` under `shared` (the VM's shared
@@ -54,7 +51,7 @@ impl Share {
         let text = fs::read(bundle.join("config.json")).context("read the bundle's config.json")?;
         let mut spec: Value = serde_json::from_slice(&text)
             .map_err(|e| Error::InvalidArgument(format!("config.json: {e}")))?;
-        share.sandbox = spec["annotations"][CRI_CONTAINER_TYPE] == "sandbox";
+        share.sandbox = PodRole::of(&spec) == PodRole::Sandbox;
         share.rootfs(bundle, &spec)?;
         share.binds(&mut spec)?;
         for_guest(&mut spec, sandbox);

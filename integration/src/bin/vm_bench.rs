@@ -7,16 +7,24 @@
 //! 4. Stdout throughput out of a running container: `ctr task exec` of
 //!    `head -c 512M /dev/zero` (the figure) and of `dd bs=1M`, through each shim;
 //!    and busybox `head` alone in the guest, which bounds the first under TCG.
+//! 5. Through containerd's CRI: a pod ready with its first container (RunPodSandbox +
+//!    CreateContainer + StartContainer of busybox), handlers `vm`, our runc shim and
+//!    Debian's Go shim in turn: median of `--pods` each. Then the host PSS of one pod of 3
+//!    containers in a VM (shim + QEMU + virtiofsd): what `overhead.podFixed` should carry.
 //!
-//! Usage: `vm-bench [--runs N] [--mib N]` (as root).
+//! Usage: `vm-bench [--runs N] [--mib N] [--pods N]` (as root).
 
 use std::time::{Duration, Instant};
 
 use integration::bench::{median, run_rm};
 use integration::checks::{processes_mentioning, wait_until};
-use integration::{pss_kb, require_root, rss_kb, unique_id, Containerd, OUR_RUNTIME};
-
-const VM_RUNTIME: &str = "io.containerd.vm.v2";
+use integration::cri::{
+    container_config, pod_config, CRI_NAMESPACE, HANDLER_GO, HANDLER_OURS, HANDLER_VM,
+};
+use integration::{
+    pss_kb, require_root, rss_kb, target_bin_dir, unique_id, Containerd, BUSYBOX_REF, OUR_RUNTIME,
+    VM_RUNTIME,
+};
 
 /// The `VM up in <duration>` figures the shims logged, in ms.
 fn boot_times(c: &Containerd) -> Vec<f64> {
@@ -52,10 +60,10 @@ fn remove(c: &Containerd, id: &str) {
     c.ctr_ok(&["container", "delete", id]);
 }
 
-/// (shim, QEMU, virtiofsd) as (RSS kB, PSS kB) of one idle VM.
-fn vm_footprint(c: &Containerd) -> [(u64, u64); 3] {
-    let id = detached(c, VM_RUNTIME);
-    let dir = shim_vm::pod::run_dir(&c.address().to_string_lossy(), c.namespace(), &id);
+/// The (shim, QEMU, virtiofsd) pids of the only VM of `c`, whose directory is `dir`.
+fn vm_processes(c: &Containerd, dir: &std::path::Path) -> [Option<i32>; 3] {
+    let shims = c.shim_pids();
+    assert_eq!(shims.len(), 1, "one shim, the VM's: {shims:?}");
     let procs = processes_mentioning(&dir.to_string_lossy());
     let find = |name: &str| {
         procs
@@ -63,21 +71,34 @@ fn vm_footprint(c: &Containerd) -> [(u64, u64); 3] {
             .find(|(_, cmd)| cmd.contains(name))
             .map(|(pid, _)| *pid)
     };
-    let pids = [
-        c.shim_pids().first().copied(),
+    [
+        shims.first().copied(),
         find("qemu-system"),
         find("virtiofsd"),
-    ];
+    ]
+}
+
+/// (shim, QEMU, virtiofsd) as (RSS kB, PSS kB) of one idle VM.
+fn vm_footprint(c: &Containerd) -> [(u64, u64); 3] {
+    let id = detached(c, VM_RUNTIME);
+    let dir = shim_vm::pod::run_dir(&c.address().to_string_lossy(), c.namespace(), &id);
+    let best = settled(vm_processes(c, &dir));
+    remove(c, &id);
+    best
+}
+
+/// (RSS kB, PSS kB) of each of `pids` once the VM has settled: the guest idles once its
+/// containers run and hands back the pages it freed (free page reporting, a few seconds
+/// after they are freed). Sampled each second until the PSS has not fallen by 1 MB for
+/// 3 s, at most 30 s.
+fn settled<const N: usize>(pids: [Option<i32>; N]) -> [(u64, u64); N] {
     let sample = || {
         pids.map(|pid| {
             pid.map(|p| (rss_kb(p).unwrap_or(0), pss_kb(p).unwrap_or(0)))
                 .unwrap_or((0, 0))
         })
     };
-    let pss = |f: &[(u64, u64); 3]| f.iter().map(|(_, p)| p).sum::<u64>();
-    // Settled: the guest idles once its container runs, and hands back the pages it freed
-    // (free page reporting, a few seconds after they are freed). Sampled each second until
-    // the PSS has not fallen by 1 MB for 3 s, at most 30 s.
+    let pss = |f: &[(u64, u64); N]| f.iter().map(|(_, p)| p).sum::<u64>();
     let started = Instant::now();
     let mut best = sample();
     let mut since = Instant::now();
@@ -91,13 +112,62 @@ fn vm_footprint(c: &Containerd) -> [(u64, u64); 3] {
             best = now;
         }
     }
-    eprintln!(
-        "vm-bench: idle VM PSS settled after {:.0?}",
-        started.elapsed()
-    );
-    remove(c, &id);
+    eprintln!("vm-bench: VM PSS settled after {:.0?}", started.elapsed());
     best
 }
+
+/// The CRI figures: for each of [`CRI_HANDLERS`], the median ms from RunPodSandbox to its
+/// first container started, over `n` pods (handlers in turn, the first rotating, each pod
+/// removed before the next); and the settled (shim, QEMU, virtiofsd) PSS in kB of one VM
+/// pod of 3 containers.
+fn cri_pods(n: usize) -> ([f64; 3], [(u64, u64); 3]) {
+    let c = Containerd::builder()
+        .bin_dir(target_bin_dir())
+        .go_shim(true)
+        .cri(true)
+        .start()
+        .expect("start containerd with CRI");
+    let cri = c.cri_client().expect("CRI client");
+    let ready = |handler: &str, containers: usize| -> (String, f64) {
+        let name = unique_id("vmbench");
+        let cfg = pod_config(&name, &c.dir().join("pods").join(&name));
+        let t = Instant::now();
+        let id = cri.run_pod_sandbox(&cfg, handler).expect("RunPodSandbox");
+        for k in 0..containers {
+            let ctr = container_config(&format!("c{k}"), BUSYBOX_REF, &["sleep", "100000"]);
+            let cid = cri
+                .create_container(&id, &ctr, &cfg)
+                .expect("CreateContainer");
+            cri.start_container(&cid).expect("StartContainer");
+        }
+        (id, t.elapsed().as_secs_f64() * 1e3)
+    };
+    let gone = |id: &str| {
+        cri.stop_pod_sandbox(id).expect("StopPodSandbox");
+        cri.remove_pod_sandbox(id).expect("RemovePodSandbox");
+    };
+    // Warm-up, not measured: snapshots unpacked, binaries and guest files in the page cache.
+    for h in CRI_HANDLERS {
+        gone(&ready(h, 1).0);
+    }
+    let mut times: [Vec<f64>; 3] = Default::default();
+    for i in 0..n {
+        for j in 0..CRI_HANDLERS.len() {
+            let k = (i + j) % CRI_HANDLERS.len();
+            let (id, ms) = ready(CRI_HANDLERS[k], 1);
+            times[k].push(ms);
+            gone(&id);
+        }
+    }
+    let (id, _) = ready(HANDLER_VM, 3);
+    let dir = shim_vm::pod::run_dir(&c.address().to_string_lossy(), CRI_NAMESPACE, &id);
+    let pss = settled(vm_processes(&c, &dir));
+    gone(&id);
+    (times.map(|mut t| median(&mut t)), pss)
+}
+
+/// The CRI handlers compared: our VM shim, our runc shim, Debian's Go runc shim.
+const CRI_HANDLERS: [&str; 3] = [HANDLER_VM, HANDLER_OURS, HANDLER_GO];
 
 /// MB/s of `cmd` (writing `mib` MiB to stdout, or nowhere when `expect_out` is false) in an
 /// exec of `runtime`.
@@ -119,13 +189,15 @@ fn main() {
     require_root();
     let mut runs = 10;
     let mut mib = 512;
+    let mut pods = 10;
     let argv: Vec<String> = std::env::args().skip(1).collect();
     for pair in argv.chunks(2) {
         match (pair[0].as_str(), pair.get(1).and_then(|v| v.parse().ok())) {
             ("--runs", Some(v)) => runs = v,
             ("--mib", Some(v)) => mib = v,
+            ("--pods", Some(v)) => pods = v,
             _ => {
-                eprintln!("usage: vm-bench [--runs N] [--mib N]");
+                eprintln!("usage: vm-bench [--runs N] [--mib N] [--pods N]");
                 std::process::exit(2);
             }
         }
@@ -154,6 +226,8 @@ fn main() {
     let (vm_head, runc_head) = (tp(VM_RUNTIME, &head, true), tp(OUR_RUNTIME, &head, true));
     let (vm_dd, runc_dd) = (tp(VM_RUNTIME, &dd, true), tp(OUR_RUNTIME, &dd, true));
     let vm_alone = tp(VM_RUNTIME, &alone, false);
+    drop(c);
+    let ([cri_vm, cri_ours, cri_go], [pod_shim, pod_qemu, pod_fsd]) = cri_pods(pods);
 
     let mb = |kb: u64| kb as f64 / 1024.0;
     println!(
@@ -186,6 +260,22 @@ fn main() {
         vm_dd / runc_dd
     );
     println!("| `head -c {mib}M /dev/zero >/dev/null` in the guest (no stdio: what busybox head does under TCG) | {vm_alone:.0} MB/s | | |");
+    println!(
+        "| CRI: pod ready with its first busybox container, median of {pods} (target VM ≤ 3.0 s) | {cri_vm:.0} ms | {cri_ours:.0} ms | {:.1} |",
+        cri_vm / cri_ours
+    );
+    println!(
+        "| same, Debian's Go runc shim | | {cri_go:.0} ms | VM / Go {:.1}; ours / Go {:.2} |",
+        cri_vm / cri_go,
+        cri_ours / cri_go
+    );
+    println!(
+        "| CRI: host PSS of a 3-container VM pod, shim + QEMU + virtiofsd (target ≤ 300 MiB) | {:.1} + {:.1} + {:.1} = {:.1} MB | | |",
+        mb(pod_shim.1),
+        mb(pod_qemu.1),
+        mb(pod_fsd.1),
+        mb(pod_shim.1 + pod_qemu.1 + pod_fsd.1)
+    );
 }
 
 #[cfg(test)]
