@@ -65,6 +65,22 @@ pub fn delete_pod(cri: &CriClient, pod: &Pod) {
     cri.remove_pod_sandbox(&pod.id).expect("RemovePodSandbox");
 }
 
+/// [`delete_pod`] for a pod whose shim was killed: containerd may still be handling the dead
+/// shim's exits (its event monitor retries them with a back-off) and refuse the stop
+/// meanwhile, and a kubelet then retries StopPodSandbox; so does this, until [`LONG`].
+pub fn delete_pod_retrying(cri: &CriClient, pod: &Pod) {
+    let mut last = None;
+    let stopped = wait_until(LONG, || match cri.stop_pod_sandbox(&pod.id) {
+        Ok(()) => true,
+        Err(e) => {
+            last = Some(e);
+            false
+        }
+    });
+    assert!(stopped, "StopPodSandbox: {last:?}");
+    cri.remove_pod_sandbox(&pod.id).expect("RemovePodSandbox");
+}
+
 /// Nothing of the listed pods and containers is left: no shim, no runc state, no mount
 /// (rootfs, shm, network namespace), no process, no veth on the bridge, no CRI record.
 pub fn assert_all_gone(c: &Containerd, cri: &CriClient, ids: &[String]) {

@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use integration::checks::{mounts_mentioning, processes_mentioning, runc_state, wait_until};
 use integration::cri::{api, log_text, CRI_NAMESPACE, HANDLER_ALT, HANDLER_OURS};
 use integration::cri_fixture::{
-    assert_all_gone, delete_pod, run_pod, run_pod_with, sleeper, start_busybox, LONG,
+    assert_all_gone, delete_pod, delete_pod_retrying, run_pod, run_pod_with, sleeper,
+    start_busybox, LONG,
 };
 use integration::{require_root, target_bin_dir, unique_id, Containerd};
 
@@ -312,7 +313,7 @@ fn stale_socket_of_a_killed_shim_is_replaced() {
         .expect("ExecSync");
     assert_eq!((out.stdout.as_slice(), out.exit_code), (&b"alive\n"[..], 0));
 
-    delete_pod(&cri, &first);
+    delete_pod_retrying(&cri, &first);
     delete_pod(&cri, &second);
     assert_all_gone(
         &c,
