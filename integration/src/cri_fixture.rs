@@ -10,6 +10,25 @@ use crate::{unique_id, Containerd, BUSYBOX_REF};
 /// Generous upper bound for a pod's asynchronous teardown; never a figure.
 pub const LONG: Duration = Duration::from_secs(30);
 
+/// A private containerd with CRI on the binaries `make build` left in
+/// [`crate::target_bin_dir`], once each of `binaries` (the shim under test, `pause`) is there.
+pub fn containerd_with_cri(binaries: &[&str]) -> Containerd {
+    crate::require_root();
+    for bin in binaries {
+        let p = crate::target_bin_dir().join(bin);
+        assert!(
+            p.exists(),
+            "build first (make build): {} is missing",
+            p.display()
+        );
+    }
+    Containerd::builder()
+        .bin_dir(crate::target_bin_dir())
+        .cri(true)
+        .start()
+        .expect("start containerd with CRI")
+}
+
 /// A pod as the tests use it: its id and the config it was run with.
 pub struct Pod {
     pub id: String,

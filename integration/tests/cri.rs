@@ -11,26 +11,13 @@ use std::path::{Path, PathBuf};
 use integration::checks::{mounts_mentioning, processes_mentioning, runc_state, wait_until};
 use integration::cri::{api, log_text, CRI_NAMESPACE, HANDLER_ALT, HANDLER_OURS};
 use integration::cri_fixture::{
-    assert_all_gone, delete_pod, delete_pod_retrying, run_pod, run_pod_with, sleeper,
-    start_busybox, LONG,
+    assert_all_gone, containerd_with_cri, delete_pod, delete_pod_retrying, run_pod, run_pod_with,
+    sleeper, start_busybox, LONG,
 };
-use integration::{require_root, target_bin_dir, unique_id, Containerd};
+use integration::{target_bin_dir, unique_id, Containerd};
 
 fn containerd() -> Containerd {
-    require_root();
-    for bin in ["containerd-shim-runc-v2", "pause"] {
-        let p = target_bin_dir().join(bin);
-        assert!(
-            p.exists(),
-            "build the binaries first: {} is missing",
-            p.display()
-        );
-    }
-    Containerd::builder()
-        .bin_dir(target_bin_dir())
-        .cri(true)
-        .start()
-        .expect("start containerd with CRI")
+    containerd_with_cri(&["containerd-shim-runc-v2", "pause"])
 }
 
 fn shim_set(c: &Containerd) -> BTreeSet<i32> {

@@ -9,27 +9,13 @@ use std::path::PathBuf;
 use integration::checks::{processes_mentioning, wait_until};
 use integration::cri::{api, container_config, log_text, CriClient, CRI_NAMESPACE, HANDLER_VM};
 use integration::cri_fixture::{
-    assert_all_gone, delete_pod, run_pod, run_pod_with, sleeper, start_busybox, start_container,
-    Pod, LONG,
+    assert_all_gone, containerd_with_cri, delete_pod, run_pod, run_pod_with, sleeper,
+    start_busybox, start_container, Pod, LONG,
 };
-use integration::{require_root, target_bin_dir, Containerd, BUSYBOX_REF};
+use integration::{Containerd, BUSYBOX_REF};
 
 fn containerd() -> Containerd {
-    require_root();
-    for bin in ["containerd-shim-vm-v2", "pause"] {
-        let p = target_bin_dir().join(bin);
-        assert!(
-            p.exists(),
-            "build first (make build): {} is missing",
-            p.display()
-        );
-    }
-    Containerd::builder()
-        .log_level("debug")
-        .bin_dir(target_bin_dir())
-        .cri(true)
-        .start()
-        .expect("start containerd with CRI")
+    containerd_with_cri(&["containerd-shim-vm-v2", "pause"])
 }
 
 /// The runtime directory of `pod`'s VM.
