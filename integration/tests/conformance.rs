@@ -38,6 +38,7 @@ fn passes(shim: PathBuf, generation: Generation) -> integration::conformance::Re
         runtime_options: None,
         id: unique_id("conf"),
         one_socket: false,
+        in_vm: false,
         rootfs: Default::default(),
     });
     assert!(report.passed(), "as containerd {generation}:\n{report}");
@@ -570,6 +571,7 @@ fn under_a_daemon_with_only_a_ttrpc_socket_every_shim_passes() {
                 runtime_options: None,
                 id: unique_id("one-socket"),
                 one_socket: true,
+                in_vm: false,
                 rootfs: Default::default(),
             });
             assert!(
@@ -593,6 +595,7 @@ fn an_erofs_layer_and_ext4_upper_mount_on_loop_devices_and_leave_nothing() {
             runtime_options: None,
             id: unique_id("layered"),
             one_socket: false,
+            in_vm: false,
             rootfs: RootfsLayout::Layered,
         });
         assert!(report.passed(), "as containerd {generation}:\n{report}");

@@ -23,6 +23,7 @@ fn pod_of(binary: &str, generation: Generation, kill_shim: bool) -> Report {
             runtime_options: None,
             id: unique_id("pod"),
             one_socket: false,
+            in_vm: false,
             rootfs: Default::default(),
         },
         kill_shim,

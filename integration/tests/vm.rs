@@ -512,6 +512,7 @@ fn the_conformance_runner_passes_against_the_vm_shim_for_every_generation() {
             runtime_options: None,
             id: unique_id("vm-conf"),
             one_socket: false,
+            in_vm: false,
             rootfs: Default::default(),
         });
         assert!(report.passed(), "as containerd {generation}:\n{report}");

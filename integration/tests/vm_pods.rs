@@ -1,12 +1,14 @@
 //! Kubernetes pods on the micro-VM shim through containerd 1.6's CRI (RuntimeClass handler
 //! `vm`): the pause container's create boots the pod's VM, every later container of the
 //! pod joins it (no new VM, no new shim), and StopPodSandbox + RemovePodSandbox leave
-//! nothing of it.
+//! nothing of it. And containerd 2.x's `shim` sandboxer, played by the conformance runner:
+//! the VM is the sandbox.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use integration::checks::{processes_mentioning, wait_until};
+use integration::conformance::{run_sandbox_pod, Config, Generation, Report};
 use integration::cri::{api, container_config, log_text, CriClient, CRI_NAMESPACE, HANDLER_VM};
 use integration::cri_fixture::{
     assert_all_gone, containerd_with_cri, delete_pod, run_pod, run_pod_with, sleeper,
@@ -428,4 +430,111 @@ fn a_killed_vmm_ends_the_pod_s_containers_and_removal_cleans_up() {
     all.push(pod.id.clone());
     assert_all_gone(&c, &cri, &all);
     assert_no_vm_left(&c, &pod);
+}
+
+/// containerd 2.x's `shim` sandboxer, played by the conformance runner: the VM is the pod's
+/// sandbox and no pause container runs. `kill_shim`: the shim is SIGKILLed under the pod,
+/// and containerd's `delete` action must stop its VM.
+fn vm_sandbox(generation: Generation, kill_shim: bool) -> Report {
+    let report = walk_vm_sandbox(
+        generation,
+        kill_shim,
+        None,
+        &integration::unique_id("vmpod"),
+    );
+    assert!(report.passed(), "as containerd {generation}:\n{report}");
+    eprintln!("as containerd {generation}:\n{report}");
+    report
+}
+
+/// The runner's pod walk on the VM shim, with `options` on `start`'s stdin.
+fn walk_vm_sandbox(
+    generation: Generation,
+    kill_shim: bool,
+    options: Option<protobuf::well_known_types::any::Any>,
+    id: &str,
+) -> Report {
+    integration::require_root();
+    let shim = integration::target_bin_dir().join("containerd-shim-vm-v2");
+    assert!(
+        shim.exists(),
+        "build first (make build): {}",
+        shim.display()
+    );
+    run_sandbox_pod(
+        &Config {
+            shim,
+            generation,
+            runtime_options: options,
+            id: id.to_string(),
+            one_socket: false,
+            in_vm: true,
+            rootfs: Default::default(),
+        },
+        kill_shim,
+    )
+}
+
+#[test]
+fn the_vm_is_the_pod_s_sandbox_as_containerd_23_drives_it() {
+    let r = vm_sandbox(Generation::V2_3, false);
+    let names: Vec<&str> = r.steps.iter().map(|s| s.name.as_str()).collect();
+    for step in [
+        "start sandbox",
+        "pod container",
+        "reconnect",
+        "wait sandbox",
+        "delete action",
+    ] {
+        assert!(names.contains(&step), "{step} did not run:\n{r}");
+    }
+}
+
+#[test]
+fn the_vm_is_the_pod_s_sandbox_as_containerd_20_drives_it() {
+    vm_sandbox(Generation::V2_0, false);
+}
+
+#[test]
+fn a_killed_vm_shim_s_pod_is_stopped_by_delete() {
+    let r = vm_sandbox(Generation::V2_3, true);
+    assert!(
+        r.steps.iter().any(|s| s.name == "pod stopped by delete"),
+        "{r}"
+    );
+}
+
+#[test]
+fn a_sandbox_s_options_come_on_start_s_stdin_and_a_missing_vmm_fails_its_start_alone() {
+    // containerd 2.x's `shim` sandboxer sends a sandbox's runtime options only to `start`
+    // (its CreateSandbox carries CRI's pod config): a VMM path there must be the one used.
+    let missing = "/nonexistent/qemu-system-x86_64";
+    let options = protocol::pack(&protocol::runtimeoptions::Options {
+        config_body: format!("qemu_path = {missing:?}\n").into_bytes(),
+        ..Default::default()
+    })
+    .expect("pack runtime options");
+    let id = integration::unique_id("vmnoqemu");
+    let r = walk_vm_sandbox(Generation::V2_3, false, Some(options), &id);
+    eprintln!("{r}");
+    let step = |name: &str| r.steps.iter().find(|s| s.name == name);
+    let start = step("start sandbox").unwrap_or_else(|| panic!("no start sandbox step:\n{r}"));
+    assert!(
+        !start.ok && start.detail.contains(missing),
+        "StartSandbox must fail naming {missing}:\n{r}"
+    );
+    // containerd then releases it: ShutdownSandbox, the shim's exit, `delete`.
+    for name in [
+        "create sandbox",
+        "shutdown sandbox",
+        "shim exits",
+        "delete action",
+    ] {
+        assert!(step(name).is_some_and(|s| s.ok), "{name}:\n{r}");
+    }
+    assert!(
+        wait_until(LONG, || processes_mentioning(&id).is_empty()),
+        "left: {:?}",
+        processes_mentioning(&id)
+    );
 }

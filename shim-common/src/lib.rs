@@ -121,9 +121,7 @@ fn dispatch<B: Backend>(name: &str) -> Result<()> {
             Ok(())
         }
         Action::Start => {
-            // Options `start` cannot read are for `Create` to refuse, with the reason.
-            let shim_cgroup = |any: Option<&_>| B::shim_cgroup(&options::decode(any).ok()?);
-            let answer = start::start(&flags, shim_cgroup)?;
+            let answer = start::start::<B::Options>(&flags, B::shim_cgroup)?;
             let mut out = std::io::stdout().lock();
             out.write_all(&answer).context("write start answer")?;
             out.flush().context("write start answer")

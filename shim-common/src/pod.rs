@@ -61,6 +61,20 @@ pub struct PodConfig {
     pub metadata: PodMetadata,
     /// `hostname` (field 2): empty for a host-network pod (kubelet sends none).
     pub hostname: String,
+    /// `linux.resources` (fields 8, 5): the sum of the containers' limits, which the
+    /// kubelet sends since Kubernetes 1.23; zeros when it sends none.
+    pub resources: PodResources,
+}
+
+/// CRI's `LinuxContainerResources`, the fields a pod is sized by (0: not set).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PodResources {
+    /// `cpu_period` (field 1), µs.
+    pub cpu_period: i64,
+    /// `cpu_quota` (field 2), µs per period.
+    pub cpu_quota: i64,
+    /// `memory_limit_in_bytes` (field 4).
+    pub memory_limit: i64,
 }
 
 /// CRI's `PodSandboxMetadata`: who the pod is in Kubernetes.
@@ -98,17 +112,43 @@ impl PodConfig {
             return Ok(None);
         }
         let mut config = PodConfig::default();
-        let mut metadata = Vec::new();
+        let (mut metadata, mut linux) = (Vec::new(), Vec::new());
         fields(&options.value, |n, input| {
             match n {
                 1 => metadata = input.read_bytes()?,
                 2 => config.hostname = input.read_string()?,
+                8 => linux = input.read_bytes()?,
                 _ => return Ok(false),
             }
             Ok(true)
         })?;
         config.metadata = PodMetadata::decode(&metadata)?;
+        let mut resources = Vec::new();
+        fields(&linux, |n, input| {
+            match n {
+                5 => resources = input.read_bytes()?,
+                _ => return Ok(false),
+            }
+            Ok(true)
+        })?;
+        config.resources = PodResources::decode(&resources)?;
         Ok(Some(config))
+    }
+}
+
+impl PodResources {
+    fn decode(bytes: &[u8]) -> Result<PodResources> {
+        let mut r = PodResources::default();
+        fields(bytes, |n, input| {
+            match n {
+                1 => r.cpu_period = input.read_int64()?,
+                2 => r.cpu_quota = input.read_int64()?,
+                4 => r.memory_limit = input.read_int64()?,
+                _ => return Ok(false),
+            }
+            Ok(true)
+        })?;
+        Ok(r)
     }
 }
 
@@ -199,6 +239,35 @@ mod tests {
             PodConfig::of(&cut),
             Err(Error::InvalidArgument(_))
         ));
+    }
+
+    #[test]
+    fn a_pod_config_gives_the_pod_s_resources() {
+        // linux (8) {cgroup_parent (1), resources (5) {cpu_period 1, cpu_quota 2,
+        // cpu_shares 3, memory_limit_in_bytes 4: varints}}
+        let resources = b"\x08\xa0\x8d\x06\x10\xf0\x93\x09\x18\x02\x20\x80\x80\x80\x20";
+        let mut linux = b"\x0a\x02/k".to_vec();
+        linux.push(0x2a);
+        linux.push(resources.len() as u8);
+        linux.extend_from_slice(resources);
+        let c = PodConfig::of(&config(&[(2, b"web-0"), (8, &linux)]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            c.resources,
+            PodResources {
+                cpu_period: 100_000,
+                cpu_quota: 150_000,
+                memory_limit: 64 << 20,
+            }
+        );
+        assert_eq!(
+            PodConfig::of(&config(&[(2, b"x")]))
+                .unwrap()
+                .unwrap()
+                .resources,
+            PodResources::default()
+        );
     }
 
     #[test]

@@ -9,11 +9,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use protobuf::well_known_types::any::Any;
-
 use crate::bootstrap::{StartInput, MAX_SHIM_VERSION_ENV, STDIN_LIMIT};
 use crate::error::{Context, Result};
 use crate::flags::Flags;
+use crate::options::{self, RuntimeOptions};
 use crate::rpc;
 use crate::service::GROUP_SERVICE;
 use crate::socket::{self, Bound};
@@ -44,11 +43,13 @@ pub fn group_id(bundle: &Path, id: &str) -> Result<String> {
 /// Runs `start` and returns what to print on stdout: the address, JSON or a
 /// `BootstrapResult`, depending on what containerd wrote on stdin.
 ///
-/// `shim_cgroup` names the cgroup the daemon must run in, from the runtime options (see
-/// [`crate::Backend::shim_cgroup`]).
-pub fn start(
+/// The runtime options on stdin are kept in the bundle: containerd 2.x's `shim` sandboxer
+/// sends a sandbox's options only here (its `CreateSandbox` carries CRI's pod config), and
+/// a container's `Create` keeps its own over them. `shim_cgroup` names the cgroup the daemon
+/// must run in, from those options (see [`crate::Backend::shim_cgroup`]).
+pub fn start<O: RuntimeOptions>(
     flags: &Flags,
-    shim_cgroup: impl FnOnce(Option<&Any>) -> Option<String>,
+    shim_cgroup: impl FnOnce(&O) -> Option<String>,
 ) -> Result<Vec<u8>> {
     // Read all of stdin first (containerd's writer must never block), and refuse bad input
     // before anything is bound or spawned.
@@ -61,7 +62,20 @@ pub fn start(
     let input = StartInput::read(&stdin, flags, max_shim_version.as_deref())?;
     let mut flags = flags.clone();
     input.apply(&mut flags);
-    let cgroup = shim_cgroup(input.options());
+    // Options `start` cannot read are for `Create` (or `CreateSandbox`) to refuse, with the
+    // reason: the defaults until then.
+    let cgroup = match options::decode::<O>(input.options()) {
+        Ok(o) => {
+            if input.options().is_some_and(|a| !a.value.is_empty()) {
+                options::save(Path::new(&flags.bundle), &o)?;
+            }
+            shim_cgroup(&o)
+        }
+        Err(e) => {
+            log::warn!("runtime options on stdin: {e}");
+            None
+        }
+    };
     let address = start_daemon(&flags, input.socket_dir(), cgroup.as_deref())?;
     input.answer(&address)
 }

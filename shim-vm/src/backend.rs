@@ -22,14 +22,26 @@ use crate::guest::{Guest, CALL_TIMEOUT};
 use crate::options::VmOptions;
 use crate::pod::{self, Pod};
 use crate::relay::{self, Process};
+use crate::sandbox::VmSandboxes;
 use crate::share::{self, Share};
+use shim_common::sandbox::Sandboxes;
 
 /// Where the `delete` action finds a container's VM after a crash: a file in its bundle.
 const VM_DIR_FILE: &str = "vm-dir";
 
+/// Records the VM's directory in `bundle`, for the `delete` action after a crash.
+pub(crate) fn record_vm_dir(bundle: &Path, vm_dir: &Path) -> Result<()> {
+    std::fs::write(
+        bundle.join(VM_DIR_FILE),
+        vm_dir.to_string_lossy().as_bytes(),
+    )
+    .context("record the VM's directory in the bundle")
+}
+
 /// Runs each container group in a QEMU microvm.
 pub struct VmBackend {
     pod: Arc<Pod>,
+    sandboxes: VmSandboxes,
 }
 
 /// A container in the VM.
@@ -45,13 +57,15 @@ impl Backend for VmBackend {
     const HOST_PROCESSES: bool = false;
 
     fn new(ctx: &ShimContext) -> Result<Self> {
+        let pod = Arc::new(Pod::new(
+            &ctx.address,
+            &ctx.namespace,
+            &ctx.id,
+            ctx.exits.clone(),
+        ));
         Ok(VmBackend {
-            pod: Arc::new(Pod::new(
-                &ctx.address,
-                &ctx.namespace,
-                &ctx.id,
-                ctx.exits.clone(),
-            )),
+            sandboxes: VmSandboxes::new(pod.clone()),
+            pod,
         })
     }
 
@@ -66,11 +80,7 @@ impl Backend for VmBackend {
         };
         let guest = self.pod.guest(req.options, size)?;
         let share = Share::create(&self.pod.shared(), req.id, req.bundle, self.pod.sandbox())?;
-        std::fs::write(
-            req.bundle.join(VM_DIR_FILE),
-            self.pod.dir().to_string_lossy().as_bytes(),
-        )
-        .context("record the VM's directory in the bundle")?;
+        record_vm_dir(req.bundle, self.pod.dir())?;
         let process = Process {
             container: req.id.to_string(),
             exec: String::new(),
@@ -332,6 +342,10 @@ impl Backend for VmBackend {
         pod::cleanup_dir(dir);
         log::info!("cleaned up the VM of {id} at {}", dir.display());
         Ok(())
+    }
+
+    fn sandboxes(&self) -> Option<&dyn Sandboxes> {
+        Some(&self.sandboxes)
     }
 
     fn shutdown(&self) {

@@ -90,6 +90,17 @@ impl Guest {
         self.call(protocol::TASK_SERVICE_V2, method, req, CALL_TIMEOUT)
     }
 
+    /// A call of the guest's sandbox service (the SDK's, with the runc backend's host pods).
+    pub fn sandbox<M: Message>(&self, method: &str, req: &impl Message) -> Result<M> {
+        self.call(protocol::SANDBOX_SERVICE, method, req, CALL_TIMEOUT)
+    }
+
+    /// A sandbox call that waits as long as the VM lives (`WaitSandbox`), made again on a
+    /// new connection after a reconnect.
+    pub fn sandbox_wait<M: Message>(&self, method: &str, req: &impl Message) -> Result<M> {
+        self.call_again(protocol::SANDBOX_SERVICE, method, req, Duration::MAX)
+    }
+
     /// A call of the agent's own service; `timeout` `Duration::MAX` waits as long as the
     /// connection lives (a pending `ReadStdio`).
     pub fn agent<M: Message>(

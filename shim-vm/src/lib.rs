@@ -4,7 +4,7 @@
 //!
 //! | where | what | module |
 //! |---|---|---|
-//! | host, shim | the SDK's task service with [`backend::VmBackend`] | `backend`, `pod`, `share`, `spec_version`, `relay`, `guest` |
+//! | host, shim | the SDK's task and sandbox services with [`backend::VmBackend`] | `backend`, `sandbox`, `pod`, `share`, `spec_version`, `relay`, `guest` |
 //! | host, beside | QEMU `microvm`, `virtiofsd` for the shared directory, `vhost-device-vsock` for a vsock channel | `vmm`, `virtiofsd`, `vsock` |
 //! | both | the channel between them: virtio-serial or vsock | `channel`, `vsock` |
 //! | guest, PID 1 | the SDK's task service with the runc backend, stdio fifos | `agent`, `boot` |
@@ -19,6 +19,7 @@ pub mod options;
 pub mod pod;
 pub mod process;
 pub mod relay;
+pub mod sandbox;
 pub mod share;
 pub mod spec_version;
 pub mod virtiofsd;

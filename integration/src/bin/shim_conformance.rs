@@ -30,6 +30,10 @@
 //! sandbox's namespaces, a reconnect, `StopSandbox`, `ShutdownSandbox`, `delete`), with
 //! every out-of-order call expected refused; it needs `ip` (iproute2).
 //!
+//! `--vm`: the shim runs its pods in VMs (`containerd-shim-vm-v2`), so the pids it reports
+//! are guest pids: the sandbox walk then checks what a pod's container sees (hostname, the
+//! holder as its PID 1) instead of comparing namespaces in the host's `/proc`.
+//!
 //! `--one-socket` plays a daemon other than containerd that has only its ttrpc socket:
 //! `-address` and `GRPC_ADDRESS` name the events service's socket too, which speaks no gRPC
 //! (a shim must not wait on it).
@@ -57,7 +61,7 @@ use protobuf::well_known_types::any::Any;
 
 const USAGE: &str = "usage: shim-conformance --shim PATH --generation 1.6|1.7|2.0|2.3 \
 [--runc-binary NAME] [--runtime-options FILE.toml] [--runtime-options-path FILE.toml] [--id ID] \
-[--sandbox] [--one-socket] [--rootfs dir|layered]";
+[--sandbox] [--vm] [--one-socket] [--rootfs dir|layered]";
 
 fn main() -> ExitCode {
     let (config, sandbox) = match parse(std::env::args().skip(1)) {
@@ -93,6 +97,7 @@ fn main() -> ExitCode {
 fn parse(mut args: impl Iterator<Item = String>) -> Result<(Config, bool), String> {
     let mut sandbox = false;
     let mut one_socket = false;
+    let mut in_vm = false;
     let mut rootfs = RootfsLayout::HostDir;
     let mut shim = None;
     let mut generation = None;
@@ -106,6 +111,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<(Config, bool), Strin
             "--id" => id = value()?,
             "--sandbox" => sandbox = true,
             "--one-socket" => one_socket = true,
+            "--vm" => in_vm = true,
             "--rootfs" => rootfs = value()?.parse()?,
             "--runc-binary" => {
                 let o = protocol::options::Options {
@@ -138,6 +144,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<(Config, bool), Strin
         runtime_options: options,
         id,
         one_socket,
+        in_vm,
         rootfs,
     };
     if sandbox && matches!(config.generation, Generation::V1_6 | Generation::V1_7) {

@@ -775,6 +775,18 @@ impl Playground {
         *self.shim_pid.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The daemon serving the address `start` answered, found by its command line (it is
+    /// started with `-socket ADDRESS`): for a walk that failed before `Connect` told it.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        let address = self
+            .address
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
+        let found = crate::checks::processes_mentioning(&format!("-socket {address}"));
+        found.first().map(|(pid, _)| *pid as u32)
+    }
+
     /// Remembers where the shim serves so [`Drop`] can remove a socket a killed shim left.
     pub fn set_address(&self, address: &str) {
         *self.address.lock().unwrap_or_else(|p| p.into_inner()) = Some(address.to_string());
@@ -908,6 +920,9 @@ pub struct Config {
     /// shim test tools do: `-address` and `GRPC_ADDRESS` name the socket its events service
     /// listens on, which speaks no gRPC.
     pub one_socket: bool,
+    /// The shim runs pods in VMs: the pids it reports are guest pids, which the host's
+    /// `/proc` knows nothing of (the sandbox walk checks from inside instead).
+    pub in_vm: bool,
     /// How containerd hands over the container's root filesystem.
     pub rootfs: RootfsLayout,
 }

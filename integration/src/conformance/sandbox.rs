@@ -238,6 +238,10 @@ fn walk_pod(
         },
     );
     let (pid, spec) = match started {
+        Ok(r) if config.in_vm => {
+            report.check("start sandbox", Ok(format!("pid {} in the VM", r.pid)));
+            (r.pid, r.spec.into_option())
+        }
         Ok(r) => {
             let pid = r.pid;
             let same = fs::metadata(netns.path()).map(|m| m.ino()).ok()
@@ -257,6 +261,9 @@ fn walk_pod(
         }
         Err(e) => {
             report.check("start sandbox", Err(e));
+            // containerd's controller then releases the sandbox (`cleanupShim`):
+            // ShutdownSandbox, the shim's exit, the `delete` action.
+            shut_down(pg, api, &id, report);
             return None;
         }
     };
@@ -318,7 +325,10 @@ fn walk_pod(
     ready(&api, "status ready", report);
     report.check("status info", status_info(&api, &id, pid));
     report.check("create through a second start", create_again(pg, &create));
-    report.check("host-network sandbox", host_network_sandbox(pg, &api));
+    report.check(
+        "host-network sandbox",
+        host_network_sandbox(pg, &api, config.in_vm),
+    );
 
     // A container of the pod, as CRI's spec for it and containerd's connection per task.
     let mut spec = super::spec(
@@ -359,9 +369,10 @@ fn walk_pod(
         })
         .map_err(|e| report.check("pod container", Err(describe(&e))))
         .ok()?;
+    // In a VM, the output is the check: the pod's hostname and its holder as PID 1.
     let joined: Vec<String> = ["net", "ipc", "uts", "pid"]
         .into_iter()
-        .filter(|k| ns(task_pid, k) != ns(pid, k))
+        .filter(|k| !config.in_vm && ns(task_pid, k) != ns(pid, k))
         .map(str::to_string)
         .collect();
     let want = format!("{hostname}\npod-holder\n");
@@ -381,7 +392,7 @@ fn walk_pod(
     );
 
     if kill_shim {
-        return killed_shim(pg, &api, pid, task_pid, report);
+        return killed_shim(pg, &api, pid, task_pid, config.in_vm, report);
     }
 
     // containerd restarts: a new connection, task `Connect` by the sandbox's id, status.
@@ -470,28 +481,38 @@ fn walk_pod(
     report.check("status after stop", status);
     report.check(
         "holder gone",
-        match wait_until(EXIT_TIMEOUT, || !process_alive(pid)) {
+        match config.in_vm || wait_until(EXIT_TIMEOUT, || !process_alive(pid)) {
+            true if config.in_vm => Ok(format!("pid {pid} in the VM: not ready above")),
             true => Ok(format!("pid {pid}")),
             false => Err(format!("pid {pid} still alive")),
         },
     );
 
     // RemovePodSandbox: ShutdownSandbox; the shim exits; the connection's close runs `delete`.
+    shut_down(pg, api, &id, report)
+}
+
+/// ShutdownSandbox, the shim's exit, then the `delete` action, as containerd releases a
+/// sandbox (RemovePodSandbox, or a failed start).
+fn shut_down(pg: &Playground, api: TaskApi, id: &str, report: &mut Report) -> Option<()> {
+    let shim = pg.shim_pid().or_else(|| pg.daemon_pid());
     let shut = sandbox_call::<_, ShutdownSandboxResponse>(
         &api,
         "ShutdownSandbox",
         &ShutdownSandboxRequest {
-            sandbox_id: id.clone(),
+            sandbox_id: id.to_string(),
             ..Default::default()
         },
     );
     report.check("shutdown sandbox", shut.map(|_| "shut down".into()));
-    let shim = pg.shim_pid().unwrap_or(0);
     report.check(
         "shim exits",
-        match wait_until(EXIT_TIMEOUT, || !process_alive(shim)) {
-            true => Ok(format!("pid {shim}")),
-            false => Err(format!("shim {shim} still alive")),
+        match shim {
+            None => Err("the shim's pid is unknown".into()),
+            Some(shim) if wait_until(EXIT_TIMEOUT, || !process_alive(shim)) => {
+                Ok(format!("pid {shim}"))
+            }
+            Some(shim) => Err(format!("shim {shim} still alive")),
         },
     );
     drop(api);
@@ -505,6 +526,7 @@ fn killed_shim(
     api: &TaskApi,
     pid: u32,
     task_pid: u32,
+    in_vm: bool,
     report: &mut Report,
 ) -> Option<()> {
     let shim = api
@@ -522,6 +544,29 @@ fn killed_shim(
     // SAFETY: plain kill(2) of the pid the shim reported as its own.
     unsafe { libc::kill(shim as i32, libc::SIGKILL) };
     let dead = wait_until(EXIT_TIMEOUT, || !process_alive(shim));
+    if in_vm {
+        // The VM's processes (QEMU and its helpers) name the shim's runtime directory, whose
+        // name the runner cannot know: they are the shim's children left behind.
+        let left = || children_of(shim).is_empty();
+        let vm = !left();
+        report.check(
+            "kill shim",
+            match (dead, vm) {
+                (true, true) => Ok(format!("shim {shim} gone, its VM still there")),
+                _ => Err(format!("shim dead {dead}, VM processes left {vm}")),
+            },
+        );
+        delete_action(pg, report)?;
+        let gone = wait_until(EXIT_TIMEOUT, left);
+        report.check(
+            "pod stopped by delete",
+            match gone {
+                true => Ok("the VM is gone".into()),
+                false => Err(format!("VM processes left: {:?}", children_of(shim))),
+            },
+        );
+        return Some(());
+    }
     let alive = process_alive(pid);
     report.check(
         "kill shim",
@@ -546,6 +591,28 @@ fn killed_shim(
         },
     );
     Some(())
+}
+
+/// The processes of the session `pid` led: the shim daemon runs in a session of its own,
+/// and what it spawned (QEMU, virtiofsd) stays in it after the shim dies.
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    // pid (comm) state ppid pgrp session: comm may hold spaces.
+                    let rest = &stat[stat.rfind(')')? + 2..];
+                    rest.split(' ').nth(3)?.parse::<u32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
 }
 
 fn delete_action(pg: &Playground, report: &mut Report) -> Option<()> {
@@ -648,7 +715,7 @@ fn create_again(pg: &Playground, create: &CreateSandboxRequest) -> Result<String
 /// A host-network pod (no `netns_path`) beside the first in the same shim: its holder stays
 /// in the host's network and UTS namespaces (containerd's own controller gives the pause
 /// container neither), with IPC and PID of its own; then it is stopped and released.
-fn host_network_sandbox(pg: &Playground, api: &TaskApi) -> Result<String, String> {
+fn host_network_sandbox(pg: &Playground, api: &TaskApi, in_vm: bool) -> Result<String, String> {
     let id = format!("{}-hostnet", pg.id);
     let bundle = pg.bundle().with_file_name(&id);
     fs::create_dir_all(&bundle).map_err(|e| format!("create {}: {e}", bundle.display()))?;
@@ -656,6 +723,7 @@ fn host_network_sandbox(pg: &Playground, api: &TaskApi) -> Result<String, String
         sandbox_id: id.clone(),
         bundle_path: bundle.display().to_string(),
         options: protobuf::MessageField::some(pod_config("not-used")),
+        annotations: HashMap::from([(ANNOTATION.0.to_string(), ANNOTATION.1.to_string())]),
         ..Default::default()
     };
     sandbox_call::<_, CreateSandboxResponse>(api, "CreateSandbox", &create)?;
@@ -668,6 +736,12 @@ fn host_network_sandbox(pg: &Playground, api: &TaskApi) -> Result<String, String
         },
     );
     let checked = started.and_then(|r| {
+        if in_vm {
+            // The VM is the pod's host: a host-network pod has the VM's network and a UTS
+            // namespace of its own there.
+            return check_spec(r.spec.as_ref(), r.pid, true)
+                .map(|spec| format!("holder {} in the VM; spec {spec}", r.pid));
+        }
         let me = std::process::id();
         let pid = r.pid;
         let host: Vec<&str> = ["net", "uts"]
