@@ -60,6 +60,7 @@ fn a_pause_less_pod_lives_and_ends_as_containerd_20_drives_it() {
             "create through a second start",
             "host-network sandbox",
             "pod container",
+            "sandbox metrics",
             "reconnect",
             "status after reconnect",
             "stats after exit",

@@ -22,6 +22,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use protobuf::well_known_types::any::Any;
+
 use crate::error::{Context, Error, Result};
 use crate::pidfd::PidFd;
 use crate::pod::PodConfig;
@@ -40,6 +42,8 @@ struct Pod {
     bundle: PathBuf,
     netns: Option<PathBuf>,
     hostname: Option<String>,
+    /// The pod's cgroup (CRI's `cgroup_parent`), where its containers' cgroups nest.
+    cgroup_parent: Option<String>,
     annotations: HashMap<String, String>,
     holder: Option<Holder>,
 }
@@ -62,14 +66,12 @@ impl Sandboxes for HostPods {
                 Error::InvalidArgument(format!("network namespace {}: {e}", netns.display()))
             })?;
         }
+        let config = req.options.map(PodConfig::of).transpose()?.flatten();
         // A host-network pod has the node's hostname (kubelet sends none for it).
         let hostname = match req.netns {
-            Some(_) => req
-                .options
-                .map(PodConfig::of)
-                .transpose()?
-                .flatten()
-                .map(|c| c.hostname)
+            Some(_) => config
+                .as_ref()
+                .map(|c| c.hostname.clone())
                 .filter(|h| !h.is_empty()),
             None => None,
         };
@@ -77,6 +79,7 @@ impl Sandboxes for HostPods {
             bundle: req.bundle.to_path_buf(),
             netns: req.netns.map(Path::to_path_buf),
             hostname,
+            cgroup_parent: config.map(|c| c.cgroup_parent).filter(|p| !p.is_empty()),
             annotations: req.annotations.clone(),
             holder: None,
         };
@@ -119,6 +122,21 @@ impl Sandboxes for HostPods {
             let _ = std::fs::remove_file(pod.bundle.join(HOLDER_FILE));
         }
         Ok(())
+    }
+
+    /// The pod's cgroup: what its containers use together, as containerd's own pod
+    /// sandbox controller reads it. A pod without one has no figures (`NotFound`, which
+    /// CRI's `ListPodSandboxStats` skips).
+    fn metrics(&self, id: &str) -> Result<Any> {
+        let parent = lock(&self.pods)
+            .get(id)
+            .and_then(|p| p.cgroup_parent.clone());
+        match parent {
+            Some(parent) => crate::cgroups::metrics_at(&parent),
+            None => Err(Error::NotFound(format!(
+                "sandbox {id}: its pod config names no cgroup_parent"
+            ))),
+        }
     }
 
     fn info(&self, id: &str) -> HashMap<String, String> {

@@ -61,6 +61,9 @@ pub struct PodConfig {
     pub metadata: PodMetadata,
     /// `hostname` (field 2): empty for a host-network pod (kubelet sends none).
     pub hostname: String,
+    /// `linux.cgroup_parent` (fields 8, 1): the pod's cgroup, which its containers' cgroups
+    /// nest in (a path, or a systemd slice name); empty when none is given.
+    pub cgroup_parent: String,
     /// `linux.resources` (fields 8, 5): the sum of the containers' limits, which the
     /// kubelet sends since Kubernetes 1.23; zeros when it sends none.
     pub resources: PodResources,
@@ -126,6 +129,7 @@ impl PodConfig {
         let mut resources = Vec::new();
         fields(&linux, |n, input| {
             match n {
+                1 => config.cgroup_parent = input.read_string()?,
                 5 => resources = input.read_bytes()?,
                 _ => return Ok(false),
             }
@@ -253,6 +257,7 @@ mod tests {
         let c = PodConfig::of(&config(&[(2, b"web-0"), (8, &linux)]))
             .unwrap()
             .unwrap();
+        assert_eq!(c.cgroup_parent, "/k");
         assert_eq!(
             c.resources,
             PodResources {

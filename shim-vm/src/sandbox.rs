@@ -15,9 +15,9 @@ use std::time::Duration;
 use protobuf::well_known_types::any::Any;
 use protobuf::MessageField;
 use protocol::sandbox::{
-    CreateSandboxRequest, CreateSandboxResponse, ShutdownSandboxRequest, ShutdownSandboxResponse,
-    StartSandboxRequest, StartSandboxResponse, StopSandboxRequest, StopSandboxResponse,
-    WaitSandboxRequest, WaitSandboxResponse,
+    CreateSandboxRequest, CreateSandboxResponse, SandboxMetricsRequest, SandboxMetricsResponse,
+    ShutdownSandboxRequest, ShutdownSandboxResponse, StartSandboxRequest, StartSandboxResponse,
+    StopSandboxRequest, StopSandboxResponse, WaitSandboxRequest, WaitSandboxResponse,
 };
 use shim_common::pod::PodConfig;
 use shim_common::sandbox::{SandboxCreate, SandboxExit, Sandboxes};
@@ -226,6 +226,24 @@ impl Sandboxes for VmSandboxes {
             crate::share::remove(&share);
         }
         Ok(())
+    }
+
+    /// The pod's cgroup in the guest, where its containers' cgroups nest: the guest's
+    /// sandbox service reads it as on a host.
+    fn metrics(&self, id: &str) -> Result<Any> {
+        let guest = self
+            .pod
+            .running()
+            .ok_or_else(|| Error::Unavailable(format!("sandbox {id}: its VM is not running")))?;
+        let req = SandboxMetricsRequest {
+            sandbox_id: id.to_string(),
+            ..Default::default()
+        };
+        let r: SandboxMetricsResponse = guest.sandbox("SandboxMetrics", &req)?;
+        r.metrics
+            .into_option()
+            .and_then(|m| m.data.into_option())
+            .ok_or_else(|| Error::NotFound(format!("sandbox {id}: the guest gave no metrics")))
     }
 
     fn info(&self, _id: &str) -> HashMap<String, String> {

@@ -12,7 +12,9 @@
 //! in `StartSandboxResponse.spec` (NRI), `SandboxStatus.info["info"]` (CRI's `SandboxInfo`),
 //! `Stats` of the container after its exit and before its delete (CRI's OOM check), a second
 //! `CreateSandbox` through a second `start` refused, and a host-network sandbox in the
-//! host's network and UTS namespaces.
+//! host's network and UTS namespaces. The pod has a cgroup parent, its container's cgroup
+//! nests in it, and `SandboxMetrics` (which containerd 2.4's CRI asks for pod stats) gives
+//! that cgroup's figures.
 
 use std::os::unix::fs::MetadataExt;
 use std::sync::mpsc;
@@ -24,16 +26,84 @@ use protocol::{sandbox_state, SANDBOX_SERVICE};
 use super::*;
 
 /// What CRI sends as `CreateSandbox.options`: a `PodSandboxConfig` with only `hostname`
-/// (field 2) and a `metadata` (field 1) set; a shim must skip what it does not read.
-fn pod_config(hostname: &str) -> Any {
+/// (field 2), a `metadata` (field 1) and, unless empty, `linux.cgroup_parent` (fields 8, 1)
+/// set; a shim must skip what it does not read.
+fn pod_config(hostname: &str, cgroup_parent: &str) -> Any {
     let mut value = vec![0x0a, 0x05, 0x0a, 0x03, b'p', b'o', b'd'];
     value.push(0x12);
     value.push(hostname.len() as u8);
     value.extend_from_slice(hostname.as_bytes());
+    if !cgroup_parent.is_empty() {
+        // linux (8) { cgroup_parent (1) }
+        value.push(0x42);
+        value.push(cgroup_parent.len() as u8 + 2);
+        value.push(0x0a);
+        value.push(cgroup_parent.len() as u8);
+        value.extend_from_slice(cgroup_parent.as_bytes());
+    }
     Any {
         type_url: "type.googleapis.com/runtime.v1.PodSandboxConfig".into(),
         value,
         ..Default::default()
+    }
+}
+
+/// The pod's cgroup as the kubelet names one (`cgroup_parent`, cgroupfs style), removed
+/// from every hierarchy on drop: runc removes a container's cgroup, not its parent.
+struct PodCgroup(String);
+
+impl Drop for PodCgroup {
+    fn drop(&mut self) {
+        let rel = self.0.trim_start_matches('/');
+        let mut roots = vec![PathBuf::from("/sys/fs/cgroup")];
+        if let Ok(entries) = fs::read_dir("/sys/fs/cgroup") {
+            roots.extend(entries.flatten().map(|e| e.path()));
+        }
+        for dir in roots.iter().map(|r| r.join(rel)).filter(|d| d.is_dir()) {
+            // A container's cgroup a killed shim left, then the pod's.
+            if let Ok(children) = fs::read_dir(&dir) {
+                for c in children.flatten().filter(|c| c.path().is_dir()) {
+                    let _ = fs::remove_dir(c.path());
+                }
+            }
+            let _ = fs::remove_dir(&dir);
+        }
+    }
+}
+
+/// `SandboxMetrics` while the pod's container runs: its pod cgroup's figures, as containerd
+/// 2.4's CRI decodes them (cgroups v1 or v2 `Metrics`), with the container's memory and
+/// processes in them.
+fn sandbox_metrics(api: &TaskApi, id: &str) -> Result<String, String> {
+    let r = sandbox_call::<_, SandboxMetricsResponse>(
+        api,
+        "SandboxMetrics",
+        &SandboxMetricsRequest {
+            sandbox_id: id.to_string(),
+            ..Default::default()
+        },
+    )?;
+    let metric = r.metrics.into_option().ok_or("no metrics")?;
+    if metric.id != id {
+        return Err(format!("metrics of {:?}", metric.id));
+    }
+    let data = metric.data.into_option().ok_or("no data")?;
+    let (memory, pids) = match data.type_url.as_str() {
+        protocol::type_urls::CGROUPS_V1_METRICS => {
+            let m = protocol::cgroups_v1::Metrics::parse_from_bytes(&data.value)
+                .map_err(|e| format!("decode {}: {e}", data.type_url))?;
+            (m.memory.usage.usage, m.pids.current)
+        }
+        protocol::type_urls::CGROUPS_V2_METRICS => {
+            let m = protocol::cgroups_v2::Metrics::parse_from_bytes(&data.value)
+                .map_err(|e| format!("decode {}: {e}", data.type_url))?;
+            (m.memory.usage, m.pids.current)
+        }
+        other => return Err(format!("type {other:?}")),
+    };
+    match (memory > 0, pids > 0) {
+        (true, true) => Ok(format!("{}: memory {memory} B, {pids} pids", data.type_url)),
+        _ => Err(format!("{}: memory {memory} B, {pids} pids", data.type_url)),
     }
 }
 
@@ -142,6 +212,7 @@ fn walk_pod(
 ) -> Option<()> {
     let id = pg.id.clone();
     let hostname = "pod-host";
+    let cgroup = PodCgroup(format!("/shimconf-{id}"));
     // A sandbox bundle has no spec.
     let _ = fs::remove_file(pg.bundle().join("config.json"));
 
@@ -175,7 +246,7 @@ fn walk_pod(
     let create = CreateSandboxRequest {
         sandbox_id: id.clone(),
         bundle_path: pg.bundle().display().to_string(),
-        options: protobuf::MessageField::some(pod_config(hostname)),
+        options: protobuf::MessageField::some(pod_config(hostname, &cgroup.0)),
         netns_path: netns.path().display().to_string(),
         annotations: HashMap::from([(ANNOTATION.0.to_string(), ANNOTATION.1.to_string())]),
         ..Default::default()
@@ -201,7 +272,7 @@ fn walk_pod(
         refused(&api, "CreateSandbox", &bad, ttrpc::Code::INVALID_ARGUMENT),
     );
     let mut bad = create.clone();
-    let mut cut = pod_config(hostname);
+    let mut cut = pod_config(hostname, &cgroup.0);
     cut.value.truncate(cut.value.len() - 2);
     bad.options = protobuf::MessageField::some(cut);
     report.check(
@@ -337,6 +408,7 @@ fn walk_pod(
     );
     spec["ociVersion"] = config.generation.oci_version().into();
     spec["hostname"] = serde_json::Value::Null;
+    spec["linux"]["cgroupsPath"] = format!("{}/{}", cgroup.0, ctr.id).into();
     spec["linux"]["namespaces"] = serde_json::json!([
         {"type": "pid", "path": format!("/proc/{pid}/ns/pid")},
         {"type": "network", "path": netns.path()},
@@ -390,6 +462,8 @@ fn walk_pod(
             ))
         },
     );
+
+    report.check("sandbox metrics", sandbox_metrics(&api, &id));
 
     if kill_shim {
         return killed_shim(pg, &api, pid, task_pid, config.in_vm, report);
@@ -722,7 +796,7 @@ fn host_network_sandbox(pg: &Playground, api: &TaskApi, in_vm: bool) -> Result<S
     let create = CreateSandboxRequest {
         sandbox_id: id.clone(),
         bundle_path: bundle.display().to_string(),
-        options: protobuf::MessageField::some(pod_config("not-used")),
+        options: protobuf::MessageField::some(pod_config("not-used", "")),
         annotations: HashMap::from([(ANNOTATION.0.to_string(), ANNOTATION.1.to_string())]),
         ..Default::default()
     };

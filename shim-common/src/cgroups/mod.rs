@@ -158,6 +158,54 @@ fn metrics_of(cgroup: &Cgroup) -> Result<Any> {
     })
 }
 
+/// containerd's metrics payload for the cgroup at `path`, relative to the cgroup root as
+/// CRI's `cgroup_parent` names a pod's (a systemd slice name is nested as systemd nests
+/// it): what a pod's containers use together. `NotFound` when no hierarchy has it.
+pub fn metrics_at(path: &str) -> Result<Any> {
+    let rel = slice_path(path).unwrap_or_else(|| path.to_string());
+    let mounts = mounts();
+    let cgroup = if mounts.unified_host {
+        Cgroup::V2(under(&mounts.v2, &rel))
+    } else {
+        Cgroup::V1(
+            mounts
+                .v1
+                .iter()
+                .map(|(c, m)| (c.clone(), under(m, &rel)))
+                .filter(|(_, d)| d.is_dir())
+                .collect(),
+        )
+    };
+    let exists = match &cgroup {
+        Cgroup::V2(dir) => dir.is_dir(),
+        Cgroup::V1(dirs) => !dirs.is_empty(),
+    };
+    if !exists {
+        return Err(Error::NotFound(format!("cgroup {path}")));
+    }
+    metrics_of(&cgroup)
+}
+
+/// Where systemd puts a slice: `a-b-c.slice` in `a.slice/a-b.slice/`; `None` for a path
+/// that is not a slice name.
+fn slice_path(name: &str) -> Option<String> {
+    let stem = name.strip_suffix(".slice")?;
+    if name.contains('/') {
+        return None;
+    }
+    if stem == "-" {
+        return Some(String::new());
+    }
+    let parts: Vec<&str> = stem.split('-').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return None;
+    }
+    let nested: Vec<String> = (1..=parts.len())
+        .map(|i| format!("{}.slice", parts[..i].join("-")))
+        .collect();
+    Some(nested.join("/"))
+}
+
 /// How many processes of `pid`'s cgroup the kernel's OOM killer has killed so far
 /// (`oom_kill` in `memory.oom_control` on v1, in `memory.events` on v2). `None` when the
 /// kernel does not count them (v1 before Linux 4.13) or there is no memory controller.
@@ -359,6 +407,17 @@ fn hugetlb_sizes(dir: &Path, suffix: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_systemd_slice_nests_in_its_parents() {
+        assert_eq!(
+            slice_path("kubepods-burstable-pod1f2e.slice").as_deref(),
+            Some("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1f2e.slice")
+        );
+        assert_eq!(slice_path("-.slice").as_deref(), Some(""));
+        assert_eq!(slice_path("/kubepods/burstable/pod1f2e"), None);
+        assert_eq!(slice_path("a--b.slice"), None);
+    }
 
     #[test]
     fn proc_cgroup_v1_hybrid() {
