@@ -24,7 +24,7 @@ use shim_common::sandbox::{SandboxCreate, SandboxExit, Sandboxes};
 use shim_common::{options, Context, Error, Result};
 
 use crate::options::{
-    VmOptions, CRI_CPU_PERIOD_ANNOTATION, CRI_CPU_QUOTA_ANNOTATION, CRI_MEMORY_ANNOTATION,
+    Size, VmOptions, CRI_CPU_PERIOD_ANNOTATION, CRI_CPU_QUOTA_ANNOTATION, CRI_MEMORY_ANNOTATION,
 };
 use crate::pod::Pod;
 use crate::share::GUEST_SHARED;
@@ -46,6 +46,8 @@ struct Sandbox {
     /// The sandbox's bundle on the host, where the `delete` action finds the VM.
     bundle: PathBuf,
     options: VmOptions,
+    /// The VM's size, from the pod config and annotations, found at create.
+    size: Size,
     config: Option<Any>,
     annotations: HashMap<String, String>,
     /// The sandbox's directory in the VM's shared directory: the guest sandbox's bundle.
@@ -71,11 +73,10 @@ impl VmSandboxes {
 /// The VM's size for a pod: its `PodSandboxConfig`'s resources and the sandbox's
 /// annotations, read as a pause container's would be (one sizing rule, in
 /// [`VmOptions::size`]).
-fn size_of(s: &Sandbox) -> Result<crate::options::Size> {
-    let mut annotations = s.annotations.clone();
-    let pod = s
-        .config
-        .as_ref()
+fn size_of(req: &SandboxCreate<'_>, options: &VmOptions) -> Result<Size> {
+    let mut annotations = req.annotations.clone();
+    let pod = req
+        .options
         .map(PodConfig::of)
         .transpose()?
         .flatten()
@@ -90,7 +91,7 @@ fn size_of(s: &Sandbox) -> Result<crate::options::Size> {
             annotations.insert(key.to_string(), value.to_string());
         }
     }
-    s.options.size(&annotations, None)
+    options.size(&annotations, None)
 }
 
 impl Sandboxes for VmSandboxes {
@@ -102,17 +103,19 @@ impl Sandboxes for VmSandboxes {
                 Error::InvalidArgument(format!("network namespace {}: {e}", netns.display()))
             })?;
         }
+        let options = options::load(req.bundle);
+        // The size is checked now: a pod no VM here can hold fails at CreateSandbox.
+        let size = size_of(req, &options)?;
         let sandbox = Sandbox {
             bundle: req.bundle.to_path_buf(),
-            options: options::load(req.bundle),
+            options,
+            size,
             config: req.options.cloned(),
             annotations: req.annotations.clone(),
             share: self.pod.shared().join(format!(".sandbox-{}", req.id)),
             spec: None,
             started: false,
         };
-        // The size is checked now: a pod no VM here can hold fails at CreateSandbox.
-        size_of(&sandbox)?;
         self.lock().insert(req.id.to_string(), sandbox);
         Ok(())
     }
@@ -129,10 +132,10 @@ impl Sandboxes for VmSandboxes {
                 s.config.clone(),
                 s.annotations.clone(),
                 s.share.clone(),
-                size_of(s),
+                s.size,
             )
         };
-        let guest = self.pod.guest(&options, || size)?;
+        let guest = self.pod.guest(&options, || Ok(size))?;
         crate::backend::record_vm_dir(&bundle, self.pod.dir())?;
         std::fs::create_dir_all(&share).with_context(|| format!("create {}", share.display()))?;
         let name = share

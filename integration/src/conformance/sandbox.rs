@@ -618,50 +618,35 @@ fn killed_shim(
     // SAFETY: plain kill(2) of the pid the shim reported as its own.
     unsafe { libc::kill(shim as i32, libc::SIGKILL) };
     let dead = wait_until(EXIT_TIMEOUT, || !process_alive(shim));
-    if in_vm {
-        // The VM's processes (QEMU and its helpers) name the shim's runtime directory, whose
-        // name the runner cannot know: they are the shim's children left behind.
-        let left = || children_of(shim).is_empty();
-        let vm = !left();
-        report.check(
-            "kill shim",
-            match (dead, vm) {
-                (true, true) => Ok(format!("shim {shim} gone, its VM still there")),
-                _ => Err(format!("shim dead {dead}, VM processes left {vm}")),
-            },
-        );
-        delete_action(pg, report)?;
-        let gone = wait_until(EXIT_TIMEOUT, left);
-        report.check(
-            "pod stopped by delete",
-            match gone {
-                true => Ok("the VM is gone".into()),
-                false => Err(format!("VM processes left: {:?}", children_of(shim))),
-            },
-        );
-        return Some(());
-    }
-    let alive = process_alive(pid);
+    // What the shim leaves running: the holder and the container, or in a VM, QEMU and its
+    // helpers, which stay in the shim's session (their command lines name the shim's
+    // runtime directory, which the runner cannot know).
+    let (what, left): (String, Box<dyn Fn() -> bool>) = if in_vm {
+        (
+            "its VM".into(),
+            Box::new(move || !children_of(shim).is_empty()),
+        )
+    } else {
+        (
+            format!("holder {pid} and container {task_pid}"),
+            Box::new(move || process_alive(pid) || process_alive(task_pid)),
+        )
+    };
+    let there = left();
     report.check(
         "kill shim",
-        match (dead, alive) {
-            (true, true) => Ok(format!("shim {shim} gone, holder {pid} still there")),
-            _ => Err(format!("shim dead {dead}, holder alive {alive}")),
+        match (dead, there) {
+            (true, true) => Ok(format!("shim {shim} gone, {what} still there")),
+            _ => Err(format!("shim dead {dead}, {what} left {there}")),
         },
     );
     delete_action(pg, report)?;
-    let gone = wait_until(EXIT_TIMEOUT, || {
-        !process_alive(pid) && !process_alive(task_pid)
-    });
+    let gone = wait_until(EXIT_TIMEOUT, || !left());
     report.check(
         "pod stopped by delete",
         match gone {
-            true => Ok(format!("holder {pid} and container {task_pid} gone")),
-            false => Err(format!(
-                "holder alive {}, container alive {}",
-                process_alive(pid),
-                process_alive(task_pid)
-            )),
+            true => Ok(format!("{what} gone")),
+            false => Err(format!("{what} still there")),
         },
     );
     Some(())
