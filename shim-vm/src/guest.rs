@@ -170,7 +170,10 @@ impl Guest {
         timeout: Duration,
     ) -> Result<M> {
         let (client, generation) = self.current();
-        match client.call_as(service, method, req, timeout) {
+        let started = std::time::Instant::now();
+        let res = client.call_as(service, method, req, timeout);
+        log::debug!("guest {method}: {:?}", started.elapsed());
+        match res {
             Err(Error::Unavailable(why)) => {
                 self.lost(generation, method, &why)?;
                 Err(Error::Unavailable(format!(

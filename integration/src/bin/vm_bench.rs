@@ -12,7 +12,8 @@
 //!    Debian's Go shim in turn: median of `--pods` each. Then the host PSS of one pod of 3
 //!    containers in a VM (shim + QEMU + virtiofsd): what `overhead.podFixed` should carry.
 //!
-//! Usage: `vm-bench [--runs N] [--mib N] [--pods N]` (as root).
+//! Usage: `vm-bench [--runs N] [--mib N] [--pods N] [--pods-only]` (as root; `--pods-only`
+//! runs part 5 alone).
 
 use std::time::{Duration, Instant};
 
@@ -120,7 +121,7 @@ fn settled<const N: usize>(pids: [Option<i32>; N]) -> [(u64, u64); N] {
 /// first container started, over `n` pods (handlers in turn, the first rotating, each pod
 /// removed before the next); and the settled (shim, QEMU, virtiofsd) PSS in kB of one VM
 /// pod of 3 containers.
-fn cri_pods(n: usize) -> ([f64; 3], [(u64, u64); 3]) {
+fn cri_pods(n: usize) -> ([f64; 3], [f64; 3], [(u64, u64); 3]) {
     let c = Containerd::builder()
         .bin_dir(target_bin_dir())
         .go_shim(true)
@@ -128,19 +129,28 @@ fn cri_pods(n: usize) -> ([f64; 3], [(u64, u64); 3]) {
         .start()
         .expect("start containerd with CRI");
     let cri = c.cri_client().expect("CRI client");
-    let ready = |handler: &str, containers: usize| -> (String, f64) {
+    // The pod's id, and ms to: RunPodSandbox, then the first CreateContainer, then the
+    // first StartContainer; then all of it.
+    let ready = |handler: &str, containers: usize| -> (String, [f64; 3], f64) {
         let name = unique_id("vmbench");
         let cfg = pod_config(&name, &c.dir().join("pods").join(&name));
         let t = Instant::now();
         let id = cri.run_pod_sandbox(&cfg, handler).expect("RunPodSandbox");
+        let mut phases = [t.elapsed().as_secs_f64() * 1e3, 0.0, 0.0];
         for k in 0..containers {
             let ctr = container_config(&format!("c{k}"), BUSYBOX_REF, &["sleep", "100000"]);
+            let p = Instant::now();
             let cid = cri
                 .create_container(&id, &ctr, &cfg)
                 .expect("CreateContainer");
+            let created = p.elapsed().as_secs_f64() * 1e3;
             cri.start_container(&cid).expect("StartContainer");
+            if k == 0 {
+                phases[1] = created;
+                phases[2] = p.elapsed().as_secs_f64() * 1e3 - created;
+            }
         }
-        (id, t.elapsed().as_secs_f64() * 1e3)
+        (id, phases, t.elapsed().as_secs_f64() * 1e3)
     };
     let gone = |id: &str| {
         cri.stop_pod_sandbox(id).expect("StopPodSandbox");
@@ -151,19 +161,26 @@ fn cri_pods(n: usize) -> ([f64; 3], [(u64, u64); 3]) {
         gone(&ready(h, 1).0);
     }
     let mut times: [Vec<f64>; 3] = Default::default();
+    let mut vm_phases: [Vec<f64>; 3] = Default::default();
     for i in 0..n {
         for j in 0..CRI_HANDLERS.len() {
             let k = (i + j) % CRI_HANDLERS.len();
-            let (id, ms) = ready(CRI_HANDLERS[k], 1);
+            let (id, phases, ms) = ready(CRI_HANDLERS[k], 1);
             times[k].push(ms);
+            if CRI_HANDLERS[k] == HANDLER_VM {
+                for (v, p) in vm_phases.iter_mut().zip(phases) {
+                    v.push(p);
+                }
+            }
             gone(&id);
         }
     }
-    let (id, _) = ready(HANDLER_VM, 3);
+    let (id, _, _) = ready(HANDLER_VM, 3);
     let dir = shim_vm::pod::run_dir(&c.address().to_string_lossy(), CRI_NAMESPACE, &id);
     let pss = settled(vm_processes(&c, &dir));
     gone(&id);
-    (times.map(|mut t| median(&mut t)), pss)
+    let medians = |t: [Vec<f64>; 3]| t.map(|mut t| median(&mut t));
+    (medians(times), medians(vm_phases), pss)
 }
 
 /// The CRI handlers compared: our VM shim, our runc shim, Debian's Go runc shim.
@@ -190,18 +207,34 @@ fn main() {
     let mut runs = 10;
     let mut mib = 512;
     let mut pods = 10;
-    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut argv: Vec<String> = std::env::args().skip(1).collect();
+    let pods_only = argv.iter().any(|a| a == "--pods-only");
+    argv.retain(|a| a != "--pods-only");
     for pair in argv.chunks(2) {
         match (pair[0].as_str(), pair.get(1).and_then(|v| v.parse().ok())) {
             ("--runs", Some(v)) => runs = v,
             ("--mib", Some(v)) => mib = v,
             ("--pods", Some(v)) => pods = v,
             _ => {
-                eprintln!("usage: vm-bench [--runs N] [--mib N] [--pods N]");
+                eprintln!("usage: vm-bench [--runs N] [--mib N] [--pods N] [--pods-only]");
                 std::process::exit(2);
             }
         }
     }
+    let ctr_rows = (!pods_only).then(|| ctr_figures(runs, mib));
+    let cri_rows = cri_figures(pods);
+    println!(
+        "vm-bench: containerd 1.6 (Debian), QEMU microvm ({runs} runs, {pods} pods each, alternating)"
+    );
+    println!("| figure | VM shim | runc shim | VM / runc |");
+    println!("|---|---|---|---|");
+    for row in ctr_rows.into_iter().flatten().chain(cri_rows) {
+        println!("{row}");
+    }
+}
+
+/// Parts 1 to 4, through `ctr`: the table's rows.
+fn ctr_figures(runs: usize, mib: usize) -> Vec<String> {
     let c = Containerd::builder()
         .bin_dir(integration::target_bin_dir())
         .ctr_timeout(Duration::from_secs(600))
@@ -227,55 +260,74 @@ fn main() {
     let (vm_dd, runc_dd) = (tp(VM_RUNTIME, &dd, true), tp(OUR_RUNTIME, &dd, true));
     let vm_alone = tp(VM_RUNTIME, &alone, false);
     drop(c);
-    let ([cri_vm, cri_ours, cri_go], [pod_shim, pod_qemu, pod_fsd]) = cri_pods(pods);
 
-    let mb = |kb: u64| kb as f64 / 1024.0;
-    println!(
-        "vm-bench: containerd 1.6 (Debian), QEMU microvm ({} runs each, alternating)",
-        runs
-    );
-    println!("| figure | VM shim | runc shim | VM / runc |");
-    println!("|---|---|---|---|");
     let (v, r) = (median(&mut vm), median(&mut runc));
-    println!(
-        "| `ctr run --rm busybox true`, median | {v:.0} ms | {r:.1} ms | {:.1} |",
-        v / r
-    );
-    println!(
-        "| boot to agent ready (shim log), median of {} | {:.0} ms | | |",
-        boots.len(),
-        median(&mut boots)
-    );
-    println!("| host RSS of an idle 1-container VM: shim + QEMU + virtiofsd | {:.1} + {:.1} + {:.1} MB | | |", mb(shim.0), mb(qemu.0), mb(fsd.0));
-    println!(
-        "| host PSS, same | {:.1} + {:.1} + {:.1} = {:.1} MB | | |",
-        mb(shim.1),
-        mb(qemu.1),
-        mb(fsd.1),
-        mb(shim.1 + qemu.1 + fsd.1)
-    );
-    println!("| stdout throughput, `head -c {mib}M /dev/zero` in an exec | {vm_head:.0} MB/s | {runc_head:.0} MB/s | {:.2} |", vm_head / runc_head);
-    println!(
-        "| same, `dd bs=1M` (1 MiB writes) | {vm_dd:.0} MB/s | {runc_dd:.0} MB/s | {:.2} |",
-        vm_dd / runc_dd
-    );
-    println!("| `head -c {mib}M /dev/zero >/dev/null` in the guest (no stdio: what busybox head does under TCG) | {vm_alone:.0} MB/s | | |");
-    println!(
-        "| CRI: pod ready with its first busybox container, median of {pods} (target VM ≤ 3.0 s) | {cri_vm:.0} ms | {cri_ours:.0} ms | {:.1} |",
-        cri_vm / cri_ours
-    );
-    println!(
-        "| same, Debian's Go runc shim | | {cri_go:.0} ms | VM / Go {:.1}; ours / Go {:.2} |",
-        cri_vm / cri_go,
-        cri_ours / cri_go
-    );
-    println!(
-        "| CRI: host PSS of a 3-container VM pod, shim + QEMU + virtiofsd (target ≤ 300 MiB) | {:.1} + {:.1} + {:.1} = {:.1} MB | | |",
-        mb(pod_shim.1),
-        mb(pod_qemu.1),
-        mb(pod_fsd.1),
-        mb(pod_shim.1 + pod_qemu.1 + pod_fsd.1)
-    );
+    vec![
+        format!(
+            "| `ctr run --rm busybox true`, median | {v:.0} ms | {r:.1} ms | {:.1} |",
+            v / r
+        ),
+        format!(
+            "| boot to agent ready (shim log), median of {} | {:.0} ms | | |",
+            boots.len(),
+            median(&mut boots)
+        ),
+        format!(
+            "| host RSS of an idle 1-container VM: shim + QEMU + virtiofsd | {:.1} + {:.1} + {:.1} MB | | |",
+            mb(shim.0),
+            mb(qemu.0),
+            mb(fsd.0)
+        ),
+        format!(
+            "| host PSS, same | {:.1} + {:.1} + {:.1} = {:.1} MB | | |",
+            mb(shim.1),
+            mb(qemu.1),
+            mb(fsd.1),
+            mb(shim.1 + qemu.1 + fsd.1)
+        ),
+        format!(
+            "| stdout throughput, `head -c {mib}M /dev/zero` in an exec | {vm_head:.0} MB/s | {runc_head:.0} MB/s | {:.2} |",
+            vm_head / runc_head
+        ),
+        format!(
+            "| same, `dd bs=1M` (1 MiB writes) | {vm_dd:.0} MB/s | {runc_dd:.0} MB/s | {:.2} |",
+            vm_dd / runc_dd
+        ),
+        format!(
+            "| `head -c {mib}M /dev/zero >/dev/null` in the guest (no stdio: what busybox head does under TCG) | {vm_alone:.0} MB/s | | |"
+        ),
+    ]
+}
+
+/// Part 5, through CRI: the table's rows.
+fn cri_figures(pods: usize) -> Vec<String> {
+    let ([cri_vm, cri_ours, cri_go], [run, create, start], [pod_shim, pod_qemu, pod_fsd]) =
+        cri_pods(pods);
+    vec![
+        format!(
+            "| CRI: pod ready with its first busybox container, median of {pods} (target VM ≤ 3.0 s) | {cri_vm:.0} ms | {cri_ours:.0} ms | {:.1} |",
+            cri_vm / cri_ours
+        ),
+        format!(
+            "| same, VM: RunPodSandbox + CreateContainer + StartContainer, medians | {run:.0} + {create:.0} + {start:.0} ms | | |"
+        ),
+        format!(
+            "| same, Debian's Go runc shim | | {cri_go:.0} ms | VM / Go {:.1}; ours / Go {:.2} |",
+            cri_vm / cri_go,
+            cri_ours / cri_go
+        ),
+        format!(
+            "| CRI: host PSS of a 3-container VM pod, shim + QEMU + virtiofsd (target ≤ 300 MiB) | {:.1} + {:.1} + {:.1} = {:.1} MB | | |",
+            mb(pod_shim.1),
+            mb(pod_qemu.1),
+            mb(pod_fsd.1),
+            mb(pod_shim.1 + pod_qemu.1 + pod_fsd.1)
+        ),
+    ]
+}
+
+fn mb(kb: u64) -> f64 {
+    kb as f64 / 1024.0
 }
 
 #[cfg(test)]
