@@ -48,6 +48,7 @@ fn a_pause_less_pod_lives_and_ends_as_containerd_20_drives_it() {
             "start before create",
             "bad netns refused",
             "bad pod config refused",
+            "global sysctl refused",
             "create sandbox",
             "create twice",
             "status of an unknown sandbox",

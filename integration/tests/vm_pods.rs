@@ -75,7 +75,10 @@ fn assert_no_vm_left(c: &Containerd, pod: &Pod) {
 fn a_pod_of_three_containers_runs_in_one_vm_with_its_volumes_logs_and_stats() {
     let c = containerd();
     let cri = c.cri_client().expect("CRI client");
-    let pod = run_pod(&c, &cri, "vm-pod", HANDLER_VM);
+    let pod = run_pod_with(&c, &cri, "vm-pod", HANDLER_VM, |config| {
+        config.linux.get_or_insert_with(Default::default).sysctls =
+            [("net.ipv4.ip_unprivileged_port_start".into(), "80".into())].into();
+    });
     let shim = shims(&c);
     let vm = qemus(&c, &pod);
     assert_eq!(
@@ -138,6 +141,15 @@ fn a_pod_of_three_containers_runs_in_one_vm_with_its_volumes_logs_and_stats() {
     for id in [&first, &second, &third] {
         assert_eq!(exec_ok(&cri, id, &["hostname"]).trim(), pod.config.hostname);
     }
+    // The pod's sysctl, set in the VM's network, which is the pod's.
+    assert_eq!(
+        exec_ok(
+            &cri,
+            &second,
+            &["cat", "/proc/sys/net/ipv4/ip_unprivileged_port_start"]
+        ),
+        "80\n"
+    );
     let ipc = |id: &str| exec_ok(&cri, id, &["readlink", "/proc/self/ns/ipc"]);
     assert_eq!(
         ipc(&first),
@@ -330,6 +342,8 @@ fn a_host_network_pod_with_a_shared_pid_namespace_is_one_host_in_its_vm() {
             .get_or_insert_with(Default::default);
         options.network = api::NamespaceMode::Node as i32;
         options.pid = api::NamespaceMode::Pod as i32;
+        config.linux.get_or_insert_with(Default::default).sysctls =
+            [("kernel.shm_rmid_forced".into(), "1".into())].into();
     });
     let first = sleeper(&cri, &pod, "first");
     let second = sleeper(&cri, &pod, "second");
@@ -341,6 +355,19 @@ fn a_host_network_pod_with_a_shared_pid_namespace_is_one_host_in_its_vm() {
     // One PID namespace: each container sees the other's sleep.
     let ps = exec_ok(&cri, &first, &["ps", "-o", "args"]);
     assert_eq!(ps.matches("sleep 100000").count(), 2, "{ps}");
+    // No pause container runs in the guest: the pod's PID 1 is the guest's holder of its
+    // namespaces, with the pod's IPC sysctl set in them.
+    assert_eq!(
+        exec_ok(&cri, &second, &["cat", "/proc/1/comm"]),
+        "pod-holder\n"
+    );
+    assert!(!ps.contains("pause"), "{ps}");
+    for id in [&first, &second] {
+        assert_eq!(
+            exec_ok(&cri, id, &["cat", "/proc/sys/kernel/shm_rmid_forced"]),
+            "1\n"
+        );
+    }
 
     delete_pod(&cri, &pod);
     assert_all_gone(&c, &cri, &[first, second, pod.id.clone()]);
@@ -367,6 +394,23 @@ fn bad_input_fails_its_own_request_and_the_pod_lives_on() {
         .expect_err("a 1 PiB pod ran")
         .to_string();
     assert!(err.contains("MiB"), "{err}");
+    assert!(
+        wait_until(LONG, || c.shim_pids().is_empty()),
+        "the refused pod's shim stays: {:?}",
+        c.shim_pids()
+    );
+    // A pod sysctl that would change the VM's kernel for every pod: refused, named.
+    let mut global = integration::cri::pod_config(
+        &integration::unique_id("vm-sysctl"),
+        &c.dir().join("pods/sysctl"),
+    );
+    global.linux.get_or_insert_with(Default::default).sysctls =
+        [("vm.swappiness".into(), "1".into())].into();
+    let err = cri
+        .run_pod_sandbox(&global, HANDLER_VM)
+        .expect_err("a global sysctl was taken")
+        .to_string();
+    assert!(err.contains("vm.swappiness"), "{err}");
     assert!(
         wait_until(LONG, || c.shim_pids().is_empty()),
         "the refused pod's shim stays: {:?}",

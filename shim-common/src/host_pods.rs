@@ -7,6 +7,11 @@
 //! keeps the host's network and UTS namespaces, hence the node's hostname, as containerd's
 //! own pod sandbox controller leaves its pause container.
 //!
+//! The pod's sysctls (`PodSandboxConfig.linux.sysctls`, which a pause container's spec would
+//! carry) are set in those namespaces before the holder runs; only namespaced ones are
+//! taken (IPC's; `net.*` with a network namespace of the pod's own; `kernel.domainname`
+//! with a UTS namespace), as runc allows them: any other would change the node's kernel.
+//!
 //! The holder is forked, not executed: it runs only raw system calls, keeps no file of the
 //! shim's open (the shim's sockets close when the shim goes), and as the init of the pod's
 //! PID namespace reaps the orphans of containers sharing it. It ends on `SIGTERM` or
@@ -44,6 +49,8 @@ struct Pod {
     hostname: Option<String>,
     /// The pod's cgroup (CRI's `cgroup_parent`), where its containers' cgroups nest.
     cgroup_parent: Option<String>,
+    /// `/proc/sys` files and values, checked at create.
+    sysctls: Vec<(CString, CString)>,
     annotations: HashMap<String, String>,
     holder: Option<Holder>,
 }
@@ -67,6 +74,10 @@ impl Sandboxes for HostPods {
             })?;
         }
         let config = req.options.map(PodConfig::of).transpose()?.flatten();
+        let sysctls = match &config {
+            Some(c) => sysctl_files(&c.sysctls, req.netns.is_some())?,
+            None => Vec::new(),
+        };
         // A host-network pod has the node's hostname (kubelet sends none for it).
         let hostname = match req.netns {
             Some(_) => config
@@ -80,6 +91,7 @@ impl Sandboxes for HostPods {
             netns: req.netns.map(Path::to_path_buf),
             hostname,
             cgroup_parent: config.map(|c| c.cgroup_parent).filter(|p| !p.is_empty()),
+            sysctls,
             annotations: req.annotations.clone(),
             holder: None,
         };
@@ -88,14 +100,19 @@ impl Sandboxes for HostPods {
     }
 
     fn start(&self, id: &str, _exit: SandboxExit) -> Result<u32> {
-        let (netns, hostname, bundle) = {
+        let (netns, hostname, sysctls, bundle) = {
             let pods = lock(&self.pods);
             let pod = pods
                 .get(id)
                 .ok_or_else(|| Error::NotFound(format!("sandbox {id}")))?;
-            (pod.netns.clone(), pod.hostname.clone(), pod.bundle.clone())
+            (
+                pod.netns.clone(),
+                pod.hostname.clone(),
+                pod.sysctls.clone(),
+                pod.bundle.clone(),
+            )
         };
-        let pid = spawn_holder(netns.as_deref(), hostname.as_deref())?;
+        let pid = spawn_holder(netns.as_deref(), hostname.as_deref(), &sysctls)?;
         let pidfd = pidfd_open(pid)?;
         let started = start_time(pid).unwrap_or_default();
         if let Err(e) = std::fs::write(bundle.join(HOLDER_FILE), format!("{pid} {started}")) {
@@ -232,7 +249,60 @@ fn start_time(pid: u32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// Which step of the holder's setup failed, as the intermediate child reports it.
+/// Checks a pod's sysctls as [`HostPods`] takes them (see the module's docs); `own_net`:
+/// the pod has network and UTS namespaces of its own.
+pub fn check_sysctls(
+    sysctls: &std::collections::BTreeMap<String, String>,
+    own_net: bool,
+) -> Result<()> {
+    sysctl_files(sysctls, own_net).map(drop)
+}
+
+/// The `/proc/sys` file and value of each of a pod's sysctls (`net.ipv4.ip_forward` or
+/// `net/ipv4/ip_forward`), refusing any the pod's namespaces do not hold: with
+/// `own_net`, the pod has network and UTS namespaces of its own.
+fn sysctl_files(
+    sysctls: &std::collections::BTreeMap<String, String>,
+    own_net: bool,
+) -> Result<Vec<(CString, CString)>> {
+    const IPC: [&str; 8] = [
+        "kernel.msgmax",
+        "kernel.msgmnb",
+        "kernel.msgmni",
+        "kernel.sem",
+        "kernel.shmall",
+        "kernel.shmmax",
+        "kernel.shmmni",
+        "kernel.shm_rmid_forced",
+    ];
+    sysctls
+        .iter()
+        .map(|(key, value)| {
+            let name = key.replace('/', ".");
+            let bad = |why: &str| Error::InvalidArgument(format!("sysctl {key:?}: {why}"));
+            if name.split('.').any(|part| part.is_empty() || part == "..") {
+                return Err(bad("not a sysctl name"));
+            }
+            let namespaced = IPC.contains(&name.as_str())
+                || name.starts_with("fs.mqueue.")
+                || (own_net && (name.starts_with("net.") || name == "kernel.domainname"));
+            if !namespaced {
+                return Err(bad(if name.starts_with("net.") {
+                    "a host-network pod shares the node's network namespace"
+                } else {
+                    "not in a namespace the pod holds; it would change the node's kernel"
+                }));
+            }
+            let path = format!("/proc/sys/{}", name.replace('.', "/"));
+            let c = |s: String| CString::new(s).map_err(|_| bad("contains a NUL byte"));
+            Ok((c(path)?, c(value.clone())?))
+        })
+        .collect()
+}
+
+/// Which step of the holder's setup failed, as the intermediate child reports it; steps
+/// from [`SYSCTL_STEP`] on are the pod's sysctls, in order.
+const SYSCTL_STEP: u32 = 100;
 const STEPS: [&str; 5] = [
     "enter the network namespace",
     "unshare IPC, UTS (unless host network) and PID namespaces",
@@ -244,7 +314,11 @@ const STEPS: [&str; 5] = [
 /// Forks the holder and returns its pid. An intermediate child enters and unshares the
 /// namespaces (a new PID namespace takes effect for children only) and forks the holder,
 /// which the shim, as subreaper, inherits when the intermediate exits.
-fn spawn_holder(netns: Option<&Path>, hostname: Option<&str>) -> Result<u32> {
+fn spawn_holder(
+    netns: Option<&Path>,
+    hostname: Option<&str>,
+    sysctls: &[(CString, CString)],
+) -> Result<u32> {
     let netns = netns
         .map(|p| File::open(p).with_context(|| format!("network namespace {}", p.display())))
         .transpose()?;
@@ -268,6 +342,7 @@ fn spawn_holder(netns: Option<&Path>, hostname: Option<&str>) -> Result<u32> {
             intermediate(
                 netns.as_ref().map(|f| f.as_raw_fd()),
                 hostname.as_ref().map(|h| h.as_ptr()),
+                sysctls,
                 devnull.as_raw_fd(),
                 tx.as_raw_fd(),
             )
@@ -286,13 +361,22 @@ fn spawn_holder(netns: Option<&Path>, hostname: Option<&str>) -> Result<u32> {
         u32::from_ne_bytes([report[0], report[1], report[2], report[3]]),
         i32::from_ne_bytes([report[4], report[5], report[6], report[7]]),
     );
-    match STEPS.get(step as usize) {
-        None => Ok(value as u32),
-        Some(what) => Err(Error::Io {
-            context: format!("pod holder: {what}"),
-            source: std::io::Error::from_raw_os_error(value),
-        }),
+    if step == u32::MAX {
+        return Ok(value as u32);
     }
+    let what = match step.checked_sub(SYSCTL_STEP) {
+        Some(i) => sysctls
+            .get(i as usize)
+            .map(|(path, _)| format!("set sysctl {}", path.to_string_lossy())),
+        None => STEPS.get(step as usize).map(|s| s.to_string()),
+    };
+    Err(Error::Io {
+        context: format!(
+            "pod holder: {}",
+            what.unwrap_or_else(|| format!("step {step}"))
+        ),
+        source: std::io::Error::from_raw_os_error(value),
+    })
 }
 
 /// Reports `(step, value)` on `tx` and exits: step `u32::MAX` with the holder's pid, or a
@@ -312,6 +396,7 @@ unsafe fn errno() -> i32 {
 unsafe fn intermediate(
     netns: Option<i32>,
     hostname: Option<*const libc::c_char>,
+    sysctls: &[(CString, CString)],
     devnull: i32,
     tx: i32,
 ) -> ! {
@@ -333,6 +418,15 @@ unsafe fn intermediate(
         if libc::sethostname(name, libc::strlen(name)) != 0 {
             report(tx, 2, errno());
         }
+    }
+    // In the namespaces just entered: /proc/sys resolves namespaced entries by the caller's.
+    for (i, (path, value)) in sysctls.iter().enumerate() {
+        let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        let len = value.as_bytes().len();
+        if fd < 0 || libc::write(fd, value.as_ptr().cast(), len) != len as isize {
+            report(tx, SYSCTL_STEP + i as u32, errno());
+        }
+        libc::close(fd);
     }
     let holder = libc::fork();
     if holder < 0 {
@@ -366,6 +460,59 @@ unsafe fn hold(devnull: i32) -> ! {
         match libc::sigwaitinfo(&wanted, std::ptr::null_mut()) {
             libc::SIGTERM | libc::SIGINT => libc::_exit(0),
             _ => while libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) > 0 {},
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn files(pairs: &[(&str, &str)], own_net: bool) -> Result<Vec<(String, String)>> {
+        let map: BTreeMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Ok(sysctl_files(&map, own_net)?
+            .into_iter()
+            .map(|(p, v)| (p.into_string().unwrap(), v.into_string().unwrap()))
+            .collect())
+    }
+
+    #[test]
+    fn only_sysctls_of_the_pod_s_namespaces_are_taken() {
+        let ok = files(
+            &[
+                ("kernel.shm_rmid_forced", "1"),
+                ("net/ipv4/ip_unprivileged_port_start", "0"),
+                ("fs.mqueue.msg_max", "20"),
+            ],
+            true,
+        )
+        .unwrap();
+        assert_eq!(
+            ok,
+            [
+                ("/proc/sys/fs/mqueue/msg_max".into(), "20".into()),
+                ("/proc/sys/kernel/shm_rmid_forced".into(), "1".into()),
+                (
+                    "/proc/sys/net/ipv4/ip_unprivileged_port_start".into(),
+                    "0".into()
+                ),
+            ]
+        );
+        // Host network: the node's own network sysctls are not the pod's.
+        let e = files(&[("net.ipv4.ip_forward", "1")], false).unwrap_err();
+        assert!(e.to_string().contains("host-network"), "{e}");
+        for global in [
+            "vm.swappiness",
+            "kernel.pid_max",
+            "net..x",
+            "kernel.hostname",
+        ] {
+            let e = files(&[(global, "1")], true).unwrap_err();
+            assert!(matches!(e, Error::InvalidArgument(_)), "{global}: {e}");
         }
     }
 }

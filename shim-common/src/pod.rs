@@ -2,9 +2,11 @@
 //! into every container's spec: which shim serves it (one per pod) and what it shares; and
 //! what a pod sandbox's `PodSandboxConfig` says of the pod.
 
+use std::collections::BTreeMap;
+
 use protobuf::rt::WireType;
 use protobuf::well_known_types::any::Any;
-use protobuf::CodedInputStream;
+use protobuf::{CodedInputStream, CodedOutputStream};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
@@ -64,6 +66,9 @@ pub struct PodConfig {
     /// `linux.cgroup_parent` (fields 8, 1): the pod's cgroup, which its containers' cgroups
     /// nest in (a path, or a systemd slice name); empty when none is given.
     pub cgroup_parent: String,
+    /// `linux.sysctls` (fields 8, 3): the pod's namespaced kernel parameters, set in the
+    /// namespaces its sandbox holds.
+    pub sysctls: BTreeMap<String, String>,
     /// `linux.resources` (fields 8, 5): the sum of the containers' limits, which the
     /// kubelet sends since Kubernetes 1.23; zeros when it sends none.
     pub resources: PodResources,
@@ -130,6 +135,19 @@ impl PodConfig {
         fields(&linux, |n, input| {
             match n {
                 1 => config.cgroup_parent = input.read_string()?,
+                3 => {
+                    let entry = input.read_bytes()?;
+                    let (mut key, mut value) = (String::new(), String::new());
+                    fields_raw(&entry, |n, input| {
+                        match n {
+                            1 => key = input.read_string()?,
+                            2 => value = input.read_string()?,
+                            _ => return Ok(false),
+                        }
+                        Ok(true)
+                    })?;
+                    config.sysctls.insert(key, value);
+                }
                 5 => resources = input.read_bytes()?,
                 _ => return Ok(false),
             }
@@ -137,6 +155,54 @@ impl PodConfig {
         })?;
         config.resources = PodResources::decode(&resources)?;
         Ok(Some(config))
+    }
+
+    /// This config as a `PodSandboxConfig`, for a sandbox service that reads one (the VM
+    /// shim's guest, told of a pod that came as a pause container's spec). Only the fields
+    /// [`PodConfig::of`] reads are written.
+    pub fn to_any(&self) -> Any {
+        let message = |write: &dyn Fn(&mut CodedOutputStream) -> protobuf::Result<()>| {
+            let mut bytes = Vec::new();
+            let mut out = CodedOutputStream::vec(&mut bytes);
+            // Writing into a Vec fails only when out of memory.
+            let _ = write(&mut out).and_then(|()| out.flush());
+            drop(out);
+            bytes
+        };
+        let m = &self.metadata;
+        let metadata = message(&|o| {
+            o.write_string(1, &m.name)?;
+            o.write_string(2, &m.uid)?;
+            o.write_string(3, &m.namespace)?;
+            o.write_uint32(4, m.attempt)
+        });
+        let r = &self.resources;
+        let resources = message(&|o| {
+            o.write_int64(1, r.cpu_period)?;
+            o.write_int64(2, r.cpu_quota)?;
+            o.write_int64(4, r.memory_limit)
+        });
+        let linux = message(&|o| {
+            o.write_string(1, &self.cgroup_parent)?;
+            for (key, value) in &self.sysctls {
+                let entry = message(&|e| {
+                    e.write_string(1, key)?;
+                    e.write_string(2, value)
+                });
+                o.write_bytes(3, &entry)?;
+            }
+            o.write_bytes(5, &resources)
+        });
+        let value = message(&|o| {
+            o.write_bytes(1, &metadata)?;
+            o.write_string(2, &self.hostname)?;
+            o.write_bytes(8, &linux)
+        });
+        Any {
+            type_url: format!("type.googleapis.com/{POD_SANDBOX_CONFIG}"),
+            value,
+            ..Default::default()
+        }
     }
 }
 
@@ -185,16 +251,26 @@ impl PodMetadata {
 /// `true`) and the rest are skipped. Malformed input is an `InvalidArgument`.
 fn fields(
     bytes: &[u8],
-    mut read: impl FnMut(u32, &mut CodedInputStream) -> protobuf::Result<bool>,
+    read: impl FnMut(u32, &mut CodedInputStream) -> protobuf::Result<bool>,
 ) -> Result<()> {
-    let bad = |e: protobuf::Error| Error::InvalidArgument(format!("PodSandboxConfig: {e}"));
+    fields_raw(bytes, read).map_err(|e| Error::InvalidArgument(format!("PodSandboxConfig: {e}")))
+}
+
+/// [`fields`] with protobuf's own error, for use inside another walk's `read`.
+fn fields_raw(
+    bytes: &[u8],
+    mut read: impl FnMut(u32, &mut CodedInputStream) -> protobuf::Result<bool>,
+) -> protobuf::Result<()> {
     let mut input = CodedInputStream::from_bytes(bytes);
-    while let Some(tag) = input.read_raw_tag_or_eof().map_err(bad)? {
+    while let Some(tag) = input.read_raw_tag_or_eof()? {
         let wire = WireType::new(tag & 7).ok_or_else(|| {
-            Error::InvalidArgument(format!("PodSandboxConfig: wire type {}", tag & 7))
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("wire type {}", tag & 7),
+            )
         })?;
-        if !read(tag >> 3, &mut input).map_err(bad)? {
-            input.skip_field(wire).map_err(bad)?;
+        if !read(tag >> 3, &mut input)? {
+            input.skip_field(wire)?;
         }
     }
     Ok(())
@@ -273,6 +349,39 @@ mod tests {
                 .resources,
             PodResources::default()
         );
+    }
+
+    #[test]
+    fn a_pod_config_gives_its_sysctls_and_survives_its_own_encoding() {
+        // linux (8) {sysctls (3): entries {key 1, value 2}}
+        let entry = b"\x0a\x16kernel.shm_rmid_forced\x12\x011";
+        let mut linux = vec![0x1a, entry.len() as u8];
+        linux.extend_from_slice(entry);
+        let c = PodConfig::of(&config(&[(8, &linux)])).unwrap().unwrap();
+        assert_eq!(
+            c.sysctls,
+            BTreeMap::from([("kernel.shm_rmid_forced".into(), "1".into())])
+        );
+        let full = PodConfig {
+            metadata: PodMetadata {
+                name: "web".into(),
+                uid: "u1".into(),
+                namespace: "default".into(),
+                attempt: 3,
+            },
+            hostname: "web-0".into(),
+            cgroup_parent: "/kubepods/pod1".into(),
+            sysctls: BTreeMap::from([
+                ("net.ipv4.ip_forward".into(), "1".into()),
+                ("kernel.msgmax".into(), "8192".into()),
+            ]),
+            resources: PodResources {
+                cpu_period: 100_000,
+                cpu_quota: 50_000,
+                memory_limit: 128 << 20,
+            },
+        };
+        assert_eq!(PodConfig::of(&full.to_any()).unwrap(), Some(full));
     }
 
     #[test]

@@ -2,12 +2,15 @@
 //! containerd's state machine and stdio on the host as for any backend; each call is
 //! forwarded to the guest's task service (the same SDK, with the runc backend) with only
 //! what crosses the VM boundary changed — the bundle (a share of the VM's shared
-//! directory) and the stdio (guest fifos, relayed).
+//! directory) and the stdio (guest fifos, relayed). A CRI pod's pause container is the
+//! exception: the guest holds the pod's namespaces without it ([`crate::holder`]), and its
+//! task is that holder.
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use protobuf::well_known_types::any::Any;
 use protobuf::well_known_types::empty::Empty;
@@ -15,10 +18,12 @@ use protobuf::{Message, MessageField};
 use protocol::agent::{OpenStdioRequest, OpenStdioResponse, StdioRequest};
 use protocol::options::Options as RuncOptions;
 use protocol::shim::*;
+use shim_common::pod::{PodConfig, PodRole};
 use shim_common::prelude::*;
 use shim_common::stdio::ChildStdio;
 
 use crate::guest::{Guest, CALL_TIMEOUT};
+use crate::holder;
 use crate::options::VmOptions;
 use crate::pod::{self, Pod};
 use crate::relay::{self, Process};
@@ -49,6 +54,22 @@ pub struct Container {
     id: String,
     guest: Arc<Guest>,
     share: std::path::PathBuf,
+    /// For a CRI pod's pause container: the guest pid of the holder standing for it.
+    holder: Option<u32>,
+}
+
+impl Container {
+    /// Refuses `what` on a pause container, which has no container in the guest.
+    fn not_holder(&self, what: &str) -> Result<()> {
+        match self.holder {
+            Some(_) => Err(Error::FailedPrecondition(format!(
+                "{what} {}: it is the pod's sandbox, whose namespaces the VM holds without a \
+                 container",
+                self.id
+            ))),
+            None => Ok(()),
+        }
+    }
 }
 
 impl Backend for VmBackend {
@@ -78,6 +99,15 @@ impl Backend for VmBackend {
             let (annotations, limit) = sizing(req.bundle)?;
             req.options.size(&annotations, limit)
         };
+        let spec = shim_common::bundle::spec(req.bundle)?;
+        if PodRole::of(&spec) == PodRole::Sandbox {
+            let config = pause_pod_config(&spec);
+            // Refused before a VM boots for it. The VM's network is the pod's own: its
+            // sysctls are checked as for such a pod.
+            shim_common::host_pods::check_sysctls(&config.sysctls, true)?;
+            let guest = self.pod.guest(req.options, size)?;
+            return self.create_holder(req.id, req.bundle, &spec, config, guest);
+        }
         let guest = self.pod.guest(req.options, size)?;
         let share = Share::create(&self.pod.shared(), req.id, req.bundle, self.pod.sandbox())?;
         record_vm_dir(req.bundle, self.pod.dir())?;
@@ -111,20 +141,21 @@ impl Backend for VmBackend {
         };
         stdio.relay(&guest, &process)?;
         self.pod.started(created.pid);
-        if share.is_pod_sandbox() {
-            self.pod.set_sandbox(created.pid);
-        }
         Ok(Created {
             container: Container {
                 id: req.id.to_string(),
                 guest,
                 share: share.keep(),
+                holder: None,
             },
             pid: Some(created.pid),
         })
     }
 
     fn start(&self, c: &Container) -> Result<u32> {
+        if let Some(pid) = c.holder {
+            return Ok(pid); // running since create
+        }
         let res: StartResponse = c.guest.task(
             "Start",
             &StartRequest {
@@ -136,6 +167,7 @@ impl Backend for VmBackend {
     }
 
     fn exec(&self, c: &Container, req: ExecRequest<'_>) -> Result<u32> {
+        c.not_holder("exec in")?;
         let process = Process {
             container: c.id.clone(),
             exec: req.exec_id.to_string(),
@@ -196,6 +228,20 @@ impl Backend for VmBackend {
             Target::Init { .. } => String::new(),
             Target::Exec { exec_id, .. } => exec_id.to_string(),
         };
+        if c.holder.is_some() {
+            // Any signal ends the holder: it has nothing else to do with one (CRI sends
+            // SIGKILL to stop a pod's sandbox).
+            if !exec_id.is_empty() {
+                return Err(Error::NotFound(format!("exec {exec_id} in {}", c.id)));
+            }
+            return match self.pod.running() {
+                Some(guest) => holder::stop(Some(guest), &c.id, Duration::ZERO),
+                None => Err(Error::NotFound(format!(
+                    "process already finished: the VM of {} is gone",
+                    c.id
+                ))),
+            };
+        }
         let killed = c.guest.task::<Empty>(
             "Kill",
             &KillRequest {
@@ -219,6 +265,13 @@ impl Backend for VmBackend {
     }
 
     fn delete(&self, c: &Container) -> Result<()> {
+        if c.holder.is_some() {
+            if let Some(guest) = self.pod.running() {
+                holder::release(&guest, &c.id);
+            }
+            share::remove(&c.share);
+            return Ok(());
+        }
         if self.pod.running().is_some() {
             let deleted = c.guest.task::<DeleteResponse>(
                 "Delete",
@@ -248,6 +301,9 @@ impl Backend for VmBackend {
     }
 
     fn pids(&self, c: &Container) -> Result<Vec<u32>> {
+        if let Some(pid) = c.holder {
+            return Ok(vec![pid]);
+        }
         let res: PidsResponse = c.guest.task(
             "Pids",
             &PidsRequest {
@@ -259,6 +315,7 @@ impl Backend for VmBackend {
     }
 
     fn pause(&self, c: &Container) -> Result<()> {
+        c.not_holder("pause")?;
         c.guest.task::<Empty>(
             "Pause",
             &PauseRequest {
@@ -270,6 +327,7 @@ impl Backend for VmBackend {
     }
 
     fn resume(&self, c: &Container) -> Result<()> {
+        c.not_holder("resume")?;
         c.guest.task::<Empty>(
             "Resume",
             &ResumeRequest {
@@ -281,6 +339,7 @@ impl Backend for VmBackend {
     }
 
     fn update(&self, c: &Container, resources: &[u8]) -> Result<()> {
+        c.not_holder("update")?;
         c.guest.task::<Empty>(
             "Update",
             &UpdateTaskRequest {
@@ -301,6 +360,9 @@ impl Backend for VmBackend {
     }
 
     fn stats(&self, c: &Container, _init_pid: u32) -> Result<Any> {
+        if c.holder.is_some() {
+            return holder::metrics(self.pod.running(), &c.id);
+        }
         let res: StatsResponse = c.guest.task(
             "Stats",
             &StatsRequest {
@@ -314,6 +376,7 @@ impl Backend for VmBackend {
     }
 
     fn resize_pty(&self, c: &Container, exec_id: &str, w: u32, h: u32) -> Result<()> {
+        c.not_holder("resize the terminal of")?;
         c.guest.task::<Empty>(
             "ResizePty",
             &ResizePtyRequest {
@@ -350,6 +413,88 @@ impl Backend for VmBackend {
 
     fn shutdown(&self) {
         self.pod.stop();
+    }
+}
+
+impl VmBackend {
+    /// The pod's pause container `id`: the guest holds the pod's namespaces as its spec
+    /// asks (hostname, sysctls, the cgroup its containers nest in), and the holder is the
+    /// container's process. Its stdio, if any, has nothing to carry.
+    fn create_holder(
+        &self,
+        id: &str,
+        bundle: &Path,
+        spec: &serde_json::Value,
+        config: PodConfig,
+        guest: Arc<Guest>,
+    ) -> Result<Created<Container>> {
+        let annotations = spec["annotations"]
+            .as_object()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        record_vm_dir(bundle, self.pod.dir())?;
+        let dir = self.pod.shared().join(id);
+        let started = match holder::start(&guest, &dir, id, Some(config.to_any()), annotations) {
+            Ok(s) => s,
+            Err(e) => {
+                share::remove(&dir);
+                return Err(e);
+            }
+        };
+        let pid = started.pid;
+        self.pod.started(pid);
+        self.pod.set_sandbox(pid);
+        let pod = self.pod.clone();
+        holder::wait(guest.clone(), id, move |status| match status {
+            Ok(status) => pod.exited(pid, status),
+            // The VM died (its exit reports every process it ran) or the agent cannot
+            // say: reported killed, once.
+            Err(e) => {
+                log::warn!("the pod's holder in the VM: {e}");
+                pod.exited(pid, pod::KILLED);
+            }
+        })?;
+        Ok(Created {
+            container: Container {
+                id: id.to_string(),
+                guest,
+                share: dir,
+                holder: Some(pid),
+            },
+            pid: Some(pid),
+        })
+    }
+}
+
+/// What a pause container's spec says of its pod, as a `PodSandboxConfig` would: the
+/// hostname, the sysctls, and the pod's cgroup (the parent of the pause container's, as
+/// CRI places it: `<parent>/<id>`, or systemd's `<slice>:<prefix>:<name>`).
+fn pause_pod_config(spec: &serde_json::Value) -> PodConfig {
+    let cgroups_path = spec["linux"]["cgroupsPath"].as_str().unwrap_or_default();
+    let cgroup_parent = match cgroups_path.split_once(':') {
+        Some((slice, _)) => slice.to_string(),
+        None => cgroups_path
+            .rsplit_once('/')
+            .map(|(parent, _)| parent.to_string())
+            .unwrap_or_default(),
+    };
+    let sysctls = spec["linux"]["sysctl"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default();
+    PodConfig {
+        hostname: spec["hostname"].as_str().unwrap_or_default().to_string(),
+        cgroup_parent,
+        sysctls,
+        ..Default::default()
     }
 }
 

@@ -14,6 +14,7 @@ pub mod backend;
 pub mod boot;
 pub mod channel;
 pub mod guest;
+pub mod holder;
 pub mod image;
 pub mod options;
 pub mod pod;

@@ -28,7 +28,7 @@ pub const RUN_DIR: &str = "/run/shim-vm";
 /// The virtiofs tag of the shared directory.
 pub const SHARE_TAG: &str = "shared";
 /// Exit status reported for the processes of a VM that died: killed (`128 + SIGKILL`).
-const KILLED: u32 = 137;
+pub const KILLED: u32 = 137;
 /// How long an orderly stop may take before QEMU is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -330,6 +330,14 @@ impl Pod {
         let mut live = lock(&self.live);
         if !live.early.remove(&pid) {
             live.running.insert(pid);
+        }
+    }
+
+    /// A process [`Pod::started`] ended with `status`, as the guest told other than by an
+    /// event (a pod's holder). Reported once: not if the VM's end reported it already.
+    pub fn exited(&self, pid: u32, status: u32) {
+        if lock(&self.live).running.remove(&pid) {
+            self.exits.report(pid, status);
         }
     }
 

@@ -14,7 +14,6 @@ use std::path::{Path, PathBuf};
 use nix::mount::{mount, MsFlags};
 use serde_json::Value;
 use shim_common::mount::unmount_all;
-use shim_common::pod::PodRole;
 use shim_common::{Context, Error, Result};
 
 /// Where the guest mounts the VM's shared directory.
@@ -26,7 +25,6 @@ pub struct Share {
     host: PathBuf,
     guest: String,
     kept: bool,
-    sandbox: bool,
 }
 
 impl Share {
@@ -36,11 +34,10 @@ impl Share {
         if id.is_empty() || id.contains('/') || id.starts_with('.') {
             return Err(Error::InvalidArgument(format!("bad container id {id:?}")));
         }
-        let mut share = Share {
+        let share = Share {
             host: shared.join(id),
             guest: format!("{GUEST_SHARED}/{id}"),
             kept: false,
-            sandbox: false,
         };
         if share.host.exists() {
             // Left by a create that died halfway: start afresh.
@@ -51,7 +48,6 @@ impl Share {
         let text = fs::read(bundle.join("config.json")).context("read the bundle's config.json")?;
         let mut spec: Value = serde_json::from_slice(&text)
             .map_err(|e| Error::InvalidArgument(format!("config.json: {e}")))?;
-        share.sandbox = PodRole::of(&spec) == PodRole::Sandbox;
         share.rootfs(bundle, &spec)?;
         share.binds(&mut spec)?;
         for_guest(&mut spec, sandbox);
@@ -65,11 +61,6 @@ impl Share {
     /// The bundle's path in the guest.
     pub fn guest_bundle(&self) -> &str {
         &self.guest
-    }
-
-    /// Whether the container is a CRI pod's sandbox (its pause container).
-    pub fn is_pod_sandbox(&self) -> bool {
-        self.sandbox
     }
 
     /// The bundle's path on the host.

@@ -27,19 +27,29 @@ use super::*;
 
 /// What CRI sends as `CreateSandbox.options`: a `PodSandboxConfig` with only `hostname`
 /// (field 2), a `metadata` (field 1) and, unless empty, `linux.cgroup_parent` (fields 8, 1)
-/// set; a shim must skip what it does not read.
-fn pod_config(hostname: &str, cgroup_parent: &str) -> Any {
+/// and `linux.sysctls` (fields 8, 3: map entries, key 1 and value 2) set; a shim must skip
+/// what it does not read.
+fn pod_config(hostname: &str, cgroup_parent: &str, sysctls: &[(&str, &str)]) -> Any {
+    // Every length here is under 128, so each fits one varint byte.
+    let field = |out: &mut Vec<u8>, tag: u8, bytes: &[u8]| {
+        out.push(tag);
+        out.push(bytes.len() as u8);
+        out.extend_from_slice(bytes);
+    };
     let mut value = vec![0x0a, 0x05, 0x0a, 0x03, b'p', b'o', b'd'];
-    value.push(0x12);
-    value.push(hostname.len() as u8);
-    value.extend_from_slice(hostname.as_bytes());
+    field(&mut value, 0x12, hostname.as_bytes());
+    let mut linux = Vec::new();
     if !cgroup_parent.is_empty() {
-        // linux (8) { cgroup_parent (1) }
-        value.push(0x42);
-        value.push(cgroup_parent.len() as u8 + 2);
-        value.push(0x0a);
-        value.push(cgroup_parent.len() as u8);
-        value.extend_from_slice(cgroup_parent.as_bytes());
+        field(&mut linux, 0x0a, cgroup_parent.as_bytes());
+    }
+    for (key, val) in sysctls {
+        let mut entry = Vec::new();
+        field(&mut entry, 0x0a, key.as_bytes());
+        field(&mut entry, 0x12, val.as_bytes());
+        field(&mut linux, 0x1a, &entry);
+    }
+    if !linux.is_empty() {
+        field(&mut value, 0x42, &linux);
     }
     Any {
         type_url: "type.googleapis.com/runtime.v1.PodSandboxConfig".into(),
@@ -47,6 +57,13 @@ fn pod_config(hostname: &str, cgroup_parent: &str) -> Any {
         ..Default::default()
     }
 }
+
+/// The pod's sysctls, one of IPC's and one of the network's, both off their defaults; the
+/// pod's container reads them back.
+const SYSCTLS: [(&str, &str); 2] = [
+    ("kernel.shm_rmid_forced", "1"),
+    ("net.ipv4.ip_unprivileged_port_start", "80"),
+];
 
 /// The pod's cgroup as the kubelet names one (`cgroup_parent`, cgroupfs style), removed
 /// from every hierarchy on drop: runc removes a container's cgroup, not its parent.
@@ -246,7 +263,7 @@ fn walk_pod(
     let create = CreateSandboxRequest {
         sandbox_id: id.clone(),
         bundle_path: pg.bundle().display().to_string(),
-        options: protobuf::MessageField::some(pod_config(hostname, &cgroup.0)),
+        options: protobuf::MessageField::some(pod_config(hostname, &cgroup.0, &SYSCTLS)),
         netns_path: netns.path().display().to_string(),
         annotations: HashMap::from([(ANNOTATION.0.to_string(), ANNOTATION.1.to_string())]),
         ..Default::default()
@@ -272,11 +289,19 @@ fn walk_pod(
         refused(&api, "CreateSandbox", &bad, ttrpc::Code::INVALID_ARGUMENT),
     );
     let mut bad = create.clone();
-    let mut cut = pod_config(hostname, &cgroup.0);
+    let mut cut = pod_config(hostname, &cgroup.0, &SYSCTLS);
     cut.value.truncate(cut.value.len() - 2);
     bad.options = protobuf::MessageField::some(cut);
     report.check(
         "bad pod config refused",
+        refused(&api, "CreateSandbox", &bad, ttrpc::Code::INVALID_ARGUMENT),
+    );
+    // A sysctl of no namespace the pod holds would change the node's (or VM's) kernel.
+    let mut bad = create.clone();
+    let global = pod_config(hostname, &cgroup.0, &[("vm.swappiness", "1")]);
+    bad.options = protobuf::MessageField::some(global);
+    report.check(
+        "global sysctl refused",
         refused(&api, "CreateSandbox", &bad, ttrpc::Code::INVALID_ARGUMENT),
     );
     let created = sandbox_call::<_, CreateSandboxResponse>(&api, "CreateSandbox", &create);
@@ -404,7 +429,12 @@ fn walk_pod(
     // A container of the pod, as CRI's spec for it and containerd's connection per task.
     let mut spec = super::spec(
         &ctr.rootfs(),
-        &["sh", "-c", "hostname; cat /proc/1/comm; exec sleep 1000"],
+        &[
+            "sh",
+            "-c",
+            "hostname; cat /proc/1/comm /proc/sys/kernel/shm_rmid_forced \
+             /proc/sys/net/ipv4/ip_unprivileged_port_start; exec sleep 1000",
+        ],
     );
     spec["ociVersion"] = config.generation.oci_version().into();
     spec["hostname"] = serde_json::Value::Null;
@@ -441,19 +471,20 @@ fn walk_pod(
         })
         .map_err(|e| report.check("pod container", Err(describe(&e))))
         .ok()?;
-    // In a VM, the output is the check: the pod's hostname and its holder as PID 1.
+    // In a VM, the output is the check: the pod's hostname, its holder as PID 1, and the
+    // pod's sysctls.
     let joined: Vec<String> = ["net", "ipc", "uts", "pid"]
         .into_iter()
         .filter(|k| !config.in_vm && ns(task_pid, k) != ns(pid, k))
         .map(str::to_string)
         .collect();
-    let want = format!("{hostname}\npod-holder\n");
+    let want = format!("{hostname}\npod-holder\n1\n80\n");
     let seen = wait_until(EXIT_TIMEOUT, || ctr.fifo_text("init-stdout") == want);
     report.check(
         "pod container",
         if joined.is_empty() && seen {
             Ok(format!(
-                "pid {task_pid}: hostname {hostname}, pid 1 the holder, same netns"
+                "pid {task_pid}: hostname {hostname}, pid 1 the holder, same netns, the pod's sysctls"
             ))
         } else {
             Err(format!(
@@ -781,7 +812,7 @@ fn host_network_sandbox(pg: &Playground, api: &TaskApi, in_vm: bool) -> Result<S
     let create = CreateSandboxRequest {
         sandbox_id: id.clone(),
         bundle_path: bundle.display().to_string(),
-        options: protobuf::MessageField::some(pod_config("not-used", "")),
+        options: protobuf::MessageField::some(pod_config("not-used", "", &[])),
         annotations: HashMap::from([(ANNOTATION.0.to_string(), ANNOTATION.1.to_string())]),
         ..Default::default()
     };
