@@ -16,6 +16,7 @@ pub mod channel;
 pub mod guest;
 pub mod holder;
 pub mod image;
+pub mod network;
 pub mod options;
 pub mod pod;
 pub mod process;
