@@ -374,6 +374,20 @@ fn a_host_network_pod_with_a_shared_pid_namespace_is_one_host_in_its_vm() {
     assert_no_vm_left(&c, &pod);
 }
 
+/// RunPodSandbox of `config` fails with an error naming `why`, and its shim goes.
+fn refused_pod(c: &Containerd, cri: &CriClient, config: &api::PodSandboxConfig, why: &str) {
+    let err = cri
+        .run_pod_sandbox(config, HANDLER_VM)
+        .expect_err("a pod that cannot run ran")
+        .to_string();
+    assert!(err.contains(why), "{err}");
+    assert!(
+        wait_until(LONG, || c.shim_pids().is_empty()),
+        "the refused pod's shim stays: {:?}",
+        c.shim_pids()
+    );
+}
+
 #[test]
 fn bad_input_fails_its_own_request_and_the_pod_lives_on() {
     let c = containerd();
@@ -389,16 +403,7 @@ fn bad_input_fails_its_own_request_and_the_pod_lives_on() {
             memory_limit_in_bytes: 1 << 50,
             ..Default::default()
         });
-    let err = cri
-        .run_pod_sandbox(&huge, HANDLER_VM)
-        .expect_err("a 1 PiB pod ran")
-        .to_string();
-    assert!(err.contains("MiB"), "{err}");
-    assert!(
-        wait_until(LONG, || c.shim_pids().is_empty()),
-        "the refused pod's shim stays: {:?}",
-        c.shim_pids()
-    );
+    refused_pod(&c, &cri, &huge, "MiB");
     // A pod sysctl that would change the VM's kernel for every pod: refused, named.
     let mut global = integration::cri::pod_config(
         &integration::unique_id("vm-sysctl"),
@@ -406,16 +411,7 @@ fn bad_input_fails_its_own_request_and_the_pod_lives_on() {
     );
     global.linux.get_or_insert_with(Default::default).sysctls =
         [("vm.swappiness".into(), "1".into())].into();
-    let err = cri
-        .run_pod_sandbox(&global, HANDLER_VM)
-        .expect_err("a global sysctl was taken")
-        .to_string();
-    assert!(err.contains("vm.swappiness"), "{err}");
-    assert!(
-        wait_until(LONG, || c.shim_pids().is_empty()),
-        "the refused pod's shim stays: {:?}",
-        c.shim_pids()
-    );
+    refused_pod(&c, &cri, &global, "vm.swappiness");
 
     // A container that cannot start in the guest fails alone; the pod's others run on.
     let pod = run_pod(&c, &cri, "vm-bad", HANDLER_VM);

@@ -29,6 +29,17 @@ pub fn spec(bundle: &Path) -> Result<Value> {
         .map_err(|e| Error::InvalidArgument(format!("parse {}: {e}", path.display())))
 }
 
+/// A spec object of strings (`annotations`, `linux.sysctl`) as a map; values that are not
+/// strings are left out, a missing object is empty.
+pub fn string_map<C: FromIterator<(String, String)>>(object: &Value) -> C {
+    object
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+        .collect()
+}
+
 /// The spec's `process` as a command to spawn (through [`crate::reaper::spawn`]): its
 /// `args`, only its `env`, and — in the child, before the program runs — a `chroot(2)`
 /// into the spec's `root.path` (relative to the bundle; `rootfs` when absent) and a

@@ -157,6 +157,35 @@ impl PodConfig {
         Ok(Some(config))
     }
 
+    /// What a CRI pod sandbox's (pause container's) spec says of its pod, as its
+    /// `PodSandboxConfig` would: the hostname, the sysctls, and the pod's cgroup — the
+    /// parent of the sandbox's own, as CRI places it (`<parent>/<id>`, or systemd's
+    /// `<slice>:<prefix>:<name>`).
+    ///
+    /// ```
+    /// use shim_common::pod::PodConfig;
+    /// let spec = serde_json::json!({"hostname": "web-0", "linux": {
+    ///     "cgroupsPath": "/kubepods/pod1/sb1", "sysctl": {"kernel.shm_rmid_forced": "1"}}});
+    /// let c = PodConfig::of_sandbox_spec(&spec);
+    /// assert_eq!((c.hostname.as_str(), c.cgroup_parent.as_str()), ("web-0", "/kubepods/pod1"));
+    /// assert_eq!(c.sysctls["kernel.shm_rmid_forced"], "1");
+    /// ```
+    pub fn of_sandbox_spec(spec: &Value) -> PodConfig {
+        let cgroups_path = spec["linux"]["cgroupsPath"].as_str().unwrap_or_default();
+        let cgroup_parent = match cgroups_path.split_once(':') {
+            Some((slice, _)) => slice,
+            None => cgroups_path
+                .rsplit_once('/')
+                .map_or("", |(parent, _)| parent),
+        };
+        PodConfig {
+            hostname: spec["hostname"].as_str().unwrap_or_default().to_string(),
+            cgroup_parent: cgroup_parent.to_string(),
+            sysctls: crate::bundle::string_map(&spec["linux"]["sysctl"]),
+            ..Default::default()
+        }
+    }
+
     /// This config as a `PodSandboxConfig`, for a sandbox service that reads one (the VM
     /// shim's guest, told of a pod that came as a pause container's spec). Only the fields
     /// [`PodConfig::of`] reads are written.

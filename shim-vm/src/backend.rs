@@ -18,6 +18,7 @@ use protobuf::{Message, MessageField};
 use protocol::agent::{OpenStdioRequest, OpenStdioResponse, StdioRequest};
 use protocol::options::Options as RuncOptions;
 use protocol::shim::*;
+use shim_common::bundle::string_map;
 use shim_common::pod::{PodConfig, PodRole};
 use shim_common::prelude::*;
 use shim_common::stdio::ChildStdio;
@@ -95,13 +96,13 @@ impl Backend for VmBackend {
             return Err(Error::Unimplemented("restore into a VM".into()));
         }
         // Only the group's first container sizes (and boots) the VM.
+        let spec = shim_common::bundle::spec(req.bundle)?;
         let size = || {
-            let (annotations, limit) = sizing(req.bundle)?;
+            let (annotations, limit) = sizing(&spec);
             req.options.size(&annotations, limit)
         };
-        let spec = shim_common::bundle::spec(req.bundle)?;
         if PodRole::of(&spec) == PodRole::Sandbox {
-            let config = pause_pod_config(&spec);
+            let config = PodConfig::of_sandbox_spec(&spec);
             // Refused before a VM boots for it. The VM's network is the pod's own: its
             // sysctls are checked as for such a pod.
             shim_common::host_pods::check_sysctls(&config.sysctls, true)?;
@@ -109,7 +110,13 @@ impl Backend for VmBackend {
             return self.create_holder(req.id, req.bundle, &spec, config, guest);
         }
         let guest = self.pod.guest(req.options, size)?;
-        let share = Share::create(&self.pod.shared(), req.id, req.bundle, self.pod.sandbox())?;
+        let share = Share::create(
+            &self.pod.shared(),
+            req.id,
+            req.bundle,
+            spec.clone(),
+            self.pod.sandbox(),
+        )?;
         record_vm_dir(req.bundle, self.pod.dir())?;
         let process = Process {
             container: req.id.to_string(),
@@ -428,14 +435,7 @@ impl VmBackend {
         config: PodConfig,
         guest: Arc<Guest>,
     ) -> Result<Created<Container>> {
-        let annotations = spec["annotations"]
-            .as_object()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let annotations = string_map(&spec["annotations"]);
         record_vm_dir(bundle, self.pod.dir())?;
         let dir = self.pod.shared().join(id);
         let started = match holder::start(&guest, &dir, id, Some(config.to_any()), annotations) {
@@ -470,49 +470,12 @@ impl VmBackend {
     }
 }
 
-/// What a pause container's spec says of its pod, as a `PodSandboxConfig` would: the
-/// hostname, the sysctls, and the pod's cgroup (the parent of the pause container's, as
-/// CRI places it: `<parent>/<id>`, or systemd's `<slice>:<prefix>:<name>`).
-fn pause_pod_config(spec: &serde_json::Value) -> PodConfig {
-    let cgroups_path = spec["linux"]["cgroupsPath"].as_str().unwrap_or_default();
-    let cgroup_parent = match cgroups_path.split_once(':') {
-        Some((slice, _)) => slice.to_string(),
-        None => cgroups_path
-            .rsplit_once('/')
-            .map(|(parent, _)| parent.to_string())
-            .unwrap_or_default(),
-    };
-    let sysctls = spec["linux"]["sysctl"]
-        .as_object()
-        .map(|m| {
-            m.iter()
-                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
-                .collect()
-        })
-        .unwrap_or_default();
-    PodConfig {
-        hostname: spec["hostname"].as_str().unwrap_or_default().to_string(),
-        cgroup_parent,
-        sysctls,
-        ..Default::default()
-    }
-}
-
 /// The first container's annotations and memory limit, which size the VM.
-fn sizing(bundle: &Path) -> Result<(HashMap<String, String>, Option<u64>)> {
-    let spec = shim_common::bundle::spec(bundle)?;
-    let annotations = spec["annotations"]
-        .as_object()
-        .map(|a| {
-            a.iter()
-                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
-                .collect()
-        })
-        .unwrap_or_default();
+fn sizing(spec: &serde_json::Value) -> (HashMap<String, String>, Option<u64>) {
     let limit = spec["linux"]["resources"]["memory"]["limit"]
         .as_i64()
         .and_then(|l| u64::try_from(l).ok());
-    Ok((annotations, limit))
+    (string_map(&spec["annotations"]), limit)
 }
 
 /// The guest's runc backend options: the OCI runtime inside the VM. The guest's root is its

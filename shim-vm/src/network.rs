@@ -67,7 +67,6 @@ pub struct PodNetwork {
     pub interface: Interface,
     /// The tap's file, for QEMU (`-netdev tap,fd=N`); the tap lives while a copy is open.
     pub tap: OwnedFd,
-    tap_index: u32,
 }
 
 impl PodNetwork {
@@ -75,7 +74,7 @@ impl PodNetwork {
     /// Refuses the shim's own namespace. A failure halfway undoes what it did.
     pub fn attach(netns: &Path, ifname: &str) -> Result<PodNetwork> {
         let ifname = ifname.to_string();
-        let (interface, tap, tap_index) = in_netns(netns, move || {
+        let (interface, tap) = in_netns(netns, move || {
             let mut rtnl = Rtnl::open()?;
             let interface = rtnl.interface(&ifname)?;
             let tap = open_tap(TAP_NAME)?;
@@ -93,19 +92,13 @@ impl PodNetwork {
                 let _ = rtnl.request(ingress_qdisc(interface.index, false), 0);
                 return Err(e);
             }
-            Ok((interface, tap, tap_index))
+            Ok((interface, tap))
         })?;
         Ok(PodNetwork {
             netns: netns.to_path_buf(),
             interface,
             tap,
-            tap_index,
         })
-    }
-
-    /// The tap's index in the pod's namespace.
-    pub fn tap_index(&self) -> u32 {
-        self.tap_index
     }
 
     /// Removes the redirects and the tap (once QEMU's copy of its file is closed too). A
@@ -113,18 +106,24 @@ impl PodNetwork {
     pub fn detach(self) -> Result<()> {
         let index = self.interface.index;
         drop(self.tap);
-        let gone = |e: &Error| e.to_string().contains("No such");
-        match in_netns(&self.netns, move || {
-            let mut rtnl = Rtnl::open()?;
-            match rtnl.request(ingress_qdisc(index, false), 0) {
-                Err(e) if !gone(&e) && !e.to_string().contains("Invalid argument") => Err(e),
-                _ => Ok(()),
-            }
-        }) {
-            Err(e) if !gone(&e) => Err(e),
+        let removed = in_netns(&self.netns, move || {
+            Rtnl::open()?.request(ingress_qdisc(index, false), 0)
+        });
+        match removed {
+            Err(e) if !absent(&e) => Err(e),
             _ => Ok(()),
         }
     }
+}
+
+/// Whether `e` says the thing is gone already: the namespace (ENOENT), the interface
+/// (ENODEV) or its qdisc (EINVAL, as the kernel answers a delete of none).
+fn absent(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Io { source, .. }
+            if matches!(source.raw_os_error(), Some(libc::ENOENT | libc::ENODEV | libc::EINVAL))
+    )
 }
 
 /// Runs `f` on a thread that entered network namespace `netns` and ends after `f`; refuses a

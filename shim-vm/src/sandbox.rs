@@ -20,10 +20,7 @@ use crate::holder;
 use crate::options::{
     Size, VmOptions, CRI_CPU_PERIOD_ANNOTATION, CRI_CPU_QUOTA_ANNOTATION, CRI_MEMORY_ANNOTATION,
 };
-use crate::pod::Pod;
-
-/// Exit status reported for a sandbox whose VM died: killed.
-const KILLED: u32 = 137;
+use crate::pod::{Pod, KILLED};
 
 /// The pod sandboxes of one VM shim.
 pub struct VmSandboxes {

@@ -28,9 +28,16 @@ pub struct Share {
 }
 
 impl Share {
-    /// Shares the container `id` of host bundle `bundle` under `shared` (the VM's shared
-    /// directory). `sandbox` is the guest pid of the pod's sandbox, if one runs.
-    pub fn create(shared: &Path, id: &str, bundle: &Path, sandbox: Option<u32>) -> Result<Share> {
+    /// Shares the container `id` of host bundle `bundle` (whose parsed `config.json` is
+    /// `spec`) under `shared` (the VM's shared directory). `sandbox` is the guest pid of
+    /// the pod's sandbox, if one runs.
+    pub fn create(
+        shared: &Path,
+        id: &str,
+        bundle: &Path,
+        mut spec: Value,
+        sandbox: Option<u32>,
+    ) -> Result<Share> {
         if id.is_empty() || id.contains('/') || id.starts_with('.') {
             return Err(Error::InvalidArgument(format!("bad container id {id:?}")));
         }
@@ -45,9 +52,6 @@ impl Share {
         }
         fs::create_dir_all(&share.host)
             .with_context(|| format!("create {}", share.host.display()))?;
-        let text = fs::read(bundle.join("config.json")).context("read the bundle's config.json")?;
-        let mut spec: Value = serde_json::from_slice(&text)
-            .map_err(|e| Error::InvalidArgument(format!("config.json: {e}")))?;
         share.rootfs(bundle, &spec)?;
         share.binds(&mut spec)?;
         for_guest(&mut spec, sandbox);
@@ -340,7 +344,8 @@ mod tests {
         });
         fs::write(bundle.join("config.json"), spec.to_string()).unwrap();
         let shared = tmp.path().join("shared");
-        let share = Share::create(&shared, "c1", &bundle, None).unwrap();
+        let spec = shim_common::bundle::spec(&bundle).unwrap();
+        let share = Share::create(&shared, "c1", &bundle, spec, None).unwrap();
         let dir = shared.join("c1");
         assert_eq!(share.guest_bundle(), "/run/shared/c1");
         assert_eq!(fs::read(dir.join("rootfs/bin/sh")).unwrap(), b"sh");
