@@ -9,7 +9,9 @@ use std::path::PathBuf;
 
 use integration::checks::{processes_mentioning, wait_until};
 use integration::conformance::{run_sandbox_pod, Config, Generation, Report};
-use integration::cri::{api, container_config, log_text, CriClient, CRI_NAMESPACE, HANDLER_VM};
+use integration::cri::{
+    api, container_config, log_text, CriClient, CRI_NAMESPACE, HANDLER_OURS, HANDLER_VM,
+};
 use integration::cri_fixture::{
     assert_all_gone, containerd_with_cri, delete_pod, run_pod, run_pod_with, sleeper,
     start_busybox, start_container, Pod, LONG,
@@ -57,6 +59,129 @@ fn exec_ok(cri: &CriClient, id: &str, cmd: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The network namespace CNI set `pod` up in (its pause container's spec names it).
+fn pod_netns(c: &Containerd, pod: &Pod) -> PathBuf {
+    let spec = c
+        .state_dir()
+        .join("io.containerd.runtime.v2.task")
+        .join(CRI_NAMESPACE)
+        .join(&pod.id)
+        .join("config.json");
+    let spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&spec).expect("the pause spec")).unwrap();
+    let path = spec["linux"]["namespaces"]
+        .as_array()
+        .and_then(|ns| ns.iter().find(|n| n["type"] == "network"))
+        .and_then(|n| n["path"].as_str())
+        .expect("a network namespace path");
+    PathBuf::from(path)
+}
+
+/// `args` run in network namespace `netns` (through `nsenter`): stdout.
+fn in_netns(netns: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(args)
+        .output()
+        .expect("nsenter");
+    assert!(
+        out.status.success(),
+        "{args:?} in {}: {}",
+        netns.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Whether `netns` still holds anything of a VM's network: the tap or a redirect.
+fn vm_network_in(netns: &std::path::Path) -> Vec<String> {
+    let mut left = Vec::new();
+    let links = in_netns(netns, &["ip", "-o", "link", "show"]);
+    if links.contains(shim_vm::network::TAP_NAME) {
+        left.push(links);
+    }
+    let qdiscs = in_netns(netns, &["tc", "qdisc", "show", "dev", "eth0"]);
+    if qdiscs.contains("ingress") {
+        left.push(qdiscs);
+    }
+    left
+}
+
+/// The host namespace's links, addresses, routes and qdiscs, but the CNI bridges and
+/// veths of the harness's containerds (this test's and parallel tests').
+fn host_network() -> Vec<String> {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .expect(args[0]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    [
+        run(&["ip", "-o", "link", "show"]),
+        run(&["ip", "-o", "addr", "show"]),
+        run(&["ip", "route", "show", "table", "all"]),
+        run(&["tc", "qdisc", "show"]),
+    ]
+    .iter()
+    .flat_map(|t| t.lines().map(words).collect::<Vec<_>>())
+    .filter(|l| !l.contains("shimbr") && !l.contains("veth"))
+    .collect()
+}
+
+/// `line`'s words, one space apart, without an address's lifetimes (which count down).
+fn words(line: &str) -> String {
+    let mut out = Vec::new();
+    let mut words = line.split_whitespace();
+    while let Some(w) = words.next() {
+        if w == "valid_lft" || w == "preferred_lft" {
+            words.next();
+        } else {
+            out.push(w);
+        }
+    }
+    out.join(" ")
+}
+
+/// A busybox httpd in `pod` on port 8080 serving `text` at `/`.
+fn web_server(cri: &CriClient, pod: &Pod, text: &str) -> String {
+    let script =
+        format!("mkdir -p /www && echo {text} > /www/index.html && exec httpd -f -p 8080 -h /www");
+    start_busybox(cri, pod, "web", &["sh", "-c", &script])
+}
+
+/// The body `from` (a container) fetches from `ip`'s web server, retried until it
+/// answers. Through `nc`: bookworm's static busybox `wget` crashes.
+fn fetch(cri: &CriClient, from: &str, ip: &str) -> String {
+    let get = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {ip} 8080");
+    let mut last = None;
+    let fetched = wait_until(LONG, || {
+        let out = cri.exec_sync(from, &["sh", "-c", &get], 30);
+        let ok = out
+            .as_ref()
+            .is_ok_and(|o| o.exit_code == 0 && o.stdout.starts_with(b"HTTP/1.1 200"));
+        last = Some(out);
+        ok
+    });
+    let out = last.expect("no attempt").expect("ExecSync");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        fetched,
+        "{from} fetching from {ip}: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default()
+}
+
+fn pod_ip(cri: &CriClient, pod: &Pod) -> String {
+    let status = cri.pod_sandbox_status(&pod.id).expect("PodSandboxStatus");
+    let ip = status.network.expect("the pod's network").ip;
+    assert!(ip.starts_with("10.231.0."), "pod IP {ip:?}");
+    ip
 }
 
 /// Nothing of `pod`'s VM is left once it is removed: no QEMU, no virtiofsd, no directory.
@@ -445,6 +570,9 @@ fn a_killed_vmm_ends_the_pod_s_containers_and_removal_cleans_up() {
     let ids = [sleeper(&cri, &pod, "one"), sleeper(&cri, &pod, "two")];
     let vm = qemus(&c, &pod);
     assert_eq!(vm.len(), 1, "QEMUs {vm:?}");
+    // Read now: the pause container's bundle goes once CRI sees it exit.
+    let netns = pod_netns(&c, &pod);
+    assert_eq!(vm_network_in(&netns).len(), 2, "no tap and redirect");
     for pid in &vm {
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(*pid),
@@ -465,11 +593,93 @@ fn a_killed_vmm_ends_the_pod_s_containers_and_removal_cleans_up() {
         );
         assert_eq!(status.expect("status").exit_code, 137);
     }
+    // The dead VM's tap and redirects are gone from the pod's netns before CNI's DEL runs.
+    let mut left = Vec::new();
+    assert!(
+        wait_until(LONG, || {
+            left = vm_network_in(&netns);
+            left.is_empty()
+        }),
+        "left in the pod's netns: {left:?}"
+    );
     delete_pod(&cri, &pod);
     let mut all = ids.to_vec();
     all.push(pod.id.clone());
     assert_all_gone(&c, &cri, &all);
     assert_no_vm_left(&c, &pod);
+}
+
+#[test]
+fn a_vm_pod_answers_on_its_ip_and_reaches_runc_and_vm_pods_on_the_bridge() {
+    let before = host_network();
+    let c = containerd_with_cri(&["containerd-shim-vm-v2", "containerd-shim-runc-v2", "pause"]);
+    let cri = c.cri_client().expect("CRI client");
+    let vm = run_pod(&c, &cri, "vm-net", HANDLER_VM);
+    let vm_web = web_server(&cri, &vm, "from-the-vm");
+    let runc = run_pod(&c, &cri, "runc-net", HANDLER_OURS);
+    let runc_web = web_server(&cri, &runc, "from-runc");
+    let other = run_pod(&c, &cri, "vm-net2", HANDLER_VM);
+    let other_client = sleeper(&cri, &other, "client");
+    let (vm_ip, runc_ip, other_ip) = (pod_ip(&cri, &vm), pod_ip(&cri, &runc), pod_ip(&cri, &other));
+
+    // The guest has the pod's address and CNI's routes, on the pod's MAC.
+    let netns = pod_netns(&c, &vm);
+    let addr = exec_ok(
+        &cri,
+        &vm_web,
+        &["ip", "-o", "-4", "addr", "show", "dev", "eth0"],
+    );
+    assert!(addr.contains(&format!("inet {vm_ip}/24")), "{addr}");
+    let routes = exec_ok(&cri, &vm_web, &["ip", "-4", "route", "show"]);
+    let cni_routes = in_netns(&netns, &["ip", "-4", "route", "show"]);
+    // busybox's `ip` does not say `proto kernel`.
+    let lines = |t: &str| {
+        t.lines()
+            .map(|l| words(l).replace(" proto kernel", ""))
+            .collect::<BTreeSet<_>>()
+    };
+    assert_eq!(
+        lines(&routes),
+        lines(&cni_routes),
+        "the guest's routes are not CNI's"
+    );
+    let mac = |text: &str| {
+        text.split_whitespace()
+            .skip_while(|w| *w != "link/ether")
+            .nth(1)
+            .map(str::to_string)
+    };
+    let guest_link = exec_ok(&cri, &vm_web, &["ip", "-o", "link", "show", "dev", "eth0"]);
+    let cni_link = in_netns(&netns, &["ip", "-o", "link", "show", "dev", "eth0"]);
+    assert_eq!(mac(&guest_link), mac(&cni_link), "{guest_link}\n{cni_link}");
+    assert!(
+        vm_network_in(&netns).len() == 2,
+        "no tap and redirect in the pod's netns"
+    );
+
+    // Both ways between the VM pod and a runc pod, and between two VM pods.
+    assert_eq!(fetch(&cri, &runc_web, &vm_ip), "from-the-vm\n");
+    assert_eq!(fetch(&cri, &vm_web, &runc_ip), "from-runc\n");
+    assert_eq!(fetch(&cri, &other_client, &vm_ip), "from-the-vm\n");
+    let other_web = web_server(&cri, &other, "from-the-other-vm");
+    assert_eq!(fetch(&cri, &vm_web, &other_ip), "from-the-other-vm\n");
+
+    let ids = [vm_web, runc_web, other_client, other_web];
+    for pod in [&vm, &runc, &other] {
+        delete_pod(&cri, pod);
+    }
+    let mut all = ids.to_vec();
+    all.extend([vm.id.clone(), runc.id.clone(), other.id.clone()]);
+    assert_all_gone(&c, &cri, &all);
+    assert_no_vm_left(&c, &vm);
+    assert_no_vm_left(&c, &other);
+    assert!(
+        !netns.exists(),
+        "the pod's netns is left: {}",
+        netns.display()
+    );
+    drop(c);
+    assert_eq!(host_network(), before, "the host's network changed");
 }
 
 /// containerd 2.x's `shim` sandboxer, played by the conformance runner: the VM is the pod's

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -106,10 +106,11 @@ impl Backend for VmBackend {
             // Refused before a VM boots for it. The VM's network is the pod's own: its
             // sysctls are checked as for such a pod.
             shim_common::host_pods::check_sysctls(&config.sysctls, true)?;
-            let guest = self.pod.guest(req.options, size)?;
+            let netns = network_namespace(&spec);
+            let guest = self.pod.guest(req.options, netns.as_deref(), size)?;
             return self.create_holder(req.id, req.bundle, &spec, config, guest);
         }
-        let guest = self.pod.guest(req.options, size)?;
+        let guest = self.pod.guest(req.options, None, size)?;
         let share = Share::create(
             &self.pod.shared(),
             req.id,
@@ -468,6 +469,18 @@ impl VmBackend {
             pid: Some(pid),
         })
     }
+}
+
+/// The network namespace a pause container's spec names: the pod's, where CNI set up its
+/// interface (none for a host-network pod).
+fn network_namespace(spec: &serde_json::Value) -> Option<PathBuf> {
+    spec["linux"]["namespaces"]
+        .as_array()?
+        .iter()
+        .find(|n| n["type"] == "network")?["path"]
+        .as_str()
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
 }
 
 /// The first container's annotations and memory limit, which size the VM.

@@ -89,13 +89,17 @@ pub fn setup() -> Result<Booted> {
     mount_fs("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid_noexec, None)?;
 
     let cmdline = fs::read_to_string("/proc/cmdline").context("read /proc/cmdline")?;
-    // vsock's modules only for a vsock channel: each costs tens of ms under TCG.
-    let skip = match param(&cmdline, crate::channel::CHANNEL_PARAM) {
-        Some("vsock") => &[][..],
-        _ => crate::vsock::GUEST_MODULES,
-    };
+    // vsock's modules only for a vsock channel, virtio-net's only for a pod network: each
+    // costs milliseconds under TCG.
+    let mut skip = Vec::new();
+    if param(&cmdline, crate::channel::CHANNEL_PARAM) != Some("vsock") {
+        skip.extend_from_slice(crate::vsock::GUEST_MODULES);
+    }
+    if param(&cmdline, crate::network::NET_PARAM) != Some("1") {
+        skip.extend_from_slice(crate::network::GUEST_MODULES);
+    }
     let mut booted = Booted {
-        modules: load_modules(Path::new(MODULE_LIST), skip)?,
+        modules: load_modules(Path::new(MODULE_LIST), &skip)?,
         share: None,
     };
     loopback_up()?;

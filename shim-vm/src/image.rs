@@ -95,6 +95,7 @@ pub const MODULES: &[&str] = &[
     "vsock",
     "vmw_vsock_virtio_transport",
     "virtio_balloon",
+    "virtio_net",
 ];
 
 /// The host runtimes copied into the guest (at the same paths), with their libraries.

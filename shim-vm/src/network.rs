@@ -13,20 +13,29 @@
 //! before anything is read or changed, so the host's own interfaces are never touched. All
 //! of it goes through netlink (`netlink-packet-route`, the crate youki already brings), not
 //! by running `ip` or `tc`.
+//!
+//! In the guest ([`configure`]) the same netlink code gives the VM's virtio-net device the
+//! interface's name, MTU, addresses and routes, which the host sends in the agent's
+//! `ConfigureNetwork` call ([`to_proto`], [`from_proto`]).
 
 use std::fs::File;
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
     NLM_F_REQUEST,
 };
-use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::address::{
+    AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage,
+};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
-use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
 use netlink_packet_route::tc::{
     TcAction, TcActionAttribute, TcActionMirror, TcActionMirrorOption, TcActionOption,
     TcActionType, TcAttribute, TcFilterU32, TcFilterU32Option, TcHandle, TcMessage, TcMirror,
@@ -34,7 +43,18 @@ use netlink_packet_route::tc::{
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+use protocol::agent::{IpNetwork, IpRoute, NetworkInterface};
 use shim_common::{Context, Error, Result};
+
+/// The interface CRI asks CNI to make in a pod's namespace.
+pub const POD_INTERFACE: &str = "eth0";
+
+/// The kernel command-line parameter that says the VM has a pod network device: the guest
+/// loads [`GUEST_MODULES`] only then (each costs milliseconds of boot under TCG).
+pub const NET_PARAM: &str = "shim_vm.net";
+
+/// The guest's modules for a virtio-net device (those built in are not in the image).
+pub const GUEST_MODULES: &[&str] = &["failover", "net_failover", "virtio_net"];
 
 /// The tap's name in the pod's namespace (at most 15 bytes, `IFNAMSIZ` - 1).
 pub const TAP_NAME: &str = "tap0_vm";
@@ -52,10 +72,11 @@ pub struct Interface {
     pub routes: Vec<Route>,
 }
 
-/// A route: `None` as the destination is the default route.
+/// A route: destination and prefix length (0.0.0.0/0 or ::/0 for a default route), and its
+/// gateway (`None`: on the link).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
-    pub destination: Option<(IpAddr, u8)>,
+    pub destination: (IpAddr, u8),
     pub gateway: Option<IpAddr>,
 }
 
@@ -366,8 +387,11 @@ impl Rtnl {
                 continue;
             }
             for attr in &a.attributes {
+                // A link-local IPv6 address the guest's kernel makes itself, from the MAC.
                 if let AddressAttribute::Address(ip) = attr {
-                    addresses.push((*ip, a.header.prefix_len));
+                    if !link_local(ip) {
+                        addresses.push((*ip, a.header.prefix_len));
+                    }
                 }
             }
         }
@@ -379,7 +403,12 @@ impl Rtnl {
                 let RouteNetlinkMessage::NewRoute(r) = m else {
                     continue;
                 };
-                if r.header.table != RouteHeader::RT_TABLE_MAIN {
+                // The kernel's own routes (an address's subnet, fe80::/64) come back in the
+                // guest with the addresses.
+                if r.header.table != RouteHeader::RT_TABLE_MAIN
+                    || r.header.protocol == RouteProtocol::Kernel
+                    || r.header.kind != RouteType::Unicast
+                {
                     continue;
                 }
                 let (mut oif, mut destination, mut gateway) = (None, None, None);
@@ -394,8 +423,15 @@ impl Rtnl {
                 if oif != Some(index) {
                     continue;
                 }
+                let unspecified = match family {
+                    AddressFamily::Inet6 => IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED),
+                    _ => IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED),
+                };
                 routes.push(Route {
-                    destination: destination.map(|d| (d, r.header.destination_prefix_length)),
+                    destination: (
+                        destination.unwrap_or(unspecified),
+                        r.header.destination_prefix_length,
+                    ),
                     gateway,
                 });
             }
@@ -421,6 +457,222 @@ impl Rtnl {
         }
         self.request(RouteNetlinkMessage::SetLink(link), 0)
     }
+}
+
+fn link_local(ip: &IpAddr) -> bool {
+    matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80)
+}
+
+fn family_of(ip: &IpAddr) -> AddressFamily {
+    match ip {
+        IpAddr::V4(_) => AddressFamily::Inet,
+        IpAddr::V6(_) => AddressFamily::Inet6,
+    }
+}
+
+/// In the guest: gives each of `interfaces` to the network device with its MAC (waiting up
+/// to `timeout` for the driver to probe it): its name, MTU, addresses and routes, up.
+pub fn configure(interfaces: &[Interface], timeout: Duration) -> Result<()> {
+    let mut rtnl = Rtnl::open()?;
+    for interface in interfaces {
+        let index = rtnl.wait_for_mac(&interface.mac, timeout)?;
+        rtnl.configure(index, interface).map_err(|e| {
+            Error::Runtime(format!(
+                "configure the pod's interface {} ({}): {e}",
+                interface.name,
+                mac_text(&interface.mac)
+            ))
+        })?;
+    }
+    Ok(())
+}
+
+impl Rtnl {
+    /// The index of the link with address `mac`, once it exists.
+    fn wait_for_mac(&mut self, mac: &[u8], timeout: Duration) -> Result<u32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let found = self.links()?.into_iter().find(|l| {
+                l.attributes
+                    .iter()
+                    .any(|a| matches!(a, LinkAttribute::Address(m) if m == mac))
+            });
+            if let Some(link) = found {
+                return Ok(link.header.index);
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Unavailable(format!(
+                    "no network device with MAC {} appeared within {timeout:?}: is the \
+                     virtio-net driver in the guest image?",
+                    mac_text(mac)
+                )));
+            }
+            // No udev to say when the driver has probed the device: look again shortly.
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn configure(&mut self, index: u32, interface: &Interface) -> Result<()> {
+        // Named while down (a rename of an up link is refused).
+        let mut rename = LinkMessage::default();
+        rename.header.index = index;
+        rename
+            .attributes
+            .push(LinkAttribute::IfName(interface.name.clone()));
+        self.request(RouteNetlinkMessage::SetLink(rename), 0)?;
+        self.set_up(index, interface.mtu)?;
+        for (ip, prefix) in &interface.addresses {
+            let mut a = AddressMessage::default();
+            a.header.family = family_of(ip);
+            a.header.prefix_len = *prefix;
+            a.header.index = index;
+            a.attributes.push(AddressAttribute::Local(*ip));
+            a.attributes.push(AddressAttribute::Address(*ip));
+            if ip.is_ipv6() {
+                // The host's namespace checked the address already: no second DAD delay.
+                a.header.flags = AddressHeaderFlags::Nodad;
+                a.attributes
+                    .push(AddressAttribute::Flags(AddressFlags::Nodad));
+            }
+            self.request_new(RouteNetlinkMessage::NewAddress(a))?;
+        }
+        // Routes on the link first: a gateway must be reachable when its route is added.
+        let mut routes: Vec<&Route> = interface.routes.iter().collect();
+        routes.sort_by_key(|r| r.gateway.is_some());
+        for route in routes {
+            let (destination, prefix) = route.destination;
+            let mut r = RouteMessage::default();
+            r.header.address_family = family_of(&destination);
+            r.header.destination_prefix_length = prefix;
+            r.header.table = RouteHeader::RT_TABLE_MAIN;
+            r.header.protocol = RouteProtocol::Boot;
+            r.header.kind = RouteType::Unicast;
+            r.header.scope = match route.gateway {
+                Some(_) => RouteScope::Universe,
+                None => RouteScope::Link,
+            };
+            if prefix > 0 {
+                r.attributes
+                    .push(RouteAttribute::Destination(destination.into()));
+            }
+            if let Some(gateway) = route.gateway {
+                r.attributes.push(RouteAttribute::Gateway(gateway.into()));
+            }
+            r.attributes.push(RouteAttribute::Oif(index));
+            self.request_new(RouteNetlinkMessage::NewRoute(r))?;
+        }
+        Ok(())
+    }
+
+    /// Adds something; one that exists already (a route the kernel made) is fine.
+    fn request_new(&mut self, message: RouteNetlinkMessage) -> Result<()> {
+        match self.request(message, NLM_F_CREATE | NLM_F_EXCL) {
+            Err(Error::Io { source, .. }) if source.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+            other => other,
+        }
+    }
+}
+
+fn mac_text(mac: &[u8]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The agent call's form of `interfaces`.
+pub fn to_proto(interfaces: &[Interface]) -> Vec<NetworkInterface> {
+    let net = |(ip, prefix): (IpAddr, u8)| IpNetwork {
+        ip: ip.to_string(),
+        prefix_len: u32::from(prefix),
+        ..Default::default()
+    };
+    interfaces
+        .iter()
+        .map(|i| NetworkInterface {
+            name: i.name.clone(),
+            mac: i.mac.clone(),
+            mtu: i.mtu,
+            addresses: i.addresses.iter().copied().map(net).collect(),
+            routes: i
+                .routes
+                .iter()
+                .map(|r| IpRoute {
+                    destination: protobuf::MessageField::some(net(r.destination)),
+                    gateway: r.gateway.map(|g| g.to_string()).unwrap_or_default(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// `interfaces` from the agent call; a malformed one is an `InvalidArgument` naming it.
+pub fn from_proto(interfaces: &[NetworkInterface]) -> Result<Vec<Interface>> {
+    let net = |n: &IpNetwork| -> Result<(IpAddr, u8)> {
+        let ip: IpAddr =
+            n.ip.parse()
+                .map_err(|_| Error::InvalidArgument(format!("address {:?}", n.ip)))?;
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        match u8::try_from(n.prefix_len) {
+            Ok(p) if p <= max => Ok((ip, p)),
+            _ => Err(Error::InvalidArgument(format!(
+                "prefix length {} of {ip}",
+                n.prefix_len
+            ))),
+        }
+    };
+    interfaces
+        .iter()
+        .map(|i| {
+            if i.mac.len() != 6 {
+                return Err(Error::InvalidArgument(format!(
+                    "interface {:?}: MAC of {} bytes",
+                    i.name,
+                    i.mac.len()
+                )));
+            }
+            if i.name.is_empty() || i.name.len() >= libc::IFNAMSIZ || i.name.contains('/') {
+                return Err(Error::InvalidArgument(format!(
+                    "interface name {:?}",
+                    i.name
+                )));
+            }
+            let routes = i
+                .routes
+                .iter()
+                .map(|r| {
+                    let destination = r
+                        .destination
+                        .as_ref()
+                        .ok_or_else(|| {
+                            Error::InvalidArgument("a route without a destination".into())
+                        })
+                        .and_then(net)?;
+                    let gateway = match r.gateway.as_str() {
+                        "" => None,
+                        g => Some(
+                            g.parse::<IpAddr>()
+                                .map_err(|_| Error::InvalidArgument(format!("gateway {g:?}")))?,
+                        ),
+                    };
+                    Ok(Route {
+                        destination,
+                        gateway,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Interface {
+                name: i.name.clone(),
+                index: 0,
+                mac: i.mac.clone(),
+                mtu: i.mtu,
+                addresses: i.addresses.iter().map(net).collect::<Result<_>>()?,
+                routes,
+            })
+        })
+        .collect()
 }
 
 fn link_name(link: &LinkMessage) -> Option<&str> {
@@ -450,10 +702,86 @@ fn describe(m: &RouteNetlinkMessage) -> Option<String> {
         RouteNetlinkMessage::NewTrafficFilter(t) => {
             format!("add the redirect filter of link {}", t.header.index)
         }
-        RouteNetlinkMessage::SetLink(l) => format!("set link {} up", l.header.index),
+        RouteNetlinkMessage::SetLink(l) => format!("set link {}", l.header.index),
+        RouteNetlinkMessage::NewAddress(a) => format!("add an address to link {}", a.header.index),
+        RouteNetlinkMessage::NewRoute(_) => "add a route".into(),
         RouteNetlinkMessage::GetLink(_) => "list links".into(),
         RouteNetlinkMessage::GetAddress(_) => "list addresses".into(),
         RouteNetlinkMessage::GetRoute(_) => "list routes".into(),
         _ => return None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn interface() -> Interface {
+        Interface {
+            name: "eth0".into(),
+            index: 7,
+            mac: vec![0x02, 0, 0, 0, 0, 1],
+            mtu: 1450,
+            addresses: vec![
+                ("10.1.2.3".parse().unwrap(), 24),
+                ("fd00::3".parse().unwrap(), 64),
+            ],
+            routes: vec![
+                Route {
+                    destination: ("0.0.0.0".parse().unwrap(), 0),
+                    gateway: Some("10.1.2.1".parse().unwrap()),
+                },
+                Route {
+                    destination: ("10.9.0.0".parse().unwrap(), 16),
+                    gateway: None,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn the_agent_call_carries_an_interface_whole() {
+        let back = from_proto(&to_proto(&[interface()])).unwrap();
+        assert_eq!(
+            back,
+            vec![Interface {
+                index: 0,
+                ..interface()
+            }]
+        );
+    }
+
+    #[test]
+    fn a_malformed_interface_is_refused_naming_what() {
+        type Spoil = fn(&mut NetworkInterface);
+        let cases: [(Spoil, &str); 6] = [
+            (|i| i.mac.truncate(3), "MAC of 3 bytes"),
+            (|i| i.name = "a/b".into(), "interface name"),
+            (|i| i.name = "x".repeat(16), "interface name"),
+            (
+                |i| i.addresses[0].ip = "10.1.2".into(),
+                "address \"10.1.2\"",
+            ),
+            (|i| i.addresses[1].prefix_len = 129, "prefix length 129"),
+            (|i| i.routes[0].gateway = "gw".into(), "gateway \"gw\""),
+        ];
+        for (spoil, want) in cases {
+            let mut proto = to_proto(&[interface()]);
+            spoil(&mut proto[0]);
+            let e = from_proto(&proto).expect_err(want);
+            assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+            assert!(e.to_string().contains(want), "{e} lacks {want}");
+        }
+        let mut proto = to_proto(&[interface()]);
+        proto[0].routes[1].destination = protobuf::MessageField::none();
+        assert!(from_proto(&proto).is_err());
+    }
+
+    #[test]
+    fn only_ipv6_link_local_addresses_are_link_local() {
+        assert!(link_local(&"fe80::1".parse().unwrap()));
+        assert!(link_local(&"febf::1".parse().unwrap()));
+        assert!(!link_local(&"fec0::1".parse().unwrap()));
+        assert!(!link_local(&"10.0.0.1".parse().unwrap()));
+    }
 }

@@ -12,15 +12,18 @@ use std::time::{Duration, Instant};
 
 use protobuf::well_known_types::empty::Empty;
 use protobuf::Message;
+use protocol::agent::ConfigureNetworkRequest;
 use protocol::events::Envelope;
 use protocol::task_events::{TaskExit, TaskOOM};
 use shim_common::reaper::{self, ExitSink};
 use shim_common::{Context, Error, Result};
 
+use crate::agent::NETWORK_TIMEOUT;
 use crate::guest::{Dial, Guest};
+use crate::network::{self, PodNetwork, POD_INTERFACE};
 use crate::options::{Size, VmOptions};
 use crate::virtiofsd::{self, Cache};
-use crate::vmm::{self, Accel, Vm, VmChannel, VmConfig};
+use crate::vmm::{self, Accel, NetDevice, Vm, VmChannel, VmConfig};
 use crate::vsock;
 
 /// Where every VM's runtime directory lives.
@@ -75,6 +78,8 @@ struct Running {
     guest: Arc<Guest>,
     /// Taken by [`Pod::stop`]; dropped when QEMU exits by itself (which ends virtiofsd).
     vm: Mutex<Option<Vm>>,
+    /// The pod's network joined to the VM's device; detached when the VM stops or dies.
+    network: Mutex<Option<PodNetwork>>,
 }
 
 impl Pod {
@@ -111,10 +116,12 @@ impl Pod {
         self.dir.join("shared")
     }
 
-    /// The agent of the running VM, booting it first (sized by `size`) if it is not up.
+    /// The agent of the running VM, booting it first (sized by `size`, with the network of
+    /// namespace `netns` if given) if it is not up.
     pub fn guest(
         self: &Arc<Self>,
         options: &VmOptions,
+        netns: Option<&Path>,
         size: impl FnOnce() -> Result<Size>,
     ) -> Result<Arc<Guest>> {
         let mut s = lock(&self.state);
@@ -128,7 +135,7 @@ impl Pod {
         }
         *s = State::Booting;
         drop(s);
-        let booted = size().and_then(|size| self.boot(options, size));
+        let booted = size().and_then(|size| self.boot(options, size, netns));
         let mut s = lock(&self.state);
         let res = match booted {
             Ok(running) => {
@@ -154,7 +161,12 @@ impl Pod {
         }
     }
 
-    fn boot(self: &Arc<Self>, options: &VmOptions, size: Size) -> Result<Arc<Running>> {
+    fn boot(
+        self: &Arc<Self>,
+        options: &VmOptions,
+        size: Size,
+        netns: Option<&Path>,
+    ) -> Result<Arc<Running>> {
         let started = Instant::now();
         let image = options.image()?;
         if self.dir.exists() {
@@ -163,6 +175,13 @@ impl Pod {
         }
         fs::create_dir_all(self.shared())
             .with_context(|| format!("create {}", self.dir.display()))?;
+        let mut network = match netns.map(attach).transpose() {
+            Ok(n) => n.flatten(),
+            Err(e) => {
+                cleanup_dir(&self.dir);
+                return Err(e);
+            }
+        };
         let result = (|| {
             let virtiofsd = match options.virtiofsd_path.as_str() {
                 "" => virtiofsd::locate()?,
@@ -194,6 +213,13 @@ impl Pod {
                 accel: options.force_tcg.then_some(Accel::Tcg),
                 tcg_tb_mib: (options.tcg_tb_mib > 0).then_some(options.tcg_tb_mib),
                 channel: VmChannel::from_option(options.channel, &options.vhost_vsock_path),
+                network: match &network {
+                    Some(n) => Some(NetDevice {
+                        tap: Arc::new(n.tap.try_clone().context("copy the tap's fd")?),
+                        mac: n.interface.mac.clone(),
+                    }),
+                    None => None,
+                },
             };
             // Subscribed before QEMU exists, so its exit cannot be missed.
             let exits = reaper::subscribe();
@@ -212,6 +238,24 @@ impl Pod {
                 ),
                 Err(e) => log::debug!("{e}"),
             }
+            if let Some(n) = &network {
+                let req = ConfigureNetworkRequest {
+                    interfaces: network::to_proto(std::slice::from_ref(&n.interface)),
+                    ..Default::default()
+                };
+                guest
+                    .agent::<Empty>(
+                        "ConfigureNetwork",
+                        &req,
+                        NETWORK_TIMEOUT + Duration::from_secs(5),
+                    )
+                    .map_err(|e| {
+                        Error::Unavailable(format!(
+                            "the guest took no pod network: {e} ({})",
+                            vm.diagnostics()
+                        ))
+                    })?;
+            }
             let accel = vm.accel();
             log::info!(
                 "VM up in {:?} ({:?}: {}; guest kernel {}, agent {} serving {:?} after the kernel started)",
@@ -225,12 +269,14 @@ impl Pod {
             let running = Arc::new(Running {
                 guest,
                 vm: Mutex::new(Some(vm)),
+                network: Mutex::new(network.take()),
             });
             self.watch(&running, exits)?;
             Ok(running)
         })();
         if result.is_err() {
             cleanup_dir(&self.dir);
+            detach(network);
         }
         result
     }
@@ -365,6 +411,9 @@ impl Pod {
             );
             drop(vm); // ends virtiofsd, removes the sockets
         }
+        if let Some(r) = &running {
+            detach(lock(&r.network).take());
+        }
         let pids: Vec<u32> = lock(&self.live).running.drain().collect();
         for pid in pids {
             self.exits.report(pid, KILLED);
@@ -389,6 +438,37 @@ impl Pod {
             }
         }
         cleanup_dir(&self.dir);
+        detach(lock(&running.network).take());
+    }
+}
+
+/// The pod's interface of namespace `netns` joined to a tap for the VM; `None` if the
+/// namespace has none (no CNI ran: the pod has loopback only).
+fn attach(netns: &Path) -> Result<Option<PodNetwork>> {
+    match PodNetwork::attach(netns, POD_INTERFACE) {
+        Ok(n) => {
+            log::info!(
+                "pod network of {}: {} {:?} into the VM",
+                netns.display(),
+                POD_INTERFACE,
+                n.interface.addresses
+            );
+            Ok(Some(n))
+        }
+        Err(Error::NotFound(why)) => {
+            log::info!("{why}: the pod's VM has loopback only");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Undoes [`attach`]; what is gone already (the namespace, after CNI's DEL) is no error.
+fn detach(network: Option<PodNetwork>) {
+    if let Some(n) = network {
+        if let Err(e) = n.detach() {
+            log::warn!("detach the pod's network: {e}");
+        }
     }
 }
 

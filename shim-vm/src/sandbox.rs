@@ -7,7 +7,7 @@
 //! gone.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -34,6 +34,8 @@ struct Sandbox {
     options: VmOptions,
     /// The VM's size, from the pod config and annotations, found at create.
     size: Size,
+    /// The pod's network namespace (CRI's, after CNI ran), whose interface the VM takes.
+    netns: Option<PathBuf>,
     config: Option<Any>,
     annotations: HashMap<String, String>,
     /// The sandbox's directory in the VM's shared directory: the guest sandbox's bundle.
@@ -81,8 +83,8 @@ fn size_of(
 impl Sandboxes for VmSandboxes {
     fn create(&self, req: &SandboxCreate<'_>) -> Result<()> {
         if let Some(netns) = req.netns {
-            // The pod's network namespace: checked here so a bad one fails CreateSandbox,
-            // as for a host pod. (Carrying it into the VM is pod networking's part.)
+            // The pod's network namespace, whose interface the VM takes over when it boots:
+            // checked here so a bad one fails CreateSandbox, as for a host pod.
             std::fs::File::open(netns).map_err(|e| {
                 Error::InvalidArgument(format!("network namespace {}: {e}", netns.display()))
             })?;
@@ -99,6 +101,7 @@ impl Sandboxes for VmSandboxes {
             bundle: req.bundle.to_path_buf(),
             options,
             size,
+            netns: req.netns.map(Path::to_path_buf),
             config: req.options.cloned(),
             annotations: req.annotations.clone(),
             share: self.pod.shared().join(format!(".sandbox-{}", req.id)),
@@ -110,7 +113,7 @@ impl Sandboxes for VmSandboxes {
     }
 
     fn start(&self, id: &str, exit: SandboxExit) -> Result<u32> {
-        let (bundle, options, config, annotations, share, size) = {
+        let (bundle, options, config, annotations, share, size, netns) = {
             let t = self.lock();
             let s = t
                 .get(id)
@@ -122,9 +125,10 @@ impl Sandboxes for VmSandboxes {
                 s.annotations.clone(),
                 s.share.clone(),
                 s.size,
+                s.netns.clone(),
             )
         };
-        let guest = self.pod.guest(&options, || Ok(size))?;
+        let guest = self.pod.guest(&options, netns.as_deref(), || Ok(size))?;
         crate::backend::record_vm_dir(&bundle, self.pod.dir())?;
         let started = holder::start(&guest, &share, id, config, annotations)?;
         let pid = started.pid;

@@ -16,9 +16,12 @@
 use std::fmt;
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use shim_common::{Context, Error, Result};
@@ -26,6 +29,7 @@ use shim_common::{Context, Error, Result};
 use crate::boot::{CLOCK_PARAM, SHARE_PARAM};
 use crate::channel::{Address, Channel, CHANNEL_PARAM};
 use crate::image::GuestImage;
+use crate::network::NET_PARAM;
 use crate::process::Process;
 use crate::virtiofsd::{Cache, Virtiofsd};
 use crate::vsock::{self, VhostUserVsock};
@@ -133,6 +137,17 @@ pub struct Share {
     pub cache: Cache,
 }
 
+/// The pod's network device ([`crate::network`]): a tap opened in the pod's namespace, and
+/// the MAC of the interface the guest's virtio-net device stands in for.
+#[derive(Debug, Clone)]
+pub struct NetDevice {
+    pub tap: Arc<OwnedFd>,
+    pub mac: Vec<u8>,
+}
+
+/// The fd QEMU finds the tap at (`-netdev tap,fd=`).
+const TAP_FD: RawFd = 3;
+
 /// The agent's channel as the VMM sets it up.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum VmChannel {
@@ -187,6 +202,8 @@ pub struct VmConfig {
     pub tcg_tb_mib: Option<u32>,
     /// The agent's channel.
     pub channel: VmChannel,
+    /// A pod network device.
+    pub network: Option<NetDevice>,
 }
 
 impl VmConfig {
@@ -204,6 +221,7 @@ impl VmConfig {
             accel: None,
             tcg_tb_mib: None,
             channel: VmChannel::Serial,
+            network: None,
         }
     }
 }
@@ -402,6 +420,9 @@ impl Vm {
         if config.channel != VmChannel::Serial {
             append.push_str(&format!(" {CHANNEL_PARAM}={}", Channel::Vsock));
         }
+        if config.network.is_some() {
+            append.push_str(&format!(" {NET_PARAM}=1"));
+        }
         if !config.cmdline.is_empty() {
             append.push(' ');
             append.push_str(&config.cmdline);
@@ -441,6 +462,41 @@ impl Vm {
                 .arg(format!("socket,id=fs,path={}", opt_path(&fs_sock)))
                 .arg("-device")
                 .arg(format!("vhost-user-fs-device,chardev=fs,tag={}", s.tag));
+        }
+        if let Some(net) = &config.network {
+            // vhost-net moves the frames in the host kernel; it needs KVM's ioeventfds.
+            let vhost = accel.accel == Accel::Kvm && Path::new("/dev/vhost-net").exists();
+            let mac = net
+                .mac
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":");
+            cmd.arg("-netdev")
+                .arg(format!(
+                    "tap,id=pod,fd={TAP_FD},vhost={}",
+                    if vhost { "on" } else { "off" }
+                ))
+                .arg("-device")
+                .arg(format!("virtio-net-device,netdev=pod,mac={mac}"));
+            let tap = net.tap.as_raw_fd();
+            // SAFETY: between fork and exec only async-signal-safe calls (dup2, fcntl) on
+            // fds this process owns; the tap's file outlives the spawn.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if tap == TAP_FD {
+                        let flags = libc::fcntl(tap, libc::F_GETFD);
+                        if flags < 0
+                            || libc::fcntl(tap, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0
+                        {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    } else if libc::dup2(tap, TAP_FD) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         let err_file =
             fs::File::create(&stderr).with_context(|| format!("create {}", stderr.display()))?;

@@ -4,6 +4,8 @@
 //! into the tap (as the guest's virtio-net device would send them) come out at the peer, and
 //! frames the peer sends come out of the tap. Nothing of it reaches the host's namespace,
 //! whose own namespace is refused outright, and `detach` leaves nothing in the pod's.
+//! What `attach` reads, sent as the agent call carries it, `configure` sets up the same in
+//! another namespace (as the guest does on its virtio-net device).
 
 use std::io::{Read, Write};
 use std::net::IpAddr;
@@ -12,7 +14,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use shim_vm::network::{PodNetwork, Route, TAP_NAME};
+use shim_vm::network::{self, Interface, PodNetwork, Route, TAP_NAME};
 
 /// An ethertype for local experiments (IEEE 802), which nothing else here sends.
 const ETHERTYPE: [u8; 2] = [0x88, 0xb5];
@@ -165,7 +167,7 @@ fn a_pod_interface_and_its_tap_carry_frames_both_ways_and_leave_nothing() {
     );
     assert!(
         i.routes.contains(&Route {
-            destination: None,
+            destination: ("0.0.0.0".parse().unwrap(), 0),
             gateway: Some("10.250.7.1".parse().unwrap()),
         }),
         "{i:?}"
@@ -239,4 +241,127 @@ fn the_host_s_own_namespace_is_refused_and_left_as_it_was() {
         !after.contains(TAP_NAME) && !before.contains(TAP_NAME),
         "{after}"
     );
+}
+
+/// `f` on a thread inside `ns`.
+fn in_ns<T: Send + 'static>(ns: &NetNs, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let file = std::fs::File::open(ns.path()).unwrap();
+    std::thread::spawn(move || {
+        // SAFETY: setns on a valid namespace fd, for this thread only.
+        assert_eq!(
+            unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
+            0
+        );
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+/// `ip` output of `dev` in `ns` with what differs between two hosts' copies left out
+/// (interface indexes, the kernel's link-local addresses and their routes, lifetimes).
+fn shown(ns: &NetNs, args: &[&str]) -> Vec<String> {
+    ns.run(args)
+        .lines()
+        .map(|l| {
+            l.split_whitespace()
+                .take_while(|w| *w != "\\")
+                .filter(|w| {
+                    w.strip_suffix(':')
+                        .is_none_or(|n| n.parse::<u32>().is_err())
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .filter(|l| !l.contains("fe80") && !l.is_empty())
+        .collect()
+}
+
+#[test]
+fn what_the_host_reads_the_guest_sets_up_the_same() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let pod = NetNs::new("cfgpod");
+    let bridge = NetNs::new("cfgbr");
+    pod.run(&[
+        "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "peer0", "netns", &bridge.0,
+    ]);
+    pod.run(&["ip", "link", "set", "eth0", "mtu", "1400", "up"]);
+    pod.run(&["ip", "addr", "add", "10.250.8.2/24", "dev", "eth0"]);
+    pod.run(&[
+        "ip",
+        "addr",
+        "add",
+        "fd00:250::2/64",
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    pod.run(&["ip", "route", "add", "default", "via", "10.250.8.1"]);
+    pod.run(&["ip", "route", "add", "10.99.0.0/16", "via", "10.250.8.254"]);
+    pod.run(&["ip", "route", "add", "10.98.0.0/16", "dev", "eth0"]);
+    pod.run(&["ip", "-6", "route", "add", "default", "via", "fd00:250::1"]);
+    let net = PodNetwork::attach(&pod.path(), "eth0").expect("attach");
+    let read = net.interface.clone();
+    net.detach().expect("detach");
+
+    // The guest: a device with the pod's MAC, under the kernel's name for it.
+    let guest = NetNs::new("cfgguest");
+    let mac = read
+        .mac
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    guest.run(&[
+        "ip", "link", "add", "vnet0", "address", &mac, "type", "veth", "peer", "name", "vpeer",
+    ]);
+    let sent = network::from_proto(&network::to_proto(std::slice::from_ref(&read))).unwrap();
+    assert_eq!(
+        sent,
+        vec![Interface {
+            index: 0,
+            ..read.clone()
+        }],
+        "the agent call lost something"
+    );
+    in_ns(&guest, move || network::configure(&sent, WAIT)).expect("configure");
+
+    for args in [
+        &["ip", "-o", "-4", "addr", "show", "dev", "eth0"][..],
+        &[
+            "ip", "-o", "-6", "addr", "show", "dev", "eth0", "scope", "global",
+        ],
+        &["ip", "-4", "route", "show"],
+        &["ip", "-6", "route", "show"],
+    ] {
+        assert_eq!(shown(&guest, args), shown(&pod, args), "{args:?}");
+    }
+    let link = guest.run(&["ip", "-o", "link", "show", "dev", "eth0"]);
+    assert!(
+        link.contains("mtu 1400") && link.contains(&mac) && link.contains(",UP"),
+        "{link}"
+    );
+    // Configured again (a retried call): nothing changes, nothing fails.
+    let again = vec![Interface { index: 0, ..read }];
+    in_ns(&guest, move || network::configure(&again, WAIT)).expect("configure again");
+
+    // A device that never comes: a clear error, in time.
+    let absent = vec![Interface {
+        name: "eth1".into(),
+        index: 0,
+        mac: vec![0x02, 0, 0, 0, 0x0b, 0xad],
+        mtu: 1500,
+        addresses: Vec::new(),
+        routes: Vec::new(),
+    }];
+    let started = Instant::now();
+    let e = in_ns(&guest, move || {
+        network::configure(&absent, Duration::from_millis(200))
+    })
+    .expect_err("configured a device that does not exist");
+    assert!(e.to_string().contains("02:00:00:00:0b:ad"), "{e}");
+    assert!(started.elapsed() < WAIT);
 }

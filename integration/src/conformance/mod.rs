@@ -858,7 +858,7 @@ pub fn busybox_rootfs(dir: &Path) -> Result<(), String> {
     fs::set_permissions(&target, fs::Permissions::from_mode(0o755))
         .map_err(|e| format!("chmod busybox: {e}"))?;
     for applet in [
-        "sh", "echo", "sleep", "true", "cat", "ls", "kill", "hostname",
+        "sh", "echo", "sleep", "true", "cat", "ls", "kill", "hostname", "ip", "grep", "ping",
     ] {
         symlink("busybox", dir.join("bin").join(applet))
             .map_err(|e| format!("link {applet}: {e}"))?;

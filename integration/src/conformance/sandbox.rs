@@ -155,6 +155,45 @@ impl Drop for NetNs {
     }
 }
 
+/// The pod interface's MAC, address and its peer's address (a private subnet, in the
+/// test's own namespaces only).
+const POD_MAC: &str = "02:00:0a:fa:09:02";
+const POD_ADDRESS: &str = "10.250.9.2/24";
+const PEER_ADDRESS: &str = "10.250.9.1/24";
+
+/// `eth0` in `pod` as CNI's bridge plugin would leave it (a veth with an address, up, a
+/// default route), its peer in `peer`.
+fn pod_interface(pod: &NetNs, peer: &NetNs) -> Result<(), String> {
+    let ip = |ns: &NetNs, args: &[&str]| -> Result<(), String> {
+        let out = Command::new("ip")
+            .args(["-n", &ns.0])
+            .args(args)
+            .output()
+            .map_err(|e| format!("ip: {e}"))?;
+        match out.status.success() {
+            true => Ok(()),
+            false => Err(format!(
+                "ip -n {} {args:?}: {}",
+                ns.0,
+                String::from_utf8_lossy(&out.stderr)
+            )),
+        }
+    };
+    ip(
+        pod,
+        &[
+            "link", "add", "eth0", "address", POD_MAC, "type", "veth", "peer", "name", "peer0",
+            "netns", &peer.0,
+        ],
+    )?;
+    ip(peer, &["addr", "add", PEER_ADDRESS, "dev", "peer0"])?;
+    ip(peer, &["link", "set", "peer0", "up"])?;
+    ip(pod, &["addr", "add", POD_ADDRESS, "dev", "eth0"])?;
+    ip(pod, &["link", "set", "eth0", "up"])?;
+    let gateway = PEER_ADDRESS.split('/').next().unwrap_or_default();
+    ip(pod, &["route", "add", "default", "via", gateway])
+}
+
 /// The namespace `/proc/<pid>/ns/<kind>` names (`net:[4026…]`).
 fn ns(pid: u32, kind: &str) -> String {
     fs::read_link(format!("/proc/{pid}/ns/{kind}"))
@@ -207,8 +246,14 @@ pub fn run_sandbox_pod(config: &Config, kill_shim: bool) -> Report {
             return report;
         }
     };
-    // `ip netns` names are host-wide; the id is unique.
-    let netns = match NetNs::new(&format!("shimconf-{}", config.id)) {
+    // `ip netns` names are host-wide; the id is unique. The pod's gets an `eth0` as CNI
+    // would make it, whose veth peer is in a namespace of its own (the "bridge").
+    let made = NetNs::new(&format!("shimconf-{}", config.id)).and_then(|pod| {
+        let peer = NetNs::new(&format!("shimconf-{}-p", config.id))?;
+        pod_interface(&pod, &peer)?;
+        Ok((pod, peer))
+    });
+    let (netns, _peer) = match made {
         Ok(n) => n,
         Err(e) => {
             report.check("netns", Err(e));
@@ -432,13 +477,24 @@ fn walk_pod(
         &[
             "sh",
             "-c",
-            "hostname; cat /proc/1/comm /proc/sys/kernel/shm_rmid_forced \
-             /proc/sys/net/ipv4/ip_unprivileged_port_start; exec sleep 1000",
+            &format!(
+                "hostname; cat /proc/1/comm /proc/sys/kernel/shm_rmid_forced \
+                 /proc/sys/net/ipv4/ip_unprivileged_port_start /sys/class/net/eth0/address; \
+                 ip -4 -o addr show dev eth0 | grep -o 'inet [0-9./]*'; \
+                 ping -c 1 -W 5 {} >/dev/null && echo reached; exec sleep 1000",
+                PEER_ADDRESS.split('/').next().unwrap_or_default()
+            ),
         ],
     );
     spec["ociVersion"] = config.generation.oci_version().into();
     spec["hostname"] = serde_json::Value::Null;
     spec["linux"]["cgroupsPath"] = format!("{}/{}", cgroup.0, ctr.id).into();
+    // `ping`'s raw socket.
+    for set in ["bounding", "effective", "permitted"] {
+        if let Some(caps) = spec["process"]["capabilities"][set].as_array_mut() {
+            caps.push("CAP_NET_RAW".into());
+        }
+    }
     spec["linux"]["namespaces"] = serde_json::json!([
         {"type": "pid", "path": format!("/proc/{pid}/ns/pid")},
         {"type": "network", "path": netns.path()},
@@ -478,13 +534,14 @@ fn walk_pod(
         .filter(|k| !config.in_vm && ns(task_pid, k) != ns(pid, k))
         .map(str::to_string)
         .collect();
-    let want = format!("{hostname}\npod-holder\n1\n80\n");
+    let want = format!("{hostname}\npod-holder\n1\n80\n{POD_MAC}\ninet {POD_ADDRESS}\nreached\n");
     let seen = wait_until(EXIT_TIMEOUT, || ctr.fifo_text("init-stdout") == want);
     report.check(
         "pod container",
         if joined.is_empty() && seen {
             Ok(format!(
-                "pid {task_pid}: hostname {hostname}, pid 1 the holder, same netns, the pod's sysctls"
+                "pid {task_pid}: hostname {hostname}, pid 1 the holder, same netns, the pod's sysctls, \
+                 its eth0 ({POD_MAC}, {POD_ADDRESS}) reaching the peer"
             ))
         } else {
             Err(format!(

@@ -13,12 +13,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use protobuf::well_known_types::empty::Empty;
-use protocol::agent::{HelloRequest, HelloResponse};
+use protocol::agent::{ConfigureNetworkRequest, HelloRequest, HelloResponse};
 use shim_common::peer_events::PeerEvents;
 use shim_common::{reaper, rpc, serve_each, signals, Context, Result, ShimContext};
 
-use crate::boot;
 use crate::channel::{Channel, Listener, CHANNEL_PARAM};
+use crate::{boot, network};
 
 /// The virtio-serial port's name, as the host's QEMU names it.
 pub const PORT: &str = "agent";
@@ -28,6 +28,9 @@ const STDIO_DIR: &str = "/run/shim-vm/io";
 const STATE_DIR: &str = "/run/shim-vm/state";
 /// How long the port may take to appear once the modules are loaded.
 const PORT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the pod's network devices may take to appear (their driver probes them
+/// asynchronously after boot).
+pub const NETWORK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Kernel command-line settings the host passes (`shim_vm.<key>=<value>`).
 #[derive(Debug, Default)]
@@ -126,7 +129,7 @@ pub fn run() -> Result<()> {
 
 /// `Hello` (saying when the agent started serving, `serving`, and which of `connections`
 /// this is; a host's first call on each connection, so the last host's waiting `Next` of
-/// `events` is dropped then) and `PowerOff`.
+/// `events` is dropped then), `ConfigureNetwork` and `PowerOff`.
 fn agent_methods(
     serving: Duration,
     connections: Arc<AtomicU64>,
@@ -146,6 +149,24 @@ fn agent_methods(
                 connection: connections.load(Ordering::Relaxed),
                 ..Default::default()
             })
+        }),
+    );
+    m.insert(
+        format!("/{}/ConfigureNetwork", protocol::AGENT_SERVICE),
+        rpc::unary(|req: ConfigureNetworkRequest| {
+            let interfaces = network::from_proto(&req.interfaces)?;
+            let started = std::time::Instant::now();
+            network::configure(&interfaces, NETWORK_TIMEOUT)?;
+            log::info!(
+                "pod network: {} in {:?}",
+                interfaces
+                    .iter()
+                    .map(|i| format!("{} {:?}", i.name, i.addresses))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                started.elapsed()
+            );
+            Ok(Empty::new())
         }),
     );
     m.insert(
