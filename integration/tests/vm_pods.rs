@@ -682,6 +682,27 @@ fn a_vm_pod_answers_on_its_ip_and_reaches_runc_and_vm_pods_on_the_bridge() {
     assert_eq!(host_network(), before, "the host's network changed");
 }
 
+#[test]
+fn a_pod_whose_container_exited_on_its_own_stops_and_goes() {
+    let c = containerd();
+    let cri = c.cri_client().expect("CRI client");
+    let pod = run_pod(&c, &cri, "vm-exited", HANDLER_VM);
+    let done = start_busybox(&cri, &pod, "done", &["true"]);
+    let mut status = None;
+    assert!(
+        wait_until(LONG, || {
+            status = cri.container_status(&done).ok();
+            status.as_ref().is_some_and(|s| s.finished_at > 0)
+        }),
+        "{done} did not exit: {status:?}"
+    );
+    // StopPodSandbox kills what is left of each container with `all` (crun in the guest
+    // then says "No such process"): a finished container is no error.
+    delete_pod(&cri, &pod);
+    assert_all_gone(&c, &cri, &[done, pod.id.clone()]);
+    assert_no_vm_left(&c, &pod);
+}
+
 /// containerd 2.x's `shim` sandboxer, played by the conformance runner: the VM is the pod's
 /// sandbox and no pause container runs. `kill_shim`: the shim is SIGKILLed under the pod,
 /// and containerd's `delete` action must stop its VM.

@@ -60,10 +60,12 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    /// Whether the runtime's explanation contains any of `words`: runtimes tell why only
-    /// in text, and this is the one place that reads it.
+    /// Whether the runtime's explanation contains any of `words`, in any case: runtimes
+    /// tell why only in text (crun's `kill` of an exited container says "open pidfd: No
+    /// such process"), and this is the one place that reads it.
     pub fn says(&self, words: &[&str]) -> bool {
-        words.iter().any(|w| self.reason.contains(w))
+        let reason = self.reason.to_lowercase();
+        words.iter().any(|w| reason.contains(&w.to_lowercase()))
     }
 
     /// The runtime says the container or process is gone.
@@ -420,6 +422,23 @@ mod tests {
         let r = cli.output("pause", &mut cmd).unwrap().unwrap_err();
         assert_eq!(r.reason, "exit status 3");
         assert!(!r.gone());
+    }
+
+    #[test]
+    fn each_runtime_s_words_for_a_gone_container_are_read_in_any_case() {
+        let said = |reason: &str| Refusal {
+            command: "crun kill".into(),
+            reason: reason.into(),
+        };
+        for reason in [
+            "open pidfd: No such process",
+            "container \"x\" does not exist",
+            "container not running",
+            "Process already finished",
+        ] {
+            assert!(said(reason).gone(), "{reason}");
+        }
+        assert!(!said("permission denied").gone());
     }
 
     #[test]
