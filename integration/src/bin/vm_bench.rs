@@ -12,15 +12,19 @@
 //!    Debian's Go shim in turn: median of `--pods` each. Then the host PSS of one pod of 3
 //!    containers in a VM (shim + QEMU + virtiofsd): what `overhead.podFixed` should carry.
 //!
-//! Usage: `vm-bench [--runs N] [--mib N] [--pods N] [--pods-only]` (as root; `--pods-only`
-//! runs part 5 alone).
+//! 6. Through CRI too: TCP throughput into a pod on the harness's CNI bridge, from a runc
+//!    pod on it (busybox `nc -e dd`, `--net-mib` MiB), into a VM pod (virtio-net, the tap and
+//!    `tc` redirects) and into a runc pod of each runc shim (veths only).
+//!
+//! Usage: `vm-bench [--runs N] [--mib N] [--pods N] [--net-mib N] [--pods-only]` (as root;
+//! `--pods-only` runs parts 5 and 6 alone).
 
 use std::time::{Duration, Instant};
 
 use integration::bench::{median, run_rm};
 use integration::checks::{processes_mentioning, wait_until};
 use integration::cri::{
-    container_config, pod_config, CRI_NAMESPACE, HANDLER_GO, HANDLER_OURS, HANDLER_VM,
+    container_config, pod_config, CriClient, CRI_NAMESPACE, HANDLER_GO, HANDLER_OURS, HANDLER_VM,
 };
 use integration::{
     pss_kb, require_root, rss_kb, target_bin_dir, unique_id, Containerd, BUSYBOX_REF, OUR_RUNTIME,
@@ -121,7 +125,8 @@ fn settled<const N: usize>(pids: [Option<i32>; N]) -> [(u64, u64); N] {
 /// first container started, over `n` pods (handlers in turn, the first rotating, each pod
 /// removed before the next); and the settled (shim, QEMU, virtiofsd) PSS in kB of one VM
 /// pod of 3 containers.
-fn cri_pods(n: usize) -> ([f64; 3], [f64; 3], [(u64, u64); 3]) {
+#[allow(clippy::type_complexity)]
+fn cri_pods(n: usize, net_mib: usize) -> ([f64; 3], [f64; 3], [(u64, u64); 3], [f64; 3]) {
     let c = Containerd::builder()
         .bin_dir(target_bin_dir())
         .go_shim(true)
@@ -179,8 +184,96 @@ fn cri_pods(n: usize) -> ([f64; 3], [f64; 3], [(u64, u64); 3]) {
     let dir = shim_vm::pod::run_dir(&c.address().to_string_lossy(), CRI_NAMESPACE, &id);
     let pss = settled(vm_processes(&c, &dir));
     gone(&id);
+    let net = network_throughput(&c, &cri, net_mib);
     let medians = |t: [Vec<f64>; 3]| t.map(|mut t| median(&mut t));
-    (medians(times), medians(vm_phases), pss)
+    (medians(times), medians(vm_phases), pss, net)
+}
+
+/// MB/s of `mib` MiB sent over TCP from a runc pod into a pod of each of [`CRI_HANDLERS`]
+/// in turn (its IP, on the CNI bridge): the sender's exec from start to end; the
+/// receiver's count of what arrived is checked.
+fn network_throughput(c: &Containerd, cri: &CriClient, mib: usize) -> [f64; 3] {
+    let pod = |handler: &str, cmd: &[&str]| {
+        let name = unique_id("vmbench-net");
+        let cfg = pod_config(&name, &c.dir().join("pods").join(&name));
+        let id = cri.run_pod_sandbox(&cfg, handler).expect("RunPodSandbox");
+        let ctr = container_config("c", BUSYBOX_REF, cmd);
+        let cid = cri
+            .create_container(&id, &ctr, &cfg)
+            .expect("CreateContainer");
+        cri.start_container(&cid).expect("StartContainer");
+        let ip = cri
+            .pod_sandbox_status(&id)
+            .expect("PodSandboxStatus")
+            .network
+            .expect("the pod's network")
+            .ip;
+        (id, cid, ip)
+    };
+    let (sender_pod, sender, _) = pod(HANDLER_OURS, &["sleep", "100000"]);
+    // busybox `nc -e`: dd on each end of the connection, 64 KiB at a time (nc's own copy
+    // loop moves 1 KiB per call, which would be the figure then).
+    let blocks = (mib << 20) / 65536;
+    let rates = CRI_HANDLERS.map(|handler| {
+        let (id, receiver, ip) = pod(
+            handler,
+            &[
+                "nc",
+                "-l",
+                "-p",
+                "9000",
+                "-e",
+                "dd",
+                "of=/dev/null",
+                "bs=65536",
+                "iflag=fullblock",
+            ],
+        );
+        let listening = wait_until(Duration::from_secs(60), || {
+            cri.exec_sync(&receiver, &["netstat", "-ltn"], 30)
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(":9000 "))
+        });
+        assert!(listening, "{handler}: nothing listens on 9000");
+        let count = format!("count={blocks}");
+        let send = [
+            "nc",
+            &ip,
+            "9000",
+            "-e",
+            "dd",
+            "if=/dev/zero",
+            "bs=65536",
+            &count,
+        ];
+        let t = Instant::now();
+        let out = cri.exec_sync(&sender, &send, 600).expect("ExecSync");
+        let secs = t.elapsed().as_secs_f64();
+        assert_eq!(
+            out.exit_code,
+            0,
+            "{handler}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (want, mut got) = (format!("{blocks}+0 records in"), String::new());
+        let arrived = wait_until(Duration::from_secs(60), || {
+            got = cri
+                .container_log(&receiver)
+                .map(|l| integration::cri::log_text(&l, None))
+                .unwrap_or_default();
+            got.contains(&want)
+        });
+        assert!(
+            arrived,
+            "{handler}: the receiver's dd said {got:?}, not {want:?}"
+        );
+        cri.stop_pod_sandbox(&id).expect("StopPodSandbox");
+        cri.remove_pod_sandbox(&id).expect("RemovePodSandbox");
+        (blocks * 65536) as f64 / 1e6 / secs
+    });
+    cri.stop_pod_sandbox(&sender_pod).expect("StopPodSandbox");
+    cri.remove_pod_sandbox(&sender_pod)
+        .expect("RemovePodSandbox");
+    rates
 }
 
 /// The CRI handlers compared: our VM shim, our runc shim, Debian's Go runc shim.
@@ -207,6 +300,7 @@ fn main() {
     let mut runs = 10;
     let mut mib = 512;
     let mut pods = 10;
+    let mut net_mib = 256;
     let mut argv: Vec<String> = std::env::args().skip(1).collect();
     let pods_only = argv.iter().any(|a| a == "--pods-only");
     argv.retain(|a| a != "--pods-only");
@@ -215,14 +309,17 @@ fn main() {
             ("--runs", Some(v)) => runs = v,
             ("--mib", Some(v)) => mib = v,
             ("--pods", Some(v)) => pods = v,
+            ("--net-mib", Some(v)) => net_mib = v,
             _ => {
-                eprintln!("usage: vm-bench [--runs N] [--mib N] [--pods N] [--pods-only]");
+                eprintln!(
+                    "usage: vm-bench [--runs N] [--mib N] [--pods N] [--net-mib N] [--pods-only]"
+                );
                 std::process::exit(2);
             }
         }
     }
     let ctr_rows = (!pods_only).then(|| ctr_figures(runs, mib));
-    let cri_rows = cri_figures(pods);
+    let cri_rows = cri_figures(pods, net_mib);
     println!(
         "vm-bench: containerd 1.6 (Debian), QEMU microvm ({runs} runs, {pods} pods each, alternating)"
     );
@@ -300,9 +397,13 @@ fn ctr_figures(runs: usize, mib: usize) -> Vec<String> {
 }
 
 /// Part 5, through CRI: the table's rows.
-fn cri_figures(pods: usize) -> Vec<String> {
-    let ([cri_vm, cri_ours, cri_go], [run, create, start], [pod_shim, pod_qemu, pod_fsd]) =
-        cri_pods(pods);
+fn cri_figures(pods: usize, net_mib: usize) -> Vec<String> {
+    let (
+        [cri_vm, cri_ours, cri_go],
+        [run, create, start],
+        [pod_shim, pod_qemu, pod_fsd],
+        [net_vm, net_ours, net_go],
+    ) = cri_pods(pods, net_mib);
     vec![
         format!(
             "| CRI: pod ready with its first busybox container, median of {pods} (target VM ≤ 3.0 s) | {cri_vm:.0} ms | {cri_ours:.0} ms | {:.1} |",
@@ -322,6 +423,10 @@ fn cri_figures(pods: usize) -> Vec<String> {
             mb(pod_qemu.1),
             mb(pod_fsd.1),
             mb(pod_shim.1 + pod_qemu.1 + pod_fsd.1)
+        ),
+        format!(
+            "| CRI: TCP into the pod from a runc pod on the CNI bridge, {net_mib} MiB, busybox `nc -e dd` both ends | {net_vm:.0} MB/s | {net_ours:.0} MB/s | {:.2} (Go shim's runc pod: {net_go:.0} MB/s) |",
+            net_vm / net_ours
         ),
     ]
 }
