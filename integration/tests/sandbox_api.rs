@@ -72,6 +72,7 @@ fn a_pause_less_pod_lives_and_ends_as_containerd_20_drives_it() {
             "holder gone",
             "shutdown sandbox",
             "shim exits",
+            "netns as CNI left it",
             "delete action",
         ],
         "{r}"

@@ -404,7 +404,7 @@ fn walk_pod(
             report.check("start sandbox", Err(e));
             // containerd's controller then releases the sandbox (`cleanupShim`):
             // ShutdownSandbox, the shim's exit, the `delete` action.
-            shut_down(pg, api, &id, report);
+            shut_down(pg, api, &id, netns, report);
             return None;
         }
     };
@@ -651,12 +651,18 @@ fn walk_pod(
     );
 
     // RemovePodSandbox: ShutdownSandbox; the shim exits; the connection's close runs `delete`.
-    shut_down(pg, api, &id, report)
+    shut_down(pg, api, &id, netns, report)
 }
 
 /// ShutdownSandbox, the shim's exit, then the `delete` action, as containerd releases a
 /// sandbox (RemovePodSandbox, or a failed start).
-fn shut_down(pg: &Playground, api: TaskApi, id: &str, report: &mut Report) -> Option<()> {
+fn shut_down(
+    pg: &Playground,
+    api: TaskApi,
+    id: &str,
+    netns: &NetNs,
+    report: &mut Report,
+) -> Option<()> {
     let shim = pg.shim_pid().or_else(|| pg.daemon_pid());
     let shut = sandbox_call::<_, ShutdownSandboxResponse>(
         &api,
@@ -677,8 +683,38 @@ fn shut_down(pg: &Playground, api: TaskApi, id: &str, report: &mut Report) -> Op
             Some(shim) => Err(format!("shim {shim} still alive")),
         },
     );
+    report.check("netns as CNI left it", netns_as_cni_left_it(netns));
     drop(api);
     delete_action(pg, report)
+}
+
+/// The pod's namespace once its sandbox is gone: CNI's `eth0` still there, and nothing of a
+/// VM's (its tap, the `tc` redirects) for CNI's DEL to trip on.
+fn netns_as_cni_left_it(netns: &NetNs) -> Result<String, String> {
+    let run = |args: &[&str]| -> Result<String, String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &netns.0])
+            .args(args)
+            .output()
+            .map_err(|e| format!("ip netns exec: {e}"))?;
+        match out.status.success() {
+            true => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
+            false => Err(format!(
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )),
+        }
+    };
+    let links = run(&["ip", "-o", "link", "show"])?;
+    let qdiscs = run(&["tc", "qdisc", "show", "dev", "eth0"])?;
+    let tap = shim_vm::network::TAP_NAME;
+    if !links.contains("eth0") {
+        Err(format!("eth0 is gone: {links}"))
+    } else if links.contains(tap) || qdiscs.contains("ingress") {
+        Err(format!("left: {links}{qdiscs}"))
+    } else {
+        Ok(format!("eth0, no {tap}, no ingress qdisc"))
+    }
 }
 
 /// The shim SIGKILLed under a running pod: containerd's `delete` action must stop the holder
