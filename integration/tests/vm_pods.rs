@@ -184,6 +184,20 @@ fn pod_ip(cri: &CriClient, pod: &Pod) -> String {
     ip
 }
 
+/// Container `id`'s status once CRI saw it exit; panics with `c`'s log if it does not.
+fn exited(c: &Containerd, cri: &CriClient, id: &str) -> api::ContainerStatus {
+    let mut status = None;
+    assert!(
+        wait_until(LONG, || {
+            status = cri.container_status(id).ok();
+            status.as_ref().is_some_and(|s| s.finished_at > 0)
+        }),
+        "{id} did not exit: {status:?}\n{}",
+        c.log_tail(80)
+    );
+    status.expect("status")
+}
+
 /// Nothing of `pod`'s VM is left once it is removed: no QEMU, no virtiofsd, no directory.
 fn assert_no_vm_left(c: &Containerd, pod: &Pod) {
     let dir = vm_dir(c, pod);
@@ -382,15 +396,7 @@ fn cri_updates_apply_in_the_guest_and_its_oom_kills_reach_cri() {
         ..Default::default()
     });
     let hog = start_container(&cri, &pod, hog);
-    let mut status = None;
-    assert!(
-        wait_until(LONG, || {
-            status = cri.container_status(&hog).ok();
-            status.as_ref().is_some_and(|s| s.finished_at > 0)
-        }),
-        "the hog did not exit: {status:?}"
-    );
-    let status = status.expect("status");
+    let status = exited(&c, &cri, &hog);
     assert_eq!(
         (status.exit_code, status.reason.as_str()),
         (137, "OOMKilled")
@@ -582,16 +588,7 @@ fn a_killed_vmm_ends_the_pod_s_containers_and_removal_cleans_up() {
     }
     // CRI sees every container of the pod exit, killed.
     for id in &ids {
-        let mut status = None;
-        assert!(
-            wait_until(LONG, || {
-                status = cri.container_status(id).ok();
-                status.as_ref().is_some_and(|s| s.finished_at > 0)
-            }),
-            "{id} did not exit: {status:?}\n{}",
-            c.log_tail(80)
-        );
-        assert_eq!(status.expect("status").exit_code, 137);
+        assert_eq!(exited(&c, &cri, id).exit_code, 137);
     }
     // The dead VM's tap and redirects are gone from the pod's netns before CNI's DEL runs.
     let mut left = Vec::new();
@@ -688,14 +685,7 @@ fn a_pod_whose_container_exited_on_its_own_stops_and_goes() {
     let cri = c.cri_client().expect("CRI client");
     let pod = run_pod(&c, &cri, "vm-exited", HANDLER_VM);
     let done = start_busybox(&cri, &pod, "done", &["true"]);
-    let mut status = None;
-    assert!(
-        wait_until(LONG, || {
-            status = cri.container_status(&done).ok();
-            status.as_ref().is_some_and(|s| s.finished_at > 0)
-        }),
-        "{done} did not exit: {status:?}"
-    );
+    exited(&c, &cri, &done);
     // StopPodSandbox kills what is left of each container with `all` (crun in the guest
     // then says "No such process"): a finished container is no error.
     delete_pod(&cri, &pod);

@@ -23,6 +23,7 @@ use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use netlink_packet_core::{
@@ -86,8 +87,9 @@ pub struct PodNetwork {
     netns: PathBuf,
     /// The CNI interface, as the guest should take it over.
     pub interface: Interface,
-    /// The tap's file, for QEMU (`-netdev tap,fd=N`); the tap lives while a copy is open.
-    pub tap: OwnedFd,
+    /// The tap's file, shared with QEMU's config (`-netdev tap,fd=N`); the tap lives while
+    /// a copy is open.
+    pub tap: Arc<OwnedFd>,
 }
 
 impl PodNetwork {
@@ -118,7 +120,7 @@ impl PodNetwork {
         Ok(PodNetwork {
             netns: netns.to_path_buf(),
             interface,
-            tap,
+            tap: Arc::new(tap),
         })
     }
 
@@ -573,7 +575,8 @@ impl Rtnl {
     }
 }
 
-fn mac_text(mac: &[u8]) -> String {
+/// `mac` as `02:00:0a:fa:09:02`, as QEMU's `mac=` and `ip link` write it.
+pub fn mac_text(mac: &[u8]) -> String {
     mac.iter()
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()

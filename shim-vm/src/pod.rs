@@ -213,13 +213,10 @@ impl Pod {
                 accel: options.force_tcg.then_some(Accel::Tcg),
                 tcg_tb_mib: (options.tcg_tb_mib > 0).then_some(options.tcg_tb_mib),
                 channel: VmChannel::from_option(options.channel, &options.vhost_vsock_path),
-                network: match &network {
-                    Some(n) => Some(NetDevice {
-                        tap: Arc::new(n.tap.try_clone().context("copy the tap's fd")?),
-                        mac: n.interface.mac.clone(),
-                    }),
-                    None => None,
-                },
+                network: network.as_ref().map(|n| NetDevice {
+                    tap: n.tap.clone(),
+                    mac: n.interface.mac.clone(),
+                }),
             };
             // Subscribed before QEMU exists, so its exit cannot be missed.
             let exits = reaper::subscribe();

@@ -466,12 +466,7 @@ impl Vm {
         if let Some(net) = &config.network {
             // vhost-net moves the frames in the host kernel; it needs KVM's ioeventfds.
             let vhost = accel.accel == Accel::Kvm && Path::new("/dev/vhost-net").exists();
-            let mac = net
-                .mac
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<Vec<_>>()
-                .join(":");
+            let mac = crate::network::mac_text(&net.mac);
             cmd.arg("-netdev")
                 .arg(format!(
                     "tap,id=pod,fd={TAP_FD},vhost={}",

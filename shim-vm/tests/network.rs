@@ -309,12 +309,7 @@ fn what_the_host_reads_the_guest_sets_up_the_same() {
 
     // The guest: a device with the pod's MAC, under the kernel's name for it.
     let guest = NetNs::new("cfgguest");
-    let mac = read
-        .mac
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":");
+    let mac = network::mac_text(&read.mac);
     guest.run(&[
         "ip", "link", "add", "vnet0", "address", &mac, "type", "veth", "peer", "name", "vpeer",
     ]);
