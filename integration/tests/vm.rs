@@ -116,6 +116,15 @@ fn detached_run_exec_ps_and_signals() {
     ]);
     assert_eq!(exec.status, 3, "{exec:?}");
     assert_eq!(exec.stdout.trim(), "in exec", "{exec:?}");
+    // Once deleted, an exec's id is free again: the guest forgot the process and its stdio
+    // (it used to keep both, refusing the id with ALREADY_EXISTS and growing with every
+    // probe a kubelet execs).
+    for round in 0..3 {
+        let script = format!("echo again {round}; exit {round}");
+        let again = c.ctr(&["task", "exec", "--exec-id", "e1", &id, "sh", "-c", &script]);
+        assert_eq!(again.status, round, "{again:?}");
+        assert_eq!(again.stdout.trim(), format!("again {round}"), "{again:?}");
+    }
     let ps = c.ctr_ok(&["task", "ps", &id]).stdout;
     assert!(ps.lines().count() >= 2, "ctr task ps shows the init: {ps}");
     c.ctr_ok(&["task", "kill", "-s", "SIGTERM", &id]);

@@ -272,6 +272,14 @@ pub trait Backend: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Removes what the backend keeps for exec `exec_id` of `c` once containerd deleted it
+    /// (it exited, and its exit was reported): a VM's guest forgets the process, so the id
+    /// can be used again and probes that exec every few seconds leave nothing behind. The
+    /// default keeps nothing per exec. A failure is logged; the exec is gone either way.
+    fn delete_exec(&self, _c: &Self::Container, _exec_id: &str) -> Result<()> {
+        Ok(())
+    }
+
     /// Pids of every process in the container.
     fn pids(&self, c: &Self::Container) -> Result<Vec<u32>>;
 

@@ -217,15 +217,10 @@ impl Backend for VmBackend {
                 Ok(res.pid)
             }
             Err(e) => {
-                let _ = c.guest.task::<DeleteResponse>(
-                    "Delete",
-                    &DeleteRequest {
-                        id: c.id.clone(),
-                        exec_id: req.exec_id.to_string(),
-                        ..Default::default()
-                    },
-                );
-                stdio.forget(&c.guest, &process);
+                drop(stdio);
+                if let Err(e) = forget_in_guest(c, req.exec_id) {
+                    log::warn!("forget exec {} of {} in the guest: {e}", req.exec_id, c.id);
+                }
                 Err(e)
             }
         }
@@ -281,31 +276,17 @@ impl Backend for VmBackend {
             return Ok(());
         }
         if self.pod.running().is_some() {
-            let deleted = c.guest.task::<DeleteResponse>(
-                "Delete",
-                &DeleteRequest {
-                    id: c.id.clone(),
-                    ..Default::default()
-                },
-            );
-            match deleted {
-                Ok(_) => {}
-                // Gone in the guest already (the VM is what is gone, or it never started).
-                Err(Error::Remote {
-                    code: ttrpc::Code::NOT_FOUND,
-                    ..
-                }) => {}
-                Err(Error::Unavailable(_)) => {}
-                Err(e) => return Err(e),
-            }
-            let forget = StdioRequest {
-                container_id: c.id.clone(),
-                ..Default::default()
-            };
-            let _ = c.guest.agent::<Empty>("CloseStdio", &forget, CALL_TIMEOUT);
+            forget_in_guest(c, "")?;
         }
         share::remove(&c.share);
         Ok(())
+    }
+
+    fn delete_exec(&self, c: &Container, exec_id: &str) -> Result<()> {
+        match self.pod.running() {
+            Some(_) => forget_in_guest(c, exec_id),
+            None => Ok(()),
+        }
     }
 
     fn pids(&self, c: &Container) -> Result<Vec<u32>> {
@@ -563,13 +544,43 @@ impl Stdio {
     }
 
     fn forget(self, guest: &Guest, p: &Process) {
-        let req = StdioRequest {
-            container_id: p.container.clone(),
-            exec_id: p.exec.clone(),
-            ..Default::default()
-        };
-        let _ = guest.agent::<Empty>("CloseStdio", &req, CALL_TIMEOUT);
+        forget_stdio(guest, &p.container, &p.exec);
     }
+}
+
+/// Has the guest delete process `exec_id` of `c` (its init when empty) and its stdio.
+/// Gone already is no failure: the VM is what is gone, or the process never started there.
+fn forget_in_guest(c: &Container, exec_id: &str) -> Result<()> {
+    let deleted = c.guest.task::<DeleteResponse>(
+        "Delete",
+        &DeleteRequest {
+            id: c.id.clone(),
+            exec_id: exec_id.to_string(),
+            ..Default::default()
+        },
+    );
+    match deleted {
+        Ok(_) => {}
+        Err(Error::Remote {
+            code: ttrpc::Code::NOT_FOUND,
+            ..
+        }) => {}
+        Err(Error::Unavailable(_)) => {}
+        Err(e) => return Err(e),
+    }
+    forget_stdio(&c.guest, &c.id, exec_id);
+    Ok(())
+}
+
+/// Has the agent stop carrying the process's stdio (a container's every process when
+/// `exec` is empty) and remove its fifos. Best effort: a guest that is gone has none.
+fn forget_stdio(guest: &Guest, container: &str, exec: &str) {
+    let req = StdioRequest {
+        container_id: container.to_string(),
+        exec_id: exec.to_string(),
+        ..Default::default()
+    };
+    let _ = guest.agent::<Empty>("CloseStdio", &req, CALL_TIMEOUT);
 }
 
 /// The host pty only carries bytes: the guest's own pty does the terminal's work.

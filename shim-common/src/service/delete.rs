@@ -47,9 +47,14 @@ impl<B: Backend> Inner<B> {
             for (_, w) in gone {
                 w(Err(Error::NotFound(format!("exec {}", req.exec_id))));
             }
-            // Outside the lock: closing a logging binary waits for it to exit.
+            let runtime = c.runtime.clone();
+            // Outside the lock: closing a logging binary waits for it to exit, and the
+            // backend's part may be a call into a VM.
             drop(c);
             drop(proc);
+            if let Err(e) = self.backend.delete_exec(&runtime, &req.exec_id) {
+                log::warn!("delete exec {} of {}: {e}", req.exec_id, req.id);
+            }
             return Ok(resp);
         }
         c.init.life.begin_delete()?;

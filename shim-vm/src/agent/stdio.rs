@@ -105,7 +105,10 @@ impl Streams {
         m.insert(
             method("CloseStdio"),
             rpc::unary(move |req: StdioRequest| {
-                me.forget(&req.container_id, &req.exec_id);
+                match req.exec_id.is_empty() {
+                    true => me.forget_container(&req.container_id),
+                    false => me.forget(&req.container_id, &req.exec_id),
+                }
                 Ok(Empty::new())
             }),
         );
@@ -203,14 +206,36 @@ impl Streams {
     fn forget(&self, container: &str, exec: &str) {
         let gone = lock(&self.procs).remove(&(container.to_string(), exec.to_string()));
         if let Some(carried) = gone {
-            if let Some(s) = &carried.stdin {
-                s.abandon();
-            }
-            for s in [&carried.stdout, &carried.stderr].into_iter().flatten() {
-                s.abandon();
-            }
-            let _ = fs::remove_dir_all(&carried.dir);
+            carried.forget();
         }
+    }
+
+    /// [`Streams::forget`] for the container's every process (the container is deleted:
+    /// an exec it still had is gone with it), and its directory.
+    fn forget_container(&self, container: &str) {
+        let gone: Vec<Arc<Carried>> = {
+            let mut procs = lock(&self.procs);
+            let keys: Vec<Key> = procs.keys().filter(|k| k.0 == container).cloned().collect();
+            keys.iter().filter_map(|k| procs.remove(k)).collect()
+        };
+        for carried in gone {
+            carried.forget();
+        }
+        if !container.is_empty() && !container.contains('/') && !container.starts_with('.') {
+            let _ = fs::remove_dir_all(self.dir.join(container));
+        }
+    }
+}
+
+impl Carried {
+    fn forget(&self) {
+        if let Some(s) = &self.stdin {
+            s.abandon();
+        }
+        for s in [&self.stdout, &self.stderr].into_iter().flatten() {
+            s.abandon();
+        }
+        let _ = fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -679,6 +704,42 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("stdin is closed"), "{e}");
+    }
+
+    #[test]
+    fn an_exec_is_forgotten_alone_and_the_container_with_all_its_processes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = serve(tmp.path());
+        let init = open(&c, "c1");
+        let exec = |id: &str| -> OpenStdioResponse {
+            let req = OpenStdioRequest {
+                container_id: "c1".into(),
+                exec_id: id.into(),
+                stdout: true,
+                ..Default::default()
+            };
+            call(&c, "OpenStdio", &req)
+        };
+        let (e1, e2) = (exec("e1"), exec("e2"));
+        let forget = |exec: &str| {
+            let req = StdioRequest {
+                container_id: "c1".into(),
+                exec_id: exec.into(),
+                ..Default::default()
+            };
+            let _: Empty = call(&c, "CloseStdio", &req);
+        };
+        forget("e1");
+        assert!(!Path::new(&e1.stdout).exists());
+        assert!(Path::new(&e2.stdout).exists() && Path::new(&init.stdout).exists());
+        // The id can be opened again, as containerd does when an exec id is reused.
+        let again = exec("e1");
+        assert_eq!(again.stdout, e1.stdout);
+        forget("");
+        for p in [&again.stdout, &e2.stdout, &init.stdout] {
+            assert!(!Path::new(p).exists(), "{p} left");
+        }
+        assert!(!tmp.path().join("c1").exists());
     }
 
     #[test]
