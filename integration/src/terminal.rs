@@ -4,8 +4,8 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::checks::wait_until;
 use crate::containerd::CTR_BINARY;
@@ -16,7 +16,30 @@ use crate::Containerd;
 pub struct Terminal {
     child: Child,
     master: File,
-    screen: Arc<Mutex<String>>,
+    screen: Arc<Screen>,
+}
+
+/// What ctr's terminal showed, and a wake-up each time it shows more.
+#[derive(Default)]
+struct Screen {
+    text: Mutex<String>,
+    grew: Condvar,
+}
+
+impl Screen {
+    /// Waits until `done` holds for the text, at most `timeout`.
+    fn wait(&self, timeout: Duration, done: impl Fn(&str) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut text = self.text.lock().unwrap();
+        while !done(&text) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            text = self.grew.wait_timeout(text, left).unwrap().0;
+        }
+        true
+    }
 }
 
 impl Terminal {
@@ -41,14 +64,16 @@ impl Terminal {
             .stderr(Stdio::from(slave));
         let child = cmd.spawn().expect("spawn ctr");
         let master = File::from(pty.master);
-        let screen = Arc::new(Mutex::new(String::new()));
+        let screen = Arc::new(Screen::default());
         let (mut reader, sink) = (master.try_clone().unwrap(), screen.clone());
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok(n @ 1..) = reader.read(&mut buf) {
-                sink.lock()
+                sink.text
+                    .lock()
                     .unwrap()
                     .push_str(&String::from_utf8_lossy(&buf[..n]));
+                sink.grew.notify_all();
             }
         });
         Terminal {
@@ -60,12 +85,29 @@ impl Terminal {
 
     /// Everything the terminal showed so far.
     pub fn screen(&self) -> String {
-        self.screen.lock().unwrap().clone()
+        self.screen.text.lock().unwrap().clone()
     }
 
     /// Waits (bounded) until the screen shows `text`.
     pub fn wait_for(&self, text: &str) -> bool {
-        wait_until(Duration::from_secs(20), || self.screen().contains(text))
+        self.screen
+            .wait(Duration::from_secs(20), |screen| screen.contains(text))
+    }
+
+    /// Types `key` (a printable character, echoed by the program's line editing or the
+    /// terminal) and returns how long until the screen showed it: a keystroke's round trip
+    /// through ctr, containerd and the shim. `None` when no echo came within 20 s.
+    pub fn echo_round_trip(&mut self, key: char) -> Option<Duration> {
+        let shown = self.screen.text.lock().unwrap().len();
+        let t = Instant::now();
+        self.master
+            .write_all(key.encode_utf8(&mut [0; 4]).as_bytes())
+            .unwrap();
+        self.screen
+            .wait(Duration::from_secs(20), |screen| {
+                screen.get(shown..).is_some_and(|new| new.contains(key))
+            })
+            .then(|| t.elapsed())
     }
 
     /// Types `line` and Enter.

@@ -515,6 +515,26 @@ fn a_terminal_run_is_sized_and_takes_input() {
 
 /// The `shim-conformance` runner's lifecycle (start, connect, create, start, state, exec,
 /// wait, kill, delete, shutdown) against the VM shim, as each containerd generation calls.
+/// `ctr task exec -t` (as `kubectl exec -it`) ends when its shell does: the host's pty is
+/// let go of once the guest's output ends (its input relay held it open, and ctr waited
+/// for the terminal's copy forever).
+#[test]
+fn a_terminal_exec_ends_with_its_shell() {
+    let c = with_our_shims();
+    let id = unique_id("vm-ttyexec");
+    run_detached(&c, &id, &[], &["sleep", "1000"]);
+    let args = ["task", "exec", "-t", "--exec-id", "sh", &id, "sh"];
+    let mut t = integration::terminal::Terminal::run(&c, &args, 24, 80);
+    assert!(t.wait_for("# "), "no prompt: {:?}", t.screen());
+    t.type_line("echo in-$((6*7))");
+    assert!(t.wait_for("in-42"), "input lost: {:?}", t.screen());
+    t.type_line("exit 5");
+    assert_eq!(t.exit_code(), Some(5), "{:?}", t.screen());
+    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);
+    delete_stopped(&c, &id, 137);
+    assert_no_vm_left(&c, &id, &id);
+}
+
 #[test]
 fn the_conformance_runner_passes_against_the_vm_shim_for_every_generation() {
     use integration::conformance::{run_lifecycle, Config, Generation};

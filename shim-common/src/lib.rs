@@ -72,6 +72,9 @@ pub mod stdio;
 mod os;
 mod serve;
 
+/// Scheduling and pipe tuning for code that runs beside the SDK (a VM's agent).
+pub use os::{batch_this_thread, set_pipe_size};
+
 /// What every backend uses: `use shim_common::prelude::*;`.
 pub mod prelude {
     pub use crate::backend::{

@@ -497,6 +497,8 @@ struct Stdio {
     stdin: Option<OwnedFd>,
     stdout: Option<OwnedFd>,
     stderr: Option<OwnedFd>,
+    /// `stdin` and `stdout` are one pty's slave.
+    terminal: bool,
 }
 
 impl Stdio {
@@ -533,6 +535,7 @@ impl Stdio {
         let paths = guest.agent("OpenStdio", &req, CALL_TIMEOUT)?;
         Ok(Stdio {
             paths,
+            terminal: stdin.is_some() && stderr.is_none() && terminal && console_socket.is_some(),
             stdin,
             stdout,
             stderr,
@@ -540,7 +543,14 @@ impl Stdio {
     }
 
     fn relay(self, guest: &Arc<Guest>, p: &Process) -> Result<()> {
-        relay::start(guest, p, self.stdin, self.stdout, self.stderr)
+        relay::start(
+            guest,
+            p,
+            self.stdin,
+            self.stdout,
+            self.stderr,
+            self.terminal,
+        )
     }
 
     fn forget(self, guest: &Guest, p: &Process) {

@@ -56,6 +56,8 @@ pub struct Guest {
     retired: AtomicBool,
     /// How long a reconnect's dial and `Hello` may take.
     timeout: Duration,
+    /// Where each process's output relays stand, for its exit to wait on.
+    pub relays: crate::relay::Relays,
 }
 
 struct Current {
@@ -81,6 +83,7 @@ impl Guest {
             redial: Mutex::new(()),
             retired: AtomicBool::new(false),
             timeout: timeout.min(RECONNECT_TIMEOUT),
+            relays: Default::default(),
         };
         Ok((Arc::new(guest), hello))
     }

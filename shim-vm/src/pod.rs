@@ -356,6 +356,14 @@ impl Pod {
                         live.early.insert(exit.pid);
                     }
                 }
+                if let Some(guest) = self.running() {
+                    // The init's exit names the container as its id, an exec's its exec id.
+                    let exec = match exit.id == exit.container_id {
+                        true => "",
+                        false => exit.id.as_str(),
+                    };
+                    crate::relay::catch_up(&guest, &exit.container_id, exec);
+                }
                 self.exits.report(exit.pid, exit.exit_status);
             }
             "/tasks/oom" => {

@@ -6,7 +6,9 @@
 //! 3. Host memory of one idle 1-container VM: RSS and PSS of the shim, QEMU and virtiofsd.
 //! 4. Stdout throughput out of a running container: `ctr task exec` of
 //!    `head -c 512M /dev/zero` (the figure) and of `dd bs=1M`, through each shim;
-//!    and busybox `head` alone in the guest, which bounds the first under TCG.
+//!    and the same `head` and `dd` into `/dev/null` in the guest, which bound them under
+//!    TCG: the VM's stdio is judged by its ratio to those. Then a keystroke's echo round
+//!    trip on a terminal (`ctr task exec -t ... sh`): batching must not delay it.
 //! 5. Through containerd's CRI: a pod ready with its first container (RunPodSandbox +
 //!    CreateContainer + StartContainer of busybox), handlers `vm`, our runc shim and
 //!    Debian's Go shim in turn: median of `--pods` each. Then the host PSS of one pod of 3
@@ -26,6 +28,7 @@ use integration::checks::{processes_mentioning, wait_until};
 use integration::cri::{
     container_config, pod_config, CriClient, CRI_NAMESPACE, HANDLER_GO, HANDLER_OURS, HANDLER_VM,
 };
+use integration::terminal::Terminal;
 use integration::{
     pss_kb, require_root, rss_kb, target_bin_dir, unique_id, Containerd, BUSYBOX_REF, OUR_RUNTIME,
     VM_RUNTIME,
@@ -295,6 +298,33 @@ fn throughput(c: &Containerd, runtime: &str, mib: usize, cmd: &str, expect_out: 
     mib as f64 * 1.048_576 / secs
 }
 
+/// Keystrokes timed per terminal.
+const ECHOES: usize = 20;
+
+/// ms from typing a key on ctr's terminal to seeing its echo, for [`ECHOES`] keys typed
+/// into busybox `sh` in an exec of a container of `runtime`.
+fn echo_round_trips(c: &Containerd, runtime: &str) -> Vec<f64> {
+    let id = detached(c, runtime);
+    let args = ["task", "exec", "-t", "--exec-id", "tty", &id, "sh"];
+    let mut t = Terminal::run(c, &args, 24, 80);
+    assert!(t.wait_for("# "), "no prompt: {:?}", t.screen());
+    // A comment: whatever was typed, Enter runs nothing.
+    t.echo_round_trip('#').expect("no echo");
+    let times = (0..ECHOES)
+        .map(|i| {
+            let key = char::from(b'a' + i as u8);
+            let rtt = t.echo_round_trip(key);
+            let rtt = rtt.unwrap_or_else(|| panic!("no echo of {key:?}: {:?}", t.screen()));
+            rtt.as_secs_f64() * 1e3
+        })
+        .collect();
+    t.type_line("");
+    t.type_line("exit");
+    assert_eq!(t.exit_code(), Some(0), "{:?}", t.screen());
+    remove(c, &id);
+    times
+}
+
 fn main() {
     require_root();
     let mut runs = 10;
@@ -351,11 +381,15 @@ fn ctr_figures(runs: usize, mib: usize) -> Vec<String> {
     let [shim, qemu, fsd] = vm_footprint(&c);
     let head = format!("head -c {} /dev/zero", mib << 20);
     let dd = format!("dd if=/dev/zero bs=1048576 count={mib} 2>/dev/null");
-    let alone = format!("{head} >/dev/null");
     let tp = |runtime, cmd: &str, out| throughput(&c, runtime, mib, cmd, out);
     let (vm_head, runc_head) = (tp(VM_RUNTIME, &head, true), tp(OUR_RUNTIME, &head, true));
     let (vm_dd, runc_dd) = (tp(VM_RUNTIME, &dd, true), tp(OUR_RUNTIME, &dd, true));
-    let vm_alone = tp(VM_RUNTIME, &alone, false);
+    let head_alone = tp(VM_RUNTIME, &format!("{head} >/dev/null"), false);
+    let dd_alone = tp(VM_RUNTIME, &format!("{dd} >/dev/null"), false);
+    let (mut vm_echo, mut runc_echo) = (
+        echo_round_trips(&c, VM_RUNTIME),
+        echo_round_trips(&c, OUR_RUNTIME),
+    );
     drop(c);
 
     let (v, r) = (median(&mut vm), median(&mut runc));
@@ -391,7 +425,18 @@ fn ctr_figures(runs: usize, mib: usize) -> Vec<String> {
             vm_dd / runc_dd
         ),
         format!(
-            "| `head -c {mib}M /dev/zero >/dev/null` in the guest (no stdio: what busybox head does under TCG) | {vm_alone:.0} MB/s | | |"
+            "| the same `head` into `/dev/null` in the guest (no stdio: its bound under TCG); stdout / it | {head_alone:.0} MB/s; {:.2} | | |",
+            vm_head / head_alone
+        ),
+        format!(
+            "| the same `dd` into `/dev/null` in the guest; stdout / it | {dd_alone:.0} MB/s; {:.2} | | |",
+            vm_dd / dd_alone
+        ),
+        format!(
+            "| terminal: a keystroke's echo round trip (`ctr task exec -t sh`), median of {ECHOES} | {:.1} ms | {:.1} ms | {:.1} |",
+            median(&mut vm_echo),
+            median(&mut runc_echo),
+            median(&mut vm_echo) / median(&mut runc_echo)
         ),
     ]
 }

@@ -12,6 +12,16 @@ use protocol::mount::Mount;
 
 use crate::error::{Context, Error, Result};
 
+/// Nothing: FreeBSD's scheduler has no batch class; the SDK only asks for it inside a VM.
+pub fn batch_this_thread() -> Result<()> {
+    Ok(())
+}
+
+/// Nothing: FreeBSD sizes its pipes itself.
+pub fn set_pipe_size(_fd: &impl std::os::fd::AsRawFd, _bytes: usize) -> Result<()> {
+    Ok(())
+}
+
 /// Makes this process the reaper of its descendants: orphans are re-parented to it, so its
 /// `waitpid(-1)` sees every exit, as with Linux's child subreaper.
 pub fn set_subreaper() -> Result<()> {

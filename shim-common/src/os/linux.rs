@@ -21,6 +21,28 @@ pub fn set_subreaper() -> Result<()> {
     Ok(())
 }
 
+/// Runs the calling thread `SCHED_BATCH`: its wake-ups no longer preempt the thread that is
+/// running, which keeps its CPU until its tick or until it blocks.
+pub fn batch_this_thread() -> Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("sched_setscheduler(SCHED_BATCH)");
+    }
+    Ok(())
+}
+
+/// Makes the pipe of `fd` hold `bytes` (rounded up to pages by the kernel).
+pub fn set_pipe_size(fd: &impl std::os::fd::AsRawFd, bytes: usize) -> Result<()> {
+    let bytes = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: F_SETPIPE_SZ only changes the capacity of the pipe behind `fd`.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, bytes) } < 0 {
+        return Err(std::io::Error::last_os_error()).context("fcntl(F_SETPIPE_SZ)");
+    }
+    Ok(())
+}
+
 /// The largest `oom_score_adj`: the kernel's OOM killer picks such a process first.
 const OOM_SCORE_ADJ_MAX: i32 = 1000;
 const OOM_SCORE_ADJ_MIN: i32 = -1000;

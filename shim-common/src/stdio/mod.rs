@@ -43,6 +43,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStringExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio as ProcStdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::error::{Context, Error, Result};
@@ -331,10 +332,35 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Whether [`batch_output`] was called.
+static BATCHED: AtomicBool = AtomicBool::new(false);
+
+/// What an output pipe holds when output is batched: what a process writes before it waits.
+pub(crate) const BATCH_PIPE: usize = 1 << 20;
+
+/// Tunes output for a machine whose processes and copies share one CPU on which each
+/// context switch is dear (a VM's guest under emulation). The copy thread runs
+/// `SCHED_BATCH`, so a process that writes as fast as it can is no longer preempted by the
+/// wake-up each small write causes, only at its tick; output pipes hold [`BATCH_PIPE`]
+/// bytes, so it writes that much before it waits, and the copy moves it in one read. A
+/// process that blocks (a shell between keystrokes) leaves the CPU idle, and the copy runs
+/// at once: an echo is not held back. Call it before the first process starts.
+pub fn batch_output() {
+    BATCHED.store(true, Ordering::Relaxed);
+}
+
+fn batched() -> bool {
+    BATCHED.load(Ordering::Relaxed)
+}
+
 /// A pipe for one output stream, its write end owned as `io_uid`/`io_gid` ask.
 fn output_pipe(owner: IoOwner) -> Result<(PipeReader, PipeWriter)> {
     let (r, w) = io::pipe().context("create output pipe")?;
     chown(&w, owner)?;
+    if batched() {
+        // Best effort: the default size still works, with more switches.
+        let _ = crate::os::set_pipe_size(&r, BATCH_PIPE);
+    }
     Ok((r, w))
 }
 
@@ -357,6 +383,16 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn batched_output_pipes_hold_what_a_writer_writes_before_it_waits() {
+        batch_output();
+        let (r, _w) = output_pipe(IoOwner::default()).unwrap();
+        // SAFETY: F_GETPIPE_SZ only reads the pipe's capacity.
+        let size = unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&r), libc::F_GETPIPE_SZ) };
+        assert_eq!(size, BATCH_PIPE as libc::c_int);
+    }
 
     fn out(stdout: &str) -> Result<Output> {
         Output::parse(&StdioPaths {

@@ -133,7 +133,14 @@ pub(super) fn wake() {
 
 fn run(mut wake: File) {
     let mut streams: Vec<Stream> = Vec::new();
-    let mut buf = vec![0u8; 16 * 1024];
+    let mut buf = if super::batched() {
+        if let Err(e) = crate::os::batch_this_thread() {
+            log::warn!("{e}: output is copied in smaller batches");
+        }
+        vec![0u8; super::BATCH_PIPE]
+    } else {
+        vec![0u8; 16 * 1024]
+    };
     loop {
         let Ok(p) = pump() else { return };
         streams.append(&mut lock(&p.new));

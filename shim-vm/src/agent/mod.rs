@@ -85,6 +85,9 @@ pub fn run() -> Result<()> {
     signals::block()?;
     let reaper = reaper::install()?;
     signals::spawn(|| {})?;
+    // One vCPU, emulated: a container writing its output as fast as it can must not be
+    // switched away from at each write (see `stdio::Outbound`).
+    shim_common::stdio::batch_output();
     for dir in [STDIO_DIR, STATE_DIR] {
         std::fs::create_dir_all(dir).with_context(|| format!("create {dir}"))?;
     }

@@ -25,8 +25,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use protobuf::well_known_types::empty::Empty;
 use protocol::agent::{
-    OpenStdioRequest, OpenStdioResponse, ReadStdioRequest, ReadStdioResponse, StdioRequest, Stream,
-    WriteStdinRequest,
+    OpenStdioRequest, OpenStdioResponse, ReadStdioRequest, ReadStdioResponse, StdioRequest,
+    StdioWrittenResponse, Stream, WriteStdinRequest,
 };
 use shim_common::rpc::{self, decode, Methods, Reply};
 use shim_common::{Context, Error, Result};
@@ -37,7 +37,7 @@ pub const CHUNK: usize = 1 << 20;
 pub const BUFFERED: usize = 4 << 20;
 
 /// The size asked for each output fifo's buffer.
-const FIFO_SIZE: libc::c_int = 1 << 20;
+const FIFO_SIZE: usize = 1 << 20;
 
 /// One process: its container and exec id (empty for the init).
 type Key = (String, String);
@@ -80,6 +80,19 @@ impl Streams {
             Box::new(move |req, reply| match decode::<ReadStdioRequest>(&req) {
                 Ok(req) => me.read(&req, reply),
                 Err(e) => reply.send::<Empty>(Err(e)),
+            }),
+        );
+        let me = self.clone();
+        m.insert(
+            method("StdioWritten"),
+            rpc::unary(move |req: StdioRequest| {
+                let carried = me.get(&req.container_id, &req.exec_id)?;
+                let written = |s: &Option<Arc<Outbound>>| s.as_ref().map_or(0, |s| s.written());
+                Ok(StdioWrittenResponse {
+                    stdout: written(&carried.stdout),
+                    stderr: written(&carried.stderr),
+                    ..Default::default()
+                })
             }),
         );
         let me = self.clone();
@@ -260,8 +273,24 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 struct Outbound {
     state: Mutex<Out>,
     room: Condvar,
+    /// The fifo's reading end: whoever reads it holds this until the bytes are in `state`,
+    /// so two readers (the reader thread, a `StdioWritten`) never reorder them.
+    reader: Mutex<Reader>,
     /// Written to (or closed) to stop the reader early.
     stop: File,
+}
+
+struct Reader {
+    fifo: File,
+    chunk: Vec<u8>,
+}
+
+/// What one read of the fifo found.
+enum Pulled {
+    Bytes,
+    Nothing,
+    /// Every writer closed it (or it failed): the stream is over.
+    End,
 }
 
 #[derive(Default)]
@@ -289,36 +318,39 @@ impl Outbound {
             .with_context(|| format!("open {}", path.display()))?;
         // Fewer, larger handovers between the task service's copy and ours: each wakeup is
         // a context switch on a TCG vCPU. Best effort (the default is 64 KiB).
-        // SAFETY: F_SETPIPE_SZ on an fd we own.
-        unsafe {
-            libc::fcntl(
-                std::os::fd::AsRawFd::as_raw_fd(&fifo),
-                libc::F_SETPIPE_SZ,
-                FIFO_SIZE,
-            )
-        };
+        let _ = shim_common::set_pipe_size(&fifo, FIFO_SIZE);
+        let polled = fifo.try_clone().context("duplicate the stdio fifo")?;
         let (stop_r, stop_w) = std::io::pipe().context("create stop pipe")?;
         let out = Arc::new(Outbound {
             state: Mutex::new(Out::default()),
             room: Condvar::new(),
+            reader: Mutex::new(Reader {
+                fifo,
+                chunk: vec![0u8; FIFO_SIZE],
+            }),
             stop: File::from(std::os::fd::OwnedFd::from(stop_w)),
         });
         let me = out.clone();
         let name = format!("out:{}", path.display());
         std::thread::Builder::new()
             .name(name)
-            .spawn(move || me.carry(fifo, stop_r))
+            .spawn(move || me.carry(polled, stop_r))
             .context("spawn stdio reader")?;
         Ok(out)
     }
 
-    /// Reads the fifo until its writers are gone (the process and everything sharing its
-    /// output exited). Before the first writer, a fifo polls neither readable nor hung up.
-    fn carry(&self, mut fifo: File, stop: std::io::PipeReader) {
-        let mut chunk = vec![0u8; FIFO_SIZE as usize];
+    /// Reads the fifo (`polled` is its duplicate to wait on) until its writers are gone
+    /// (the process and everything sharing its output exited). Before the first writer, a
+    /// fifo polls neither readable nor hung up.
+    fn carry(&self, polled: File, stop: std::io::PipeReader) {
+        // Woken by the task service's copy without preempting it (see
+        // `shim_common::stdio::batch_output`), then one read takes all it wrote.
+        if let Err(e) = shim_common::batch_this_thread() {
+            log::debug!("{e}");
+        }
         loop {
             let mut fds = [
-                PollFd::new(fifo.as_fd(), PollFlags::POLLIN),
+                PollFd::new(polled.as_fd(), PollFlags::POLLIN),
                 PollFd::new(stop.as_fd(), PollFlags::POLLIN),
             ];
             match poll(&mut fds, PollTimeout::NONE) {
@@ -332,21 +364,12 @@ impl Outbound {
             if fds[1].any().unwrap_or(true) {
                 break;
             }
-            let n = match fifo.read(&mut chunk) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    log::warn!("read stdio fifo: {e}");
-                    break;
-                }
-            };
-            let mut s = lock(&self.state);
-            s.buf.extend_from_slice(&chunk[..n]);
-            if let Some(reply) = s.waiting.take() {
-                reply.send(Ok(Self::take(&mut s)));
+            match self.pull(&mut lock(&self.reader)) {
+                Pulled::Bytes => {}
+                Pulled::Nothing => continue,
+                Pulled::End => break,
             }
+            let mut s = lock(&self.state);
             while s.buf.len() >= BUFFERED && !s.abandoned {
                 s = self.room.wait(s).unwrap_or_else(|e| e.into_inner());
             }
@@ -359,6 +382,42 @@ impl Outbound {
         if let Some(reply) = s.waiting.take() {
             reply.send(Ok(Self::take(&mut s)));
         }
+    }
+
+    /// One read of the fifo into `buf`, answering a waiting `ReadStdio` with it.
+    fn pull(&self, r: &mut Reader) -> Pulled {
+        let n = match r.fifo.read(&mut r.chunk) {
+            Ok(0) => return Pulled::End,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Pulled::Nothing,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return Pulled::Nothing,
+            Err(e) => {
+                log::warn!("read stdio fifo: {e}");
+                return Pulled::End;
+            }
+        };
+        let mut s = lock(&self.state);
+        s.buf.extend_from_slice(&r.chunk[..n]);
+        if let Some(reply) = s.waiting.take() {
+            reply.send(Ok(Self::take(&mut s)));
+        }
+        Pulled::Bytes
+    }
+
+    /// How many bytes of the stream the agent has had, once it read what the fifo holds
+    /// now (bounded, should writers keep writing). A fifo without writers reads as empty
+    /// here; the reader thread tells its end.
+    fn written(&self) -> u64 {
+        {
+            let mut r = lock(&self.reader);
+            for _ in 0..64 {
+                if !matches!(self.pull(&mut r), Pulled::Bytes) {
+                    break;
+                }
+            }
+        }
+        let s = lock(&self.state);
+        s.sent_at + (s.sent.len() + s.buf.len()) as u64
     }
 
     /// Up to [`CHUNK`] of what gathered, kept as `sent` (which was let go of); eof once
@@ -704,6 +763,31 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("stdin is closed"), "{e}");
+    }
+
+    #[test]
+    fn stdio_written_counts_what_the_fifos_hold_before_anyone_read_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = serve(tmp.path());
+        let paths = open(&c, "c1");
+        let req = StdioRequest {
+            container_id: "c1".into(),
+            ..Default::default()
+        };
+        let none: StdioWrittenResponse = call(&c, "StdioWritten", &req);
+        assert_eq!((none.stdout, none.stderr), (0, 0));
+        let (mut out, mut err) = (writer(&paths.stdout), writer(&paths.stderr));
+        // More than one read of the fifo takes, and a little on stderr.
+        let big = vec![7u8; FIFO_SIZE + 12_345];
+        let w = std::thread::spawn(move || out.write_all(&big).map(|_| out));
+        err.write_all(b"oops").unwrap();
+        let out = w.join().unwrap().unwrap();
+        let written: StdioWrittenResponse = call(&c, "StdioWritten", &req);
+        assert_eq!(written.stdout, (FIFO_SIZE + 12_345) as u64);
+        assert_eq!(written.stderr, 4);
+        drop((out, err));
+        assert_eq!(read_all(&c, "c1", Stream::STDOUT).len(), FIFO_SIZE + 12_345);
+        assert_eq!(read_all(&c, "c1", Stream::STDERR), b"oops");
     }
 
     #[test]
