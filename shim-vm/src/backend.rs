@@ -511,6 +511,7 @@ impl Stdio {
         console_socket: Option<&Path>,
         fds: ChildStdio,
     ) -> Result<Stdio> {
+        let pty = terminal && console_socket.is_some();
         let (stdin, stdout, stderr) = match (terminal, console_socket) {
             (true, Some(socket)) => {
                 let pty = nix::pty::openpty(None, None).map_err(|e| Error::Sys {
@@ -535,7 +536,7 @@ impl Stdio {
         let paths = guest.agent("OpenStdio", &req, CALL_TIMEOUT)?;
         Ok(Stdio {
             paths,
-            terminal: stdin.is_some() && stderr.is_none() && terminal && console_socket.is_some(),
+            terminal: pty,
             stdin,
             stdout,
             stderr,

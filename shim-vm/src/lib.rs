@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | host, shim | the SDK's task and sandbox services with [`backend::VmBackend`] | `backend`, `sandbox`, `pod`, `share`, `spec_version`, `relay`, `guest` |
 //! | host, beside | QEMU `microvm`, `virtiofsd` for the shared directory, `vhost-device-vsock` for a vsock channel | `vmm`, `virtiofsd`, `vsock` |
-//! | both | the channel between them: virtio-serial or vsock | `channel`, `vsock` |
+//! | both | the channel between them: virtio-serial or vsock; stdio readers that can be stopped | `channel`, `vsock`, `stoppable` |
 //! | guest, PID 1 | the SDK's task service with the runc backend, stdio fifos | `agent`, `boot` |
 
 pub mod agent;
@@ -24,6 +24,7 @@ pub mod relay;
 pub mod sandbox;
 pub mod share;
 pub mod spec_version;
+pub mod stoppable;
 pub mod virtiofsd;
 pub mod vmm;
 pub mod vsock;

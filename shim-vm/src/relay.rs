@@ -24,7 +24,6 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use protobuf::well_known_types::empty::Empty;
 use protocol::agent::{
     ReadStdioRequest, ReadStdioResponse, StdioRequest, StdioWrittenResponse, Stream,
@@ -34,6 +33,7 @@ use protocol::shim::CloseIORequest;
 use shim_common::{Context, Result};
 
 use crate::guest::Guest;
+use crate::stoppable::{wait_readable, Woke};
 
 /// Bytes of stdin per `WriteStdin`.
 const STDIN_CHUNK: usize = 256 * 1024;
@@ -222,7 +222,7 @@ pub fn start(
             };
             let (guest, process) = (guest.clone(), process.clone());
             let progress = guest.relays.add(&process, stream);
-            let (relays, p) = (guest.clone(), process.clone());
+            let (registered, relays, p) = (progress.clone(), guest.clone(), process.clone());
             let spawned = std::thread::Builder::new()
                 .name("relay-out".into())
                 .spawn(move || {
@@ -232,9 +232,7 @@ pub fn start(
                     drop(ending);
                 });
             if let Err(e) = spawned {
-                for (_, progress) in relays.relays.of(&p.container, &p.exec) {
-                    relays.relays.remove(&p, &progress);
-                }
+                relays.relays.remove(&p, &registered);
                 return Err(e).context("spawn stdio relay");
             }
         }
@@ -290,16 +288,7 @@ fn input(guest: &Guest, p: &Process, mut from: File, output_ended: Option<PipeRe
     let mut offset = 0u64;
     loop {
         if let Some(ended) = &output_ended {
-            let mut fds = [
-                PollFd::new(from.as_fd(), PollFlags::POLLIN),
-                PollFd::new(ended.as_fd(), PollFlags::POLLIN),
-            ];
-            match poll(&mut fds, PollTimeout::NONE) {
-                Ok(_) => {}
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(_) => break,
-            }
-            if fds[1].any().unwrap_or(true) {
+            if wait_readable(from.as_fd(), ended.as_fd()) != Ok(Woke::Readable) {
                 break;
             }
         }

@@ -22,7 +22,6 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use protobuf::well_known_types::empty::Empty;
 use protocol::agent::{
     OpenStdioRequest, OpenStdioResponse, ReadStdioRequest, ReadStdioResponse, StdioRequest,
@@ -30,6 +29,8 @@ use protocol::agent::{
 };
 use shim_common::rpc::{self, decode, Methods, Reply};
 use shim_common::{Context, Error, Result};
+
+use crate::stoppable::{wait_readable, Woke};
 
 /// The most one `ReadStdio` answer carries.
 pub const CHUNK: usize = 1 << 20;
@@ -349,20 +350,13 @@ impl Outbound {
             log::debug!("{e}");
         }
         loop {
-            let mut fds = [
-                PollFd::new(polled.as_fd(), PollFlags::POLLIN),
-                PollFd::new(stop.as_fd(), PollFlags::POLLIN),
-            ];
-            match poll(&mut fds, PollTimeout::NONE) {
-                Ok(_) => {}
-                Err(nix::errno::Errno::EINTR) => continue,
+            match wait_readable(polled.as_fd(), stop.as_fd()) {
+                Ok(Woke::Readable) => {}
+                Ok(Woke::Stopped) => break,
                 Err(e) => {
                     log::warn!("poll stdio fifo: {e}");
                     break;
                 }
-            }
-            if fds[1].any().unwrap_or(true) {
-                break;
             }
             match self.pull(&mut lock(&self.reader)) {
                 Pulled::Bytes => {}
