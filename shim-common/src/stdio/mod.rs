@@ -341,8 +341,8 @@ pub(crate) const BATCH_PIPE: usize = 1 << 20;
 /// Tunes output for a machine whose processes and copies share one CPU on which each
 /// context switch is dear (a VM's guest under emulation). The copy thread runs
 /// `SCHED_BATCH`, so a process that writes as fast as it can is no longer preempted by the
-/// wake-up each small write causes, only at its tick; output pipes hold [`BATCH_PIPE`]
-/// bytes, so it writes that much before it waits, and the copy moves it in one read. A
+/// wake-up each small write causes, only at its tick; output pipes hold 1 MiB
+/// (`BATCH_PIPE`), so it writes that much before it waits, and the copy moves it in one read. A
 /// process that blocks (a shell between keystrokes) leaves the CPU idle, and the copy runs
 /// at once: an echo is not held back. Call it before the first process starts.
 pub fn batch_output() {
