@@ -25,7 +25,8 @@ APT_PKGS := \
 	iproute2 \
 	criu \
 	clang lld wasi-libc libclang-rt-14-dev-wasm32 \
-	kmod libcap-ng-dev \
+	libcap-ng-dev \
+	linux-source-6.1 make bc flex bison libelf-dev \
 	erofs-utils e2fsprogs
 # Installed without their Recommends: QEMU's pull in ~150 packages (firmware, GUI libraries)
 # that a headless microvm never uses.
@@ -63,7 +64,8 @@ guest: deps
 	@scripts/step.sh guest cargo build --release -p shim-vm --bin shim-vm-agent --bin shim-vm-image
 	@$(MAKE) --no-print-directory guest-image
 
-# Kernel and initramfs from Debian packages, in $(VM_CACHE)/<hash of the inputs>, installed as
+# Kernel (built once from Debian's linux-source with shim-vm/guest/kernel.config, ~5 min, cached
+# in $(VM_CACHE)/kernels) and initramfs, in $(VM_CACHE)/<hash of the inputs>, installed as
 # $(BIN_DIR)/vm-guest (where the shim looks); does nothing when no input changed.
 guest-image:
 	$(BIN_DIR)/shim-vm-image --init $(BIN_DIR)/shim-vm-agent --cache $(VM_CACHE) --install $(BIN_DIR)

@@ -1,6 +1,6 @@
 //! The guest's PID 1 set-up, before the agent serves anything: the kernel hands the
-//! initramfs over with nothing mounted, no modules loaded and `lo` down, and there is no
-//! udev or init system to do it.
+//! initramfs over with nothing mounted and `lo` down, and there is no udev or init system
+//! to do it. Every driver is built into the kernel ([`crate::image::kernel`]).
 //!
 //! ```no_run
 //! # fn main() -> shim_common::Result<()> {
@@ -11,18 +11,14 @@
 //! # }
 //! ```
 
-use std::ffi::CString;
 use std::fs;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::kmod::{finit_module, ModuleInitFlags};
 use nix::mount::{mount, MsFlags};
 use shim_common::{Context, Error, Result};
-
-use crate::image::MODULE_LIST;
 
 /// Where a `shim_vm.share=<tag>` virtiofs share is mounted.
 pub const SHARED_DIR: &str = "/run/shared";
@@ -37,15 +33,12 @@ pub const CLOCK_PARAM: &str = "shim_vm.clock";
 /// What [`setup`] did, for the agent to log.
 #[derive(Debug, Default, Clone)]
 pub struct Booted {
-    /// Modules loaded (or already present), in order, each with its load time (most of
-    /// the agent's own boot under TCG).
-    pub modules: Vec<(String, Duration)>,
     /// The virtiofs tag mounted at [`SHARED_DIR`], if any.
     pub share: Option<String>,
 }
 
-/// Mounts the API filesystems, loads the image's modules in order, brings up `lo`, mounts
-/// the virtiofs share the command line names and sets the clock if it asks to.
+/// Mounts the API filesystems, brings up `lo`, mounts the virtiofs share the command line
+/// names and sets the clock if it asks to.
 pub fn setup() -> Result<Booted> {
     let nosuid_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV;
     mount_fs("proc", "/proc", "proc", nosuid_noexec, None)?;
@@ -89,19 +82,7 @@ pub fn setup() -> Result<Booted> {
     mount_fs("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid_noexec, None)?;
 
     let cmdline = fs::read_to_string("/proc/cmdline").context("read /proc/cmdline")?;
-    // vsock's modules only for a vsock channel, virtio-net's only for a pod network: each
-    // costs milliseconds under TCG.
-    let mut skip = Vec::new();
-    if param(&cmdline, crate::channel::CHANNEL_PARAM) != Some("vsock") {
-        skip.extend_from_slice(crate::vsock::GUEST_MODULES);
-    }
-    if param(&cmdline, crate::network::NET_PARAM) != Some("1") {
-        skip.extend_from_slice(crate::network::GUEST_MODULES);
-    }
-    let mut booted = Booted {
-        modules: load_modules(Path::new(MODULE_LIST), &skip)?,
-        share: None,
-    };
+    let mut booted = Booted::default();
     loopback_up()?;
 
     if let Some(secs) = param(&cmdline, CLOCK_PARAM).and_then(|s| s.parse::<i64>().ok()) {
@@ -144,33 +125,6 @@ fn replace_with_symlink(path: &str, target: &str) -> Result<()> {
     }
     let _ = fs::remove_file(path);
     std::os::unix::fs::symlink(target, path).with_context(|| format!("link {path} to {target}"))
-}
-
-/// Loads every module `list` names (one guest path a line), in order, but those named in
-/// `skip`; one already loaded (or built in) is fine.
-pub fn load_modules(list: &Path, skip: &[&str]) -> Result<Vec<(String, Duration)>> {
-    let text = match fs::read_to_string(list) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e).with_context(|| format!("read {}", list.display())),
-    };
-    let no_params = CString::default();
-    let mut loaded = Vec::new();
-    for path in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        let file = path.rsplit('/').next().unwrap_or(path);
-        let name = file.split(".ko").next().unwrap_or(file);
-        if skip.contains(&name) {
-            continue;
-        }
-        let f = fs::File::open(path).with_context(|| format!("open module {path}"))?;
-        let t = Instant::now();
-        match finit_module(&f, &no_params, ModuleInitFlags::empty()) {
-            Ok(()) | Err(Errno::EEXIST) => {}
-            Err(e) => return Err(e).with_context(|| format!("load module {path}")),
-        }
-        loaded.push((name.to_string(), t.elapsed()));
-    }
-    Ok(loaded)
 }
 
 /// `ip link set lo up`, by ioctl: the guest has no `ip`.
@@ -270,12 +224,5 @@ mod tests {
         assert_eq!(param(c, CLOCK_PARAM), Some("17"));
         assert_eq!(param(c, "quiet"), None);
         assert_eq!(param(c, "shim_vm"), None);
-    }
-
-    #[test]
-    fn a_missing_module_list_loads_nothing() {
-        assert!(load_modules(Path::new("/nonexistent/load"), &[])
-            .unwrap()
-            .is_empty());
     }
 }

@@ -2,14 +2,14 @@
 //! agent, built from Debian packages at `make` time ([`Builder`]) and found by the shim at
 //! run time ([`GuestImage::locate`]).
 //!
-//! The kernel is Debian's `linux-image-cloud-amd64` (the smallest, virtio as modules); the
-//! initramfs holds the agent, the modules it loads in order (`/lib/modules/load`), and the
-//! host's `crun` and `runc` with every shared library they need. Builds are cached by a
-//! hash of every input: `<cache>/<hash>/{vmlinux,initramfs.cpio}`, with `<cache>/current`
-//! pointing at the last one built.
+//! The kernel is built from Debian's kernel source with everything the guest uses built
+//! in ([`kernel`]); the initramfs holds the agent and the host's `crun` and `runc` with
+//! every shared library they need. Builds are cached by a hash of every input:
+//! `<cache>/<hash>/{vmlinux,initramfs.cpio}`, with `<cache>/current` pointing at the last
+//! one built.
 
-mod bzimage;
 pub mod cpio;
+pub mod kernel;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -21,8 +21,6 @@ use std::process::{Command, Stdio};
 use sha2::{Digest, Sha256};
 use shim_common::reaper;
 use shim_common::{Context, Error, Result};
-
-pub use bzimage::vmlinux;
 
 /// What the shim boots: the files of one built image.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,8 +37,6 @@ pub const INSTALL_DIR: &str = "vm-guest";
 pub const KERNEL_FILE: &str = "vmlinux";
 /// The initramfs's file name in an image directory.
 pub const INITRD_FILE: &str = "initramfs.cpio";
-/// Where the initramfs lists the modules the guest loads, in order, one path a line.
-pub const MODULE_LIST: &str = "/lib/modules/load";
 
 impl GuestImage {
     /// The image in `dir` (`vmlinux`, `initramfs.cpio`); a missing file is an error naming
@@ -82,22 +78,6 @@ pub fn installed_dir() -> Result<PathBuf> {
 /// Bumped whenever the builder lays out the image differently: part of the cache key.
 pub const BUILDER_VERSION: &str = concat!("shim-vm-image/", env!("CARGO_PKG_VERSION"), "/1");
 
-/// The Debian metapackage that names the current cloud kernel.
-pub const KERNEL_PACKAGE: &str = "linux-image-cloud-amd64";
-
-/// The modules the guest needs (with their dependencies); those built in are skipped.
-pub const MODULES: &[&str] = &[
-    "virtio_mmio",
-    "virtio_console",
-    "fuse",
-    "virtiofs",
-    "overlay",
-    "vsock",
-    "vmw_vsock_virtio_transport",
-    "virtio_balloon",
-    "virtio_net",
-];
-
 /// The host runtimes copied into the guest (at the same paths), with their libraries.
 pub const RUNTIMES: &[&str] = &["/usr/bin/crun", "/usr/sbin/runc"];
 
@@ -120,7 +100,6 @@ pub struct Builder {
     cache: PathBuf,
     init: PathBuf,
     files: Vec<(PathBuf, String)>,
-    modules: Vec<String>,
     link: Option<String>,
 }
 
@@ -135,14 +114,12 @@ pub struct Built {
     pub image: GuestImage,
     /// False when the cache already held this image.
     pub rebuilt: bool,
-    /// The kernel release (`6.1.0-NN-cloud-amd64`), when it was (re)built.
-    pub kernel_release: Option<String>,
-    /// Guest paths of the modules, in load order, when it was (re)built.
-    pub modules: Vec<String>,
+    /// The kernel it holds (a copy of the cached build).
+    pub kernel: kernel::Kernel,
 }
 
 impl Builder {
-    /// An image whose `/init` is `init`, with [`MODULES`] and [`RUNTIMES`], cached in
+    /// An image whose `/init` is `init`, with [`RUNTIMES`], cached in
     /// `cache` and pointed at by `<cache>/current`.
     pub fn new(cache: impl Into<PathBuf>, init: impl Into<PathBuf>) -> Builder {
         Builder {
@@ -152,7 +129,6 @@ impl Builder {
                 .iter()
                 .map(|p| (PathBuf::from(p), p.to_string()))
                 .collect(),
-            modules: MODULES.iter().map(|m| m.to_string()).collect(),
             link: Some("current".into()),
         }
     }
@@ -161,12 +137,6 @@ impl Builder {
     /// is a dynamic ELF.
     pub fn file(mut self, host: impl Into<PathBuf>, guest: impl Into<String>) -> Builder {
         self.files.push((host.into(), guest.into()));
-        self
-    }
-
-    /// Adds a module (by name) to load after [`MODULES`].
-    pub fn module(mut self, name: impl Into<String>) -> Builder {
-        self.modules.push(name.into());
         self
     }
 
@@ -181,9 +151,9 @@ impl Builder {
     pub fn build(&self) -> Result<Built> {
         fs::create_dir_all(&self.cache)
             .with_context(|| format!("create cache {}", self.cache.display()))?;
-        let deb = kernel_deb(&self.cache.join("debs"))?;
+        let kernel = kernel::build(&self.cache)?;
         let files = self.guest_files()?;
-        let hash = self.hash(&deb, &files)?;
+        let hash = self.hash(&kernel, &files)?;
         let dir = self.cache.join(&hash);
         let image = GuestImage {
             kernel: dir.join(KERNEL_FILE),
@@ -194,12 +164,11 @@ impl Builder {
             hash: hash.clone(),
             image: image.clone(),
             rebuilt: false,
-            kernel_release: None,
-            modules: Vec::new(),
+            kernel: kernel.clone(),
         };
         if GuestImage::locate(&dir).is_err() {
             let tmp = self.cache.join(format!(".build-{hash}-{}", unique()));
-            let result = self.assemble(&deb, &files, &tmp, &mut built);
+            let result = self.assemble(&kernel, &files, &tmp);
             let result = result.and_then(|()| {
                 // A half-written directory of a killed build is replaced; a complete one that
                 // a concurrent build of the same inputs just moved in is as good as ours.
@@ -253,21 +222,12 @@ impl Builder {
         Ok(files)
     }
 
-    fn hash(&self, deb: &Path, files: &BTreeMap<String, PathBuf>) -> Result<String> {
+    fn hash(&self, kernel: &kernel::Kernel, files: &BTreeMap<String, PathBuf>) -> Result<String> {
         let mut h = Sha256::new();
         h.update(BUILDER_VERSION);
         h.update([0]);
-        h.update(
-            deb.file_name()
-                .map(|n| n.as_encoded_bytes())
-                .unwrap_or_default(),
-        );
+        h.update(&kernel.hash);
         h.update([0]);
-        hash_file(&mut h, deb)?;
-        for m in &self.modules {
-            h.update(m);
-            h.update([0]);
-        }
         for (guest, host) in files {
             h.update(guest);
             h.update([0]);
@@ -282,39 +242,17 @@ impl Builder {
         Ok(digest[..8].iter().map(|b| format!("{b:02x}")).collect())
     }
 
-    /// Extracts the kernel package under `tmp` and writes the image into `tmp/out`.
+    /// Writes the image into `tmp/out`.
     fn assemble(
         &self,
-        deb: &Path,
+        kernel: &kernel::Kernel,
         files: &BTreeMap<String, PathBuf>,
         tmp: &Path,
-        built: &mut Built,
     ) -> Result<()> {
-        let root = tmp.join("root");
         let out = tmp.join("out");
         fs::create_dir_all(&out).with_context(|| format!("create {}", out.display()))?;
-        run_tool(
-            Command::new("dpkg-deb").arg("-x").arg(deb).arg(&root),
-            "dpkg-deb",
-        )?;
-
-        let (release, vmlinuz) = find_kernel(&root)?;
-        let bz = fs::read(&vmlinuz).with_context(|| format!("read {}", vmlinuz.display()))?;
-        let elf = vmlinux(&bz)?;
-        fs::write(out.join(KERNEL_FILE), elf).context("write vmlinux")?;
-
-        let mods_dir = ["lib/modules", "usr/lib/modules"]
-            .iter()
-            .map(|d| root.join(d).join(&release))
-            .find(|d| d.is_dir())
-            .ok_or_else(|| Error::Runtime(format!("{}: no modules directory", deb.display())))?;
-        if !mods_dir.join("modules.dep").is_file() {
-            run_tool(
-                Command::new("depmod").arg("-b").arg(&root).arg(&release),
-                "depmod (Debian package kmod)",
-            )?;
-        }
-        let order = module_order(&mods_dir, &self.modules)?;
+        fs::copy(&kernel.path, out.join(KERNEL_FILE))
+            .with_context(|| format!("copy {}", kernel.path.display()))?;
 
         let cpio_path = out.join(INITRD_FILE);
         let f = fs::File::create(&cpio_path)
@@ -337,20 +275,7 @@ impl Builder {
                 & 0o7777;
             w.file(guest, mode, &data).map_err(io)?;
         }
-        let mut list = String::new();
-        for rel in &order {
-            let data =
-                fs::read(mods_dir.join(rel)).with_context(|| format!("read module {rel}"))?;
-            let guest = format!("/lib/modules/{release}/{rel}");
-            w.file(&guest, 0o644, &data).map_err(io)?;
-            list.push_str(&guest);
-            list.push('\n');
-        }
-        w.file(MODULE_LIST, 0o644, list.as_bytes()).map_err(io)?;
         w.finish().map_err(io)?;
-
-        built.kernel_release = Some(release);
-        built.modules = list.lines().map(str::to_string).collect();
         Ok(())
     }
 }
@@ -423,135 +348,6 @@ fn run_tool(cmd: &mut Command, what: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The kernel package `.deb` in `debs`: the exact `linux-image-<abi>-cloud-amd64` that
-/// [`KERNEL_PACKAGE`] depends on, downloaded with `apt-get download` unless cached.
-fn kernel_deb(debs: &Path) -> Result<PathBuf> {
-    fs::create_dir_all(debs).with_context(|| format!("create {}", debs.display()))?;
-    let cached = |name: &str| -> Option<PathBuf> {
-        let mut found: Vec<PathBuf> = fs::read_dir(debs)
-            .ok()?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-                    n.starts_with(&format!("{name}_")) && n.ends_with("_amd64.deb")
-                })
-            })
-            .collect();
-        found.sort();
-        found.pop()
-    };
-    let name = match run_tool(
-        Command::new("apt-cache").args(["depends", KERNEL_PACKAGE]),
-        "apt-cache",
-    ) {
-        Ok(out) => out
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("Depends: "))
-            .find(|d| d.starts_with("linux-image-") && d.ends_with("-cloud-amd64"))
-            .map(str::to_string)
-            .ok_or_else(|| {
-                Error::Runtime(format!("apt-cache: {KERNEL_PACKAGE} depends on no kernel"))
-            })?,
-        // No apt lists (a root where `apt-get update` never ran): any cached kernel will do.
-        Err(e) => return cached("linux-image").ok_or(e),
-    };
-    if let Some(deb) = cached(&name) {
-        return Ok(deb);
-    }
-    let dl = debs.join(format!(".download-{}", unique()));
-    fs::create_dir_all(&dl).with_context(|| format!("create {}", dl.display()))?;
-    let result = run_tool(
-        Command::new("apt-get")
-            .args(["download", "-q", &name])
-            .current_dir(&dl),
-        "apt-get download",
-    )
-    .and_then(|_| {
-        let deb = fs::read_dir(&dl)
-            .with_context(|| format!("read {}", dl.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| p.extension().is_some_and(|x| x == "deb"))
-            .ok_or_else(|| Error::Runtime(format!("apt-get download {name}: no .deb")))?;
-        let dest = debs.join(deb.file_name().unwrap_or_default());
-        fs::rename(&deb, &dest).with_context(|| format!("move {}", deb.display()))?;
-        Ok(dest)
-    });
-    let _ = fs::remove_dir_all(&dl);
-    result
-}
-
-/// The kernel release and its `vmlinuz` in an extracted package.
-fn find_kernel(root: &Path) -> Result<(String, PathBuf)> {
-    let boot = root.join("boot");
-    fs::read_dir(&boot)
-        .with_context(|| format!("read {}", boot.display()))?
-        .filter_map(|e| e.ok())
-        .find_map(|e| {
-            let name = e.file_name().into_string().ok()?;
-            let release = name.strip_prefix("vmlinuz-")?.to_string();
-            Some((release, e.path()))
-        })
-        .ok_or_else(|| Error::Runtime(format!("no vmlinuz-* in {}", boot.display())))
-}
-
-/// A module's name as the kernel knows it: the file's, `-` read as `_`.
-fn module_name(path: &str) -> String {
-    let file = path.rsplit('/').next().unwrap_or(path);
-    let stem = file.split(".ko").next().unwrap_or(file);
-    stem.replace('-', "_")
-}
-
-/// Paths (relative to the modules directory) of `wanted` and their dependencies, each after
-/// everything it depends on; built-in modules are left out.
-pub fn module_order(mods_dir: &Path, wanted: &[String]) -> Result<Vec<String>> {
-    let read = |f: &str| {
-        let p = mods_dir.join(f);
-        fs::read_to_string(&p).with_context(|| format!("read {}", p.display()))
-    };
-    let builtin: BTreeSet<String> = read("modules.builtin")?.lines().map(module_name).collect();
-    let prefix = format!("{}/", mods_dir.display());
-    let rel = |p: &str| p.strip_prefix(prefix.as_str()).unwrap_or(p).to_string();
-    let mut deps: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let mut by_name: BTreeMap<String, String> = BTreeMap::new();
-    for line in read("modules.dep")?.lines() {
-        let Some((module, rest)) = line.split_once(':') else {
-            continue;
-        };
-        let module = rel(module);
-        by_name.insert(module_name(&module), module.clone());
-        deps.insert(module, rest.split_whitespace().map(rel).collect());
-    }
-    fn visit(
-        m: &str,
-        deps: &BTreeMap<String, Vec<String>>,
-        seen: &mut BTreeSet<String>,
-        order: &mut Vec<String>,
-    ) {
-        if !seen.insert(m.to_string()) {
-            return;
-        }
-        for d in deps.get(m).into_iter().flatten() {
-            visit(d, deps, seen, order);
-        }
-        order.push(m.to_string());
-    }
-    let (mut seen, mut order) = (BTreeSet::new(), Vec::new());
-    for w in wanted {
-        let name = w.replace('-', "_");
-        if builtin.contains(&name) {
-            continue;
-        }
-        let path = by_name.get(&name).ok_or_else(|| {
-            Error::InvalidArgument(format!(
-                "kernel module {w} is neither built in nor in {}/modules.dep",
-                mods_dir.display()
-            ))
-        })?;
-        visit(path, &deps, &mut seen, &mut order);
-    }
-    Ok(order)
-}
-
 /// The shared libraries (and the dynamic loader) `elf` loads, as `ldd` resolves them on
 /// this host; none for a static binary.
 fn libraries(elf: &Path) -> Result<Vec<String>> {
@@ -622,36 +418,6 @@ mod tests {
             "{e}"
         );
         assert!(e.contains("make guest"), "{e}");
-    }
-
-    #[test]
-    fn modules_come_after_their_dependencies_and_builtins_are_skipped() {
-        let dir = tempfile::tempdir().unwrap();
-        fs::write(
-            dir.path().join("modules.dep"),
-            "kernel/fs/fuse/virtiofs.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko kernel/fs/fuse/fuse.ko\n\
-             kernel/drivers/virtio/virtio.ko: kernel/drivers/virtio/virtio_ring.ko\n\
-             kernel/drivers/virtio/virtio_ring.ko:\n\
-             kernel/fs/fuse/fuse.ko:\n",
-        )
-        .unwrap();
-        fs::write(
-            dir.path().join("modules.builtin"),
-            "kernel/fs/overlayfs/overlay.ko\n",
-        )
-        .unwrap();
-        let order = module_order(dir.path(), &["virtiofs".into(), "overlay".into()]).unwrap();
-        assert_eq!(
-            order,
-            [
-                "kernel/drivers/virtio/virtio_ring.ko",
-                "kernel/drivers/virtio/virtio.ko",
-                "kernel/fs/fuse/fuse.ko",
-                "kernel/fs/fuse/virtiofs.ko"
-            ]
-        );
-        let e = module_order(dir.path(), &["nope".into()]).unwrap_err();
-        assert!(e.to_string().contains("nope"), "{e}");
     }
 
     #[test]

@@ -50,13 +50,6 @@ use shim_common::{Context, Error, Result};
 /// The interface CRI asks CNI to make in a pod's namespace.
 pub const POD_INTERFACE: &str = "eth0";
 
-/// The kernel command-line parameter that says the VM has a pod network device: the guest
-/// loads [`GUEST_MODULES`] only then (each costs milliseconds of boot under TCG).
-pub const NET_PARAM: &str = "shim_vm.net";
-
-/// The guest's modules for a virtio-net device (those built in are not in the image).
-pub const GUEST_MODULES: &[&str] = &["failover", "net_failover", "virtio_net"];
-
 /// The tap's name in the pod's namespace (at most 15 bytes, `IFNAMSIZ` - 1).
 pub const TAP_NAME: &str = "tap0_vm";
 

@@ -29,7 +29,6 @@ use shim_common::{Context, Error, Result};
 use crate::boot::{CLOCK_PARAM, SHARE_PARAM};
 use crate::channel::{Address, Channel, CHANNEL_PARAM};
 use crate::image::GuestImage;
-use crate::network::NET_PARAM;
 use crate::process::Process;
 use crate::virtiofsd::{Cache, Virtiofsd};
 use crate::vsock::{self, VhostUserVsock};
@@ -419,9 +418,6 @@ impl Vm {
         }
         if config.channel != VmChannel::Serial {
             append.push_str(&format!(" {CHANNEL_PARAM}={}", Channel::Vsock));
-        }
-        if config.network.is_some() {
-            append.push_str(&format!(" {NET_PARAM}=1"));
         }
         if !config.cmdline.is_empty() {
             append.push(' ');

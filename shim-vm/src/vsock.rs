@@ -40,12 +40,6 @@ pub const BINARY: &str = "vhost-device-vsock";
 /// The guest's CID behind `vhost-device-vsock`: each VM has its own device process, so
 /// every guest can have the same one.
 pub const USER_GUEST_CID: u32 = 3;
-/// The guest's vsock modules (dependencies first), loaded only for a vsock channel.
-pub const GUEST_MODULES: &[&str] = &[
-    "vsock",
-    "vmw_vsock_virtio_transport_common",
-    "vmw_vsock_virtio_transport",
-];
 /// The kernel's vhost-vsock device.
 pub const KERNEL_DEVICE: &str = "/dev/vhost-vsock";
 

@@ -193,7 +193,8 @@ fn vm_container(c: &Containerd) -> Result<(), Failed> {
         Expect::Status(3),
     )
     .and_then(|out| {
-        if out.stdout.contains("cloud-amd64 in the VM") {
+        let guest = format!("{} in the VM", shim_vm::image::kernel::LOCALVERSION);
+        if out.stdout.contains(&guest) {
             Ok(())
         } else {
             Err(Failed(format!(

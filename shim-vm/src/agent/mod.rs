@@ -26,7 +26,7 @@ pub const PORT: &str = "agent";
 const STDIO_DIR: &str = "/run/shim-vm/io";
 /// Where the guest task service keeps its own state (the SDK's bundle of the daemon).
 const STATE_DIR: &str = "/run/shim-vm/state";
-/// How long the port may take to appear once the modules are loaded.
+/// How long the port may take to appear after the agent starts.
 const PORT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the pod's network devices may take to appear (their driver probes them
 /// asynchronously after boot).
@@ -94,15 +94,10 @@ pub fn run() -> Result<()> {
     let listener = Listener::open(cmdline.channel, PORT, PORT_TIMEOUT)?;
     let serving = uptime();
     log::info!(
-        "{} {} after {:?} of uptime (started at {started:?}; modules {:?}, share {:?})",
+        "{} {} after {:?} of uptime (started at {started:?}; share {:?})",
         crate::channel::LISTENING_ON,
         cmdline.channel,
         uptime(),
-        booted
-            .modules
-            .iter()
-            .map(|(name, took)| format!("{name} {}ms", took.as_millis()))
-            .collect::<Vec<_>>(),
         booted.share
     );
 

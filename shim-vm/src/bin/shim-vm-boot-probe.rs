@@ -54,7 +54,11 @@ fn run() -> shim_common::Result<()> {
         .unwrap_or_else(|e| format!("error: {e}"));
     let mountinfo = read("/proc/self/mountinfo");
     let facts = serde_json::json!({
-        "modules": booted.modules.iter().map(|(name, _)| name).collect::<Vec<_>>(),
+        "filesystems": read("/proc/filesystems")
+            .lines()
+            .filter_map(|l| l.split_whitespace().last())
+            .collect::<Vec<_>>(),
+        "vsock": std::path::Path::new("/dev/vsock").exists(),
         "share": booted.share,
         "virtiofs_mounted": mountinfo.lines().any(|l| l.contains(" - virtiofs ")),
         "cgroup2_mounted": mountinfo.lines().any(|l| l.contains(" - cgroup2 ")),

@@ -2,19 +2,19 @@
 //!
 //! ```text
 //! shim-vm-image --init AGENT [--cache DIR] [--install DIR] [--link NAME | --no-link]
-//!               [--file HOST[:GUEST]]... [--module NAME]...
+//!               [--file HOST[:GUEST]]...
 //! ```
 //! `--install DIR` makes `DIR/vm-guest` a symlink to the image, where the shim looks for it.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use shim_vm::image::{Builder, INSTALL_DIR};
+use shim_vm::image::{kernel, Builder, INSTALL_DIR};
 
 fn usage() -> ExitCode {
     eprintln!(
         "usage: shim-vm-image --init AGENT [--cache DIR] [--install DIR] [--link NAME | --no-link] \
-         [--file HOST[:GUEST]]... [--module NAME]..."
+         [--file HOST[:GUEST]]..."
     );
     ExitCode::from(2)
 }
@@ -25,7 +25,6 @@ fn main() -> ExitCode {
     let mut install: Option<PathBuf> = None;
     let mut link = Some("current".to_string());
     let mut files = Vec::new();
-    let mut modules = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next();
@@ -45,10 +44,6 @@ fn main() -> ExitCode {
                 }),
                 None => return usage(),
             },
-            "--module" => match value() {
-                Some(v) => modules.push(v),
-                None => return usage(),
-            },
             _ => return usage(),
         }
     }
@@ -61,8 +56,12 @@ fn main() -> ExitCode {
     for (h, g) in files {
         builder = builder.file(h, g);
     }
-    for m in modules {
-        builder = builder.module(m);
+    // Said first: a kernel not yet in the cache takes minutes to build.
+    if !kernel::is_cached(&cache) {
+        println!(
+            "guest kernel: building Debian's kernel source with shim-vm/guest/kernel.config \
+             (once per source and configuration, ~5 min on 2 cores)"
+        );
     }
     let built = match builder.build() {
         Ok(b) => b,
@@ -75,12 +74,11 @@ fn main() -> ExitCode {
         |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0) as f64 / 1048576.0;
     if built.rebuilt {
         println!(
-            "guest image {}: kernel {} ({:.1} MiB), initramfs {:.1} MiB, {} modules",
+            "guest image {}: kernel {} ({:.1} MiB), initramfs {:.1} MiB",
             built.dir.display(),
-            built.kernel_release.as_deref().unwrap_or("?"),
+            built.kernel.hash,
             size(&built.image.kernel),
             size(&built.image.initrd),
-            built.modules.len()
         );
     } else {
         println!(
