@@ -99,6 +99,40 @@ fn run_rm_delivers_output_and_exit_codes_from_the_guest() {
     assert_no_vm_left(&c, &id, &id);
 }
 
+/// `GuestRuntime = "runc"`: not in the image (crun is), the host's runc reaches the guest
+/// through the VM's share and runs the container there.
+#[test]
+fn the_guest_runs_runc_from_the_share_when_asked() {
+    let c = with_our_shims();
+    let config = c.dir().join("vm-runc.toml");
+    std::fs::write(&config, "GuestRuntime = \"runc\"\n").unwrap();
+    let config = config.to_string_lossy().into_owned();
+    let id = unique_id("vm-runc");
+    let out = c.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--runtime-config-path",
+        &config,
+        BUSYBOX_REF,
+        &id,
+        "sh",
+        "-c",
+        "echo run by runc in $(uname -r); exit 4",
+    ]);
+    assert_eq!(out.status, 4, "{out:?}\n{}", c.log_tail(60));
+    // The runc backend in the guest calls the runtime by the share's path: had the copy
+    // not been there, the create would have failed.
+    assert!(
+        out.stdout
+            .trim_end()
+            .ends_with(shim_vm::image::kernel::LOCALVERSION),
+        "{out:?}"
+    );
+    assert_no_vm_left(&c, &id, &id);
+}
+
 #[test]
 fn detached_run_exec_ps_and_signals() {
     let c = with_our_shims();

@@ -477,7 +477,7 @@ fn sizing(spec: &serde_json::Value) -> (HashMap<String, String>, Option<u64>) {
 /// instead (`--no-pivot`); the VM, not the mount namespace, is the isolation boundary.
 fn guest_options(o: &VmOptions) -> Result<Any> {
     let runc = RuncOptions {
-        binary_name: o.guest_runtime.clone(),
+        binary_name: crate::share::guest_runtime(&o.guest_runtime),
         no_pivot_root: true,
         ..Default::default()
     };

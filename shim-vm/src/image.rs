@@ -3,8 +3,8 @@
 //! run time ([`GuestImage::locate`]).
 //!
 //! The kernel is built from Debian's kernel source with everything the guest uses built
-//! in ([`kernel`]); the initramfs holds the agent and the host's `crun` and `runc` with
-//! every shared library they need. Builds are cached by a hash of every input:
+//! in ([`kernel`]); the initramfs holds the agent and the host's `crun` with every shared
+//! library it needs. Builds are cached by a hash of every input:
 //! `<cache>/<hash>/{vmlinux,initramfs.cpio}`, with `<cache>/current` pointing at the last
 //! one built.
 
@@ -78,8 +78,10 @@ pub fn installed_dir() -> Result<PathBuf> {
 /// Bumped whenever the builder lays out the image differently: part of the cache key.
 pub const BUILDER_VERSION: &str = concat!("shim-vm-image/", env!("CARGO_PKG_VERSION"), "/1");
 
-/// The host runtimes copied into the guest (at the same paths), with their libraries.
-pub const RUNTIMES: &[&str] = &["/usr/bin/crun", "/usr/sbin/runc"];
+/// The host runtimes copied into the guest (at the same paths), with their libraries:
+/// `crun` only (`GuestRuntime = "runc"` brings the host's runc through the VM's share, see
+/// [`crate::share::provide_runtime`]).
+pub const RUNTIMES: &[&str] = &["/usr/bin/crun"];
 
 /// Empty directories the guest's PID 1 mounts on or writes to.
 const GUEST_DIRS: &[&str] = &[

@@ -175,6 +175,10 @@ impl Pod {
         }
         fs::create_dir_all(self.shared())
             .with_context(|| format!("create {}", self.dir.display()))?;
+        if let Err(e) = crate::share::provide_runtime(&self.shared(), &options.guest_runtime) {
+            cleanup_dir(&self.dir);
+            return Err(e);
+        }
         let mut network = match netns.map(attach).transpose() {
             Ok(n) => n.flatten(),
             Err(e) => {

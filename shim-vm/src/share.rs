@@ -19,6 +19,37 @@ use shim_common::{Context, Error, Result};
 /// Where the guest mounts the VM's shared directory.
 pub const GUEST_SHARED: &str = "/run/shared";
 
+/// The guest runtime the image holds ([`crate::image::RUNTIMES`]).
+pub const IMAGE_RUNTIME: &str = "crun";
+
+/// Where [`provide_runtime`] puts another guest runtime: a name no container id can have.
+const RUNTIMES: &str = ".runtimes";
+
+/// The guest runtime `name` (`GuestRuntime`) as the guest's runc backend calls it.
+pub fn guest_runtime(name: &str) -> String {
+    if name == IMAGE_RUNTIME {
+        name.to_string()
+    } else {
+        format!("{GUEST_SHARED}/{RUNTIMES}/{name}")
+    }
+}
+
+/// Makes guest runtime `name` available in the VM whose shared directory is `shared`:
+/// `crun` is in the image; another (`runc`: 9 MB that every guest would otherwise unpack at
+/// boot and hold in its memory) is the host's own binary, copied in for this VM only. Its
+/// libraries are crun's too.
+pub fn provide_runtime(shared: &Path, name: &str) -> Result<()> {
+    if name == IMAGE_RUNTIME {
+        return Ok(());
+    }
+    let host = shim_common::executable::resolve("guest runtime", name)?;
+    let dir = shared.join(RUNTIMES);
+    fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    fs::copy(&host, dir.join(name))
+        .with_context(|| format!("copy {} into the VM's share", host.display()))?;
+    Ok(())
+}
+
 /// One container's directory in the shared directory. Dropped before [`Share::keep`], it
 /// unmounts and removes what it made.
 pub struct Share {

@@ -88,6 +88,7 @@ fn guest_boots_with_its_drivers_built_in_mounts_the_share_and_answers_on_its_por
     let shared = tempfile::tempdir().unwrap();
     std::fs::write(shared.path().join("hello.txt"), "hello from the host").unwrap();
     std::fs::create_dir(shared.path().join("late")).unwrap();
+    shim_vm::share::provide_runtime(shared.path(), "runc").unwrap();
 
     let mut config = VmConfig::new(&image, run.path());
     config.share = Some(Share {
@@ -144,7 +145,8 @@ fn guest_boots_with_its_drivers_built_in_mounts_the_share_and_answers_on_its_por
     assert_eq!(ready["cgroup2_mounted"], true, "{ready}");
     assert_eq!(ready["ptmx"], "pts/ptmx");
     assert_eq!(ready["shared_file"], "hello from the host");
-    // crun and runc run in the guest: their libraries and loader made it into the image.
+    // crun runs in the guest: its libraries and loader made it into the image; runc, from
+    // the share, runs with them too.
     assert!(
         ready["crun"].as_str().unwrap().starts_with("crun version"),
         "{ready}"

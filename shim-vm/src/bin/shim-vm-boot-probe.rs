@@ -41,7 +41,8 @@ fn run() -> shim_common::Result<()> {
                 .to_string()
         })
         .unwrap_or_else(|e| format!("error: {e}"));
-    let runc = Command::new("/usr/sbin/runc")
+    // Not in the image: the host's, through the share (as `GuestRuntime = "runc"` has it).
+    let runc = Command::new(shim_vm::share::guest_runtime("runc"))
         .arg("--version")
         .output()
         .map(|o| {
