@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use integration::checks::{processes_mentioning, runc_state, wait_until};
 use integration::conformance::{
-    leftover_mounts, loop_devices_of, parse_answer, process_alive, run_lifecycle, AnswerForm,
+    leftover_mounts, loop_devices_left, parse_answer, process_alive, run_lifecycle, AnswerForm,
     Config, Generation, Playground, RootfsLayout, TaskApi, NAMESPACE,
 };
 use integration::{require_root, target_bin_dir, unique_id, GO_SHIM_BINARY};
@@ -632,7 +632,7 @@ fn a_corrupt_erofs_layer_fails_create_and_leaves_no_mount_or_loop_device() {
             status.message()
         );
         assert_eq!(leftover_mounts(&pg.bundle()), Vec::<String>::new());
-        assert_eq!(loop_devices_of(&pg.layers()), Vec::<String>::new());
+        assert_eq!(loop_devices_left(&pg.layers()), Vec::<String>::new());
         assert!(!pg.bundle().join("rootfs-mounts").exists());
         // The upper image was made before the failure and stays, as containerd's snapshot.
         assert!(pg.layers().join("rwlayer.img").exists());

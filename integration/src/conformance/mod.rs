@@ -1332,6 +1332,18 @@ fn walk(pg: &Playground, config: &Config, report: &mut Report) -> bool {
     report.passed()
 }
 
+/// How long a loop device may stay bound after its file system's unmount.
+pub const LOOP_RELEASE: Duration = Duration::from_secs(5);
+
+/// The loop devices bound to files under `dir` that are still bound [`LOOP_RELEASE`] after
+/// the unmount. Autoclear frees a device when its file system's last reference goes, and a
+/// mount namespace another process was cloning at the unmount (a container starting in a
+/// parallel test) holds one until it drops its copy.
+pub fn loop_devices_left(dir: &Path) -> Vec<String> {
+    wait_until(LOOP_RELEASE, || loop_devices_of(dir).is_empty());
+    loop_devices_of(dir)
+}
+
 /// After the init's delete: the container wrote into the ext4 upper layer, and nothing of the
 /// rootfs is left mounted or bound to a loop device.
 pub fn check_layers(pg: &Playground) -> Result<String, String> {
@@ -1340,9 +1352,11 @@ pub fn check_layers(pg: &Playground) -> Result<String, String> {
     if !left.is_empty() {
         return Err(format!("still mounted: {left:?}"));
     }
-    let bound = loop_devices_of(&pg.layers());
+    let bound = loop_devices_left(&pg.layers());
     if !bound.is_empty() {
-        return Err(format!("loop devices still bound: {bound:?}"));
+        return Err(format!(
+            "loop devices still bound {LOOP_RELEASE:?} after the delete: {bound:?}"
+        ));
     }
     let stages = pg.bundle().join("rootfs-mounts");
     if stages.exists() {
