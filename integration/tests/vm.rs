@@ -90,13 +90,18 @@ fn run_rm_delivers_output_and_exit_codes_from_the_guest() {
     let id = unique_id("vm-kernel");
     let out = run(&c, &id, &["uname", "-r"]);
     assert_eq!(out.status, 0, "{out:?}");
+    assert_guest_kernel(&out);
+    assert_no_vm_left(&c, &id, &id);
+}
+
+/// `out` (of a container that printed `uname -r` last) ran on the guest's kernel.
+fn assert_guest_kernel(out: &integration::CtrOutput) {
     assert!(
         out.stdout
             .trim_end()
             .ends_with(shim_vm::image::kernel::LOCALVERSION),
         "not the guest kernel: {out:?}"
     );
-    assert_no_vm_left(&c, &id, &id);
 }
 
 /// `GuestRuntime = "runc"`: not in the image (crun is), the host's runc reaches the guest
@@ -104,32 +109,26 @@ fn run_rm_delivers_output_and_exit_codes_from_the_guest() {
 #[test]
 fn the_guest_runs_runc_from_the_share_when_asked() {
     let c = with_our_shims();
-    let config = c.dir().join("vm-runc.toml");
-    std::fs::write(&config, "GuestRuntime = \"runc\"\n").unwrap();
-    let config = config.to_string_lossy().into_owned();
+    let [flag, config] = options_flags(&c, "runc", "GuestRuntime = \"runc\"\n");
     let id = unique_id("vm-runc");
+    let script = "echo run by runc in $(uname -r); exit 4";
     let out = c.ctr(&[
         "run",
         "--rm",
         "--runtime",
         RUNTIME,
-        "--runtime-config-path",
+        &flag,
         &config,
         BUSYBOX_REF,
         &id,
         "sh",
         "-c",
-        "echo run by runc in $(uname -r); exit 4",
+        script,
     ]);
     assert_eq!(out.status, 4, "{out:?}\n{}", c.log_tail(60));
     // The runc backend in the guest calls the runtime by the share's path: had the copy
     // not been there, the create would have failed.
-    assert!(
-        out.stdout
-            .trim_end()
-            .ends_with(shim_vm::image::kernel::LOCALVERSION),
-        "{out:?}"
-    );
+    assert_guest_kernel(&out);
     assert_no_vm_left(&c, &id, &id);
 }
 
@@ -600,8 +599,14 @@ fn the_conformance_runner_passes_against_the_vm_shim_for_every_generation() {
 /// A runtime options file in `c`'s directory selecting `channel`; the `--runtime-config-path`
 /// flags for `ctr run`.
 fn channel_flags(c: &Containerd, channel: &str) -> [String; 2] {
-    let config = c.dir().join(format!("vm-{channel}.toml"));
-    std::fs::write(&config, format!("Channel = \"{channel}\"\n")).unwrap();
+    options_flags(c, channel, &format!("Channel = \"{channel}\"\n"))
+}
+
+/// A runtime options file `vm-<name>.toml` in `c`'s directory holding `toml`; the
+/// `--runtime-config-path` flags for `ctr run`.
+fn options_flags(c: &Containerd, name: &str, toml: &str) -> [String; 2] {
+    let config = c.dir().join(format!("vm-{name}.toml"));
+    std::fs::write(&config, toml).unwrap();
     [
         "--runtime-config-path".to_string(),
         config.to_string_lossy().into_owned(),
