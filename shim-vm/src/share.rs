@@ -396,4 +396,24 @@ mod tests {
             "the source is untouched"
         );
     }
+
+    #[test]
+    fn a_guest_runtime_missing_on_the_host_is_named_and_nothing_is_copied() {
+        let shared = tempfile::tempdir().unwrap();
+        provide_runtime(shared.path(), IMAGE_RUNTIME).unwrap();
+        assert!(
+            !shared.path().join(RUNTIMES).exists(),
+            "crun is the image's"
+        );
+        let e = provide_runtime(shared.path(), "no-such-runtime").unwrap_err();
+        assert!(
+            e.to_string().contains("\"no-such-runtime\" not found"),
+            "{e}"
+        );
+        assert!(!shared.path().join(RUNTIMES).exists());
+        provide_runtime(shared.path(), "sh").unwrap();
+        assert!(shared.path().join(RUNTIMES).join("sh").is_file());
+        assert_eq!(guest_runtime("sh"), format!("{GUEST_SHARED}/{RUNTIMES}/sh"));
+        assert_eq!(guest_runtime(IMAGE_RUNTIME), "crun");
+    }
 }
