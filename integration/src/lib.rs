@@ -26,6 +26,7 @@ pub mod events;
 pub mod fixture;
 pub mod image;
 pub mod leftovers;
+pub mod otlp;
 pub mod output;
 pub mod shim_client;
 pub mod soak;

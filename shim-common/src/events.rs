@@ -17,6 +17,7 @@ use protocol::events::{Envelope, ForwardRequest};
 
 use crate::error::{Context, Result};
 use crate::rpc::Client;
+use crate::trace;
 
 const EVENTS_SERVICE: &str = "containerd.services.events.ttrpc.v1.Events";
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
@@ -58,6 +59,8 @@ struct Queued {
     topic: String,
     event: Any,
     at: SystemTime,
+    /// The trace of the request that caused the event: its `Forward` carries it on.
+    trace: trace::Carried,
 }
 
 /// Forwards events to containerd's `containerd.services.events.ttrpc.v1.Events` service.
@@ -121,6 +124,7 @@ impl Publisher for RemotePublisher {
                     topic: topic.to_string(),
                     event,
                     at: SystemTime::now(),
+                    trace: trace::Carried::current(),
                 };
                 if tx.send(q).is_err() {
                     self.queued.fetch_sub(1, Ordering::SeqCst);
@@ -146,6 +150,7 @@ fn forward(rx: Receiver<Queued>, queued: &AtomicUsize, address: &str, namespace:
             }),
             ..Default::default()
         };
+        let _trace = q.trace.enter();
         let mut backoff = Duration::from_millis(20);
         let mut attempt = 0;
         loop {

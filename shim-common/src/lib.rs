@@ -68,6 +68,7 @@ pub mod signals;
 mod socket;
 mod start;
 pub mod stdio;
+pub mod trace;
 
 mod os;
 mod serve;

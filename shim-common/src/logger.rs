@@ -28,7 +28,11 @@ impl Log for Logger {
             Level::Trace => "trace",
         };
         // One write per line, so lines from several threads never interleave.
-        let line = format_line(level, &r.args().to_string());
+        let mut line = format_line(level, &r.args().to_string());
+        // A line written while a traced request is handled names its trace.
+        if let Some(trace) = crate::trace::trace_id() {
+            line.insert_str(line.len() - 1, &format!(" trace_id={trace}"));
+        }
         let _ = std::io::stderr().lock().write_all(line.as_bytes());
     }
 

@@ -29,6 +29,7 @@ use crate::error::{Context, Error, Result};
 use crate::executable::{self, read_pid};
 use crate::reaper::{self, Output};
 use crate::stdio::ChildStdio;
+use crate::trace;
 
 /// What runtimes say when the container, or its process, is already gone.
 const GONE: &[&str] = &[
@@ -124,6 +125,19 @@ impl RuntimeCli {
         self
     }
 
+    /// A trace span for one command: `<binary> <what>` (`runc create`).
+    fn span(&self, what: &str) -> trace::Span {
+        if !trace::enabled() {
+            return trace::Span::default();
+        }
+        let name = self
+            .binary
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy();
+        trace::span(format!("{name} {what}"))
+    }
+
     /// The binary, as resolved.
     pub fn binary(&self) -> &Path {
         &self.binary
@@ -141,7 +155,9 @@ impl RuntimeCli {
     pub fn output(&self, what: &str, cmd: &mut Command) -> Result<Result<Output, Refusal>> {
         // Only what this command logs explains its failure; earlier lines are history.
         let offset = self.log_len();
+        let span = self.span(what);
         let out = reaper::run(cmd)?;
+        span.attribute("process.exit.code", i64::from(out.status));
         if out.success() {
             return Ok(Ok(out));
         }
@@ -194,7 +210,12 @@ impl RuntimeCli {
             }
         };
         stdio.apply(&mut cmd);
+        let span = self.span(what);
         let result = reaper::run(&mut cmd);
+        if let Ok(out) = &result {
+            span.attribute("process.exit.code", i64::from(out.status));
+        }
+        drop(span);
         drop(cmd);
         let failed = result.as_ref().is_ok_and(|o| !o.success());
         let said = tee.map(|t| t.finish(failed)).unwrap_or_default();

@@ -16,7 +16,7 @@ use crate::flags::Flags;
 use crate::reaper::{self, Exits, Reaper};
 use crate::rpc;
 use crate::service::TaskService;
-use crate::{logger, signals, socket};
+use crate::{logger, signals, socket, trace};
 
 /// The fd on which the daemon finds its listening socket.
 pub const LISTENER_FD: i32 = 3;
@@ -224,6 +224,9 @@ pub fn serve<B: Backend>(flags: &Flags) -> Result<()> {
     signals::block()?;
     logger::redirect_stderr_to_fifo(Path::new(&flags.bundle));
     logger::init(flags.debug);
+    if let Err(e) = trace::init(&shim_name()) {
+        log::warn!("{e}; serving without tracing");
+    }
     check_listener()?;
     let reaper = reaper::install()?;
 
@@ -264,7 +267,17 @@ pub fn serve<B: Backend>(flags: &Flags) -> Result<()> {
     }
     stop_backend();
     publisher.close(Duration::from_secs(2));
+    trace::shutdown();
     std::process::exit(0)
+}
+
+/// The binary's file name (`containerd-shim-runc-v2`): the service that spans come from.
+fn shim_name() -> String {
+    std::env::args_os()
+        .next()
+        .map(std::path::PathBuf::from)
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "containerd-shim".into())
 }
 
 fn wait(rx: &Receiver<Why>) -> Why {

@@ -258,6 +258,8 @@ pub struct ForwardedEvent {
     pub namespace: String,
     pub topic: String,
     pub event: Any,
+    /// The `traceparent` the `Forward` request carried in its metadata.
+    pub traceparent: Option<String>,
 }
 
 impl ForwardedEvent {
@@ -315,7 +317,11 @@ impl EventSink {
 }
 
 impl Events for EventSink {
-    fn forward(&self, _ctx: &ttrpc::TtrpcContext, req: ForwardRequest) -> ttrpc::Result<Empty> {
+    fn forward(&self, ctx: &ttrpc::TtrpcContext, req: ForwardRequest) -> ttrpc::Result<Empty> {
+        let traceparent = ctx
+            .metadata
+            .get("traceparent")
+            .and_then(|v| v.first().cloned());
         let Envelope {
             namespace,
             topic,
@@ -329,6 +335,7 @@ impl Events for EventSink {
                 namespace,
                 topic,
                 event: event.unwrap_or_default(),
+                traceparent,
             });
         Ok(Empty::new())
     }
@@ -340,6 +347,8 @@ pub struct TaskApi {
     client: ttrpc::Client,
     service: &'static str,
     namespace: String,
+    /// Metadata sent with every call besides the namespace (a `traceparent`).
+    metadata: Vec<(String, String)>,
 }
 
 /// How long a task API call may take before the runner calls it a failure.
@@ -358,7 +367,15 @@ impl TaskApi {
             client,
             service,
             namespace: namespace.to_string(),
+            metadata: Vec::new(),
         })
+    }
+
+    /// Sends `key: value` in the metadata of every later call, as containerd 2.x's client
+    /// interceptor sends `traceparent`.
+    pub fn set_metadata(&mut self, key: &str, value: &str) {
+        self.metadata.retain(|(k, _)| k != key);
+        self.metadata.push((key.to_string(), value.to_string()));
     }
 
     pub fn service(&self) -> &'static str {
@@ -395,6 +412,9 @@ impl TaskApi {
             "containerd-namespace-ttrpc".to_string(),
             vec![self.namespace.clone()],
         );
+        for (k, v) in &self.metadata {
+            md.insert(k.clone(), vec![v.clone()]);
+        }
         creq.set_metadata(ttrpc::context::to_pb(md));
         creq.payload = payload;
         let res = self.client.request(creq)?;
@@ -478,6 +498,8 @@ pub struct Playground {
     address: Mutex<Option<String>>,
     /// `CreateTaskRequest.rootfs`: none unless [`Playground::use_layered_rootfs`].
     rootfs_mounts: Mutex<Vec<protocol::mount::Mount>>,
+    /// Environment the shim binary gets besides containerd's (`OTEL_*`).
+    env: Mutex<Vec<(String, String)>>,
 }
 
 impl Playground {
@@ -531,6 +553,7 @@ impl Playground {
             shim_pid: Mutex::new(None),
             address: Mutex::new(None),
             rootfs_mounts: Mutex::new(Vec::new()),
+            env: Mutex::new(Vec::new()),
         })
     }
 
@@ -698,6 +721,9 @@ impl Playground {
         }
         cmd.env("GOMAXPROCS", "2")
             .env("TTRPC_ADDRESS", &self.ttrpc_address);
+        for (k, v) in self.env.lock().unwrap().iter() {
+            cmd.env(k, v);
+        }
         if self.generation != Generation::V1_6 {
             cmd.env("GRPC_ADDRESS", &self.containerd_address)
                 .env("NAMESPACE", &self.namespace)
@@ -724,6 +750,14 @@ impl Playground {
             stdout: out.stdout,
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         })
+    }
+
+    /// Runs the shim binary with `key=value` in its environment, as if containerd had it.
+    pub fn set_env(&self, key: &str, value: &str) {
+        self.env
+            .lock()
+            .unwrap()
+            .push((key.to_string(), value.to_string()));
     }
 
     /// A new fifo for a process's stdout or stderr, read in the background.

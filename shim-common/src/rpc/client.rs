@@ -159,12 +159,16 @@ impl Client {
         timeout: Duration,
     ) -> Result<Vec<u8>> {
         let what = format!("/{service}/{method}");
+        // The caller's trace goes along (a guest agent's span joins it).
+        let mut metadata = Vec::new();
+        crate::trace::inject(&mut metadata);
         let request = Request {
             service: service.to_string(),
             method: method.to_string(),
             payload: req.write_to_bytes().context(format!("encode {what}"))?,
             // ttrpc's "no deadline" is 0.
             timeout_nano: i64::try_from(timeout.as_nanos()).unwrap_or(0),
+            metadata,
             ..Default::default()
         };
         let payload = <Request as Codec>::encode(&request)

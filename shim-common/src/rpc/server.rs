@@ -15,6 +15,7 @@ use ttrpc::{MessageHeader, Request, Response};
 use super::frame;
 use super::pool::{Job, Pool};
 use crate::error::{Context, Result};
+use crate::trace::{Carried, RpcSpan};
 
 /// A method: it gets the request and answers through the [`Reply`], now or later. A call
 /// that waits for something (a task's `Wait`) then costs no thread while it waits.
@@ -50,12 +51,15 @@ pub struct Reply {
     stream: Arc<Stream>,
     stream_id: u32,
     sent: bool,
+    /// The request's span, ended with the answer (when tracing is on).
+    span: Option<RpcSpan>,
 }
 
 impl Drop for Reply {
     fn drop(&mut self) {
         if !self.sent {
             let msg = "the shim failed to answer this request (see its log)";
+            self.end_span(Code::INTERNAL, msg);
             answer_status(&self.stream, self.stream_id, Code::INTERNAL, msg);
         }
     }
@@ -67,6 +71,12 @@ impl Reply {
     /// event) keeps it for a later caller instead.
     pub fn peer_gone(&self) -> bool {
         self.stream.closed.load(Ordering::Acquire)
+    }
+
+    fn end_span(&mut self, code: Code, message: &str) {
+        if let Some(span) = self.span.take() {
+            span.end(code, message);
+        }
     }
 
     /// Sends `res`: OK status and payload, or the error's status.
@@ -84,6 +94,11 @@ impl Reply {
             Err(ttrpc::Error::RpcStatus(s)) => Response::init_status(s),
             Err(e) => Response::init_status(ttrpc::get_status(Code::UNKNOWN, format!("{e:?}"))),
         };
+        if self.span.is_some() {
+            let status = response.status.as_ref();
+            let code = status.map_or(Code::OK, |s| s.code());
+            self.end_span(code, status.map_or("", |s| s.message.as_str()));
+        }
         match <Response as Codec>::encode(&response) {
             Ok(payload) => self.stream.send(self.stream_id, &payload),
             Err(e) => log::warn!("encode ttrpc response: {e}"),
@@ -260,15 +275,21 @@ impl Server {
             return answer_status(stream, mh.stream_id, Code::UNIMPLEMENTED, msg);
         }
         let methods = self.methods.clone();
+        let span = RpcSpan::start(&req.service, &req.method, &req.metadata);
+        let current = span
+            .as_ref()
+            .map_or_else(Carried::default, RpcSpan::carried);
         let reply = Reply {
             stream: stream.clone(),
             stream_id: mh.stream_id,
             sent: false,
+            span,
         };
         // A bug in one request costs that request (its `Reply` answers `Internal` as the
         // panic unwinds), not the shim serving the rest of the pod.
         let job: Job = Box::new(move || {
             if let Some(h) = methods.get(&path) {
+                let _current = current.enter();
                 if catch_unwind(AssertUnwindSafe(|| h(req, reply))).is_err() {
                     log::error!("{path} panicked (above); answered Internal");
                 }

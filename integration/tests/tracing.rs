@@ -1,0 +1,243 @@
+//! The shim joins its caller's trace: task calls sent with a `traceparent` in their ttrpc
+//! metadata, as containerd 2.x's client interceptor sends them, come back as server spans of
+//! that trace (exported over OTLP/HTTP to a receiver on loopback), with the runtime's
+//! commands as child spans and the context carried on in the events the shim forwards.
+//! With tracing turned off, nothing is sent anywhere.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use integration::checks::wait_until;
+use integration::conformance::{parse_answer, process_alive, Generation, Playground, TaskApi};
+use integration::otlp::{Receiver, Span};
+use integration::{require_root, target_bin_dir, unique_id};
+use protobuf::well_known_types::empty::Empty;
+use protocol::shim::{
+    ConnectRequest, ConnectResponse, CreateTaskResponse, DeleteRequest, DeleteResponse,
+    KillRequest, ShutdownRequest, StartRequest, StartResponse, StateRequest, StateResponse,
+    WaitRequest, WaitResponse,
+};
+
+const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const PARENT: &str = "00f067aa0ba902b7";
+const V3: &str = "containerd.task.v3.Task";
+
+fn shim(name: &str) -> PathBuf {
+    require_root();
+    let shim = target_bin_dir().join(name);
+    assert!(
+        shim.exists(),
+        "build the shims first: {} is missing",
+        shim.display()
+    );
+    shim
+}
+
+/// A container's whole life through the daemon, every call carrying our `traceparent`;
+/// returns once the daemon has exited (its spans flushed on the way out).
+fn traced_lifecycle(pg: &Playground) {
+    let out = pg.run_start(&pg.start_stdin(None)).unwrap();
+    assert!(out.success, "start: {}", out.stderr);
+    let answer = parse_answer(pg.generation, &out.stdout).unwrap();
+    pg.set_address(&answer.address);
+    let mut api = TaskApi::connect(&answer.address, answer.version, &pg.namespace).unwrap();
+    api.set_metadata("traceparent", &format!("00-{TRACE}-{PARENT}-01"));
+    let id = pg.id.clone();
+    let c: ConnectResponse = api
+        .call(
+            "Connect",
+            &ConnectRequest {
+                id: id.clone(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    pg.set_shim_pid(c.shim_pid);
+    let _: CreateTaskResponse = api
+        .call("Create", &pg.create_request(None).unwrap())
+        .unwrap();
+    let _: StartResponse = api
+        .call(
+            "Start",
+            &StartRequest {
+                id: id.clone(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    // A request that fails: its span says so.
+    let missing = StateRequest {
+        id: "no-such-task".into(),
+        ..Default::default()
+    };
+    assert!(api.call::<_, StateResponse>("State", &missing).is_err());
+    let kill = KillRequest {
+        id: id.clone(),
+        signal: 9,
+        ..Default::default()
+    };
+    let _: Empty = api.call("Kill", &kill).unwrap();
+    let _: WaitResponse = api
+        .call(
+            "Wait",
+            &WaitRequest {
+                id: id.clone(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let _: DeleteResponse = api
+        .call(
+            "Delete",
+            &DeleteRequest {
+                id: id.clone(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let _ = api.call::<_, Empty>(
+        "Shutdown",
+        &ShutdownRequest {
+            id,
+            ..Default::default()
+        },
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || !process_alive(c.shim_pid)),
+        "shim {} still running",
+        c.shim_pid
+    );
+}
+
+fn named<'a>(spans: &'a [Span], name: &str) -> &'a Span {
+    spans
+        .iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no span {name} among {spans:#?}"))
+}
+
+#[test]
+fn task_calls_join_the_callers_trace_with_runtime_commands_and_events_under_them() {
+    let receiver = Receiver::start().unwrap();
+    let pg = Playground::new(
+        &shim("containerd-shim-runc-v2"),
+        Generation::V2_3,
+        &unique_id("traced"),
+    )
+    .unwrap();
+    pg.set_env("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint());
+    // What containerd's own docs set for containerd: the shim names itself instead.
+    pg.set_env("OTEL_SERVICE_NAME", "containerd");
+    traced_lifecycle(&pg);
+
+    let create = format!("{V3}/Create");
+    let start = format!("{V3}/Start");
+    let kill = format!("{V3}/Kill");
+    // runc's start is the shim opening runc's exec fifo: no command, so no span of its own.
+    let wanted = [
+        create.as_str(),
+        start.as_str(),
+        kill.as_str(),
+        "runc create",
+        "runc kill",
+    ];
+    let spans = receiver.wait_for(&wanted, Duration::from_secs(10));
+    let create = named(&spans, &create);
+    assert_eq!(
+        (create.trace_id.as_str(), create.parent_span_id.as_str()),
+        (TRACE, PARENT),
+        "{create:#?}"
+    );
+    assert_eq!(create.kind, 2, "a server span: {create:#?}");
+    assert_eq!(create.service, "containerd-shim-runc-v2");
+    assert_eq!(create.attribute("rpc.system"), Some("ttrpc"));
+    assert_eq!(create.attribute("rpc.method"), Some("Create"));
+    assert_eq!(create.attribute("rpc.grpc.status_code"), Some("0"));
+    let runc_create = named(&spans, "runc create");
+    assert_eq!(runc_create.trace_id, TRACE);
+    assert_eq!(
+        runc_create.parent_span_id, create.span_id,
+        "{runc_create:#?}"
+    );
+    assert_eq!(runc_create.attribute("process.exit.code"), Some("0"));
+    let kill = named(&spans, &kill);
+    assert_eq!(named(&spans, "runc kill").parent_span_id, kill.span_id);
+    let start = named(&spans, &start);
+    // Every call became a span of the caller's trace.
+    for method in ["Connect", "Start", "Kill", "Wait", "Delete", "Shutdown"] {
+        let s = named(&spans, &format!("{V3}/{method}"));
+        assert_eq!(
+            (s.trace_id.as_str(), s.parent_span_id.as_str()),
+            (TRACE, PARENT)
+        );
+    }
+    let state = named(&spans, &format!("{V3}/State"));
+    assert_eq!(
+        state.status, 2,
+        "a failed call is an error span: {state:#?}"
+    );
+    assert_eq!(
+        state.attribute("rpc.grpc.status_code"),
+        Some("5"),
+        "NOT_FOUND"
+    );
+
+    // The events carry the context of the call that caused them.
+    let events = pg.events.events();
+    let traceparent = |topic: &str| {
+        events
+            .iter()
+            .find(|e| e.topic == topic)
+            .and_then(|e| e.traceparent.clone())
+            .unwrap_or_else(|| panic!("{topic} without traceparent: {events:#?}"))
+    };
+    assert_eq!(
+        traceparent("/tasks/create"),
+        format!("00-{TRACE}-{}-01", create.span_id)
+    );
+    assert_eq!(
+        traceparent("/tasks/start"),
+        format!("00-{TRACE}-{}-01", start.span_id)
+    );
+}
+
+#[test]
+fn with_tracing_disabled_the_shim_never_calls_the_endpoint() {
+    let receiver = Receiver::start().unwrap();
+    let pg = Playground::new(
+        &shim("containerd-shim-runc-v2"),
+        Generation::V2_3,
+        &unique_id("untraced"),
+    )
+    .unwrap();
+    pg.set_env("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint());
+    pg.set_env("OTEL_SDK_DISABLED", "true");
+    traced_lifecycle(&pg);
+    assert_eq!(receiver.requests(), 0, "{:#?}", receiver.spans());
+    let events = pg.events.events();
+    assert!(!events.is_empty());
+    assert!(
+        events.iter().all(|e| e.traceparent.is_none()),
+        "{events:#?}"
+    );
+}
+
+#[test]
+fn a_collector_that_is_not_there_costs_the_shim_nothing() {
+    // Nothing listens on the endpoint: exports fail on the exporter's thread, calls go on.
+    let unused = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", unused.local_addr().unwrap());
+    drop(unused);
+    let pg = Playground::new(
+        &shim("containerd-shim-runc-v2"),
+        Generation::V2_3,
+        &unique_id("nocollector"),
+    )
+    .unwrap();
+    pg.set_env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint);
+    traced_lifecycle(&pg);
+    assert!(pg
+        .events
+        .topics(&pg.id)
+        .contains(&"/tasks/exit".to_string()));
+}
