@@ -148,6 +148,7 @@ pub struct ContainerdBuilder {
     start_timeout: Duration,
     ctr_timeout: Duration,
     log_level: String,
+    otlp_endpoint: Option<String>,
 }
 
 impl Default for ContainerdBuilder {
@@ -162,6 +163,7 @@ impl Default for ContainerdBuilder {
             start_timeout: Duration::from_secs(30),
             ctr_timeout: Duration::from_secs(120),
             log_level: "info".to_string(),
+            otlp_endpoint: None,
         }
     }
 }
@@ -251,6 +253,14 @@ impl ContainerdBuilder {
     /// containerd's log level (default `info`; `debug` shows shim start-up).
     pub fn log_level(mut self, level: &str) -> Self {
         self.log_level = level.to_string();
+        self
+    }
+
+    /// Traces to `endpoint` (OTLP/HTTP): containerd's own tracing plugins on, every
+    /// request sampled, and `OTEL_EXPORTER_OTLP_ENDPOINT` in containerd's environment,
+    /// which the shims it starts inherit.
+    pub fn otlp_endpoint(mut self, endpoint: &str) -> Self {
+        self.otlp_endpoint = Some(endpoint.to_string());
         self
     }
 
@@ -399,7 +409,11 @@ impl Containerd {
         let log_path = d.join("containerd.log");
         let log = fs::File::create(&log_path).ctx_path("creating", &log_path)?;
         let log2 = log.try_clone().ctx_path("duplicating", &log_path)?;
-        let child = Command::new(CONTAINERD_BINARY)
+        let mut cmd = Command::new(CONTAINERD_BINARY);
+        if let Some(endpoint) = &opts.otlp_endpoint {
+            cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint);
+        }
+        let child = cmd
             .arg("--config")
             .arg(&config)
             .env("PATH", &path_env)
@@ -887,6 +901,15 @@ fn config_toml(dir: &Path, address: &Path, opts: &ContainerdBuilder) -> String {
     if !opts.cri {
         disabled.push(CRI_PLUGIN);
     }
+    let tracing = match &opts.otlp_endpoint {
+        Some(endpoint) => {
+            disabled.retain(|p| !p.contains("tracing"));
+            format!(
+                "  [plugins.\"io.containerd.tracing.processor.v1.otlp\"]\n    endpoint = \"{endpoint}\"\n    protocol = \"http/protobuf\"\n  [plugins.\"io.containerd.internal.v1.tracing\"]\n    sampling_ratio = 1.0\n    service_name = \"containerd\"\n"
+            )
+        }
+        None => String::new(),
+    };
     let disabled = disabled
         .iter()
         .map(|p| format!("\"{p}\""))
@@ -920,7 +943,7 @@ disabled_plugins = [{disabled}]
 [plugins]
   [plugins."io.containerd.internal.v1.opt"]
     path = {opt}
-"#,
+{tracing}"#,
         root = toml_str(&dir.join("root")),
         state = toml_str(&dir.join("state")),
         grpc = toml_str(address),

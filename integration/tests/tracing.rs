@@ -21,6 +21,7 @@ use protocol::shim::{
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT: &str = "00f067aa0ba902b7";
 const V3: &str = "containerd.task.v3.Task";
+const V2: &str = "containerd.task.v2.Task";
 
 fn shim(name: &str) -> PathBuf {
     require_root();
@@ -240,4 +241,49 @@ fn a_collector_that_is_not_there_costs_the_shim_nothing() {
         .events
         .topics(&pg.id)
         .contains(&"/tasks/exit".to_string()));
+}
+
+/// What containerd 1.6 gives a shim to trace with: its environment (the shim inherits
+/// `OTEL_EXPORTER_OTLP_ENDPOINT`), but no trace context — its shim client has no tracing
+/// interceptor, so every call arrives without `traceparent` and each becomes a root span.
+/// (Debian's 1.6.20 build also has no tracing plugin: containerd itself exports nothing.)
+#[test]
+fn through_containerd_16_each_call_is_a_root_span_with_its_runtime_commands_under_it() {
+    require_root();
+    let receiver = Receiver::start().unwrap();
+    let c = integration::Containerd::builder()
+        .bin_dir(target_bin_dir())
+        .otlp_endpoint(receiver.endpoint())
+        .start()
+        .expect("start containerd");
+    c.import_busybox().expect("import busybox image");
+    let id = unique_id("ctd-traced");
+    c.ctr_ok(&["run", "--rm", integration::BUSYBOX_REF, &id, "true"]);
+    let wanted = [
+        format!("{V2}/Create"),
+        format!("{V2}/Start"),
+        format!("{V2}/Delete"),
+        "runc create".to_string(),
+        "runc delete".to_string(),
+    ];
+    let wanted: Vec<&str> = wanted.iter().map(String::as_str).collect();
+    let spans = receiver.wait_for(&wanted, Duration::from_secs(15));
+    let ours: Vec<&Span> = spans
+        .iter()
+        .filter(|s| s.service == "containerd-shim-runc-v2")
+        .collect();
+    for s in ours.iter().filter(|s| s.name.starts_with(V2)) {
+        assert!(
+            s.parent_span_id.is_empty(),
+            "containerd 1.6 sent a parent: {s:#?}"
+        );
+    }
+    let create = named(&spans, &format!("{V2}/Create"));
+    let runc = named(&spans, "runc create");
+    assert_eq!(
+        (runc.trace_id.as_str(), runc.parent_span_id.as_str()),
+        (create.trace_id.as_str(), create.span_id.as_str())
+    );
+    let delete = named(&spans, &format!("{V2}/Delete"));
+    assert_eq!(named(&spans, "runc delete").parent_span_id, delete.span_id);
 }
