@@ -95,6 +95,11 @@ impl RemotePublisher {
         }))
     }
 
+    /// Events queued and not yet delivered (or given up).
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::SeqCst)
+    }
+
     /// Stops accepting events and waits up to `timeout` for queued ones to be delivered.
     pub fn close(&self, timeout: Duration) {
         self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();

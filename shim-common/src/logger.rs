@@ -1,6 +1,7 @@
 //! The shim's own log: logfmt lines on stderr, which the daemon points at the bundle's `log`
 //! fifo so containerd copies them into its log (and a panic message lands there too).
 
+use std::cell::RefCell;
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::time::SystemTime;
@@ -29,14 +30,45 @@ impl Log for Logger {
         };
         // One write per line, so lines from several threads never interleave.
         let mut line = format_line(level, &r.args().to_string());
-        // A line written while a traced request is handled names its trace.
+        // A line written while a request is handled names its container and trace.
+        let mut fields = SCOPE.with(|s| match s.borrow().as_str() {
+            "" => String::new(),
+            id => format!(" id={id}"),
+        });
         if let Some(trace) = crate::trace::trace_id() {
-            line.insert_str(line.len() - 1, &format!(" trace_id={trace}"));
+            fields.push_str(&format!(" trace_id={trace}"));
         }
+        line.insert_str(line.len() - 1, &fields);
         let _ = std::io::stderr().lock().write_all(line.as_bytes());
     }
 
     fn flush(&self) {}
+}
+
+thread_local! {
+    /// The container the request handled on this thread is about.
+    static SCOPE: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+/// While it lives, log lines from this thread name container `id` (`id=c1`), and the
+/// current trace span carries it as `container.id`.
+pub struct Scope(String);
+
+impl Scope {
+    /// Enters the scope of container (or sandbox) `id`; an empty id names nothing.
+    pub fn enter(id: String) -> Scope {
+        if !id.is_empty() {
+            crate::trace::annotate("container.id", id.clone());
+        }
+        Scope(SCOPE.with(|s| s.replace(id)))
+    }
+}
+
+impl Drop for Scope {
+    fn drop(&mut self) {
+        let previous = std::mem::take(&mut self.0);
+        SCOPE.with(|s| *s.borrow_mut() = previous);
+    }
 }
 
 /// One log line in the shim log's format (logfmt, newline-terminated), for processes that

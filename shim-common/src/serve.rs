@@ -6,7 +6,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use crate::backend::{Backend, ShimContext};
@@ -44,7 +44,7 @@ fn server<B: Backend>(
     extra: rpc::Methods,
     before_shutdown: impl Fn() + Send + Sync + 'static,
     stop: Sender<Why>,
-) -> Result<(rpc::Server, Box<dyn Fn() + Send + Sync>)> {
+) -> Result<Served> {
     let exits = match reaper {
         Some(reaper) if B::HOST_PROCESSES => Exits::reaped(reaper),
         _ => Exits::reported(),
@@ -63,10 +63,25 @@ fn server<B: Backend>(
         exits,
     )?;
     let stopper = service.stopper();
+    let reporter = service.reporter();
     let mut methods = service.methods();
     methods.extend(extra);
-    Ok((rpc::Server::new(methods), stopper))
+    Ok(Served {
+        server: rpc::Server::new(methods),
+        stopper,
+        reporter,
+    })
 }
+
+/// The ttrpc server of a task service, how to stop its backend and how to report its state.
+struct Served {
+    server: rpc::Server,
+    stopper: Box<dyn Fn() + Send + Sync>,
+    reporter: Reporter,
+}
+
+/// The service's state report ([`TaskService::reporter`]).
+type Reporter = Box<dyn Fn() -> Vec<String> + Send + Sync>;
 
 /// Serves the task service of backend `B` on `stream`, an already-connected byte stream (a
 /// VM's virtio-serial port, one end of a socketpair), until the peer closes it or a
@@ -88,7 +103,7 @@ fn server<B: Backend>(
 /// // A guest agent, PID 1: reap every orphan, and serve the host on the port it opened.
 /// signals::block()?;
 /// let reaper = reaper::install()?;
-/// signals::spawn(|| {})?;
+/// signals::spawn(|| {}, || {})?;
 /// let ctx = ShimContext {
 ///     namespace: "default".into(),
 ///     id: "pod".into(),
@@ -160,7 +175,11 @@ fn serve_connections<B: Backend>(
     methods: rpc::Methods,
 ) -> Result<()> {
     let (tx, rx) = mpsc::channel();
-    let (server, stop_backend) = server::<B>(ctx, publisher, reaper, methods, || {}, tx.clone())?;
+    let Served {
+        server,
+        stopper: stop_backend,
+        ..
+    } = server::<B>(ctx, publisher, reaper, methods, || {}, tx.clone())?;
     let idle = server.idle();
     // The connection being served (a duplicate, to end it after a Shutdown), and why
     // `next` could not give another.
@@ -232,15 +251,31 @@ pub fn serve<B: Backend>(flags: &Flags) -> Result<()> {
 
     let (tx, rx) = mpsc::channel::<Why>();
     let on_signal = Mutex::new(tx.clone());
-    signals::spawn(move || {
-        let _ = on_signal.lock().map(|tx| tx.send(Why::Signal));
-    })?;
     let publisher = RemotePublisher::new(&flags.ttrpc_address, &flags.namespace)?;
+    // The report needs the service, which is built after the signal thread runs (a
+    // backend may run commands while it is built: their exits come through that thread).
+    let reporter: Arc<OnceLock<Reporter>> = Arc::default();
+    let (report, events) = (reporter.clone(), publisher.clone());
+    signals::spawn(
+        move || {
+            let _ = on_signal.lock().map(|tx| tx.send(Why::Signal));
+        },
+        move || {
+            let service = report.get().map(|r| r()).unwrap_or_default();
+            for line in process_report(events.queued()).into_iter().chain(service) {
+                log::info!("state: {line}");
+            }
+        },
+    )?;
     let address = flags.socket.clone();
     // Runs while the service refuses new containers: once the name is gone, the next
     // `start` of this group binds it afresh instead of finding a shim about to exit.
     let before_shutdown = move || remove_socket(&address);
-    let (server, stop_backend) = server::<B>(
+    let Served {
+        server,
+        stopper: stop_backend,
+        reporter: report,
+    } = server::<B>(
         context(flags),
         publisher.clone(),
         Some(reaper),
@@ -248,6 +283,7 @@ pub fn serve<B: Backend>(flags: &Flags) -> Result<()> {
         before_shutdown,
         tx,
     )?;
+    let _ = reporter.set(report);
     // SAFETY: fd 3 is the listening socket `start` handed over (checked above); nothing
     // else owns it.
     let listener = unsafe { UnixListener::from_raw_fd(LISTENER_FD) };
@@ -269,6 +305,25 @@ pub fn serve<B: Backend>(flags: &Flags) -> Result<()> {
     publisher.close(Duration::from_secs(2));
     trace::shutdown();
     std::process::exit(0)
+}
+
+/// The process's own line of the `SIGUSR1` report: its threads, its memory, and the events
+/// waiting for containerd.
+fn process_report(events_queued: usize) -> Vec<String> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map_or("?".to_string(), |v| v.trim().to_string())
+    };
+    vec![format!(
+        "shim pid {}: {} threads, rss {}, {events_queued} events queued for containerd{}",
+        std::process::id(),
+        field("Threads:"),
+        field("VmRSS:"),
+        if trace::enabled() { ", tracing on" } else { "" },
+    )]
 }
 
 /// The binary's file name (`containerd-shim-runc-v2`): the service that spans come from.

@@ -1,4 +1,5 @@
-//! The daemon's signal handling: one thread waits for `SIGCHLD`, `SIGTERM` and `SIGINT`.
+//! The daemon's signal handling: one thread waits for `SIGCHLD`, `SIGTERM`, `SIGINT` and
+//! `SIGUSR1` (an operator asking what the shim is doing).
 //!
 //! The signals are blocked in every thread (the mask is inherited from the thread that calls
 //! [`block`] before any other thread exists), so only this thread ever sees them. A blocked
@@ -18,6 +19,7 @@ fn handled() -> SigSet {
     set.add(Signal::SIGCHLD);
     set.add(Signal::SIGTERM);
     set.add(Signal::SIGINT);
+    set.add(Signal::SIGUSR1);
     set
 }
 
@@ -26,8 +28,14 @@ pub fn block() -> Result<()> {
     handled().thread_block().context("block signals")
 }
 
-/// Spawns the signal thread: reaps on `SIGCHLD`, calls `on_term` once on `SIGTERM`/`SIGINT`.
-pub fn spawn(on_term: impl Fn() + Send + 'static) -> Result<()> {
+/// Spawns the signal thread: reaps on `SIGCHLD`, calls `on_term` on `SIGTERM`/`SIGINT`,
+/// and `on_report` on `SIGUSR1` on a thread of its own (a report that waits for a lock
+/// must not hold up reaping).
+pub fn spawn(
+    on_term: impl Fn() + Send + 'static,
+    on_report: impl Fn() + Send + Sync + 'static,
+) -> Result<()> {
+    let on_report = std::sync::Arc::new(on_report);
     std::thread::Builder::new()
         .name("signals".into())
         .stack_size(64 * 1024)
@@ -36,6 +44,16 @@ pub fn spawn(on_term: impl Fn() + Send + 'static) -> Result<()> {
             loop {
                 match set.wait() {
                     Ok(Signal::SIGCHLD) => reaper::reap(),
+                    Ok(Signal::SIGUSR1) => {
+                        let report = on_report.clone();
+                        let spawned = std::thread::Builder::new()
+                            .name("report".into())
+                            .stack_size(256 * 1024)
+                            .spawn(move || report());
+                        if let Err(e) = spawned {
+                            log::warn!("SIGUSR1: spawn the report: {e}");
+                        }
+                    }
                     Ok(_) => on_term(),
                     Err(_) => continue,
                 }

@@ -237,6 +237,15 @@ pub fn span(name: impl Into<Cow<'static, str>>) -> Span {
     Span(Some(cx.with_span(span)))
 }
 
+/// Sets an attribute on the current span, if there is one.
+pub fn annotate(key: &'static str, value: impl Into<opentelemetry::Value>) {
+    if tracing().is_some() {
+        Context::current()
+            .span()
+            .set_attribute(KeyValue::new(key, value));
+    }
+}
+
 /// The current context, to carry to another thread (a queued event's sender).
 #[derive(Clone, Default)]
 pub struct Carried(Option<Context>);

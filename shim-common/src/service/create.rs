@@ -23,9 +23,14 @@ impl<B: Backend> Inner<B> {
             id: &req.id,
             namespace: &self.namespace,
         };
+        let span = trace::span("stdio open");
         let (pending, stdio) = PendingIo::open(B::HOST_STDIO, &paths, owner, ctx)?;
+        drop(span);
         let rootfs = match B::MOUNTS_ROOTFS {
-            true => Some(BundleRootfs::mount(&bundle, &req.rootfs)?),
+            true => {
+                let _span = trace::span("rootfs mount");
+                Some(BundleRootfs::mount(&bundle, &req.rootfs)?)
+            }
             false => None,
         };
         let starting = self.starting();

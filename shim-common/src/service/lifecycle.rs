@@ -65,6 +65,18 @@ impl Lifecycle {
         self.status
     }
 
+    /// "running", "created (starting)", "stopped (reaped)": for the state report.
+    pub(super) fn describe(&self) -> String {
+        let mut s = format!("{:?}", self.status).to_lowercase();
+        if let Some(busy) = self.busy {
+            s = format!("{s} ({})", busy.doing());
+        }
+        if self.reaped && self.status != Status::STOPPED {
+            s.push_str(" (reaped)");
+        }
+        s
+    }
+
     /// Reaped (or its exit reported): its pid is not to be signalled.
     pub(super) fn is_reaped(&self) -> bool {
         self.reaped

@@ -42,8 +42,8 @@ use crate::mount::{unmount_rootfs, BundleRootfs};
 use crate::options::{self, RuntimeOptions};
 use crate::os::OomWatcher;
 use crate::reaper::{Exit, Exits};
-use crate::rpc;
 use crate::stdio::{CarriedStdio, ChildStdio, Drain, IoContext, IoOwner, ProcessIo, StdioPaths};
+use crate::{logger, rpc, trace};
 
 mod container;
 mod control;
@@ -53,6 +53,7 @@ mod exits;
 mod io;
 mod lifecycle;
 mod query;
+mod report;
 mod sandbox;
 #[cfg(test)]
 mod sandbox_tests;
@@ -260,11 +261,32 @@ fn route<B, Req, Res>(
 ) -> rpc::Handler
 where
     B: Backend,
-    Req: Message,
+    Req: protobuf::MessageFull,
     Res: Message,
 {
     let inner = inner.clone();
-    rpc::unary(move |req| answer(method, f(&inner, req)))
+    rpc::unary(move |req: Req| {
+        // Log lines and the trace span of the request name the container it is about.
+        let _scope = logger::Scope::enter(request_id(&req));
+        answer(method, f(&inner, req))
+    })
+}
+
+/// The container or sandbox a request is about: its `id` (task API) or `sandbox_id`
+/// (sandbox API) field, read through the message's descriptor so every request type has
+/// it without a method of its own.
+fn request_id(req: &dyn protobuf::MessageDyn) -> String {
+    let d = req.descriptor_dyn();
+    ["id", "sandbox_id"]
+        .iter()
+        .filter_map(|name| d.field_by_name(name))
+        .find_map(|f| match f.get_singular(req) {
+            Some(protobuf::reflect::ReflectValueRef::String(s)) if !s.is_empty() => {
+                Some(s.to_string())
+            }
+            _ => None,
+        })
+        .unwrap_or_default()
 }
 
 impl<B: Backend> Inner<B> {

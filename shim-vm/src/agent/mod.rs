@@ -84,7 +84,7 @@ pub fn run() -> Result<()> {
     shim_common::logger::init(cmdline.debug);
     signals::block()?;
     let reaper = reaper::install()?;
-    signals::spawn(|| {})?;
+    signals::spawn(|| {}, || {})?;
     // One vCPU, emulated: a container writing its output as fast as it can must not be
     // switched away from at each write (see `stdio::Outbound`).
     shim_common::stdio::batch_output();

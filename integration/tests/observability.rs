@@ -1,8 +1,9 @@
-//! The shim joins its caller's trace: task calls sent with a `traceparent` in their ttrpc
-//! metadata, as containerd 2.x's client interceptor sends them, come back as server spans of
-//! that trace (exported over OTLP/HTTP to a receiver on loopback), with the runtime's
-//! commands as child spans and the context carried on in the events the shim forwards.
-//! With tracing turned off, nothing is sent anywhere.
+//! What an operator sees of a shim. Tracing: task calls sent with a `traceparent` in their
+//! ttrpc metadata, as containerd 2.x's client interceptor sends them, come back as server
+//! spans of that trace (exported over OTLP/HTTP to a receiver on loopback), with the
+//! runtime's commands as child spans and the context carried on in the events the shim
+//! forwards; with tracing turned off, nothing is sent anywhere. The log: `SIGUSR1` writes
+//! the shim's state, naming every container; lines about a request name its container.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -286,4 +287,84 @@ fn through_containerd_16_each_call_is_a_root_span_with_its_runtime_commands_unde
     );
     let delete = named(&spans, &format!("{V2}/Delete"));
     assert_eq!(named(&spans, "runc delete").parent_span_id, delete.span_id);
+}
+
+fn shim_log_lines(c: &integration::Containerd, needle: &str) -> Vec<String> {
+    std::fs::read_to_string(c.log_path())
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn sigusr1_writes_the_shims_state_naming_every_container_and_the_shim_serves_on() {
+    let c = integration::fixture::with_our_shims();
+    let ids = [unique_id("usr1-a"), unique_id("usr1-b")];
+    for id in &ids {
+        integration::fixture::run_sleeping(&c, "io.containerd.runc.v2", id);
+    }
+    let shims = c.shim_pids();
+    assert_eq!(shims.len(), 2, "one shim per container: {shims:?}");
+    for pid in &shims {
+        // SAFETY: kill(2) on a pid of a shim this test's containerd started.
+        assert_eq!(unsafe { libc::kill(*pid, libc::SIGUSR1) }, 0);
+    }
+    for id in &ids {
+        let needle = format!("state: container {id}: init pid");
+        let logged = || !shim_log_lines(&c, &needle).is_empty();
+        assert!(
+            wait_until(Duration::from_secs(10), logged),
+            "no state line for {id}:\n{}",
+            c.log_tail(40)
+        );
+        let line = shim_log_lines(&c, &needle).remove(0);
+        assert!(
+            line.contains(" running;") && line.contains("0 exits queued"),
+            "{line}"
+        );
+    }
+    let summaries = shim_log_lines(&c, "state: shim pid");
+    assert_eq!(summaries.len(), 2, "{summaries:#?}");
+    assert!(
+        summaries.iter().all(|l| l.contains("threads, rss")),
+        "{summaries:#?}"
+    );
+    assert!(shim_log_lines(&c, "state: 1 containers (0 being created").len() == 2);
+    // The shims go on serving: each container still answers and ends as asked.
+    for id in &ids {
+        let out = c.ctr_ok(&["task", "ls"]);
+        assert!(out.stdout.contains(id.as_str()), "{}", out.stdout);
+        c.ctr_ok(&["task", "kill", "-s", "KILL", id]);
+        integration::fixture::wait_status(&c, id, "STOPPED");
+        c.ctr_ok(&["task", "delete", id]);
+        c.ctr_ok(&["container", "delete", id]);
+    }
+}
+
+#[test]
+fn a_debug_shims_log_lines_about_a_request_name_its_container() {
+    require_root();
+    let c = integration::Containerd::builder()
+        .bin_dir(target_bin_dir())
+        .log_level("debug")
+        .start()
+        .expect("start containerd");
+    c.import_busybox().expect("import busybox image");
+    let id = unique_id("logid");
+    integration::fixture::run_sleeping(&c, "io.containerd.runc.v2", &id);
+    let out = c.ctr(&["task", "exec", "--exec-id", "nope", &id, "/no/such/binary"]);
+    assert!(!out.success(), "{out:?}");
+    let needle = format!("id={id}");
+    let logged = || !shim_log_lines(&c, &needle).is_empty();
+    assert!(
+        wait_until(Duration::from_secs(10), logged),
+        "no shim line names {id}:\n{}",
+        c.log_tail(60)
+    );
+    c.ctr_ok(&["task", "kill", "-s", "KILL", &id]);
+    integration::fixture::wait_status(&c, &id, "STOPPED");
+    c.ctr_ok(&["task", "delete", &id]);
+    c.ctr_ok(&["container", "delete", &id]);
 }
