@@ -144,6 +144,10 @@ fn task_calls_join_the_callers_trace_with_runtime_commands_and_events_under_them
         "runc kill",
     ];
     let spans = receiver.wait_for(&wanted, Duration::from_secs(10));
+    eprintln!(
+        "the trace as received:\n{}",
+        integration::otlp::tree(&spans)
+    );
     let create = named(&spans, &create);
     assert_eq!(
         (create.trace_id.as_str(), create.parent_span_id.as_str()),

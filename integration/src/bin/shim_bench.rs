@@ -16,8 +16,12 @@
 //!    writing 2.7 MB to stdout and to stderr through fifos, every byte counted and
 //!    checksummed when `Wait` answers (`src/output.rs`); rounds done, and bytes lost.
 //!
+//! 7. Tracing on (issue 15): a second containerd whose environment names an OTLP endpoint
+//!    (a receiver on loopback, `src/otlp.rs`), so our shims export a span per call: the
+//!    same `ctr run --rm` median and per-shim RSS/PSS, beside the figures with it off.
+//!
 //! Usage: `shim-bench [--runs N] [--containers N] [--execs N] [--soak N] [--pods N]
-//! [--output-secs S]` (as root). `0` skips a figure where it says N or S.
+//! [--output-secs S] [--tracing-runs N]` (as root). `0` skips a figure where it says N or S.
 
 use std::time::{Duration, Instant};
 
@@ -36,6 +40,7 @@ struct Args {
     soak: usize,
     pods: usize,
     output_secs: u64,
+    tracing_runs: usize,
 }
 
 fn args() -> Args {
@@ -46,6 +51,7 @@ fn args() -> Args {
         soak: 10_000,
         pods: 10,
         output_secs: 30,
+        tracing_runs: 30,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut it = argv.iter();
@@ -58,16 +64,52 @@ fn args() -> Args {
             ("--soak", Some(v)) => a.soak = v,
             ("--pods", Some(v)) => a.pods = v,
             ("--output-secs", Some(v)) => a.output_secs = v as u64,
+            ("--tracing-runs", Some(v)) => a.tracing_runs = v,
             _ => {
                 eprintln!(
                     "usage: shim-bench [--runs N] [--containers N] [--execs N] [--soak N] \
-                     [--pods N] [--output-secs S]"
+                     [--pods N] [--output-secs S] [--tracing-runs N]"
                 );
                 std::process::exit(2);
             }
         }
     }
     a
+}
+
+struct Traced {
+    run_ms: f64,
+    rss_kb: f64,
+    pss_kb: f64,
+    shims: usize,
+    spans: usize,
+}
+
+/// Our shim with tracing on: `runs` × `ctr run --rm` and `containers` idle shims, in a
+/// containerd whose environment sends spans to a receiver on loopback.
+fn traced(runs: usize, containers: usize) -> Traced {
+    let receiver = integration::otlp::Receiver::start().expect("start the OTLP receiver");
+    let c = Containerd::builder()
+        .bin_dir(target_bin_dir())
+        .otlp_endpoint(receiver.endpoint())
+        .start()
+        .expect("start containerd");
+    c.import_busybox().expect("import busybox");
+    for _ in 0..3 {
+        run_rm(&c, OUR_RUNTIME);
+    }
+    let mut times: Vec<f64> = (0..runs)
+        .map(|_| run_rm(&c, OUR_RUNTIME).as_secs_f64() * 1e3)
+        .collect();
+    let (rss_kb, pss_kb, shims) = footprint(&c, OUR_RUNTIME, containers);
+    drop(c);
+    Traced {
+        run_ms: median(&mut times),
+        rss_kb,
+        pss_kb,
+        shims,
+        spans: receiver.spans().len(),
+    }
 }
 
 /// Starts `n` detached containers on `runtime`, returns (mean RSS kB, mean PSS kB) per shim.
@@ -465,9 +507,27 @@ fn main() {
         };
         println!("| bytes lost, same | {} | {} | |", lost(o), lost(g));
     }
-    // The CRI figures need a containerd of their own (CRI on); free the first one's shims
-    // and mounts before.
+    // The tracing and CRI figures need a containerd of their own; free the first one's
+    // shims and mounts before.
     drop(c);
+    if a.tracing_runs > 0 {
+        let t = traced(a.tracing_runs, a.containers);
+        println!(
+            "| tracing on: `ctr run --rm busybox true`, median of {} | {:.1} ms | | {:.2} of off |",
+            a.tracing_runs,
+            t.run_ms,
+            t.run_ms / mo
+        );
+        println!(
+            "| tracing on: shim RSS / PSS, 1 container per shim (mean of {}) | {:.2} / {:.2} MB | | {:+.2} / {:+.2} MB vs off |",
+            t.shims,
+            t.rss_kb / 1024.0,
+            t.pss_kb / 1024.0,
+            (t.rss_kb - our_rss) / 1024.0,
+            (t.pss_kb - our_pss) / 1024.0
+        );
+        println!("| tracing on: spans received | {} | | |", t.spans);
+    }
     if a.pods > 0 {
         print_pod_rows(a.pods, &cri_pods(a.pods));
     }

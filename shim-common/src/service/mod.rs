@@ -261,32 +261,33 @@ fn route<B, Req, Res>(
 ) -> rpc::Handler
 where
     B: Backend,
-    Req: protobuf::MessageFull,
+    Req: Message,
     Res: Message,
 {
     let inner = inner.clone();
-    rpc::unary(move |req: Req| {
+    Box::new(move |req, reply| {
         // Log lines and the trace span of the request name the container it is about.
-        let _scope = logger::Scope::enter(request_id(&req));
-        answer(method, f(&inner, req))
+        let _scope = logger::Scope::enter(request_id(&req.payload));
+        reply.send(rpc::decode::<Req>(&req).and_then(|r| answer(method, f(&inner, r))))
     })
 }
 
-/// The container or sandbox a request is about: its `id` (task API) or `sandbox_id`
-/// (sandbox API) field, read through the message's descriptor so every request type has
-/// it without a method of its own.
-fn request_id(req: &dyn protobuf::MessageDyn) -> String {
-    let d = req.descriptor_dyn();
-    ["id", "sandbox_id"]
-        .iter()
-        .filter_map(|name| d.field_by_name(name))
-        .find_map(|f| match f.get_singular(req) {
-            Some(protobuf::reflect::ReflectValueRef::String(s)) if !s.is_empty() => {
-                Some(s.to_string())
-            }
-            _ => None,
-        })
-        .unwrap_or_default()
+/// The container or sandbox a request is about. Every request of the task API has it as
+/// field 1 (`id`), and every one of the sandbox API too (`sandbox_id`): read from the wire,
+/// it costs neither a second decode nor protobuf's reflection tables.
+fn request_id(payload: &[u8]) -> String {
+    let mut input = protobuf::CodedInputStream::from_bytes(payload);
+    while let Ok(Some(tag)) = input.read_raw_tag_or_eof() {
+        let (field, wire_type) = (tag >> 3, tag & 7);
+        if field == 1 && wire_type == 2 {
+            return input.read_string().unwrap_or_default();
+        }
+        let skipped = protobuf::rt::WireType::new(wire_type).map(|w| input.skip_field(w));
+        if !matches!(skipped, Some(Ok(()))) {
+            break;
+        }
+    }
+    String::new()
 }
 
 impl<B: Backend> Inner<B> {

@@ -826,3 +826,31 @@ fn slow_backend_calls_do_not_hold_their_container() {
     let resumed = topics.iter().position(|e| e == "/tasks/resumed").unwrap();
     assert!(paused < resumed, "{topics:?}");
 }
+
+#[test]
+fn the_request_id_is_field_1_of_task_and_sandbox_requests_wherever_it_is_on_the_wire() {
+    let create = CreateTaskRequest {
+        id: "c1".into(),
+        bundle: "/run/b".into(),
+        terminal: true,
+        ..Default::default()
+    };
+    assert_eq!(request_id(&create.write_to_bytes().unwrap()), "c1");
+    let kill = KillRequest {
+        id: "c2".into(),
+        exec_id: "e1".into(),
+        signal: 9,
+        ..Default::default()
+    };
+    assert_eq!(request_id(&kill.write_to_bytes().unwrap()), "c2");
+    let stop = protocol::sandbox::StopSandboxRequest {
+        sandbox_id: "pod".into(),
+        timeout_secs: 3,
+        ..Default::default()
+    };
+    assert_eq!(request_id(&stop.write_to_bytes().unwrap()), "pod");
+    // Field 2 (exec_id "x") and a varint field before field 1: skipped.
+    assert_eq!(request_id(b"\x12\x01x\x20\x09\x0a\x02id"), "id");
+    assert_eq!(request_id(b""), "");
+    assert_eq!(request_id(b"\xff\xff\xff"), "");
+}
