@@ -35,6 +35,20 @@ fn shim(name: &str) -> PathBuf {
     shim
 }
 
+/// A playground for our runc shim with `env` in its environment, as if containerd had it.
+fn runc_playground(prefix: &str, env: &[(&str, &str)]) -> Playground {
+    let pg = Playground::new(
+        &shim("containerd-shim-runc-v2"),
+        Generation::V2_3,
+        &unique_id(prefix),
+    )
+    .unwrap();
+    for (k, v) in env {
+        pg.set_env(k, v);
+    }
+    pg
+}
+
 /// A container's whole life through the daemon, every call carrying our `traceparent`;
 /// returns once the daemon has exited (its spans flushed on the way out).
 fn traced_lifecycle(pg: &Playground) {
@@ -121,15 +135,15 @@ fn named<'a>(spans: &'a [Span], name: &str) -> &'a Span {
 #[test]
 fn task_calls_join_the_callers_trace_with_runtime_commands_and_events_under_them() {
     let receiver = Receiver::start().unwrap();
-    let pg = Playground::new(
-        &shim("containerd-shim-runc-v2"),
-        Generation::V2_3,
-        &unique_id("traced"),
-    )
-    .unwrap();
-    pg.set_env("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint());
-    // What containerd's own docs set for containerd: the shim names itself instead.
-    pg.set_env("OTEL_SERVICE_NAME", "containerd");
+    // OTEL_SERVICE_NAME: what containerd's own docs set for containerd; the shim names
+    // itself instead.
+    let pg = runc_playground(
+        "traced",
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint()),
+            ("OTEL_SERVICE_NAME", "containerd"),
+        ],
+    );
     traced_lifecycle(&pg);
 
     let create = format!("{V3}/Create");
@@ -210,14 +224,13 @@ fn task_calls_join_the_callers_trace_with_runtime_commands_and_events_under_them
 #[test]
 fn with_tracing_disabled_the_shim_never_calls_the_endpoint() {
     let receiver = Receiver::start().unwrap();
-    let pg = Playground::new(
-        &shim("containerd-shim-runc-v2"),
-        Generation::V2_3,
-        &unique_id("untraced"),
-    )
-    .unwrap();
-    pg.set_env("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint());
-    pg.set_env("OTEL_SDK_DISABLED", "true");
+    let pg = runc_playground(
+        "untraced",
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint()),
+            ("OTEL_SDK_DISABLED", "true"),
+        ],
+    );
     traced_lifecycle(&pg);
     assert_eq!(receiver.requests(), 0, "{:#?}", receiver.spans());
     let events = pg.events.events();
@@ -234,13 +247,7 @@ fn a_collector_that_is_not_there_costs_the_shim_nothing() {
     let unused = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let endpoint = format!("http://{}", unused.local_addr().unwrap());
     drop(unused);
-    let pg = Playground::new(
-        &shim("containerd-shim-runc-v2"),
-        Generation::V2_3,
-        &unique_id("nocollector"),
-    )
-    .unwrap();
-    pg.set_env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint);
+    let pg = runc_playground("nocollector", &[("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)]);
     traced_lifecycle(&pg);
     assert!(pg
         .events
