@@ -2,7 +2,8 @@
 //! ttrpc metadata, as containerd 2.x's client interceptor sends them, come back as server
 //! spans of that trace (exported over OTLP/HTTP to a receiver on loopback), with the
 //! runtime's commands as child spans and the context carried on in the events the shim
-//! forwards; with tracing turned off, nothing is sent anywhere. The log: `SIGUSR1` writes
+//! forwards; the same through containerd 1.6.20 for the runc and the Wasm shim; with tracing
+//! turned off, nothing is sent anywhere. The log: `SIGUSR1` writes
 //! the shim's state, naming every container; lines about a request name its container.
 
 use std::path::PathBuf;
@@ -298,6 +299,57 @@ fn through_containerd_16_each_call_is_a_root_span_with_its_runtime_commands_unde
     );
     let delete = named(&spans, &format!("{V2}/Delete"));
     assert_eq!(named(&spans, "runc delete").parent_span_id, delete.span_id);
+}
+
+/// The Wasm shim traces the same way, its work under each call: the module prepared
+/// (compiled or its precompiled artifact fetched) and libcontainer's create, start, delete.
+#[test]
+fn through_containerd_16_the_wasm_shims_calls_have_its_work_under_them() {
+    require_root();
+    integration::wasm_fixture::require_wasm_shim();
+    let receiver = Receiver::start().unwrap();
+    let c = integration::Containerd::builder()
+        .bin_dir(target_bin_dir())
+        .otlp_endpoint(receiver.endpoint())
+        .start()
+        .expect("start containerd");
+    let ns = c.namespace().to_string();
+    integration::wasm_fixture::import_busybox_wasm(&c, &ns).expect("import busybox-wasm");
+    let id = unique_id("wasm-traced");
+    let ref_ = integration::wasm_fixture::BUSYBOX_WASM_REF;
+    let run = [
+        "run",
+        "--rm",
+        "--runtime",
+        integration::WASM_RUNTIME,
+        ref_,
+        &id,
+        "/hello.wasm",
+    ];
+    c.ctr_ok(&run);
+    let calls = ["Create", "Start", "Delete"].map(|m| format!("{V2}/{m}"));
+    let work = [
+        ("Create", "wasm prepare"),
+        ("Create", "libcontainer create"),
+        ("Start", "libcontainer start"),
+        ("Delete", "libcontainer delete"),
+    ];
+    let mut wanted: Vec<&str> = calls.iter().map(String::as_str).collect();
+    wanted.extend(work.iter().map(|(_, w)| *w));
+    let spans = receiver.wait_for(&wanted, Duration::from_secs(15));
+    let spans: Vec<Span> = spans
+        .into_iter()
+        .filter(|s| s.service == "containerd-shim-wasm-v2")
+        .collect();
+    for (call, child) in work {
+        let call = named(&spans, &format!("{V2}/{call}"));
+        let child = named(&spans, child);
+        assert_eq!(
+            (child.trace_id.as_str(), child.parent_span_id.as_str()),
+            (call.trace_id.as_str(), call.span_id.as_str()),
+            "{child:#?} is not under {call:#?}"
+        );
+    }
 }
 
 fn shim_log_lines(c: &integration::Containerd, needle: &str) -> Vec<String> {

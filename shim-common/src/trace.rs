@@ -193,6 +193,7 @@ impl RpcSpan {
 /// A span for a piece of work inside the current one; it ends when dropped. The default
 /// is no span.
 #[derive(Default)]
+#[must_use = "the span ends when dropped"]
 pub struct Span(Option<Context>);
 
 impl Drop for Span {

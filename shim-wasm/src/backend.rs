@@ -10,6 +10,7 @@ use oci_spec::runtime::{LinuxResources, Process, Spec};
 use shim_common::cgroups::Cgroup;
 use shim_common::host_pods::HostPods;
 use shim_common::sandbox::Sandboxes;
+use shim_common::trace;
 use shim_common::{
     Backend, Context, CreateRequest, Created, Error, ExecRequest, Result, ShimContext, Signal,
     Target,
@@ -106,6 +107,7 @@ impl WasmBackend {
             store,
         };
         let artifact = {
+            let _span = trace::span("wasm prepare");
             let _fork = self.fork.lock().unwrap_or_else(PoisonError::into_inner);
             self.cache.prepare(self.engine()?, &src, bundle)?
         };
@@ -191,6 +193,7 @@ impl Backend for WasmBackend {
             None => (None, None),
         };
         let created = {
+            let _span = trace::span("libcontainer create");
             let _fork = self.fork.lock().unwrap_or_else(PoisonError::into_inner);
             self.youki.create(
                 req.id,
@@ -224,6 +227,7 @@ impl Backend for WasmBackend {
 
     fn start(&self, c: &Container) -> Result<u32> {
         let mut state = c.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let _span = trace::span("libcontainer start");
         let _fork = self.fork.lock().unwrap_or_else(PoisonError::into_inner);
         self.youki.start(&mut state)?;
         Ok(c.init_pid)
@@ -254,6 +258,7 @@ impl Backend for WasmBackend {
         let file = c.bundle.join(format!("exec-{}.json", req.exec_id));
         std::fs::write(&file, req.spec).with_context(|| format!("write {}", file.display()))?;
         let pid = {
+            let _span = trace::span("libcontainer exec");
             let _fork = self.fork.lock().unwrap_or_else(PoisonError::into_inner);
             self.youki.exec(&c.id, &file, req.stdio, req.console_socket)
         };
@@ -273,6 +278,7 @@ impl Backend for WasmBackend {
     }
 
     fn delete(&self, c: &Container) -> Result<()> {
+        let _span = trace::span("libcontainer delete");
         self.youki.delete(&c.id)?;
         self.cache.release(&c.bundle);
         Ok(())
