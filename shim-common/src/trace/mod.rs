@@ -1,0 +1,693 @@
+//! Tracing: the shim joins the traces of whoever calls it and exports its own spans.
+//!
+//! containerd 2.x's ttrpc client puts the W3C trace context (`traceparent`, `tracestate`,
+//! `baggage`) in each request's metadata. Each request the shim serves becomes a server span
+//! named `<service>/<method>` under that parent; the work that costs time (runtime commands,
+//! guest-agent calls) gets child spans, and calls the shim makes (events to containerd,
+//! requests to a guest agent) carry the context on. Spans leave over OTLP/HTTP (protobuf) in
+//! batches, from one thread, when the standard `OTEL_*` variables name an endpoint; unset,
+//! every function here is one check of a flag.
+//!
+//! The span model, the W3C propagation and the OTLP encoding are the SDK's own, small on
+//! purpose: the OpenTelemetry SDK and an HTTP client made every shim's resident code
+//! ~0.4 MB larger even with tracing off (a static binary's text is mapped in fault-around
+//! windows, so code that never runs still costs pages).
+
+mod export;
+mod otlp;
+mod w3c;
+
+use std::borrow::Cow;
+use std::cell::{Cell, RefCell};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use ttrpc::proto::{Code, KeyValue as Metadata};
+
+use crate::error::{Error, Result};
+use export::{Config, Endpoint, Exporter};
+pub use otlp::Value;
+use otlp::{Finished, Kind, Parent};
+use w3c::SpanContext;
+
+static ENABLED: AtomicBool = AtomicBool::new(false);
+static TRACING: OnceLock<Tracing> = OnceLock::new();
+
+struct Tracing {
+    sampler: Sampler,
+    exporter: Exporter,
+    max_queue: usize,
+    max_batch: usize,
+}
+
+/// Whether spans are being made and exported.
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// A variable that is set to something other than blanks, trimmed.
+fn var(env: Env<'_>, key: &str) -> Option<String> {
+    env(key)
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+/// The signal-specific variable (`OTEL_EXPORTER_OTLP_TRACES_<name>`) or the general one.
+fn otlp_var(env: Env<'_>, name: &str) -> Option<String> {
+    var(env, &format!("OTEL_EXPORTER_OTLP_TRACES_{name}"))
+        .or_else(|| var(env, &format!("OTEL_EXPORTER_OTLP_{name}")))
+}
+
+/// Why tracing is off, or `None` when `env` asks for it: an OTLP endpoint is set
+/// (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or `OTEL_EXPORTER_OTLP_ENDPOINT`), and neither
+/// `OTEL_SDK_DISABLED=true` nor `OTEL_TRACES_EXPORTER=none` turns it off. Without an
+/// endpoint nothing is exported: a shim never connects anywhere it was not told to.
+fn off_because(env: Env<'_>) -> Option<String> {
+    if var(env, "OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+        return Some("OTEL_SDK_DISABLED=true".into());
+    }
+    match var(env, "OTEL_TRACES_EXPORTER").as_deref() {
+        None | Some("otlp") => {}
+        Some(other) => {
+            return Some(format!(
+                "OTEL_TRACES_EXPORTER={other} (only otlp is built in)"
+            ))
+        }
+    }
+    if otlp_var(env, "ENDPOINT").is_none() {
+        return Some("no OTLP endpoint set".into());
+    }
+    match otlp_var(env, "PROTOCOL").as_deref() {
+        None | Some("http/protobuf") => None,
+        Some(other) => Some(format!(
+            "OTLP protocol {other} is not built in (http/protobuf is)"
+        )),
+    }
+}
+
+/// The service name spans carry: `OTEL_SERVICE_NAME`, unless it is unset or names
+/// containerd (whose own setting the shim inherits), then `shim`, the binary's name.
+fn service_name(env: Env<'_>, shim: &str) -> String {
+    match var(env, "OTEL_SERVICE_NAME") {
+        Some(s) if s != "containerd" => s,
+        _ => shim.to_string(),
+    }
+}
+
+/// A duration in milliseconds from `key`, or `default`.
+fn millis(env: Env<'_>, key: &str, default: u64) -> Duration {
+    let ms = var(env, key).and_then(|v| v.parse().ok());
+    Duration::from_millis(ms.unwrap_or(default))
+}
+
+fn count(env: Env<'_>, key: &str, default: usize) -> usize {
+    var(env, key)
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(default)
+}
+
+/// The exporter's settings from `env` (the defaults are the OpenTelemetry specification's).
+fn config(env: Env<'_>, shim: &str) -> std::result::Result<Config, String> {
+    let endpoint = match var(env, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+        Some(url) => Endpoint::parse(&url, false)?,
+        None => Endpoint::parse(&otlp_var(env, "ENDPOINT").unwrap_or_default(), true)?,
+    };
+    let headers = otlp_var(env, "HEADERS")
+        .map(|h| export::pairs("OTEL_EXPORTER_OTLP_HEADERS", &h))
+        .unwrap_or_default();
+    let timeout = otlp_var(env, "TIMEOUT")
+        .and_then(|v| v.parse().ok())
+        .map_or(Duration::from_secs(10), Duration::from_millis);
+    let mut resource: otlp::Attributes = var(env, "OTEL_RESOURCE_ATTRIBUTES")
+        .map(|a| export::pairs("OTEL_RESOURCE_ATTRIBUTES", &a))
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(k, _)| k != "service.name")
+        .map(|(k, v)| (Cow::Owned(k), Value::from(v)))
+        .collect();
+    resource.extend([
+        ("service.name".into(), service_name(env, shim).into()),
+        ("process.pid".into(), i64::from(std::process::id()).into()),
+        ("telemetry.sdk.language".into(), "rust".into()),
+    ]);
+    let max_queue = count(env, "OTEL_BSP_MAX_QUEUE_SIZE", 2048);
+    Ok(Config {
+        endpoint,
+        headers,
+        timeout,
+        delay: millis(env, "OTEL_BSP_SCHEDULE_DELAY", 5000),
+        max_queue,
+        max_batch: count(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512).min(max_queue),
+        resource,
+    })
+}
+
+/// Turns tracing on when the environment asks for it (see the module); `shim` names the
+/// service when `OTEL_SERVICE_NAME` does not. Once per process, in the process that serves:
+/// the exporter's thread does not survive a fork. Whether tracing is on.
+pub fn init(shim: &str) -> Result<bool> {
+    let env = |k: &str| std::env::var(k).ok();
+    if let Some(why) = off_because(&env) {
+        log::debug!("tracing off: {why}");
+        return Ok(false);
+    }
+    if TRACING.get().is_some() {
+        return Ok(true);
+    }
+    let config = config(&env, shim).map_err(|e| Error::InvalidArgument(format!("tracing: {e}")))?;
+    let (max_queue, max_batch) = (config.max_queue, config.max_batch);
+    let endpoint = format!(
+        "http://{}{}",
+        config.endpoint.authority, config.endpoint.path
+    );
+    let exporter = Exporter::start(config)
+        .map_err(|e| Error::Runtime(format!("tracing: start the exporter thread: {e}")))?;
+    let tracing = Tracing {
+        sampler: Sampler::from_env(&env),
+        exporter,
+        max_queue,
+        max_batch,
+    };
+    if TRACING.set(tracing).is_ok() {
+        ENABLED.store(true, Ordering::Relaxed);
+        log::info!("tracing on: spans exported to {endpoint}");
+    }
+    Ok(true)
+}
+
+/// How long a process about to exit gives its last spans to leave: a collector that is
+/// away must not hold up the shim's exit (containerd waits for it).
+const EXIT_FLUSH: Duration = Duration::from_secs(1);
+
+/// Exports what is queued (for at most a second) and stops exporting; for a process
+/// about to exit.
+pub fn shutdown() {
+    if let Some(t) = TRACING.get() {
+        ENABLED.store(false, Ordering::Relaxed);
+        if !t.exporter.shutdown(EXIT_FLUSH) {
+            log::warn!("tracing: spans still queued at exit were not all exported");
+        }
+    }
+}
+
+fn tracing() -> Option<&'static Tracing> {
+    if enabled() {
+        TRACING.get()
+    } else {
+        None
+    }
+}
+
+/// Which traces are recorded: `OTEL_TRACES_SAMPLER` (`parentbased_always_on` by default,
+/// `always_on`, `always_off`, `traceidratio`, and their `parentbased_` forms) with
+/// `OTEL_TRACES_SAMPLER_ARG` as the ratio. A span that is not recorded still passes its
+/// context on, unsampled.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Sampler {
+    /// Follow the parent's sampled flag when there is a parent.
+    parent_based: bool,
+    /// For a trace that starts here: record when the trace id's low 63 bits fall under
+    /// this bound (`u64::MAX`: always, 0: never), as OpenTelemetry's ratio sampler does.
+    root_bound: u64,
+}
+
+impl Sampler {
+    fn from_env(env: Env<'_>) -> Sampler {
+        let name = var(env, "OTEL_TRACES_SAMPLER").unwrap_or_default();
+        let ratio = || {
+            let r = var(env, "OTEL_TRACES_SAMPLER_ARG").and_then(|a| a.parse::<f64>().ok());
+            let r = r.filter(|r| (0.0..=1.0).contains(r)).unwrap_or(1.0);
+            if r >= 1.0 {
+                u64::MAX
+            } else {
+                (r * (1u64 << 63) as f64) as u64
+            }
+        };
+        let (parent_based, root_bound) = match name.as_str() {
+            "" | "parentbased_always_on" => (true, u64::MAX),
+            "parentbased_always_off" => (true, 0),
+            "parentbased_traceidratio" => (true, ratio()),
+            "always_on" => (false, u64::MAX),
+            "always_off" => (false, 0),
+            "traceidratio" => (false, ratio()),
+            other => {
+                log::warn!(
+                    "tracing: OTEL_TRACES_SAMPLER={other} is not built in; parentbased_always_on"
+                );
+                (true, u64::MAX)
+            }
+        };
+        Sampler {
+            parent_based,
+            root_bound,
+        }
+    }
+
+    fn sampled(&self, parent: Option<&SpanContext>, trace_id: &[u8; 16]) -> bool {
+        match parent {
+            Some(p) if self.parent_based => p.sampled(),
+            _ => match self.root_bound {
+                u64::MAX => true,
+                0 => false,
+                bound => {
+                    let low: [u8; 8] = trace_id[8..].try_into().unwrap_or_default();
+                    (u64::from_be_bytes(low) >> 1) < bound
+                }
+            },
+        }
+    }
+}
+
+/// A span being recorded: ended once, by whoever holds it last or ends it first.
+struct Recording {
+    cx: SpanContext,
+    parent: Option<Parent>,
+    name: Cow<'static, str>,
+    kind: Kind,
+    start: SystemTime,
+    data: Mutex<Data>,
+}
+
+#[derive(Default)]
+struct Data {
+    attributes: otlp::Attributes,
+    error: Option<String>,
+    ended: bool,
+}
+
+impl Recording {
+    fn new(
+        cx: SpanContext,
+        parent: Option<Parent>,
+        name: Cow<'static, str>,
+        kind: Kind,
+        attributes: otlp::Attributes,
+    ) -> Arc<Recording> {
+        Arc::new(Recording {
+            cx,
+            parent,
+            name,
+            kind,
+            start: SystemTime::now(),
+            data: Mutex::new(Data {
+                attributes,
+                ..Data::default()
+            }),
+        })
+    }
+
+    fn set(&self, key: Cow<'static, str>, value: Value) {
+        let mut d = self.data.lock().unwrap_or_else(PoisonError::into_inner);
+        if !d.ended {
+            d.attributes.retain(|(k, _)| *k != key);
+            d.attributes.push((key, value));
+        }
+    }
+
+    fn end(&self) {
+        let end = SystemTime::now();
+        let (attributes, error) = {
+            let mut d = self.data.lock().unwrap_or_else(PoisonError::into_inner);
+            if std::mem::replace(&mut d.ended, true) {
+                return;
+            }
+            (std::mem::take(&mut d.attributes), d.error.take())
+        };
+        let Some(t) = TRACING.get() else { return };
+        let finished = Finished {
+            trace_id: self.cx.trace_id,
+            span_id: self.cx.span_id,
+            parent: self.parent,
+            state: self.cx.state.clone(),
+            flags: self.cx.flags,
+            name: self.name.clone(),
+            kind: self.kind,
+            start: self.start,
+            end,
+            attributes,
+            error,
+        };
+        t.exporter.push(finished, t.max_queue, t.max_batch);
+    }
+}
+
+/// What is current on a thread: a span's context (recorded or not) and the baggage that
+/// came with the request.
+#[derive(Clone)]
+struct Current {
+    cx: SpanContext,
+    recording: Option<Arc<Recording>>,
+    baggage: Option<Arc<str>>,
+}
+
+thread_local! {
+    static CURRENT: RefCell<Option<Current>> = const { RefCell::new(None) };
+}
+
+fn current() -> Option<Current> {
+    CURRENT.with(|c| c.borrow().clone())
+}
+
+/// Random, non-zero ids: SipHash (std's `RandomState`, keyed from the OS's randomness once
+/// per thread) of a per-thread counter.
+fn random_u64() -> u64 {
+    thread_local! {
+        static KEYS: RandomState = RandomState::new();
+        static COUNTER: Cell<u64> = const { Cell::new(0) };
+    }
+    let n = COUNTER.with(|c| {
+        c.set(c.get().wrapping_add(1));
+        c.get()
+    });
+    KEYS.with(|k| k.hash_one(n)).max(1)
+}
+
+fn new_span_id() -> [u8; 8] {
+    random_u64().to_be_bytes()
+}
+
+fn new_trace_id() -> [u8; 16] {
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&random_u64().to_be_bytes());
+    id[8..].copy_from_slice(&random_u64().to_be_bytes());
+    id
+}
+
+/// The span of one ttrpc request the shim serves: a child of the caller's context (from
+/// the request's metadata), ended with the status the request was answered with.
+pub struct RpcSpan(Current);
+
+impl RpcSpan {
+    /// A server span for `/service/method`, or `None` when tracing is off.
+    pub fn start(service: &str, method: &str, metadata: &[Metadata]) -> Option<RpcSpan> {
+        let t = tracing()?;
+        let incoming = w3c::extract(metadata);
+        let parent = incoming.parent.as_ref();
+        let trace_id = parent.map_or_else(new_trace_id, |p| p.trace_id);
+        let sampled = t.sampler.sampled(parent, &trace_id);
+        let cx = SpanContext {
+            trace_id,
+            span_id: new_span_id(),
+            flags: if sampled { w3c::SAMPLED } else { 0 },
+            state: parent.and_then(|p| p.state.clone()),
+        };
+        let recording = sampled.then(|| {
+            Recording::new(
+                cx.clone(),
+                parent.map(|p| Parent {
+                    span_id: p.span_id,
+                    remote: true,
+                }),
+                Cow::Owned(format!("{service}/{method}")),
+                Kind::Server,
+                vec![
+                    ("rpc.system".into(), "ttrpc".into()),
+                    ("rpc.service".into(), service.to_string().into()),
+                    ("rpc.method".into(), method.to_string().into()),
+                ],
+            )
+        });
+        Some(RpcSpan(Current {
+            cx,
+            recording,
+            baggage: incoming.baggage,
+        }))
+    }
+
+    /// The span as a context to enter on the thread that handles the request: the spans
+    /// and calls made there are its children.
+    pub fn carried(&self) -> Carried {
+        Carried(Some(self.0.clone()))
+    }
+
+    /// Ends the span with the request's answer: `code` and, when not OK, its message.
+    pub fn end(self, code: Code, message: &str) {
+        if let Some(r) = &self.0.recording {
+            r.set("rpc.grpc.status_code".into(), (code as i64).into());
+            if code != Code::OK {
+                r.data.lock().unwrap_or_else(PoisonError::into_inner).error =
+                    Some(message.to_string());
+            }
+        }
+    }
+}
+
+impl Drop for RpcSpan {
+    fn drop(&mut self) {
+        if let Some(r) = &self.0.recording {
+            r.end();
+        }
+    }
+}
+
+/// A span for a piece of work inside the current one; it ends when dropped. The default
+/// is no span.
+#[derive(Default)]
+#[must_use = "the span ends when dropped"]
+pub struct Span(Option<Arc<Recording>>);
+
+impl Drop for Span {
+    fn drop(&mut self) {
+        if let Some(r) = self.0.take() {
+            r.end();
+        }
+    }
+}
+
+impl Span {
+    /// Adds an attribute (a no-op when tracing is off).
+    pub fn attribute(&self, key: &'static str, value: impl Into<Value>) {
+        if let Some(r) = &self.0 {
+            r.set(key.into(), value.into());
+        }
+    }
+}
+
+/// A child of the current span named `name` (`runc create`), for work that takes time.
+/// Only within a recorded request: with no current span it makes none.
+pub fn span(name: impl Into<Cow<'static, str>>) -> Span {
+    if tracing().is_none() {
+        return Span(None);
+    }
+    let Some(Current {
+        cx,
+        recording: Some(parent),
+        ..
+    }) = current()
+    else {
+        return Span(None);
+    };
+    let child = SpanContext {
+        span_id: new_span_id(),
+        ..cx
+    };
+    let parent = Parent {
+        span_id: parent.cx.span_id,
+        remote: false,
+    };
+    Span(Some(Recording::new(
+        child,
+        Some(parent),
+        name.into(),
+        Kind::Internal,
+        Vec::new(),
+    )))
+}
+
+/// Sets an attribute on the current span, if there is one.
+pub fn annotate(key: &'static str, value: impl Into<Value>) {
+    if tracing().is_some() {
+        if let Some(r) = current().and_then(|c| c.recording) {
+            r.set(key.into(), value.into());
+        }
+    }
+}
+
+/// The current context, to carry to another thread (a queued event's sender).
+#[derive(Clone, Default)]
+pub struct Carried(Option<Current>);
+
+impl Carried {
+    /// What is current on this thread (nothing when tracing is off or no span is).
+    pub fn current() -> Carried {
+        if !enabled() {
+            return Carried(None);
+        }
+        Carried(current())
+    }
+
+    /// Makes it current on this thread until the guard drops.
+    pub fn enter(&self) -> Entered {
+        let Some(cx) = &self.0 else {
+            return Entered(None);
+        };
+        let before = CURRENT.with(|c| c.replace(Some(cx.clone())));
+        Entered(Some(before))
+    }
+}
+
+/// What [`Carried::enter`] replaced, put back when dropped.
+pub struct Entered(Option<Option<Current>>);
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        if let Some(before) = self.0.take() {
+            CURRENT.with(|c| *c.borrow_mut() = before);
+        }
+    }
+}
+
+/// Adds the current context (`traceparent`, ...) to an outgoing request's metadata.
+pub fn inject(metadata: &mut Vec<Metadata>) {
+    if tracing().is_none() {
+        return;
+    }
+    if let Some(c) = current() {
+        w3c::inject(&c.cx, c.baggage.as_deref(), metadata);
+    }
+}
+
+/// The current trace's id (32 hex digits), for log lines.
+pub fn trace_id() -> Option<String> {
+    tracing()?;
+    current().map(|c| w3c::hex(&c.cx.trace_id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let m: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| m.get(k).cloned()
+    }
+
+    #[test]
+    fn tracing_is_on_only_with_an_endpoint_and_not_disabled() {
+        let ep = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318");
+        assert_eq!(off_because(&env(&[ep])), None);
+        let traces = (
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "http://h:4318/v1/traces",
+        );
+        assert_eq!(off_because(&env(&[traces])), None);
+        let said = |vars: &[(&str, &str)]| off_because(&env(vars)).unwrap_or_default();
+        assert!(said(&[]).contains("no OTLP endpoint"));
+        assert!(said(&[("OTEL_EXPORTER_OTLP_ENDPOINT", " ")]).contains("no OTLP endpoint"));
+        assert!(said(&[ep, ("OTEL_SDK_DISABLED", "TRUE")]).contains("OTEL_SDK_DISABLED"));
+        assert_eq!(
+            off_because(&env(&[ep, ("OTEL_SDK_DISABLED", "false")])),
+            None
+        );
+        assert!(said(&[ep, ("OTEL_TRACES_EXPORTER", "none")]).contains("none"));
+        let grpc = ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc");
+        assert!(said(&[ep, grpc]).contains("grpc is not built in"));
+        let http = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf");
+        assert_eq!(off_because(&env(&[ep, grpc, http])), None);
+    }
+
+    #[test]
+    fn the_service_is_named_after_the_shim_unless_set_for_it() {
+        let name = |vars: &[(&str, &str)]| service_name(&env(vars), "containerd-shim-runc-v2");
+        assert_eq!(name(&[]), "containerd-shim-runc-v2");
+        assert_eq!(
+            name(&[("OTEL_SERVICE_NAME", "containerd")]),
+            "containerd-shim-runc-v2"
+        );
+        assert_eq!(name(&[("OTEL_SERVICE_NAME", "node-shims")]), "node-shims");
+    }
+
+    #[test]
+    fn the_exporter_reads_the_standard_settings() {
+        let c = config(
+            &env(&[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318"),
+                ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "api-key=s3cret"),
+                ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
+                ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+                ("OTEL_BSP_MAX_QUEUE_SIZE", "100"),
+                (
+                    "OTEL_RESOURCE_ATTRIBUTES",
+                    "k8s.node.name=n1,service.name=x",
+                ),
+            ]),
+            "containerd-shim-runc-v2",
+        )
+        .unwrap();
+        assert_eq!(c.endpoint.authority, "collector:4318");
+        assert_eq!(c.endpoint.path, "/v1/traces");
+        assert_eq!(c.headers, [("api-key".to_string(), "s3cret".to_string())]);
+        assert_eq!(
+            (c.timeout, c.delay, c.max_queue, c.max_batch),
+            (
+                Duration::from_millis(2500),
+                Duration::from_millis(200),
+                100,
+                100
+            )
+        );
+        let attr = |k: &str| c.resource.iter().find(|(key, _)| key == k).map(|(_, v)| v);
+        assert_eq!(attr("k8s.node.name"), Some(&Value::from("n1")));
+        assert_eq!(
+            attr("service.name"),
+            Some(&Value::from("containerd-shim-runc-v2"))
+        );
+        let https = env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://c:4318")]);
+        assert!(config(&https, "s").unwrap_err().contains("https"));
+    }
+
+    #[test]
+    fn the_sampler_follows_the_parent_and_its_ratio() {
+        let sampler = |name: &str, arg: &str| {
+            Sampler::from_env(&env(&[
+                ("OTEL_TRACES_SAMPLER", name),
+                ("OTEL_TRACES_SAMPLER_ARG", arg),
+            ]))
+        };
+        let parent = |sampled: bool| SpanContext {
+            trace_id: [1; 16],
+            span_id: [2; 8],
+            flags: u8::from(sampled),
+            state: None,
+        };
+        let default = Sampler::from_env(&env(&[]));
+        assert!(default.sampled(None, &[7; 16]));
+        assert!(default.sampled(Some(&parent(true)), &[1; 16]));
+        assert!(!default.sampled(Some(&parent(false)), &[1; 16]));
+        assert!(!sampler("always_off", "").sampled(Some(&parent(true)), &[1; 16]));
+        assert!(sampler("always_on", "").sampled(Some(&parent(false)), &[1; 16]));
+        let half = sampler("traceidratio", "0.5");
+        let mut low = [0u8; 16];
+        low[8] = 0x10;
+        let mut high = [0u8; 16];
+        high[8] = 0xf0;
+        assert!(half.sampled(None, &low) && !half.sampled(None, &high));
+        assert_eq!(sampler("jaeger_remote", ""), default);
+    }
+
+    #[test]
+    fn ids_are_random_and_not_zero() {
+        let a = new_trace_id();
+        let b = new_trace_id();
+        assert!(a != b && a != [0; 16] && new_span_id() != new_span_id());
+    }
+
+    #[test]
+    fn with_tracing_off_nothing_is_made() {
+        assert!(RpcSpan::start("s", "m", &[]).is_none());
+        let s = span("runc create");
+        assert!(s.0.is_none(), "no span, so nothing to enter");
+        let mut md = Vec::new();
+        inject(&mut md);
+        assert!(md.is_empty() && trace_id().is_none() && Carried::current().0.is_none());
+    }
+}
