@@ -156,7 +156,12 @@ pub fn tree(spans: &[Span]) -> String {
             } else {
                 ("├─ ", "│  ")
             };
-            out.push_str(&format!("{prefix}{branch}{}\n", label(c)));
+            // A child in another service (a guest agent's) names it, as a root does.
+            let service = match c.service == s.service {
+                true => String::new(),
+                false => format!("  ({})", c.service),
+            };
+            out.push_str(&format!("{prefix}{branch}{}{service}\n", label(c)));
             walk(spans, c, &format!("{prefix}{more}"), out);
         }
     }

@@ -203,23 +203,28 @@ fn task_calls_join_the_callers_trace_with_runtime_commands_and_events_under_them
         "NOT_FOUND"
     );
 
-    // The events carry the context of the call that caused them.
+    // The events carry the context of the call that caused them: each is forwarded in a
+    // client span under that call.
     let events = pg.events.events();
-    let traceparent = |topic: &str| {
-        events
+    let forwarded_under = |topic: &str, call: &Span| {
+        let traceparent = events
             .iter()
             .find(|e| e.topic == topic)
             .and_then(|e| e.traceparent.clone())
-            .unwrap_or_else(|| panic!("{topic} without traceparent: {events:#?}"))
+            .unwrap_or_else(|| panic!("{topic} without traceparent: {events:#?}"));
+        let parts: Vec<&str> = traceparent.split('-').collect();
+        assert_eq!((parts[1], parts[3]), (TRACE, "01"), "{traceparent}");
+        let forward = spans
+            .iter()
+            .find(|s| s.span_id == parts[2])
+            .unwrap_or_else(|| panic!("{topic}: no span {traceparent} among {spans:#?}"));
+        assert!(forward.name.ends_with("/Forward"), "{forward:#?}");
+        assert_eq!(forward.kind, 3, "a client span: {forward:#?}");
+        assert_eq!(forward.parent_span_id, call.span_id, "{forward:#?}");
+        assert_eq!(forward.attribute("rpc.grpc.status_code"), Some("0"));
     };
-    assert_eq!(
-        traceparent("/tasks/create"),
-        format!("00-{TRACE}-{}-01", create.span_id)
-    );
-    assert_eq!(
-        traceparent("/tasks/start"),
-        format!("00-{TRACE}-{}-01", start.span_id)
-    );
+    forwarded_under("/tasks/create", create);
+    forwarded_under("/tasks/start", start);
 }
 
 #[test]

@@ -815,3 +815,60 @@ fn over_vsock_an_agent_that_does_not_answer_in_time_is_a_clear_error_and_leaves_
 fn a_channel_the_shim_does_not_know_is_refused_naming_both() {
     refused_with("Channel = \"tcp\"\n", &["virtio-serial", "vsock"]);
 }
+
+/// A traced call crosses into the VM: the host's `Create` span has the call to the guest
+/// agent as a client span, the agent's own `Create` is its child (in the agent's service),
+/// and the guest runtime's `create` is under that. The agent's spans reach the host with
+/// the guest's events and leave with the host's, to the receiver containerd's environment
+/// names. (containerd 1.6 sends no trace context: the host's calls are root spans.)
+#[test]
+fn a_traced_call_crosses_into_the_guest_agent() {
+    integration::require_root();
+    let receiver = integration::otlp::Receiver::start().unwrap();
+    let c = Containerd::builder()
+        .bin_dir(integration::target_bin_dir())
+        .otlp_endpoint(receiver.endpoint())
+        .start()
+        .expect("start containerd");
+    c.import_busybox().expect("import busybox image");
+    let id = unique_id("vm-traced");
+    let out = run(&c, &id, &["true"]);
+    assert!(out.success(), "{out:?}\n{}", c.log_tail(60));
+    const CREATE: &str = "containerd.task.v2.Task/Create";
+    let find = |spans: &[integration::otlp::Span], service: &str, kind: i32, name: &str| {
+        spans
+            .iter()
+            .find(|s| s.service == service && s.kind == kind && s.name == name)
+            .cloned()
+    };
+    let (host, agent) = ("containerd-shim-vm-v2", "shim-vm-agent");
+    let complete = || {
+        let spans = receiver.spans();
+        find(&spans, agent, 2, CREATE).is_some()
+            && spans
+                .iter()
+                .any(|s| s.service == agent && s.name.ends_with(" create"))
+    };
+    let arrived = wait_until(LONG, complete);
+    let spans = receiver.spans();
+    assert!(
+        arrived,
+        "the agent's spans did not arrive:\n{}",
+        integration::otlp::tree(&spans)
+    );
+    eprintln!("{}", integration::otlp::tree(&spans));
+    let server = find(&spans, host, 2, CREATE).expect("the host's Create");
+    let client = find(&spans, host, 3, CREATE).expect("the host's call to the agent");
+    let in_guest = find(&spans, agent, 2, CREATE).expect("the agent's Create");
+    let runtime = spans
+        .iter()
+        .find(|s| s.service == agent && s.name.ends_with(" create"))
+        .expect("the guest runtime's create");
+    assert_eq!(client.parent_span_id, server.span_id, "{client:#?}");
+    assert_eq!(in_guest.parent_span_id, client.span_id, "{in_guest:#?}");
+    assert_eq!(runtime.parent_span_id, in_guest.span_id, "{runtime:#?}");
+    for s in [&client, &in_guest, runtime] {
+        assert_eq!(s.trace_id, server.trace_id, "one trace: {s:#?}");
+    }
+    assert_eq!(in_guest.attribute("rpc.grpc.status_code"), Some("0"));
+}

@@ -135,7 +135,11 @@ impl Pod {
         }
         *s = State::Booting;
         drop(s);
-        let booted = size().and_then(|size| self.boot(options, size, netns));
+        let booted = {
+            let span = shim_common::trace::span("vm boot");
+            let _current = span.enter();
+            size().and_then(|size| self.boot(options, size, netns))
+        };
         let mut s = lock(&self.state);
         let res = match booted {
             Ok(running) => {
@@ -376,6 +380,7 @@ impl Pod {
                     self.exits.oom_killed(&oom.container_id);
                 }
             }
+            shim_common::trace::SPANS_TOPIC => shim_common::trace::forward(any),
             _ => {}
         }
     }

@@ -158,8 +158,26 @@ impl Client {
         req: &impl protobuf::Message,
         timeout: Duration,
     ) -> Result<Vec<u8>> {
+        // Within a traced request, the call is a client span, and carries it along (a
+        // guest agent's span joins it).
+        let span = crate::trace::client_span(service, method);
+        let _current = span.enter();
+        let res = self.call_untraced(service, method, req, timeout);
+        match &res {
+            Ok(_) => span.outcome(Code::OK, ""),
+            Err(e) => span.outcome(e.code(), &e.to_string()),
+        }
+        res
+    }
+
+    fn call_untraced(
+        &self,
+        service: &str,
+        method: &str,
+        req: &impl protobuf::Message,
+        timeout: Duration,
+    ) -> Result<Vec<u8>> {
         let what = format!("/{service}/{method}");
-        // The caller's trace goes along (a guest agent's span joins it).
         let mut metadata = Vec::new();
         crate::trace::inject(&mut metadata);
         let request = Request {

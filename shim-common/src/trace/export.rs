@@ -88,6 +88,9 @@ struct Shared {
 #[derive(Default)]
 struct Queue {
     spans: Vec<Finished>,
+    /// Export requests encoded elsewhere (a guest agent's), sent with the next batch:
+    /// protobuf messages concatenated are one message with their repeated fields joined.
+    encoded: Vec<Vec<u8>>,
     dropped: u64,
     stopping: bool,
 }
@@ -131,6 +134,16 @@ impl Exporter {
         }
     }
 
+    /// Queues an export request encoded elsewhere, to go with the next batch.
+    pub fn push_encoded(&self, request: Vec<u8>, max_queue: usize) {
+        let mut q = lock(&self.shared.queue);
+        if q.stopping || q.encoded.len() >= max_queue {
+            q.dropped += 1;
+            return;
+        }
+        q.encoded.push(request);
+    }
+
     /// Sends what is queued and stops; waits for that at most `wait`.
     pub fn shutdown(&self, wait: Duration) -> bool {
         lock(&self.shared.queue).stopping = true;
@@ -143,9 +156,8 @@ impl Exporter {
 /// The exporting thread: a batch when one is full, when the oldest span has waited the
 /// schedule delay, or when stopping; until stopped with nothing left.
 fn run(shared: &Shared, config: &Config) {
-    let scope = ("containerd-shim", env!("CARGO_PKG_VERSION"));
     loop {
-        let (batch, dropped, stopping) = {
+        let (batch, encoded, dropped, stopping) = {
             let q = lock(&shared.queue);
             let (mut q, _) = shared
                 .wake
@@ -155,15 +167,21 @@ fn run(shared: &Shared, config: &Config) {
                 .unwrap_or_else(PoisonError::into_inner);
             let n = q.spans.len().min(config.max_batch);
             let batch: Vec<Finished> = q.spans.drain(..n).collect();
-            (batch, std::mem::take(&mut q.dropped), q.stopping)
+            let encoded = std::mem::take(&mut q.encoded);
+            (batch, encoded, std::mem::take(&mut q.dropped), q.stopping)
         };
         if dropped > 0 {
             log::warn!("tracing: {dropped} spans dropped (export queue full)");
         }
-        if !batch.is_empty() {
-            let body = otlp::encode(&config.resource, scope, &batch);
+        if !batch.is_empty() || !encoded.is_empty() {
+            let mut body = match batch.is_empty() {
+                true => Vec::new(),
+                false => otlp::encode(&config.resource, super::SCOPE, &batch),
+            };
+            encoded.iter().for_each(|e| body.extend_from_slice(e));
             if let Err(e) = post(config, &body) {
-                log::warn!("tracing: {} spans not exported: {e}", batch.len());
+                let n = batch.len() + encoded.len();
+                log::warn!("tracing: an export of {n} spans or span batches failed: {e}");
             }
         }
         if stopping && lock(&shared.queue).spans.is_empty() {

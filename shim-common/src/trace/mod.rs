@@ -27,9 +27,11 @@ use std::time::{Duration, SystemTime};
 use ttrpc::proto::{Code, KeyValue as Metadata};
 
 use crate::error::{Error, Result};
+use crate::events::Publisher;
 use export::{Config, Endpoint, Exporter};
 pub use otlp::Value;
 use otlp::{Finished, Kind, Parent};
+use protobuf::well_known_types::any::Any;
 use w3c::SpanContext;
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
@@ -37,10 +39,31 @@ static TRACING: OnceLock<Tracing> = OnceLock::new();
 
 struct Tracing {
     sampler: Sampler,
-    exporter: Exporter,
-    max_queue: usize,
-    max_batch: usize,
+    sink: Sink,
 }
+
+/// Where ended spans go.
+enum Sink {
+    /// To an OTLP collector, from the exporter's thread.
+    Export {
+        exporter: Exporter,
+        max_queue: usize,
+        max_batch: usize,
+    },
+    /// To the peer that fetches this process's events (a guest agent's host), one span
+    /// per event, each an OTLP export request of its own that the peer sends on with its
+    /// own ([`forward`]).
+    Peer {
+        publisher: Arc<dyn Publisher>,
+        resource: otlp::Attributes,
+    },
+}
+
+/// The topic of the events that carry a guest agent's spans to its host.
+pub const SPANS_TOPIC: &str = "/containerd.shim.sdk.v1/spans";
+
+/// The type of those events' payload: an OTLP export request, protobuf.
+pub const SPANS_TYPE: &str = "opentelemetry.proto.collector.trace.v1.ExportTraceServiceRequest";
 
 /// Whether spans are being made and exported.
 pub fn enabled() -> bool {
@@ -167,18 +190,70 @@ pub fn init(shim: &str) -> Result<bool> {
     );
     let exporter = Exporter::start(config)
         .map_err(|e| Error::Runtime(format!("tracing: start the exporter thread: {e}")))?;
-    let tracing = Tracing {
-        sampler: Sampler::from_env(&env),
+    let sink = Sink::Export {
         exporter,
         max_queue,
         max_batch,
     };
-    if TRACING.set(tracing).is_ok() {
-        ENABLED.store(true, Ordering::Relaxed);
+    if turn_on(Sampler::from_env(&env), sink) {
         log::info!("tracing on: spans exported to {endpoint}");
     }
     Ok(true)
 }
+
+/// Tracing for a process whose spans go to the peer that fetches its events (a guest
+/// agent, whose host exports them): `publisher` carries them as [`SPANS_TOPIC`] events.
+/// Only requests that come with a sampled trace context are recorded, so a host that does
+/// not trace costs the agent nothing but the check; `name` is the spans' service name.
+pub fn init_peer(name: &str, publisher: Arc<dyn Publisher>) {
+    let resource = vec![
+        ("service.name".into(), name.to_string().into()),
+        ("process.pid".into(), i64::from(std::process::id()).into()),
+        ("telemetry.sdk.language".into(), "rust".into()),
+    ];
+    let sampler = Sampler {
+        parent_based: true,
+        root_bound: 0,
+    };
+    turn_on(
+        sampler,
+        Sink::Peer {
+            publisher,
+            resource,
+        },
+    );
+}
+
+fn turn_on(sampler: Sampler, sink: Sink) -> bool {
+    let on = TRACING.set(Tracing { sampler, sink }).is_ok();
+    if on {
+        ENABLED.store(true, Ordering::Relaxed);
+    }
+    on
+}
+
+/// Sends on an OTLP export request that a peer's [`SPANS_TOPIC`] event carried (the spans
+/// of a guest agent) with this process's own spans. Not an event of that type, or tracing
+/// off here: nothing.
+pub fn forward(event: &Any) {
+    if event.type_url != SPANS_TYPE {
+        return;
+    }
+    if let Some(Tracing {
+        sink: Sink::Export {
+            exporter,
+            max_queue,
+            ..
+        },
+        ..
+    }) = tracing()
+    {
+        exporter.push_encoded(event.value.clone(), *max_queue);
+    }
+}
+
+/// The instrumentation scope of every span: the SDK, at its version.
+const SCOPE: (&str, &str) = ("containerd-shim", env!("CARGO_PKG_VERSION"));
 
 /// How long a process about to exit gives its last spans to leave: a collector that is
 /// away must not hold up the shim's exit (containerd waits for it).
@@ -187,9 +262,13 @@ const EXIT_FLUSH: Duration = Duration::from_secs(1);
 /// Exports what is queued (for at most a second) and stops exporting; for a process
 /// about to exit.
 pub fn shutdown() {
-    if let Some(t) = TRACING.get() {
+    if let Some(Tracing {
+        sink: Sink::Export { exporter, .. },
+        ..
+    }) = TRACING.get()
+    {
         ENABLED.store(false, Ordering::Relaxed);
-        if !t.exporter.shutdown(EXIT_FLUSH) {
+        if !exporter.shutdown(EXIT_FLUSH) {
             log::warn!("tracing: spans still queued at exit were not all exported");
         }
     }
@@ -332,7 +411,25 @@ impl Recording {
             attributes,
             error,
         };
-        t.exporter.push(finished, t.max_queue, t.max_batch);
+        match &t.sink {
+            Sink::Export {
+                exporter,
+                max_queue,
+                max_batch,
+            } => exporter.push(finished, *max_queue, *max_batch),
+            Sink::Peer {
+                publisher,
+                resource,
+            } => {
+                let value = otlp::encode(resource, SCOPE, std::slice::from_ref(&finished));
+                let event = Any {
+                    type_url: SPANS_TYPE.into(),
+                    value,
+                    ..Default::default()
+                };
+                publisher.publish(SPANS_TOPIC, event);
+            }
+        }
     }
 }
 
@@ -343,6 +440,9 @@ struct Current {
     cx: SpanContext,
     recording: Option<Arc<Recording>>,
     baggage: Option<Arc<str>>,
+    /// The trace is the caller's (not one made up here and left unrecorded): its id is
+    /// worth a log line.
+    joined: bool,
 }
 
 thread_local! {
@@ -405,15 +505,12 @@ impl RpcSpan {
                 }),
                 Cow::Owned(format!("{service}/{method}")),
                 Kind::Server,
-                vec![
-                    ("rpc.system".into(), "ttrpc".into()),
-                    ("rpc.service".into(), service.to_string().into()),
-                    ("rpc.method".into(), method.to_string().into()),
-                ],
+                rpc_attributes(service, method),
             )
         });
         Some(RpcSpan(Current {
             cx,
+            joined: parent.is_some() || recording.is_some(),
             recording,
             baggage: incoming.baggage,
         }))
@@ -449,11 +546,11 @@ impl Drop for RpcSpan {
 /// is no span.
 #[derive(Default)]
 #[must_use = "the span ends when dropped"]
-pub struct Span(Option<Arc<Recording>>);
+pub struct Span(Option<Current>);
 
 impl Drop for Span {
     fn drop(&mut self) {
-        if let Some(r) = self.0.take() {
+        if let Some(r) = self.0.take().and_then(|c| c.recording) {
             r.end();
         }
     }
@@ -462,41 +559,85 @@ impl Drop for Span {
 impl Span {
     /// Adds an attribute (a no-op when tracing is off).
     pub fn attribute(&self, key: &'static str, value: impl Into<Value>) {
-        if let Some(r) = &self.0 {
+        if let Some(r) = self.recording() {
             r.set(key.into(), value.into());
         }
+    }
+
+    /// Makes this span current on this thread until the guard drops: spans and calls made
+    /// meanwhile are its children.
+    pub fn enter(&self) -> Entered {
+        Carried(self.0.clone()).enter()
+    }
+
+    /// Records how the call this span stands for was answered: `code`, and when not OK
+    /// its message as the span's error.
+    pub fn outcome(&self, code: Code, message: &str) {
+        if let Some(r) = self.recording() {
+            r.set("rpc.grpc.status_code".into(), (code as i64).into());
+            if code != Code::OK {
+                r.data.lock().unwrap_or_else(PoisonError::into_inner).error =
+                    Some(message.to_string());
+            }
+        }
+    }
+
+    fn recording(&self) -> Option<&Arc<Recording>> {
+        self.0.as_ref().and_then(|c| c.recording.as_ref())
     }
 }
 
 /// A child of the current span named `name` (`runc create`), for work that takes time.
 /// Only within a recorded request: with no current span it makes none.
 pub fn span(name: impl Into<Cow<'static, str>>) -> Span {
+    child(name.into(), Kind::Internal, Vec::new())
+}
+
+/// The client span of a ttrpc call this process makes (`/service/method`), within a
+/// recorded request; entered while the call is made, its context is what the call carries.
+pub fn client_span(service: &str, method: &str) -> Span {
     if tracing().is_none() {
         return Span(None);
     }
-    let Some(Current {
-        cx,
-        recording: Some(parent),
-        ..
-    }) = current()
-    else {
+    child(
+        Cow::Owned(format!("{service}/{method}")),
+        Kind::Client,
+        rpc_attributes(service, method),
+    )
+}
+
+fn rpc_attributes(service: &str, method: &str) -> otlp::Attributes {
+    vec![
+        ("rpc.system".into(), "ttrpc".into()),
+        ("rpc.service".into(), service.to_string().into()),
+        ("rpc.method".into(), method.to_string().into()),
+    ]
+}
+
+fn child(name: Cow<'static, str>, kind: Kind, attributes: otlp::Attributes) -> Span {
+    if tracing().is_none() {
+        return Span(None);
+    }
+    let Some(current) = current() else {
         return Span(None);
     };
-    let child = SpanContext {
+    let Some(parent) = &current.recording else {
+        return Span(None);
+    };
+    let cx = SpanContext {
         span_id: new_span_id(),
-        ..cx
+        ..current.cx.clone()
     };
     let parent = Parent {
         span_id: parent.cx.span_id,
         remote: false,
     };
-    Span(Some(Recording::new(
-        child,
-        Some(parent),
-        name.into(),
-        Kind::Internal,
-        Vec::new(),
-    )))
+    let recording = Recording::new(cx.clone(), Some(parent), name, kind, attributes);
+    Span(Some(Current {
+        cx,
+        recording: Some(recording),
+        ..current
+    }))
 }
 
 /// Sets an attribute on the current span, if there is one.
@@ -555,7 +696,9 @@ pub fn inject(metadata: &mut Vec<Metadata>) {
 /// The current trace's id (32 hex digits), for log lines.
 pub fn trace_id() -> Option<String> {
     tracing()?;
-    current().map(|c| w3c::hex(&c.cx.trace_id))
+    current()
+        .filter(|c| c.joined)
+        .map(|c| w3c::hex(&c.cx.trace_id))
 }
 
 #[cfg(test)]

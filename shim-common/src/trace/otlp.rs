@@ -51,6 +51,7 @@ pub(super) type Attributes = Vec<(Cow<'static, str>, Value)>;
 pub(super) enum Kind {
     Internal = 1,
     Server = 2,
+    Client = 3,
 }
 
 /// A span that has ended, waiting to be exported.

@@ -110,6 +110,9 @@ pub fn run() -> Result<()> {
         exits: Default::default(),
     };
     let events = PeerEvents::new(&ctx.namespace);
+    // Calls the host makes within a traced request are recorded here; their spans reach
+    // the host with the events, and leave with the host's.
+    shim_common::trace::init_peer("shim-vm-agent", events.clone());
     let mut methods = events.methods();
     methods.extend(stdio::Streams::new(Path::new(STDIO_DIR)).methods());
     let connections = Arc::new(AtomicU64::new(0));
