@@ -53,7 +53,12 @@ fn runc_playground(prefix: &str, env: &[(&str, &str)]) -> Playground {
 /// A container's whole life through the daemon, every call carrying our `traceparent`;
 /// returns once the daemon has exited (its spans flushed on the way out).
 fn traced_lifecycle(pg: &Playground) {
-    let out = pg.run_start(&pg.start_stdin(None)).unwrap();
+    traced_lifecycle_with(pg, None)
+}
+
+/// [`traced_lifecycle`], with `options` on `start`'s stdin.
+fn traced_lifecycle_with(pg: &Playground, options: Option<&protobuf::well_known_types::any::Any>) {
+    let out = pg.run_start(&pg.start_stdin(options)).unwrap();
     assert!(out.success, "start: {}", out.stderr);
     let answer = parse_answer(pg.generation, &out.stdout).unwrap();
     pg.set_address(&answer.address);
@@ -259,6 +264,34 @@ fn a_collector_that_is_not_there_costs_the_shim_nothing() {
         .events
         .topics(&pg.id)
         .contains(&"/tasks/exit".to_string()));
+}
+
+/// A CRI runtime handler's options can turn tracing on for its shims (a `Tracing` table of
+/// `OTEL_*` variables, over containerd's environment): `start` reads them from its stdin
+/// and hands them to the daemon it spawns.
+#[test]
+fn the_runtime_options_can_turn_tracing_on() {
+    let receiver = Receiver::start().unwrap();
+    let pg = runc_playground("optstraced", &[]);
+    let body = format!(
+        "[Tracing]\nOTEL_EXPORTER_OTLP_ENDPOINT = {:?}\nOTEL_SERVICE_NAME = \"node-shims\"\n",
+        receiver.endpoint()
+    );
+    let options = protocol::pack(&protocol::runtimeoptions::Options {
+        config_body: body.into_bytes(),
+        ..Default::default()
+    })
+    .unwrap();
+    traced_lifecycle_with(&pg, Some(&options));
+    let create = format!("{V3}/Create");
+    let spans = receiver.wait_for(&[&create, "runc create"], Duration::from_secs(10));
+    let create = named(&spans, &create);
+    assert_eq!(create.service, "node-shims");
+    assert_eq!(
+        (create.trace_id.as_str(), create.parent_span_id.as_str()),
+        (TRACE, PARENT)
+    );
+    assert_eq!(named(&spans, "runc create").parent_span_id, create.span_id);
 }
 
 /// What containerd 1.6 gives a shim to trace with: its environment (the shim inherits

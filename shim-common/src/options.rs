@@ -113,25 +113,93 @@ fn from_cri<O: RuntimeOptions>(cri: &CriOptions, own: &str) -> Result<O> {
             cri.type_url
         )));
     }
-    let (text, origin) = if cri.config_path.is_empty() {
+    let (text, origin) = cri_text(cri)?;
+    from_toml(&text).map_err(|e| Error::InvalidArgument(format!("runtime options {origin}: {e}")))
+}
+
+/// A CRI handler's options TOML, and where it came from.
+fn cri_text(cri: &CriOptions) -> Result<(String, String)> {
+    if cri.config_path.is_empty() {
         let body = std::str::from_utf8(&cri.config_body).map_err(|e| {
             Error::InvalidArgument(format!("runtime options config_body is not UTF-8: {e}"))
         })?;
-        (body.to_string(), "config_body".to_string())
+        Ok((body.to_string(), "config_body".to_string()))
     } else {
         let text = fs::read_to_string(&cri.config_path)
             .with_context(|| format!("read runtime options config_path {}", cri.config_path))?;
-        (text, format!("config_path {}", cri.config_path))
+        Ok((text, format!("config_path {}", cri.config_path)))
+    }
+}
+
+/// The SDK's own key of a CRI handler's options, which every shim reads: `Tracing`, a table
+/// of `OTEL_*` variables for the shim's daemon, over what it inherits from containerd's
+/// environment (see [`crate::trace`]). Read by `start`, so the first container of a group
+/// sets them for its daemon.
+const TRACING_KEY: &str = "tracing";
+
+/// The `Tracing` table of `any`'s CRI options as environment variables; none for options of
+/// another form or without it.
+pub fn tracing_env(any: Option<&Any>) -> Result<Vec<(String, String)>> {
+    let Some(any) = any.filter(|a| a.type_url.rsplit('/').next() == Some(RUNTIME_OPTIONS)) else {
+        return Ok(Vec::new());
     };
-    from_toml(&text).map_err(|e| Error::InvalidArgument(format!("runtime options {origin}: {e}")))
+    let cri =
+        CriOptions::parse_from_bytes(&any.value).context("decode runtimeoptions.v1.Options")?;
+    let (text, origin) = cri_text(&cri)?;
+    let bad = |e: String| Error::InvalidArgument(format!("runtime options {origin}: {e}"));
+    let table: toml::Table =
+        toml::from_str(&text).map_err(|e| bad(format!("malformed TOML: {e}")))?;
+    match table.iter().find(|(k, _)| key_name(k) == TRACING_KEY) {
+        Some((key, value)) => tracing_vars(value).map_err(|e| bad(format!("{key}: {e}"))),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// `Tracing`'s entries: `OTEL_*` names with string (or number, or boolean) values.
+fn tracing_vars(value: &Toml) -> std::result::Result<Vec<(String, String)>, String> {
+    let table = value.as_table().ok_or_else(|| {
+        format!(
+            "must be a table of OTEL_* variables, not {}",
+            value.type_str()
+        )
+    })?;
+    let mut vars = Vec::new();
+    for (name, v) in table {
+        if !name.starts_with("OTEL_") {
+            return Err(format!("{name}: only OTEL_* variables are read here"));
+        }
+        let v = match v {
+            Toml::String(s) => s.clone(),
+            Toml::Integer(i) => i.to_string(),
+            Toml::Float(f) => f.to_string(),
+            Toml::Boolean(b) => b.to_string(),
+            other => {
+                return Err(format!(
+                    "{name}: must be a string, not {}",
+                    other.type_str()
+                ))
+            }
+        };
+        vars.push((name.clone(), v));
+    }
+    Ok(vars)
+}
+
+/// Go's TOML decoders match field names case-insensitively; snake_case is the proto name.
+fn key_name(key: &str) -> String {
+    key.to_ascii_lowercase().replace('_', "")
 }
 
 fn from_toml<O: RuntimeOptions>(text: &str) -> std::result::Result<O, String> {
     let table: toml::Table = toml::from_str(text).map_err(|e| format!("malformed TOML: {e}"))?;
     let mut options = O::default();
     for (key, value) in &table {
-        // Go's TOML decoders match field names case-insensitively; snake_case is the proto name.
-        let name = key.to_ascii_lowercase().replace('_', "");
+        let name = key_name(key);
+        if name == TRACING_KEY {
+            // The SDK's, for `start`; checked here so that `Create` refuses a bad one.
+            tracing_vars(value).map_err(|e| format!("{key}: {e}"))?;
+            continue;
+        }
         let known = options
             .set(&name, value)
             .map_err(|e| format!("{key}: {e}"))?;
@@ -237,6 +305,42 @@ mod tests {
             ..Default::default()
         })
         .unwrap()
+    }
+
+    #[test]
+    fn the_tracing_table_sets_otel_variables_for_the_daemon() {
+        let body = "BinaryName = \"crun\"\n[Tracing]\nOTEL_EXPORTER_OTLP_ENDPOINT = \"http://c:4318\"\nOTEL_TRACES_SAMPLER_ARG = 0.25\n";
+        let options = cri(body, "");
+        assert_eq!(
+            tracing_env(Some(&options)).unwrap(),
+            [
+                (
+                    "OTEL_EXPORTER_OTLP_ENDPOINT".to_string(),
+                    "http://c:4318".to_string()
+                ),
+                ("OTEL_TRACES_SAMPLER_ARG".into(), "0.25".into()),
+            ]
+        );
+        // The backend's keys are read as ever, the SDK's left to it.
+        let o: Opts = decode(Some(&options)).unwrap();
+        assert_eq!(o.binary, "crun");
+        assert!(tracing_env(None).unwrap().is_empty());
+        assert!(tracing_env(Some(&cri("BinaryName = \"x\"", "")))
+            .unwrap()
+            .is_empty());
+        assert!(tracing_env(Some(&any("example.v1.Options", b"x")))
+            .unwrap()
+            .is_empty());
+        // A bad table: `start` says why, `Create` refuses it.
+        for bad in [
+            "Tracing = 1",
+            "[tracing]\nPATH = \"/x\"",
+            "[Tracing]\nOTEL_X = [1]",
+        ] {
+            let e = tracing_env(Some(&cri(bad, ""))).unwrap_err().to_string();
+            assert!(e.contains("acing"), "{bad}: {e}");
+            assert!(decode::<Opts>(Some(&cri(bad, ""))).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -76,12 +76,21 @@ pub fn start<O: RuntimeOptions>(
             None
         }
     };
-    let address = start_daemon(&flags, input.socket_dir(), cgroup.as_deref())?;
+    let tracing = options::tracing_env(input.options()).unwrap_or_else(|e| {
+        log::warn!("tracing settings in the runtime options: {e}");
+        Vec::new()
+    });
+    let address = start_daemon(&flags, input.socket_dir(), cgroup.as_deref(), &tracing)?;
     input.answer(&address)
 }
 
 /// Finds the live daemon of this container's group or spawns one; returns its address.
-fn start_daemon(flags: &Flags, socket_dir: Option<&str>, cgroup: Option<&str>) -> Result<String> {
+fn start_daemon(
+    flags: &Flags,
+    socket_dir: Option<&str>,
+    cgroup: Option<&str>,
+    env: &[(String, String)],
+) -> Result<String> {
     let bundle = Path::new(&flags.bundle);
     let group = group_id(bundle, &flags.id)?;
     let address = socket::address(&flags.address, &flags.namespace, &group);
@@ -111,7 +120,7 @@ fn start_daemon(flags: &Flags, socket_dir: Option<&str>, cgroup: Option<&str>) -
                 Err(e) => return Err(e),
             },
             Bound::New(listener) => {
-                if let Err(e) = spawn_daemon(flags, &address, listener.into(), cgroup) {
+                if let Err(e) = spawn_daemon(flags, &address, listener.into(), cgroup, env) {
                     let _ = socket::remove(&address);
                     return Err(e);
                 }
@@ -144,12 +153,14 @@ fn join(address: &str, id: &str) -> Result<()> {
 }
 
 /// Re-executes this binary as the daemon: its own session (a signal to containerd's process
-/// group must not reach it), the bundle as cwd, the listener as fd 3.
+/// group must not reach it), the bundle as cwd, the listener as fd 3, `env` over the
+/// environment it inherits.
 fn spawn_daemon(
     flags: &Flags,
     address: &str,
     listener: OwnedFd,
     cgroup: Option<&str>,
+    env: &[(String, String)],
 ) -> Result<()> {
     let exe = std::env::current_exe().context("find own executable")?;
     let mut cmd = Command::new(exe);
@@ -161,6 +172,7 @@ fn spawn_daemon(
         .env("TTRPC_ADDRESS", &flags.ttrpc_address)
         .env("GRPC_ADDRESS", &flags.grpc_address)
         .env("NAMESPACE", &flags.namespace)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
