@@ -171,7 +171,10 @@ fn tracing_vars(value: &Toml) -> std::result::Result<Vec<(String, String)>, Stri
         let v = match v {
             Toml::String(s) => s.clone(),
             Toml::Integer(i) => i.to_string(),
-            Toml::Float(f) => f.to_string(),
+            // serde_json's float formatting is in the binary already; std's would be more.
+            Toml::Float(f) => serde_json::Number::from_f64(*f)
+                .map(|n| n.to_string())
+                .ok_or_else(|| format!("{name}: {f} is not a number"))?,
             Toml::Boolean(b) => b.to_string(),
             other => {
                 return Err(format!(

@@ -309,6 +309,7 @@ pub fn serve<B: Backend>(flags: &Flags) -> Result<()> {
 
 /// The process's own line of the `SIGUSR1` report: its threads, its memory, and the events
 /// waiting for containerd.
+#[cold]
 fn process_report(events_queued: usize) -> Vec<String> {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let field = |name: &str| {

@@ -66,6 +66,7 @@ impl Lifecycle {
     }
 
     /// "running", "created (starting)", "stopped (reaped)": for the state report.
+    #[cold]
     pub(super) fn describe(&self) -> String {
         let mut s = format!("{:?}", self.status).to_lowercase();
         if let Some(busy) = self.busy {

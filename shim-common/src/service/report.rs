@@ -12,6 +12,7 @@ impl<B: Backend> TaskService<B> {
 }
 
 impl<B: Backend> Inner<B> {
+    #[cold]
     fn report(&self) -> Vec<String> {
         let (cells, creating, joined, sandboxes, closing) = {
             let t = lock(&self.containers);

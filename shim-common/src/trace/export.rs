@@ -4,7 +4,7 @@
 //! ones, read once.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -28,17 +28,23 @@ pub(super) struct Config {
     pub resource: Attributes,
 }
 
-/// An `http://host[:port]/path` URL, split for the request.
+/// An `http://host[:port]/path` URL, split for the request. The host is an IP address or
+/// `localhost`: a static binary has no resolver worth linking (glibc's `getaddrinfo` and
+/// its NSS machinery would be ~100 KB of code resident in every shim), and a shim's
+/// collector is a node-local agent.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) struct Endpoint {
-    /// `host:port`, to connect to and to name in `Host`.
+    /// `host:port`, to name in `Host`.
     pub authority: String,
+    /// What `host` names, to connect to.
+    pub addrs: Vec<SocketAddr>,
     pub path: String,
 }
 
 impl Endpoint {
     /// `url` as given (`..._TRACES_ENDPOINT`), or with the traces path appended to it
     /// (`OTEL_EXPORTER_OTLP_ENDPOINT`, the collector's base URL).
+    #[cold]
     pub fn parse(url: &str, append_traces_path: bool) -> Result<Endpoint, String> {
         let url = url.trim();
         let scheme_end = url.find("://").ok_or(format!("{url:?} is not a URL"))?;
@@ -70,8 +76,33 @@ impl Endpoint {
         if append_traces_path {
             path = format!("{}/v1/traces", path.trim_end_matches('/'));
         }
-        Ok(Endpoint { authority, path })
+        let addrs = addresses(&authority).ok_or_else(|| {
+            format!(
+                "{url}: the host must be an IP address or localhost (the shim resolves no names)"
+            )
+        })?;
+        Ok(Endpoint {
+            authority,
+            addrs,
+            path,
+        })
     }
+}
+
+/// The addresses of `host:port` where the host is an IP literal or `localhost`.
+#[cold]
+fn addresses(authority: &str) -> Option<Vec<SocketAddr>> {
+    if let Ok(addr) = authority.parse::<SocketAddr>() {
+        return Some(vec![addr]);
+    }
+    let (host, port) = authority.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    host.eq_ignore_ascii_case("localhost").then(|| {
+        vec![
+            SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+            SocketAddr::from((Ipv6Addr::LOCALHOST, port)),
+        ]
+    })
 }
 
 /// The exporting thread's side of the queue, and how to stop it.
@@ -95,12 +126,14 @@ struct Queue {
     stopping: bool,
 }
 
+#[cold]
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Exporter {
     /// Starts the exporting thread.
+    #[cold]
     pub fn start(config: Config) -> std::io::Result<Exporter> {
         let shared = Arc::new(Shared {
             queue: Mutex::default(),
@@ -122,6 +155,7 @@ impl Exporter {
     }
 
     /// Queues an ended span; never waits for the network.
+    #[cold]
     pub fn push(&self, span: Finished, max_queue: usize, max_batch: usize) {
         let mut q = lock(&self.shared.queue);
         if q.stopping || q.spans.len() >= max_queue {
@@ -135,6 +169,7 @@ impl Exporter {
     }
 
     /// Queues an export request encoded elsewhere, to go with the next batch.
+    #[cold]
     pub fn push_encoded(&self, request: Vec<u8>, max_queue: usize) {
         let mut q = lock(&self.shared.queue);
         if q.stopping || q.encoded.len() >= max_queue {
@@ -145,6 +180,7 @@ impl Exporter {
     }
 
     /// Sends what is queued and stops; waits for that at most `wait`.
+    #[cold]
     pub fn shutdown(&self, wait: Duration) -> bool {
         lock(&self.shared.queue).stopping = true;
         self.shared.wake.notify_one();
@@ -155,6 +191,7 @@ impl Exporter {
 
 /// The exporting thread: a batch when one is full, when the oldest span has waited the
 /// schedule delay, or when stopping; until stopped with nothing left.
+#[cold]
 fn run(shared: &Shared, config: &Config) {
     loop {
         let (batch, encoded, dropped, stopping) = {
@@ -191,17 +228,14 @@ fn run(shared: &Shared, config: &Config) {
 }
 
 /// One `POST` of an export request; `Ok` when the collector answered 2xx.
+#[cold]
 fn post(config: &Config, body: &[u8]) -> Result<(), String> {
     let ep = &config.endpoint;
     let deadline = Instant::now() + config.timeout;
-    let addrs = ep
-        .authority
-        .to_socket_addrs()
-        .map_err(|e| format!("resolve {}: {e}", ep.authority))?;
     let mut last = format!("{}: no address", ep.authority);
     let mut stream = None;
-    for addr in addrs {
-        match TcpStream::connect_timeout(&addr, config.timeout) {
+    for addr in &ep.addrs {
+        match TcpStream::connect_timeout(addr, config.timeout) {
             Ok(s) => {
                 stream = Some(s);
                 break;
@@ -250,6 +284,7 @@ fn post(config: &Config, body: &[u8]) -> Result<(), String> {
 /// `k1=v1,k2=v2` with percent-encoded values, as `OTEL_EXPORTER_OTLP_HEADERS` and
 /// `OTEL_RESOURCE_ATTRIBUTES` are written. A pair that is not one, or that would not make a
 /// clean header, is left out and named.
+#[cold]
 pub(super) fn pairs(var: &str, value: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for item in value.split(',').map(str::trim).filter(|i| !i.is_empty()) {
@@ -270,6 +305,7 @@ pub(super) fn pairs(var: &str, value: &str) -> Vec<(String, String)> {
     out
 }
 
+#[cold]
 fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
@@ -296,34 +332,40 @@ mod tests {
     #[test]
     fn endpoints_are_split_for_the_request() {
         let ep = |u, append| Endpoint::parse(u, append);
+        let v4 = ep("http://127.0.0.1:4318", true).unwrap();
         assert_eq!(
-            ep("http://127.0.0.1:4318", true).unwrap(),
-            Endpoint {
-                authority: "127.0.0.1:4318".into(),
-                path: "/v1/traces".into()
-            }
+            (v4.authority.as_str(), v4.path.as_str()),
+            ("127.0.0.1:4318", "/v1/traces")
+        );
+        assert_eq!(v4.addrs, ["127.0.0.1:4318".parse().unwrap()]);
+        let local = ep("http://LOCALHOST/otlp/", true).unwrap();
+        assert_eq!(
+            (local.authority.as_str(), local.path.as_str()),
+            ("LOCALHOST:80", "/otlp/v1/traces")
         );
         assert_eq!(
-            ep("http://collector/otlp/", true).unwrap(),
-            Endpoint {
-                authority: "collector:80".into(),
-                path: "/otlp/v1/traces".into()
-            }
+            local.addrs,
+            [
+                "127.0.0.1:80".parse::<SocketAddr>().unwrap(),
+                "[::1]:80".parse().unwrap()
+            ]
         );
+        let v6 = ep("HTTP://[::1]:4318/custom", false).unwrap();
         assert_eq!(
-            ep("HTTP://[::1]:4318/custom", false).unwrap(),
-            Endpoint {
-                authority: "[::1]:4318".into(),
-                path: "/custom".into()
-            }
+            (v6.authority.as_str(), v6.path.as_str()),
+            ("[::1]:4318", "/custom")
         );
         assert_eq!(ep("http://[::1]", false).unwrap().authority, "[::1]:80");
-        assert!(ep("https://collector:4318", true)
+        assert!(ep("https://127.0.0.1:4318", true)
             .unwrap_err()
             .contains("https is not built in"));
-        assert!(ep("collector:4318", true).is_err());
-        assert!(ep("grpc://c:4317", true).is_err());
+        assert!(ep("http://collector.example:4318", true)
+            .unwrap_err()
+            .contains("IP address or localhost"));
+        assert!(ep("127.0.0.1:4318", true).is_err());
+        assert!(ep("grpc://127.0.0.1:4317", true).is_err());
         assert!(ep("http:///v1/traces", false).is_err());
+        assert!(ep("http://127.0.0.1:99999", false).is_err());
     }
 
     #[test]

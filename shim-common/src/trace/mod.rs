@@ -66,6 +66,7 @@ pub const SPANS_TOPIC: &str = "/containerd.shim.sdk.v1/spans";
 pub const SPANS_TYPE: &str = "opentelemetry.proto.collector.trace.v1.ExportTraceServiceRequest";
 
 /// Whether spans are being made and exported.
+#[inline]
 pub fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
 }
@@ -73,6 +74,7 @@ pub fn enabled() -> bool {
 type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
 
 /// A variable that is set to something other than blanks, trimmed.
+#[cold]
 fn var(env: Env<'_>, key: &str) -> Option<String> {
     env(key)
         .map(|v| v.trim().to_string())
@@ -80,6 +82,7 @@ fn var(env: Env<'_>, key: &str) -> Option<String> {
 }
 
 /// The signal-specific variable (`OTEL_EXPORTER_OTLP_TRACES_<name>`) or the general one.
+#[cold]
 fn otlp_var(env: Env<'_>, name: &str) -> Option<String> {
     var(env, &format!("OTEL_EXPORTER_OTLP_TRACES_{name}"))
         .or_else(|| var(env, &format!("OTEL_EXPORTER_OTLP_{name}")))
@@ -89,6 +92,7 @@ fn otlp_var(env: Env<'_>, name: &str) -> Option<String> {
 /// (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or `OTEL_EXPORTER_OTLP_ENDPOINT`), and neither
 /// `OTEL_SDK_DISABLED=true` nor `OTEL_TRACES_EXPORTER=none` turns it off. Without an
 /// endpoint nothing is exported: a shim never connects anywhere it was not told to.
+#[cold]
 fn off_because(env: Env<'_>) -> Option<String> {
     if var(env, "OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
         return Some("OTEL_SDK_DISABLED=true".into());
@@ -114,6 +118,7 @@ fn off_because(env: Env<'_>) -> Option<String> {
 
 /// The service name spans carry: `OTEL_SERVICE_NAME`, unless it is unset or names
 /// containerd (whose own setting the shim inherits), then `shim`, the binary's name.
+#[cold]
 fn service_name(env: Env<'_>, shim: &str) -> String {
     match var(env, "OTEL_SERVICE_NAME") {
         Some(s) if s != "containerd" => s,
@@ -122,11 +127,13 @@ fn service_name(env: Env<'_>, shim: &str) -> String {
 }
 
 /// A duration in milliseconds from `key`, or `default`.
+#[cold]
 fn millis(env: Env<'_>, key: &str, default: u64) -> Duration {
     let ms = var(env, key).and_then(|v| v.parse().ok());
     Duration::from_millis(ms.unwrap_or(default))
 }
 
+#[cold]
 fn count(env: Env<'_>, key: &str, default: usize) -> usize {
     var(env, key)
         .and_then(|v| v.parse().ok())
@@ -135,6 +142,7 @@ fn count(env: Env<'_>, key: &str, default: usize) -> usize {
 }
 
 /// The exporter's settings from `env` (the defaults are the OpenTelemetry specification's).
+#[cold]
 fn config(env: Env<'_>, shim: &str) -> std::result::Result<Config, String> {
     let endpoint = match var(env, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
         Some(url) => Endpoint::parse(&url, false)?,
@@ -173,6 +181,7 @@ fn config(env: Env<'_>, shim: &str) -> std::result::Result<Config, String> {
 /// Turns tracing on when the environment asks for it (see the module); `shim` names the
 /// service when `OTEL_SERVICE_NAME` does not. Once per process, in the process that serves:
 /// the exporter's thread does not survive a fork. Whether tracing is on.
+#[cold]
 pub fn init(shim: &str) -> Result<bool> {
     let env = |k: &str| std::env::var(k).ok();
     if let Some(why) = off_because(&env) {
@@ -205,6 +214,7 @@ pub fn init(shim: &str) -> Result<bool> {
 /// agent, whose host exports them): `publisher` carries them as [`SPANS_TOPIC`] events.
 /// Only requests that come with a sampled trace context are recorded, so a host that does
 /// not trace costs the agent nothing but the check; `name` is the spans' service name.
+#[cold]
 pub fn init_peer(name: &str, publisher: Arc<dyn Publisher>) {
     let resource = vec![
         ("service.name".into(), name.to_string().into()),
@@ -224,6 +234,7 @@ pub fn init_peer(name: &str, publisher: Arc<dyn Publisher>) {
     );
 }
 
+#[cold]
 fn turn_on(sampler: Sampler, sink: Sink) -> bool {
     let on = TRACING.set(Tracing { sampler, sink }).is_ok();
     if on {
@@ -235,6 +246,7 @@ fn turn_on(sampler: Sampler, sink: Sink) -> bool {
 /// Sends on an OTLP export request that a peer's [`SPANS_TOPIC`] event carried (the spans
 /// of a guest agent) with this process's own spans. Not an event of that type, or tracing
 /// off here: nothing.
+#[cold]
 pub fn forward(event: &Any) {
     if event.type_url != SPANS_TYPE {
         return;
@@ -261,6 +273,7 @@ const EXIT_FLUSH: Duration = Duration::from_secs(1);
 
 /// Exports what is queued (for at most a second) and stops exporting; for a process
 /// about to exit.
+#[cold]
 pub fn shutdown() {
     if let Some(Tracing {
         sink: Sink::Export { exporter, .. },
@@ -274,6 +287,7 @@ pub fn shutdown() {
     }
 }
 
+#[inline]
 fn tracing() -> Option<&'static Tracing> {
     if enabled() {
         TRACING.get()
@@ -296,6 +310,7 @@ struct Sampler {
 }
 
 impl Sampler {
+    #[cold]
     fn from_env(env: Env<'_>) -> Sampler {
         let name = var(env, "OTEL_TRACES_SAMPLER").unwrap_or_default();
         let ratio = || {
@@ -327,6 +342,7 @@ impl Sampler {
         }
     }
 
+    #[cold]
     fn sampled(&self, parent: Option<&SpanContext>, trace_id: &[u8; 16]) -> bool {
         match parent {
             Some(p) if self.parent_based => p.sampled(),
@@ -360,6 +376,7 @@ struct Data {
 }
 
 impl Recording {
+    #[cold]
     fn new(
         cx: SpanContext,
         parent: Option<Parent>,
@@ -380,6 +397,7 @@ impl Recording {
         })
     }
 
+    #[cold]
     fn set(&self, key: Cow<'static, str>, value: Value) {
         let mut d = self.data.lock().unwrap_or_else(PoisonError::into_inner);
         if !d.ended {
@@ -388,6 +406,7 @@ impl Recording {
         }
     }
 
+    #[cold]
     fn end(&self) {
         let end = SystemTime::now();
         let (attributes, error) = {
@@ -449,12 +468,14 @@ thread_local! {
     static CURRENT: RefCell<Option<Current>> = const { RefCell::new(None) };
 }
 
+#[cold]
 fn current() -> Option<Current> {
     CURRENT.with(|c| c.borrow().clone())
 }
 
 /// Random, non-zero ids: SipHash (std's `RandomState`, keyed from the OS's randomness once
 /// per thread) of a per-thread counter.
+#[cold]
 fn random_u64() -> u64 {
     thread_local! {
         static KEYS: RandomState = RandomState::new();
@@ -467,10 +488,12 @@ fn random_u64() -> u64 {
     KEYS.with(|k| k.hash_one(n)).max(1)
 }
 
+#[cold]
 fn new_span_id() -> [u8; 8] {
     random_u64().to_be_bytes()
 }
 
+#[cold]
 fn new_trace_id() -> [u8; 16] {
     let mut id = [0u8; 16];
     id[..8].copy_from_slice(&random_u64().to_be_bytes());
@@ -484,8 +507,14 @@ pub struct RpcSpan(Current);
 
 impl RpcSpan {
     /// A server span for `/service/method`, or `None` when tracing is off.
+    #[inline]
     pub fn start(service: &str, method: &str, metadata: &[Metadata]) -> Option<RpcSpan> {
         let t = tracing()?;
+        Some(RpcSpan::traced(t, service, method, metadata))
+    }
+
+    #[cold]
+    fn traced(t: &Tracing, service: &str, method: &str, metadata: &[Metadata]) -> RpcSpan {
         let incoming = w3c::extract(metadata);
         let parent = incoming.parent.as_ref();
         let trace_id = parent.map_or_else(new_trace_id, |p| p.trace_id);
@@ -508,21 +537,23 @@ impl RpcSpan {
                 rpc_attributes(service, method),
             )
         });
-        Some(RpcSpan(Current {
+        RpcSpan(Current {
             cx,
             joined: parent.is_some() || recording.is_some(),
             recording,
             baggage: incoming.baggage,
-        }))
+        })
     }
 
     /// The span as a context to enter on the thread that handles the request: the spans
     /// and calls made there are its children.
+    #[cold]
     pub fn carried(&self) -> Carried {
         Carried(Some(self.0.clone()))
     }
 
     /// Ends the span with the request's answer: `code` and, when not OK, its message.
+    #[cold]
     pub fn end(self, code: Code, message: &str) {
         if let Some(r) = &self.0.recording {
             r.set("rpc.grpc.status_code".into(), (code as i64).into());
@@ -535,6 +566,7 @@ impl RpcSpan {
 }
 
 impl Drop for RpcSpan {
+    #[cold]
     fn drop(&mut self) {
         if let Some(r) = &self.0.recording {
             r.end();
@@ -549,30 +581,58 @@ impl Drop for RpcSpan {
 pub struct Span(Option<Current>);
 
 impl Drop for Span {
+    #[inline]
     fn drop(&mut self) {
-        if let Some(r) = self.0.take().and_then(|c| c.recording) {
-            r.end();
+        if self.0.is_some() {
+            self.finish();
         }
     }
 }
 
 impl Span {
     /// Adds an attribute (a no-op when tracing is off).
+    #[inline]
     pub fn attribute(&self, key: &'static str, value: impl Into<Value>) {
+        if self.0.is_some() {
+            self.set(key, value.into());
+        }
+    }
+
+    #[cold]
+    fn set(&self, key: &'static str, value: Value) {
         if let Some(r) = self.recording() {
-            r.set(key.into(), value.into());
+            r.set(key.into(), value);
+        }
+    }
+
+    #[cold]
+    fn finish(&mut self) {
+        if let Some(r) = self.0.take().and_then(|c| c.recording) {
+            r.end();
         }
     }
 
     /// Makes this span current on this thread until the guard drops: spans and calls made
     /// meanwhile are its children.
+    #[inline]
     pub fn enter(&self) -> Entered {
-        Carried(self.0.clone()).enter()
+        match &self.0 {
+            None => Entered(None),
+            Some(c) => Carried::enter_cold(c),
+        }
     }
 
     /// Records how the call this span stands for was answered: `code`, and when not OK
     /// its message as the span's error.
+    #[inline]
     pub fn outcome(&self, code: Code, message: &str) {
+        if self.0.is_some() {
+            self.outcome_cold(code, message);
+        }
+    }
+
+    #[cold]
+    fn outcome_cold(&self, code: Code, message: &str) {
         if let Some(r) = self.recording() {
             r.set("rpc.grpc.status_code".into(), (code as i64).into());
             if code != Code::OK {
@@ -589,16 +649,26 @@ impl Span {
 
 /// A child of the current span named `name` (`runc create`), for work that takes time.
 /// Only within a recorded request: with no current span it makes none.
+#[inline]
 pub fn span(name: impl Into<Cow<'static, str>>) -> Span {
+    if !enabled() {
+        return Span(None);
+    }
     child(name.into(), Kind::Internal, Vec::new())
 }
 
 /// The client span of a ttrpc call this process makes (`/service/method`), within a
 /// recorded request; entered while the call is made, its context is what the call carries.
+#[inline]
 pub fn client_span(service: &str, method: &str) -> Span {
-    if tracing().is_none() {
+    if !enabled() {
         return Span(None);
     }
+    client_child(service, method)
+}
+
+#[cold]
+fn client_child(service: &str, method: &str) -> Span {
     child(
         Cow::Owned(format!("{service}/{method}")),
         Kind::Client,
@@ -606,6 +676,7 @@ pub fn client_span(service: &str, method: &str) -> Span {
     )
 }
 
+#[cold]
 fn rpc_attributes(service: &str, method: &str) -> otlp::Attributes {
     vec![
         ("rpc.system".into(), "ttrpc".into()),
@@ -614,6 +685,7 @@ fn rpc_attributes(service: &str, method: &str) -> otlp::Attributes {
     ]
 }
 
+#[cold]
 fn child(name: Cow<'static, str>, kind: Kind, attributes: otlp::Attributes) -> Span {
     if tracing().is_none() {
         return Span(None);
@@ -641,11 +713,17 @@ fn child(name: Cow<'static, str>, kind: Kind, attributes: otlp::Attributes) -> S
 }
 
 /// Sets an attribute on the current span, if there is one.
+#[inline]
 pub fn annotate(key: &'static str, value: impl Into<Value>) {
-    if tracing().is_some() {
-        if let Some(r) = current().and_then(|c| c.recording) {
-            r.set(key.into(), value.into());
-        }
+    if enabled() {
+        annotate_current(key, value.into());
+    }
+}
+
+#[cold]
+fn annotate_current(key: &'static str, value: Value) {
+    if let Some(r) = current().and_then(|c| c.recording) {
+        r.set(key.into(), value);
     }
 }
 
@@ -655,6 +733,7 @@ pub struct Carried(Option<Current>);
 
 impl Carried {
     /// What is current on this thread (nothing when tracing is off or no span is).
+    #[inline]
     pub fn current() -> Carried {
         if !enabled() {
             return Carried(None);
@@ -663,10 +742,16 @@ impl Carried {
     }
 
     /// Makes it current on this thread until the guard drops.
+    #[inline]
     pub fn enter(&self) -> Entered {
-        let Some(cx) = &self.0 else {
-            return Entered(None);
-        };
+        match &self.0 {
+            None => Entered(None),
+            Some(cx) => Carried::enter_cold(cx),
+        }
+    }
+
+    #[cold]
+    fn enter_cold(cx: &Current) -> Entered {
         let before = CURRENT.with(|c| c.replace(Some(cx.clone())));
         Entered(Some(before))
     }
@@ -676,7 +761,17 @@ impl Carried {
 pub struct Entered(Option<Option<Current>>);
 
 impl Drop for Entered {
+    #[inline]
     fn drop(&mut self) {
+        if self.0.is_some() {
+            self.leave();
+        }
+    }
+}
+
+impl Entered {
+    #[cold]
+    fn leave(&mut self) {
         if let Some(before) = self.0.take() {
             CURRENT.with(|c| *c.borrow_mut() = before);
         }
@@ -684,18 +779,31 @@ impl Drop for Entered {
 }
 
 /// Adds the current context (`traceparent`, ...) to an outgoing request's metadata.
+#[inline]
 pub fn inject(metadata: &mut Vec<Metadata>) {
-    if tracing().is_none() {
-        return;
+    if enabled() {
+        inject_current(metadata);
     }
+}
+
+#[cold]
+fn inject_current(metadata: &mut Vec<Metadata>) {
     if let Some(c) = current() {
         w3c::inject(&c.cx, c.baggage.as_deref(), metadata);
     }
 }
 
 /// The current trace's id (32 hex digits), for log lines.
+#[inline]
 pub fn trace_id() -> Option<String> {
-    tracing()?;
+    if !enabled() {
+        return None;
+    }
+    current_trace_id()
+}
+
+#[cold]
+fn current_trace_id() -> Option<String> {
     current()
         .filter(|c| c.joined)
         .map(|c| w3c::hex(&c.cx.trace_id))
@@ -753,7 +861,7 @@ mod tests {
     fn the_exporter_reads_the_standard_settings() {
         let c = config(
             &env(&[
-                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318"),
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://10.0.0.7:4318"),
                 ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "api-key=s3cret"),
                 ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
                 ("OTEL_BSP_SCHEDULE_DELAY", "200"),
@@ -766,7 +874,7 @@ mod tests {
             "containerd-shim-runc-v2",
         )
         .unwrap();
-        assert_eq!(c.endpoint.authority, "collector:4318");
+        assert_eq!(c.endpoint.authority, "10.0.0.7:4318");
         assert_eq!(c.endpoint.path, "/v1/traces");
         assert_eq!(c.headers, [("api-key".to_string(), "s3cret".to_string())]);
         assert_eq!(

@@ -21,24 +21,28 @@ pub enum Value {
 }
 
 impl From<&'static str> for Value {
+    #[cold]
     fn from(s: &'static str) -> Value {
         Value::Str(Cow::Borrowed(s))
     }
 }
 
 impl From<String> for Value {
+    #[cold]
     fn from(s: String) -> Value {
         Value::Str(Cow::Owned(s))
     }
 }
 
 impl From<i64> for Value {
+    #[cold]
     fn from(v: i64) -> Value {
         Value::I64(v)
     }
 }
 
 impl From<bool> for Value {
+    #[cold]
     fn from(v: bool) -> Value {
         Value::Bool(v)
     }
@@ -84,6 +88,7 @@ const HAS_IS_REMOTE: u32 = 0x100;
 const IS_REMOTE: u32 = 0x200;
 
 /// One export request: `spans` of one resource and one instrumentation scope.
+#[cold]
 pub(super) fn encode(resource: &Attributes, scope: (&str, &str), spans: &[Finished]) -> Vec<u8> {
     let mut req = Pb::default();
     // ExportTraceServiceRequest.resource_spans = 1
@@ -106,6 +111,7 @@ pub(super) fn encode(resource: &Attributes, scope: (&str, &str), spans: &[Finish
     req.0
 }
 
+#[cold]
 fn encode_span(s: &mut Pb, span: &Finished) {
     s.bytes(1, &span.trace_id);
     s.bytes(2, &span.span_id);
@@ -135,6 +141,7 @@ fn encode_span(s: &mut Pb, span: &Finished) {
 }
 
 /// Repeated `KeyValue` (key = 1, value = 2) in field `field`.
+#[cold]
 fn attributes(pb: &mut Pb, field: u32, attributes: &Attributes) {
     for (key, value) in attributes {
         pb.message(field, |kv| {
@@ -155,6 +162,7 @@ fn attributes(pb: &mut Pb, field: u32, attributes: &Attributes) {
     }
 }
 
+#[cold]
 fn unix_nanos(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
@@ -170,6 +178,7 @@ const FIXED32: u8 = 5;
 struct Pb(Vec<u8>);
 
 impl Pb {
+    #[cold]
     fn varint(&mut self, mut v: u64) {
         while v >= 0x80 {
             self.0.push((v as u8) | 0x80);
@@ -178,11 +187,13 @@ impl Pb {
         self.0.push(v as u8);
     }
 
+    #[cold]
     fn key(&mut self, field: u32, wire: u8) {
         self.varint(u64::from(field) << 3 | u64::from(wire));
     }
 
     /// A length-delimited field, written even when empty.
+    #[cold]
     fn bytes(&mut self, field: u32, b: &[u8]) {
         self.key(field, LEN);
         self.varint(b.len() as u64);
@@ -190,12 +201,14 @@ impl Pb {
     }
 
     /// A proto3 string: the empty string is the default, and not written.
+    #[cold]
     fn string(&mut self, field: u32, s: &str) {
         if !s.is_empty() {
             self.bytes(field, s.as_bytes());
         }
     }
 
+    #[cold]
     fn varint_field(&mut self, field: u32, v: u64) {
         if v != 0 {
             self.key(field, VARINT);
@@ -203,16 +216,19 @@ impl Pb {
         }
     }
 
+    #[cold]
     fn fixed64(&mut self, field: u32, v: u64) {
         self.key(field, FIXED64);
         self.0.extend_from_slice(&v.to_le_bytes());
     }
 
+    #[cold]
     fn fixed32(&mut self, field: u32, v: u32) {
         self.key(field, FIXED32);
         self.0.extend_from_slice(&v.to_le_bytes());
     }
 
+    #[cold]
     fn message(&mut self, field: u32, write: impl FnOnce(&mut Pb)) {
         let mut inner = Pb::default();
         write(&mut inner);

@@ -22,10 +22,12 @@ pub(super) struct SpanContext {
 }
 
 impl SpanContext {
+    #[cold]
     pub fn sampled(&self) -> bool {
         self.flags & SAMPLED != 0
     }
 
+    #[cold]
     fn traceparent(&self) -> String {
         format!(
             "00-{}-{}-{:02x}",
@@ -48,6 +50,7 @@ const MAX_STATE: usize = 512;
 const MAX_BAGGAGE: usize = 8192;
 
 /// Reads the caller's context; a malformed `traceparent` is no parent at all.
+#[cold]
 pub(super) fn extract(metadata: &[Metadata]) -> Incoming {
     let get = |key: &str| {
         metadata
@@ -72,6 +75,7 @@ pub(super) fn extract(metadata: &[Metadata]) -> Incoming {
 
 /// Writes `cx` (and the baggage carried with it) into an outgoing request's metadata,
 /// replacing what was there.
+#[cold]
 pub(super) fn inject(cx: &SpanContext, baggage: Option<&str>, metadata: &mut Vec<Metadata>) {
     set(metadata, "traceparent", Some(cx.traceparent()));
     set(
@@ -82,6 +86,7 @@ pub(super) fn inject(cx: &SpanContext, baggage: Option<&str>, metadata: &mut Vec
     set(metadata, "baggage", baggage.map(str::to_string));
 }
 
+#[cold]
 fn set(metadata: &mut Vec<Metadata>, key: &str, value: Option<String>) {
     metadata.retain(|kv| !kv.key.eq_ignore_ascii_case(key));
     if let Some(value) = value.filter(|v| !v.is_empty()) {
@@ -96,6 +101,7 @@ fn set(metadata: &mut Vec<Metadata>, key: &str, value: Option<String>) {
 /// `traceparent` by the W3C rules: version `ff` is invalid, version `00` has exactly four
 /// fields, ids are lower-case hex and not all zeros; a later version is read for its first
 /// four fields.
+#[cold]
 fn parse_traceparent(v: &str) -> Option<SpanContext> {
     let mut parts = v.split('-');
     let version = parts.next()?;
@@ -119,6 +125,7 @@ fn parse_traceparent(v: &str) -> Option<SpanContext> {
 }
 
 /// Lower-case hex of exactly `N` bytes.
+#[cold]
 fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
     if s.len() != 2 * N {
         return None;
@@ -135,6 +142,7 @@ fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
     Some(out)
 }
 
+#[cold]
 pub(super) fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
