@@ -294,6 +294,16 @@ fn the_runtime_options_can_turn_tracing_on() {
     assert_eq!(named(&spans, "runc create").parent_span_id, create.span_id);
 }
 
+/// A private containerd whose environment names `receiver` as the OTLP endpoint, so its
+/// shims inherit it.
+fn traced_containerd(receiver: &Receiver) -> integration::Containerd {
+    integration::Containerd::builder()
+        .bin_dir(target_bin_dir())
+        .otlp_endpoint(receiver.endpoint())
+        .start()
+        .expect("start containerd")
+}
+
 /// What containerd 1.6 gives a shim to trace with: its environment (the shim inherits
 /// `OTEL_EXPORTER_OTLP_ENDPOINT`), but no trace context — its shim client has no tracing
 /// interceptor, so every call arrives without `traceparent` and each becomes a root span.
@@ -302,11 +312,7 @@ fn the_runtime_options_can_turn_tracing_on() {
 fn through_containerd_16_each_call_is_a_root_span_with_its_runtime_commands_under_it() {
     require_root();
     let receiver = Receiver::start().unwrap();
-    let c = integration::Containerd::builder()
-        .bin_dir(target_bin_dir())
-        .otlp_endpoint(receiver.endpoint())
-        .start()
-        .expect("start containerd");
+    let c = traced_containerd(&receiver);
     c.import_busybox().expect("import busybox image");
     let id = unique_id("ctd-traced");
     c.ctr_ok(&["run", "--rm", integration::BUSYBOX_REF, &id, "true"]);
@@ -346,11 +352,7 @@ fn through_containerd_16_the_wasm_shims_calls_have_its_work_under_them() {
     require_root();
     integration::wasm_fixture::require_wasm_shim();
     let receiver = Receiver::start().unwrap();
-    let c = integration::Containerd::builder()
-        .bin_dir(target_bin_dir())
-        .otlp_endpoint(receiver.endpoint())
-        .start()
-        .expect("start containerd");
+    let c = traced_containerd(&receiver);
     let ns = c.namespace().to_string();
     integration::wasm_fixture::import_busybox_wasm(&c, &ns).expect("import busybox-wasm");
     let id = unique_id("wasm-traced");

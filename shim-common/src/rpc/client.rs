@@ -163,10 +163,7 @@ impl Client {
         let span = crate::trace::client_span(service, method);
         let _current = span.enter();
         let res = self.call_untraced(service, method, req, timeout);
-        match &res {
-            Ok(_) => span.outcome(Code::OK, ""),
-            Err(e) => span.outcome(e.code(), &e.to_string()),
-        }
+        span.answered(&res);
         res
     }
 

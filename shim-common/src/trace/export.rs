@@ -114,6 +114,8 @@ pub(super) struct Exporter {
 struct Shared {
     queue: Mutex<Queue>,
     wake: Condvar,
+    max_queue: usize,
+    max_batch: usize,
 }
 
 #[derive(Default)]
@@ -138,6 +140,8 @@ impl Exporter {
         let shared = Arc::new(Shared {
             queue: Mutex::default(),
             wake: Condvar::new(),
+            max_queue: config.max_queue,
+            max_batch: config.max_batch,
         });
         let (done_tx, done) = mpsc::channel();
         let queue = shared.clone();
@@ -156,23 +160,23 @@ impl Exporter {
 
     /// Queues an ended span; never waits for the network.
     #[cold]
-    pub fn push(&self, span: Finished, max_queue: usize, max_batch: usize) {
+    pub fn push(&self, span: Finished) {
         let mut q = lock(&self.shared.queue);
-        if q.stopping || q.spans.len() >= max_queue {
+        if q.stopping || q.spans.len() >= self.shared.max_queue {
             q.dropped += 1;
             return;
         }
         q.spans.push(span);
-        if q.spans.len() == max_batch {
+        if q.spans.len() == self.shared.max_batch {
             self.shared.wake.notify_one();
         }
     }
 
     /// Queues an export request encoded elsewhere, to go with the next batch.
     #[cold]
-    pub fn push_encoded(&self, request: Vec<u8>, max_queue: usize) {
+    pub fn push_encoded(&self, request: Vec<u8>) {
         let mut q = lock(&self.shared.queue);
-        if q.stopping || q.encoded.len() >= max_queue {
+        if q.stopping || q.encoded.len() >= self.shared.max_queue {
             q.dropped += 1;
             return;
         }

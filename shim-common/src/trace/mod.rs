@@ -47,11 +47,7 @@ struct Tracing {
 /// Where ended spans go.
 enum Sink {
     /// To an OTLP collector, from the exporter's thread.
-    Export {
-        exporter: Exporter,
-        max_queue: usize,
-        max_batch: usize,
-    },
+    Export(Exporter),
     /// To the peer that fetches this process's events (a guest agent's host), one span
     /// per event, each an OTLP export request of its own that the peer sends on with its
     /// own ([`forward`]).
@@ -87,19 +83,13 @@ pub fn init(shim: &str) -> Result<bool> {
         return Ok(true);
     }
     let config = config(&env, shim).map_err(|e| Error::InvalidArgument(format!("tracing: {e}")))?;
-    let (max_queue, max_batch) = (config.max_queue, config.max_batch);
     let endpoint = format!(
         "http://{}{}",
         config.endpoint.authority, config.endpoint.path
     );
     let exporter = Exporter::start(config)
         .map_err(|e| Error::Runtime(format!("tracing: start the exporter thread: {e}")))?;
-    let sink = Sink::Export {
-        exporter,
-        max_queue,
-        max_batch,
-    };
-    if turn_on(Sampler::from_env(&env), sink) {
+    if turn_on(Sampler::from_env(&env), Sink::Export(exporter)) {
         log::info!("tracing on: spans exported to {endpoint}");
     }
     Ok(true)
@@ -108,7 +98,8 @@ pub fn init(shim: &str) -> Result<bool> {
 /// Tracing for a process whose spans go to the peer that fetches its events (a guest
 /// agent, whose host exports them): `publisher` carries them as [`SPANS_TOPIC`] events.
 /// Only requests that come with a sampled trace context are recorded, so a host that does
-/// not trace costs the agent nothing but the check; `name` is the spans' service name.
+/// not trace costs the agent two random ids per call and nothing else; `name` is the
+/// spans' service name.
 #[cold]
 pub fn init_peer(name: &str, publisher: Arc<dyn Publisher>) {
     let resource = vec![
@@ -147,15 +138,11 @@ pub fn forward(event: &Any) {
         return;
     }
     if let Some(Tracing {
-        sink: Sink::Export {
-            exporter,
-            max_queue,
-            ..
-        },
+        sink: Sink::Export(exporter),
         ..
     }) = tracing()
     {
-        exporter.push_encoded(event.value.clone(), *max_queue);
+        exporter.push_encoded(event.value.clone());
     }
 }
 
@@ -171,7 +158,7 @@ const EXIT_FLUSH: Duration = Duration::from_secs(1);
 #[cold]
 pub fn shutdown() {
     if let Some(Tracing {
-        sink: Sink::Export { exporter, .. },
+        sink: Sink::Export(exporter),
         ..
     }) = TRACING.get()
     {
@@ -239,6 +226,19 @@ impl Recording {
         }
     }
 
+    /// Records how the request or call was answered: `code`, and when not OK its message
+    /// as the span's error.
+    #[cold]
+    fn outcome(&self, code: Code, message: &str) {
+        self.set("rpc.grpc.status_code".into(), (code as i64).into());
+        if code != Code::OK {
+            self.data
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .error = Some(message.to_string());
+        }
+    }
+
     #[cold]
     fn end(&self) {
         let end = SystemTime::now();
@@ -264,11 +264,7 @@ impl Recording {
             error,
         };
         match &t.sink {
-            Sink::Export {
-                exporter,
-                max_queue,
-                max_batch,
-            } => exporter.push(finished, *max_queue, *max_batch),
+            Sink::Export(exporter) => exporter.push(finished),
             Sink::Peer {
                 publisher,
                 resource,
@@ -389,11 +385,7 @@ impl RpcSpan {
     #[cold]
     pub fn end(self, code: Code, message: &str) {
         if let Some(r) = &self.0.recording {
-            r.set("rpc.grpc.status_code".into(), (code as i64).into());
-            if code != Code::OK {
-                r.data.lock().unwrap_or_else(PoisonError::into_inner).error =
-                    Some(message.to_string());
-            }
+            r.outcome(code, message);
         }
     }
 }
@@ -455,22 +447,21 @@ impl Span {
         }
     }
 
-    /// Records how the call this span stands for was answered: `code`, and when not OK
-    /// its message as the span's error.
+    /// Records how the call this span stands for was answered (its status code, and the
+    /// error as the span's); nothing is formatted when there is no span.
     #[inline]
-    pub fn outcome(&self, code: Code, message: &str) {
+    pub fn answered<T>(&self, res: &Result<T>) {
         if self.0.is_some() {
-            self.outcome_cold(code, message);
+            self.answered_cold(res.as_ref().err());
         }
     }
 
     #[cold]
-    fn outcome_cold(&self, code: Code, message: &str) {
+    fn answered_cold(&self, error: Option<&Error>) {
         if let Some(r) = self.recording() {
-            r.set("rpc.grpc.status_code".into(), (code as i64).into());
-            if code != Code::OK {
-                r.data.lock().unwrap_or_else(PoisonError::into_inner).error =
-                    Some(message.to_string());
+            match error {
+                None => r.outcome(Code::OK, ""),
+                Some(e) => r.outcome(e.code(), &e.to_string()),
             }
         }
     }
