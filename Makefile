@@ -2,7 +2,7 @@
 #   make demo   installs what is missing, builds, runs containers through our shims
 #   make test   installs what is missing, builds once, runs every test
 # For the inner loop: `make test-unit` (no containerd, no VM), `make test AREA=<area>` (one
-# area's unit and end-to-end tests: sdk runc wasm jail vm cri sandbox; scripts/test.sh),
+# area's unit and end-to-end tests: sdk runc wasm jail vm cri installer sandbox; scripts/test.sh),
 # `make clean-machine` (what killed runs left: processes, mounts, CI roots; free disk).
 TARGET  := x86_64-unknown-linux-gnu
 # CARGO_TARGET_DIR, when set, is where cargo puts everything (and so where the binaries are).

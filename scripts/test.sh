@@ -16,6 +16,7 @@
 #   jail     shim-jail; jail
 #   vm       shim-vm; vm vm_pods
 #   cri      cri
+#   installer  shim-installer; installer
 #   sandbox  sandbox_api
 set -uo pipefail
 
@@ -42,9 +43,10 @@ wasm) filter="package(shim-wasm) |$(files wasm wasm_stress)" ;;
 jail) filter="package(shim-jail) |$(files jail)" ;;
 vm) filter="package(shim-vm) |$(files vm vm_pods)" ;;
 cri) filter=$(files cri) ;;
+installer) filter="package(shim-installer) |$(files installer)" ;;
 sandbox) filter=$(files sandbox_api) ;;
 *)
-	echo "make test: unknown AREA '$area' (unit sdk runc wasm jail vm cri sandbox)" >&2
+	echo "make test: unknown AREA '$area' (unit sdk runc wasm jail vm cri installer sandbox)" >&2
 	exit 2
 	;;
 esac

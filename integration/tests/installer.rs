@@ -1,0 +1,266 @@
+//! `shim-installer` on a "node": a private containerd 1.6.20 with CRI, whose config already
+//! holds unrelated settings and runtimes (the harness's), restarted by the installer through
+//! a restart command as a service manager would. Handlers are checked by running pods.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use integration::cri::CriClient;
+use integration::cri_fixture::{delete_pod, run_pod, sleeper};
+use integration::{target_bin_dir, Containerd};
+use sha2::{Digest, Sha256};
+
+const INSTALLER: &str = "shim-installer";
+
+/// A release directory as `make dist` lays it out: the files of `shims` and SHA256SUMS.
+fn release(dir: &Path, files: &[&str]) -> PathBuf {
+    let rel = dir.join("release");
+    let mut sums = String::new();
+    for f in files {
+        let src = target_bin_dir().join(f);
+        let dest = rel.join(f);
+        fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        fs::copy(&src, &dest).unwrap_or_else(|e| panic!("{}: {e} (make build)", src.display()));
+        let sum = Sha256::digest(fs::read(&dest).unwrap());
+        let hex: String = sum.iter().map(|b| format!("{b:02x}")).collect();
+        sums.push_str(&format!("{hex}  {f}\n"));
+    }
+    fs::write(rel.join("SHA256SUMS"), sums).unwrap();
+    rel
+}
+
+/// A private containerd with CRI whose `PATH` starts with `links` (the node's
+/// /usr/local/bin), then the build's binaries (`pause`, the harness's own handlers).
+fn node_containerd(links: &Path) -> Containerd {
+    integration::require_root();
+    assert!(
+        target_bin_dir().join(INSTALLER).exists(),
+        "build first (make build)"
+    );
+    Containerd::builder()
+        .bin_dirs([links.to_path_buf(), target_bin_dir()])
+        .cri(true)
+        .start()
+        .expect("start containerd with CRI")
+}
+
+/// The installer on the node that `c` is, with the release in `rel`.
+struct Node<'a> {
+    c: &'a Containerd,
+    rel: PathBuf,
+    links: PathBuf,
+    restart: String,
+}
+
+impl<'a> Node<'a> {
+    fn new(c: &'a Containerd, links: &Path, files: &[&str]) -> Node<'a> {
+        Node {
+            c,
+            rel: release(c.dir(), files),
+            links: links.to_path_buf(),
+            restart: c.restart_command().expect("restart script"),
+        }
+    }
+
+    fn bin_dir(&self) -> PathBuf {
+        self.c.dir().join("node-bin")
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let out = Command::new(target_bin_dir().join(INSTALLER))
+            .args(args)
+            .arg("--release")
+            .arg(&self.rel)
+            .arg("--config")
+            .arg(self.c.config_path())
+            .arg("--address")
+            .arg(self.c.address())
+            .arg("--bin-dir")
+            .arg(self.bin_dir())
+            .arg("--link-dir")
+            .arg(&self.links)
+            .arg("--state-dir")
+            .arg(self.c.dir().join("installer-state"))
+            .arg("--containerd")
+            .arg("/usr/bin/containerd")
+            .arg("--restart-command")
+            .arg(&self.restart)
+            .output()
+            .expect("run shim-installer");
+        eprintln!(
+            "shim-installer {args:?}: {}\nstdout:\n{}stderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "shim-installer {args:?} failed\n--- containerd log ---\n{}",
+            self.c.log_tail(30)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(!out.status.success(), "shim-installer {args:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+}
+
+/// The executables of this containerd's running shims.
+fn shim_exes(c: &Containerd) -> Vec<PathBuf> {
+    c.shim_pids()
+        .into_iter()
+        .filter_map(|pid| fs::read_link(format!("/proc/{pid}/exe")).ok())
+        .collect()
+}
+
+#[test]
+fn install_runs_pods_on_new_handlers_and_uninstall_restores_the_config() {
+    let links = tempfile::tempdir().unwrap();
+    let c = node_containerd(links.path());
+    let node = Node::new(
+        &c,
+        links.path(),
+        &["containerd-shim-runc-v2", "containerd-shim-wasm-v2"],
+    );
+    let original = fs::read_to_string(c.config_path()).unwrap();
+
+    let out = node.ok(&["install", "--shims", "runc,wasm"]);
+    assert!(out.contains("handler rs-runc: ran a probe pod"), "{out}");
+    assert!(out.contains("handler rs-wasm: ran a probe pod"), "{out}");
+    assert_eq!(c.restarts(), 1);
+    // Every byte of the admin's config is still there, in place; ours follows it.
+    let installed = fs::read_to_string(c.config_path()).unwrap();
+    assert!(installed.starts_with(original.trim_end()), "{installed}");
+    assert!(
+        installed.contains("[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.rs-wasm]")
+    );
+    let candidates: Vec<_> = fs::read_dir(c.dir())
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().contains("shim-installer"))
+        .collect();
+    assert!(candidates.is_empty(), "left behind: {candidates:?}");
+
+    // A pod on each handler runs our installed binaries, not the ones on containerd's PATH.
+    let cri = CriClient::connect(c.address()).unwrap();
+    let pod = run_pod(&c, &cri, "installed", "rs-runc");
+    sleeper(&cri, &pod, "app");
+    let wasm_pod = run_pod(&c, &cri, "installed-wasm", "rs-wasm");
+    let exes = shim_exes(&c);
+    for shim in ["containerd-shim-runc-v2", "containerd-shim-wasm-v2"] {
+        assert!(
+            exes.contains(&node.bin_dir().join(shim)),
+            "{shim} not run from {}: {exes:?}",
+            node.bin_dir().display()
+        );
+    }
+
+    // Twice: nothing changes, nothing restarts.
+    let out = node.ok(&["install", "--shims", "runc,wasm"]);
+    assert!(out.contains("not restarted"), "{out}");
+    assert_eq!(c.restarts(), 1);
+    assert_eq!(fs::read_to_string(c.config_path()).unwrap(), installed);
+
+    let status = node.ok(&["status"]);
+    assert!(
+        status.contains("shim runc: containerd-shim-runc-v2: Version:"),
+        "{status}"
+    );
+    assert!(
+        status.contains("handler rs-wasm (wasm): in containerd's config"),
+        "{status}"
+    );
+    assert!(
+        !status.contains("MISSING") && !status.contains("CHANGED"),
+        "{status}"
+    );
+
+    // Pods on the handlers: uninstall refuses and names them.
+    let err = node.fails(&["uninstall"]);
+    for name in ["installed", "installed-wasm"] {
+        assert!(err.contains(&format!("/{name}-")), "{err}");
+    }
+    assert_eq!(fs::read_to_string(c.config_path()).unwrap(), installed);
+    assert!(node.bin_dir().join("containerd-shim-runc-v2").exists());
+
+    delete_pod(&cri, &pod);
+    delete_pod(&cri, &wasm_pod);
+    let out = node.ok(&["uninstall"]);
+    assert!(out.contains("restarted containerd"), "{out}");
+    assert_eq!(c.restarts(), 2);
+    assert_eq!(fs::read_to_string(c.config_path()).unwrap(), original);
+    assert!(
+        !node.bin_dir().exists(),
+        "{:?}",
+        fs::read_dir(node.bin_dir()).map(|d| d.count())
+    );
+    assert_eq!(fs::read_dir(links.path()).unwrap().count(), 0);
+    assert!(!c.dir().join("installer-state").exists());
+    // containerd came back on the original config and still runs pods.
+    let cri = CriClient::connect(c.address()).unwrap();
+    let pod = run_pod(&c, &cri, "after", "runc");
+    delete_pod(&cri, &pod);
+    assert!(node.ok(&["uninstall"]).contains("nothing installed"));
+}
+
+#[test]
+fn an_invalid_merge_is_refused_before_containerd_restarts() {
+    let links = tempfile::tempdir().unwrap();
+    let c = node_containerd(links.path());
+    let node = Node::new(&c, links.path(), &["containerd-shim-wasm-v2"]);
+    let original = fs::read_to_string(c.config_path()).unwrap();
+
+    // A setting of the wrong type: valid TOML, which only containerd's own decoding refuses.
+    let err = node.fails(&[
+        "install",
+        "--shims",
+        "wasm",
+        "--set",
+        "rs-wasm.privileged_without_host_devices=\"yes\"",
+    ]);
+    assert!(
+        err.contains("containerd refuses the merged config"),
+        "{err}"
+    );
+    assert!(err.contains("yes"), "{err}");
+    assert_eq!(fs::read_to_string(c.config_path()).unwrap(), original);
+    assert_eq!(c.restarts(), 0);
+    let candidates: Vec<_> = fs::read_dir(c.dir())
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().contains("candidate"))
+        .collect();
+    assert!(candidates.is_empty(), "left behind: {candidates:?}");
+    // The binaries this attempt copied went with it.
+    assert!(!node.bin_dir().exists());
+    assert_eq!(fs::read_dir(links.path()).unwrap().count(), 0);
+    assert!(!c.dir().join("installer-state").exists());
+
+    // A name another runtime has is a conflict, named before anything is written.
+    let err = node.fails(&["install", "--shims", "wasm", "--handler", "wasm=runc"]);
+    assert!(
+        err.contains("runtime handler \"runc\" already exists"),
+        "{err}"
+    );
+    assert_eq!(fs::read_to_string(c.config_path()).unwrap(), original);
+
+    // Bad input: unknown shim, a release file that does not match its checksum.
+    assert!(node
+        .fails(&["install", "--shims", "nope"])
+        .contains("unknown shim"));
+    fs::write(node.rel.join("containerd-shim-wasm-v2"), b"tampered").unwrap();
+    let err = node.fails(&["install", "--shims", "wasm"]);
+    assert!(err.contains("SHA256SUMS says"), "{err}");
+    assert_eq!(fs::read_to_string(c.config_path()).unwrap(), original);
+    assert!(!node.bin_dir().join("containerd-shim-wasm-v2").exists());
+    assert_eq!(c.restarts(), 0);
+}
