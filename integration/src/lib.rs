@@ -21,6 +21,7 @@ pub mod conformance;
 pub mod containerd;
 pub mod cri;
 pub mod cri_fixture;
+pub mod dist;
 pub mod error;
 pub mod events;
 pub mod fixture;

@@ -8,25 +8,19 @@ use std::process::{Command, Output};
 
 use integration::cri::CriClient;
 use integration::cri_fixture::{delete_pod, run_pod, sleeper};
-use integration::{target_bin_dir, Containerd};
-use sha2::{Digest, Sha256};
+use integration::{dist, target_bin_dir, Containerd};
 
 const INSTALLER: &str = "shim-installer";
 
-/// A release directory as `make dist` lays it out: the files of `shims` and SHA256SUMS.
+/// A release directory as `make dist` lays it out, with `files` of the build.
 fn release(dir: &Path, files: &[&str]) -> PathBuf {
     let rel = dir.join("release");
-    let mut sums = String::new();
-    for f in files {
-        let src = target_bin_dir().join(f);
-        let dest = rel.join(f);
-        fs::create_dir_all(dest.parent().unwrap()).unwrap();
-        fs::copy(&src, &dest).unwrap_or_else(|e| panic!("{}: {e} (make build)", src.display()));
-        let sum = Sha256::digest(fs::read(&dest).unwrap());
-        let hex: String = sum.iter().map(|b| format!("{b:02x}")).collect();
-        sums.push_str(&format!("{hex}  {f}\n"));
-    }
-    fs::write(rel.join("SHA256SUMS"), sums).unwrap();
+    let copied = dist::release_dir(&target_bin_dir(), files, &rel).expect("release directory");
+    assert_eq!(
+        copied.len(),
+        files.len(),
+        "build first (make build): {files:?}"
+    );
     rel
 }
 
@@ -263,4 +257,91 @@ fn an_invalid_merge_is_refused_before_containerd_restarts() {
     assert_eq!(fs::read_to_string(c.config_path()).unwrap(), original);
     assert!(!node.bin_dir().join("containerd-shim-wasm-v2").exists());
     assert_eq!(c.restarts(), 0);
+}
+
+/// The DaemonSet's image, run by the node's containerd as a container with the host's root
+/// at /host (as deploy/shim-installer.yaml mounts it): the same install from inside, then
+/// `status --probe` from inside reaches CRI through the mounted socket.
+#[test]
+fn the_installer_image_installs_from_a_container() {
+    let links = tempfile::tempdir().unwrap();
+    let mut c = node_containerd(links.path());
+    let rel = release(c.dir(), &[INSTALLER, "containerd-shim-runc-v2"]);
+    let archive = dist::installer_image(&rel, &c.dir().join("installer.oci.tar")).unwrap();
+    c.ctr_ok(&["images", "import", &archive.to_string_lossy()]);
+    let original = fs::read_to_string(c.config_path()).unwrap();
+
+    let host = |p: &Path| p.to_string_lossy().into_owned();
+    let bin_dir = c.dir().join("node-bin");
+    let state = c.dir().join("installer-state");
+    let run = |c: &Containerd, name: &str, args: &[&str]| {
+        let mut argv = vec![
+            "run",
+            "--rm",
+            "--privileged",
+            "--mount",
+            "type=bind,src=/,dst=/host,options=rbind:rw",
+            dist::INSTALLER_IMAGE,
+            name,
+            "/release/shim-installer",
+        ];
+        argv.extend_from_slice(args);
+        let common = [
+            "--host-root".to_string(),
+            "/host".into(),
+            "--config".into(),
+            host(&c.config_path()),
+            "--address".into(),
+            host(c.address()),
+            "--bin-dir".into(),
+            host(&bin_dir),
+            "--link-dir".into(),
+            host(links.path()),
+            "--state-dir".into(),
+            host(&state),
+        ];
+        argv.extend(common.iter().map(String::as_str));
+        let out = c.ctr(&argv);
+        eprintln!("ctr {argv:?}: {}\n{}{}", out.status, out.stdout, out.stderr);
+        out
+    };
+
+    // No restart from inside the container: a restarting containerd would take the attached
+    // `ctr run` with it. The restart itself is the host test's; here containerd is restarted
+    // by the harness, as systemd would be asked to.
+    let out = run(
+        &c,
+        "installer",
+        &["install", "--release", "/release", "--no-restart"],
+    );
+    assert!(out.success());
+    assert!(
+        out.stdout.contains("added handlers rs-runc"),
+        "{}",
+        out.stdout
+    );
+    // The host paths got the files, the link and the handler; the container saw them as /host.
+    let installed = fs::read_to_string(c.config_path()).unwrap();
+    assert!(installed.starts_with(original.trim_end()));
+    assert!(installed.contains("runtimes.rs-runc]"), "{installed}");
+    assert_eq!(
+        fs::read_link(links.path().join("containerd-shim-rs-runc-v2")).unwrap(),
+        bin_dir.join("containerd-shim-runc-v2")
+    );
+    assert!(state.join("installed.json").exists());
+
+    c.restart_containerd().expect("restart containerd");
+    let out = run(&c, "installer-status", &["status", "--probe"]);
+    assert!(out.success());
+    assert!(
+        out.stdout
+            .contains("handler rs-runc (runc): in containerd's config, ran a probe pod"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("file ") && !out.stdout.contains("MISSING"),
+        "{}",
+        out.stdout
+    );
 }

@@ -2,7 +2,10 @@
 //! or the host mounted into the DaemonSet's container), its containerd binary, which
 //! validates a config exactly as the daemon will read it, and how containerd is restarted.
 
+use std::ffi::CString;
 use std::io::{self, Read};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -14,6 +17,8 @@ use thiserror::Error;
 /// How long a command of the node may run: `config dump` takes milliseconds, a restart a
 /// few seconds.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+/// The `PATH` commands are looked up in on a host mounted elsewhere (Debian's default).
+const HOST_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 #[derive(Debug, Error)]
 pub enum NodeError {
@@ -66,18 +71,27 @@ impl Node {
         }
     }
 
-    /// A command run on the host: chrooted into it when the host is mounted elsewhere,
-    /// so it finds the host's own binaries and libraries.
+    /// A command run on the host: chrooted into it when the host is mounted elsewhere, so
+    /// it finds the host's own binaries and libraries (the installer's image has no
+    /// `chroot` binary, nor anything else).
     fn command(&self, program: &str, args: &[&str]) -> Command {
-        if self.root == Path::new("/") {
-            let mut c = Command::new(program);
-            c.args(args);
-            c
-        } else {
-            let mut c = Command::new("chroot");
-            c.arg(&self.root).arg(program).args(args);
-            c
+        let mut c = Command::new(program);
+        c.args(args);
+        if self.root != Path::new("/") {
+            let root = CString::new(self.root.as_os_str().as_bytes()).unwrap_or_default();
+            // Searched by execvp in the child, after the chroot: the host's own PATH.
+            c.env("PATH", HOST_PATH);
+            // SAFETY: only async-signal-safe calls (chroot, chdir) between fork and exec.
+            unsafe {
+                c.pre_exec(move || {
+                    if libc::chroot(root.as_ptr()) != 0 || libc::chdir(c"/".as_ptr()) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
+        c
     }
 
     /// containerd's major and minor version (`containerd --version`).
