@@ -47,7 +47,13 @@ export SHIM_VM_CACHE := $(VM_CACHE)
 # The tests and the build steps print names of things that failed; colour codes only hide them in logs.
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: demo test test-unit clean-machine nextest bench deps build guest guest-image virtiofsd vhost-device-vsock fmt lint install check-freebsd
+# The release: target/dist/<name>/ (binaries, deploy/, containerd/ snippets, SHA256SUMS),
+# its tarball, and the installer's OCI image (what deploy/shim-installer.yaml runs).
+VERSION   := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+DIST_DIR  := $(TARGET_DIR)/dist
+DIST_NAME := containerd-shims-$(VERSION)-linux-amd64
+
+.PHONY: demo test test-unit clean-machine nextest bench deps build guest guest-image virtiofsd vhost-device-vsock fmt lint install check-freebsd dist
 
 deps:
 	@scripts/deps.sh $(RUST_MIN) $(APT_PKGS) --no-recommends $(APT_PKGS_NO_RECOMMENDS)
@@ -111,6 +117,12 @@ bench: build
 	$(BIN_DIR)/shim-bench --runs 30
 	$(BIN_DIR)/wasm-bench --runs 20
 	$(BIN_DIR)/vm-bench --runs 10
+
+dist: build
+	@mkdir -p $(DIST_DIR)
+	$(BIN_DIR)/shim-dist --bin-dir $(BIN_DIR) --repo $(CURDIR) --out $(DIST_DIR)/$(DIST_NAME) --image $(DIST_DIR)/shim-installer.oci.tar
+	tar -C $(DIST_DIR) -czf $(DIST_DIR)/$(DIST_NAME).tar.gz $(DIST_NAME)
+	@cd $(DIST_DIR) && sha256sum $(DIST_NAME).tar.gz shim-installer.oci.tar > SHA256SUMS && cat SHA256SUMS
 
 fmt:
 	cargo fmt --all -- --check

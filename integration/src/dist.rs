@@ -33,10 +33,9 @@ pub const RELEASE_FILES: &[&str] = &[
     "vm-guest/initramfs.cpio",
 ];
 
-/// Copies `files` (relative to `bin_dir`, links followed) into `dest` and writes their
-/// `SHA256SUMS` there; returns the files copied.
+/// Copies `files` (relative to `bin_dir`, links followed; those absent are skipped) into
+/// `dest` and writes `SHA256SUMS` over everything `dest` then holds; returns the files copied.
 pub fn release_dir(bin_dir: &Path, files: &[&str], dest: &Path) -> Result<Vec<String>, Error> {
-    let mut sums = String::new();
     let mut copied = Vec::new();
     for f in files {
         let src = bin_dir.join(f);
@@ -48,13 +47,23 @@ pub fn release_dir(bin_dir: &Path, files: &[&str], dest: &Path) -> Result<Vec<St
             fs::create_dir_all(dir).ctx_path("creating", dir)?;
         }
         fs::copy(&src, &to).ctx_path("copying", &src)?;
-        let data = fs::read(&to).ctx_path("reading", &to)?;
-        sums.push_str(&format!("{}  {f}\n", image::hex(&Sha256::digest(&data))));
         copied.push(f.to_string());
     }
-    let path = dest.join("SHA256SUMS");
-    fs::write(&path, sums).ctx_path("writing", &path)?;
+    write_sums(dest)?;
     Ok(copied)
+}
+
+/// Writes `dir/SHA256SUMS` (`sha256sum`'s format) over every other file under `dir`.
+pub fn write_sums(dir: &Path) -> Result<(), Error> {
+    let mut dirs = Vec::new();
+    let mut entries = Vec::new();
+    collect(dir, "", &mut dirs, &mut entries)?;
+    let mut sums = String::new();
+    for (name, _, data) in entries.iter().filter(|(n, _, _)| n != "SHA256SUMS") {
+        sums.push_str(&format!("{}  {name}\n", image::hex(&Sha256::digest(data))));
+    }
+    let path = dir.join("SHA256SUMS");
+    fs::write(&path, sums).ctx_path("writing", &path)
 }
 
 /// Writes the installer image holding the release directory `release` at
@@ -89,7 +98,12 @@ fn collect(
     names.sort_by_key(|e| e.file_name());
     for e in names {
         let path = e.path();
-        let name = format!("{prefix}/{}", e.file_name().to_string_lossy());
+        let file = e.file_name().to_string_lossy().into_owned();
+        let name = if prefix.is_empty() {
+            file
+        } else {
+            format!("{prefix}/{file}")
+        };
         if path.is_dir() {
             dirs.push(format!("{name}/"));
             collect(&path, &name, dirs, out)?;

@@ -123,7 +123,11 @@ fn install_runs_pods_on_new_handlers_and_uninstall_restores_the_config() {
     let node = Node::new(
         &c,
         links.path(),
-        &["containerd-shim-runc-v2", "containerd-shim-wasm-v2"],
+        &[
+            INSTALLER,
+            "containerd-shim-runc-v2",
+            "containerd-shim-wasm-v2",
+        ],
     );
     let original = fs::read_to_string(c.config_path()).unwrap();
 
@@ -149,6 +153,8 @@ fn install_runs_pods_on_new_handlers_and_uninstall_restores_the_config() {
     let pod = run_pod(&c, &cri, "installed", "rs-runc");
     sleeper(&cri, &pod, "app");
     let wasm_pod = run_pod(&c, &cri, "installed-wasm", "rs-wasm");
+    // The Wasm shim runs native entrypoints too.
+    sleeper(&cri, &wasm_pod, "native");
     let exes = shim_exes(&c);
     for shim in ["containerd-shim-runc-v2", "containerd-shim-wasm-v2"] {
         assert!(
@@ -164,6 +170,8 @@ fn install_runs_pods_on_new_handlers_and_uninstall_restores_the_config() {
     assert_eq!(c.restarts(), 1);
     assert_eq!(fs::read_to_string(c.config_path()).unwrap(), installed);
 
+    // The installer is on the node too, for later status and uninstall.
+    assert!(node.bin_dir().join(INSTALLER).exists());
     let status = node.ok(&["status"]);
     assert!(
         status.contains("shim runc: containerd-shim-runc-v2: Version:"),
@@ -343,5 +351,40 @@ fn the_installer_image_installs_from_a_container() {
         out.stdout.contains("file ") && !out.stdout.contains("MISSING"),
         "{}",
         out.stdout
+    );
+}
+
+/// deploy/shim-installer.yaml runs the image `make dist` builds, with options the installer
+/// has: the manifest and the binary cannot drift apart unnoticed.
+#[test]
+fn the_daemonset_runs_the_image_and_options_we_build() {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/shim-installer.yaml");
+    let text = fs::read_to_string(&manifest).unwrap();
+    let image = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("image: "))
+        .expect("an image");
+    assert_eq!(image, dist::INSTALLER_IMAGE);
+    let args: Vec<&str> = text
+        .lines()
+        .skip_while(|l| l.trim() != "args:")
+        .skip(1)
+        .map_while(|l| l.trim().strip_prefix("- "))
+        .collect();
+    assert_eq!(args.first(), Some(&"install"), "{args:?}");
+    let help = Command::new(target_bin_dir().join(INSTALLER))
+        .arg("--help")
+        .output()
+        .expect("shim-installer --help");
+    let help = String::from_utf8_lossy(&help.stdout);
+    for opt in args.iter().filter(|a| a.starts_with("--")) {
+        assert!(
+            help.contains(&format!("{opt} ")),
+            "{opt} is not an option:\n{help}"
+        );
+    }
+    assert!(
+        args.contains(&"--host-root") && args.contains(&"--wait"),
+        "{args:?}"
     );
 }

@@ -199,10 +199,7 @@ pub fn dropin(schema: Schema, handlers: &[Handler]) -> String {
             runtimes.insert(&h.name, Item::Table(section));
         }
     }
-    format!(
-        "# Written by shim-installer; `shim-installer uninstall` removes it.\n{}",
-        doc
-    )
+    doc.to_string()
 }
 
 /// The schema of the config `text`.

@@ -157,6 +157,54 @@ impl Selection {
     }
 }
 
+/// The handler sections of `sel`'s shims (all for this OS when none is named) as a config
+/// file of version `schema` would hold them: the snippet a manual install pastes.
+pub fn config_text(schema: &str, sel: &Selection) -> Result<String, InstallError> {
+    let schema = match schema {
+        "2" => config::Schema::V2,
+        "3" => config::Schema::V3,
+        "4" => config::Schema::V4,
+        other => {
+            return Err(InstallError::Config {
+                path: PathBuf::from("--schema"),
+                source: ConfigError::Version(other.parse().unwrap_or(0)),
+            })
+        }
+    };
+    let mut handlers = Vec::new();
+    for shim in release::SHIMS.iter().filter(|s| {
+        if sel.shims.is_empty() {
+            s.for_this_os()
+        } else {
+            sel.shims.iter().any(|n| n == s.name)
+        }
+    }) {
+        handlers.push(handler(shim, sel)?);
+    }
+    Ok(format!(
+        "# The runtime handlers `shim-installer install` adds (containerd config version {}).\n{}",
+        schema.number(),
+        config::dropin(schema, &handlers)
+    ))
+}
+
+/// The handler section of `shim` with its settings and the selection's.
+fn handler(shim: &Shim, sel: &Selection) -> Result<Handler, InstallError> {
+    let name = sel.handler_name(shim.name);
+    let mut h = Handler::new(&name, shim.name, shim.runtime_type);
+    let config_err = |source| InstallError::Config {
+        path: PathBuf::from("--set"),
+        source,
+    };
+    for (key, value) in shim.settings {
+        h.set(key, value).map_err(config_err)?;
+    }
+    for (_, key, value) in sel.settings.iter().filter(|(hn, _, _)| *hn == name) {
+        h.set(key, value).map_err(config_err)?;
+    }
+    Ok(h)
+}
+
 /// What a step reports, a line each.
 pub type Report = Vec<String>;
 
@@ -166,22 +214,10 @@ pub fn install(t: &Target, release: &Release, sel: &Selection) -> Result<Report,
     if t.restart == Restart::Systemd && !t.node.systemd_manages_containerd() {
         return Err(InstallError::NoRestart);
     }
-    let mut handlers = Vec::new();
-    for shim in &shims {
-        let name = sel.handler_name(shim.name);
-        let mut h = Handler::new(&name, shim.name, shim.runtime_type);
-        let config_err = |source| InstallError::Config {
-            path: t.config.clone(),
-            source,
-        };
-        for (key, value) in shim.settings {
-            h.set(key, value).map_err(config_err)?;
-        }
-        for (_, key, value) in sel.settings.iter().filter(|(hn, _, _)| *hn == name) {
-            h.set(key, value).map_err(config_err)?;
-        }
-        handlers.push(h);
-    }
+    let handlers = shims
+        .iter()
+        .map(|s| handler(s, sel))
+        .collect::<Result<Vec<_>, _>>()?;
 
     let previous = Record::load(&t.host(&t.state_dir))?;
     let mut record = previous.clone().unwrap_or_default();
@@ -207,6 +243,28 @@ pub fn install(t: &Target, release: &Release, sel: &Selection) -> Result<Report,
                 sha256: sum.clone(),
             });
         }
+    }
+
+    // The installer itself, for `status` and `uninstall` on the node later.
+    if release.sums.contains_key(release::INSTALLER)
+        && release.dir.join(release::INSTALLER).is_file()
+    {
+        let dest = t.bin_dir.join(release::INSTALLER);
+        let sum = &release.sums[release::INSTALLER];
+        files::install(
+            &release.dir.join(release::INSTALLER),
+            &t.host(&dest),
+            sum,
+            0o755,
+        )?;
+        if !record.files.iter().any(|r| r.path == dest) {
+            new_files.push((dest.clone(), sum.clone()));
+        }
+        record.add_file(InstalledFile {
+            shim: "installer".into(),
+            path: dest,
+            sha256: sum.clone(),
+        });
     }
 
     let mut new_links = Vec::new();
@@ -354,9 +412,12 @@ fn add_to_dropin(
     let dropin = t.dropin_path();
     let dropin_host = t.host(&dropin);
     let before = read_optional(&dropin_host)?;
-    let base = before
-        .clone()
-        .unwrap_or_else(|| config::dropin(schema, &[]));
+    let base = before.clone().unwrap_or_else(|| {
+        format!(
+            "# Written by shim-installer; `shim-installer uninstall` removes it.\n{}",
+            config::dropin(schema, &[])
+        )
+    });
     let added = config::add_handlers(&base, handlers).map_err(cfg_err(&dropin))?;
     let Some(new) = added.text else {
         return Ok(false);

@@ -4,6 +4,7 @@
 //! shim-installer install   [--shims runc,wasm,vm] [options]
 //! shim-installer uninstall [--shims ...] [--force] [options]
 //! shim-installer status    [--probe] [options]
+//! shim-installer config    --schema 2|3|4 [--shims ...]   # the handler sections, to paste
 //! ```
 //!
 //! Every step is idempotent: run it again and nothing changes (and containerd is not
@@ -24,7 +25,7 @@ use std::time::Duration;
 use install::{Selection, Target};
 use node::{Node, Restart};
 
-const USAGE: &str = "Usage: shim-installer install|uninstall|status [options]";
+const USAGE: &str = "Usage: shim-installer install|uninstall|status|config [options]";
 
 fn options() -> getopts::Options {
     let mut o = getopts::Options::new();
@@ -110,6 +111,17 @@ fn options() -> getopts::Options {
     );
     o.optflag("", "force", "uninstall even while pods use the handlers");
     o.optflag("", "probe", "status: run a probe pod per handler");
+    o.optflag(
+        "",
+        "wait",
+        "install: then wait for SIGTERM (a DaemonSet's container stays up)",
+    );
+    o.optopt(
+        "",
+        "schema",
+        "config: containerd's config version to print for (2, 3 or 4)",
+        "N",
+    );
     o.optflag("h", "help", "this help");
     o
 }
@@ -140,6 +152,10 @@ fn main() -> ExitCode {
             }
             "uninstall" => install::uninstall(&target, &sel, m.opt_present("force")),
             "status" => install::status(&target, m.opt_present("probe")),
+            "config" => {
+                let schema = m.opt_str("schema").unwrap_or_else(|| "2".into());
+                install::config_text(&schema, &sel).map(|t| vec![t])
+            }
             other => return Err(format!("unknown command {other:?}\n{USAGE}")),
         };
         report.map_err(|e| e.to_string())
@@ -148,6 +164,9 @@ fn main() -> ExitCode {
         Ok(report) => {
             for line in report {
                 println!("{line}");
+            }
+            if command == "install" && m.opt_present("wait") {
+                wait_for_term();
             }
             ExitCode::SUCCESS
         }
@@ -158,6 +177,22 @@ fn main() -> ExitCode {
 fn fail(msg: &str) -> ExitCode {
     eprintln!("shim-installer: {msg}");
     ExitCode::FAILURE
+}
+
+/// Blocks until SIGTERM or SIGINT. Blocked and taken with `sigwait`: as a container's PID 1
+/// a signal left at its default disposition would be dropped.
+fn wait_for_term() {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset before use; the signal
+    // numbers are valid; sigwait writes only `sig`.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        let mut sig = 0;
+        libc::sigwait(&set, &mut sig);
+    }
 }
 
 fn own_dir() -> Result<PathBuf, String> {

@@ -74,6 +74,9 @@ pub const SHIMS: &[Shim] = &[
     },
 ];
 
+/// The installer's own file in a release; installed beside the shims.
+pub const INSTALLER: &str = "shim-installer";
+
 /// The shim called `name`.
 pub fn shim(name: &str) -> Option<&'static Shim> {
     SHIMS.iter().find(|s| s.name == name)
