@@ -47,8 +47,9 @@ export SHIM_VM_CACHE := $(VM_CACHE)
 # The tests and the build steps print names of things that failed; colour codes only hide them in logs.
 export CARGO_TERM_COLOR ?= never
 
-# The release: target/dist/<name>/ (binaries, deploy/, containerd/ snippets, SHA256SUMS),
-# its tarball, and the installer's OCI image (what deploy/shim-installer.yaml runs).
+# The release: target/dist/<name>/ (binaries, deploy/, containerd/ snippets, SHA256SUMS;
+# freebsd/ with the jail shim once `make check-freebsd` linked it), its tarball, and the
+# installer's OCI image (what deploy/shim-installer.yaml runs).
 VERSION   := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 DIST_DIR  := $(TARGET_DIR)/dist
 DIST_NAME := containerd-shims-$(VERSION)-linux-amd64
@@ -120,7 +121,8 @@ bench: build
 
 dist: build
 	@mkdir -p $(DIST_DIR)
-	$(BIN_DIR)/shim-dist --bin-dir $(BIN_DIR) --repo $(CURDIR) --out $(DIST_DIR)/$(DIST_NAME) --image $(DIST_DIR)/shim-installer.oci.tar
+	$(BIN_DIR)/shim-dist --bin-dir $(BIN_DIR) --repo $(CURDIR) --out $(DIST_DIR)/$(DIST_NAME) --image $(DIST_DIR)/shim-installer.oci.tar \
+		$(if $(wildcard $(FREEBSD_JAIL)),--freebsd $(FREEBSD_JAIL))
 	tar -C $(DIST_DIR) -czf $(DIST_DIR)/$(DIST_NAME).tar.gz $(DIST_NAME)
 	@cd $(DIST_DIR) && sha256sum $(DIST_NAME).tar.gz shim-installer.oci.tar > SHA256SUMS && cat SHA256SUMS
 
@@ -142,17 +144,29 @@ install: build
 	install -d /usr/local/bin/vm-guest
 	install -m 0644 $(BIN_DIR)/vm-guest/vmlinux $(BIN_DIR)/vm-guest/initramfs.cpio /usr/local/bin/vm-guest/
 
-# Type-checks the portable SDK and the jail shim for FreeBSD. rustup cannot fetch FreeBSD's
-# std on these machines, so Debian's rustc-web builds it from its own sources (rust-web-src)
-# through cargo's build-std, which is unstable (hence RUSTC_BOOTSTRAP). Checks only: there is
-# no FreeBSD libc or linker here to link with.
-FREEBSD_PKGS := rustc-web cargo-web rust-web-src
+# Type-checks the portable SDK and the jail shim for FreeBSD, and links the jail shim.
+# rustup cannot fetch FreeBSD's std on these machines, so Debian's rustc-web builds it from
+# its own sources (rust-web-src) through cargo's build-std, which is unstable (hence
+# RUSTC_BOOTSTRAP). zig (PyPI's ziglang, unpacked into target/) links: it carries FreeBSD
+# 14's libc stubs, so no FreeBSD sysroot is needed (scripts/zig-freebsd-cc). `file` must
+# call the result a FreeBSD ELF.
+FREEBSD_PKGS := rustc-web cargo-web rust-web-src python3-pip file
 FREEBSD_LOG  := $(CURDIR)/target/freebsd-check.log
+FREEBSD_ENV  := RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 CARGO_TARGET_DIR=$(CURDIR)/target/freebsd
+FREEBSD_JAIL := $(CURDIR)/target/freebsd/x86_64-unknown-freebsd/release/containerd-shim-jail-v2
+ZIG_VERSION  := 0.15.1
+ZIG          := $(CURDIR)/target/ziglang-$(ZIG_VERSION)/ziglang/zig
 check-freebsd:
 	@scripts/deps.sh $(RUST_MIN) $(FREEBSD_PKGS)
 	@mkdir -p target
-	RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 CARGO_TARGET_DIR=$(CURDIR)/target/freebsd \
-		/usr/bin/cargo check -Zbuild-std=std,panic_abort --target x86_64-unknown-freebsd \
+	$(FREEBSD_ENV) /usr/bin/cargo check -Zbuild-std=std,panic_abort --target x86_64-unknown-freebsd \
 		-p shim-common -p shim-jail >$(FREEBSD_LOG) 2>&1 || { cat $(FREEBSD_LOG); exit 1; }
 	@if grep -qE '^(warning|error)' $(FREEBSD_LOG); then cat $(FREEBSD_LOG); echo "FreeBSD check: warnings"; exit 1; fi
 	@tail -1 $(FREEBSD_LOG)
+	@test -x $(ZIG) || python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+		--target $(CURDIR)/target/ziglang-$(ZIG_VERSION) ziglang==$(ZIG_VERSION)
+	$(FREEBSD_ENV) ZIG=$(ZIG) CARGO_TARGET_X86_64_UNKNOWN_FREEBSD_LINKER=$(CURDIR)/scripts/zig-freebsd-cc \
+		/usr/bin/cargo build --release -Zbuild-std=std,panic_abort --target x86_64-unknown-freebsd \
+		-p shim-jail >>$(FREEBSD_LOG) 2>&1 || { cat $(FREEBSD_LOG); exit 1; }
+	@file $(FREEBSD_JAIL) | tee -a $(FREEBSD_LOG) | grep -q 'FreeBSD' || { file $(FREEBSD_JAIL); echo "not a FreeBSD binary"; exit 1; }
+	@file $(FREEBSD_JAIL)

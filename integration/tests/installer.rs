@@ -388,3 +388,55 @@ fn the_daemonset_runs_the_image_and_options_we_build() {
         "{args:?}"
     );
 }
+
+/// The VM shim installed from a release: its helpers and guest image go beside it (where it
+/// looks, through its resolved path), and a pod on `rs-vm` boots a micro-VM from them.
+#[test]
+fn the_vm_handler_runs_pods_in_micro_vms_from_the_installed_guest() {
+    let files = [
+        INSTALLER,
+        "containerd-shim-vm-v2",
+        "virtiofsd",
+        "vhost-device-vsock",
+        "vm-guest/vmlinux",
+        "vm-guest/initramfs.cpio",
+    ];
+    let links = tempfile::tempdir().unwrap();
+    let c = node_containerd(links.path());
+    let node = Node::new(&c, links.path(), &files);
+    let original = fs::read_to_string(c.config_path()).unwrap();
+
+    let out = node.ok(&["install", "--shims", "vm"]);
+    assert!(out.contains("handler rs-vm: ran a probe pod"), "{out}");
+    for f in &files[1..] {
+        assert!(node.bin_dir().join(f).exists(), "{f} not installed");
+    }
+    let installed = fs::read_to_string(c.config_path()).unwrap();
+    assert!(
+        installed.contains("pod_annotations = [\"io.containerd.vm.*\"]"),
+        "{installed}"
+    );
+
+    let cri = CriClient::connect(c.address()).unwrap();
+    let pod = run_pod(&c, &cri, "vm", "rs-vm");
+    let app = sleeper(&cri, &pod, "app");
+    let out = cri.exec_sync(&app, &["cat", "/proc/cmdline"], 60).unwrap();
+    assert_eq!(out.exit_code, 0);
+    assert!(
+        shim_exes(&c).contains(&node.bin_dir().join("containerd-shim-vm-v2")),
+        "{:?}",
+        shim_exes(&c)
+    );
+    // The guest's kernel is the one installed beside the shim.
+    let qemu: Vec<String> = integration::checks::processes_mentioning("qemu-system")
+        .into_iter()
+        .map(|(_, cmd)| cmd)
+        .filter(|cmd| cmd.contains(&*node.bin_dir().join("vm-guest/vmlinux").to_string_lossy()))
+        .collect();
+    assert_eq!(qemu.len(), 1, "{qemu:?}");
+
+    delete_pod(&cri, &pod);
+    node.ok(&["uninstall"]);
+    assert_eq!(fs::read_to_string(c.config_path()).unwrap(), original);
+    assert!(!node.bin_dir().exists());
+}

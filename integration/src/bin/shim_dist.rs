@@ -1,7 +1,7 @@
 //! `shim-dist`: lays out a release (`make dist`) from the binaries `make build` left.
 //!
 //! ```text
-//! shim-dist --bin-dir DIR --repo DIR --out DIR --image FILE
+//! shim-dist --bin-dir DIR --repo DIR --out DIR --image FILE [--freebsd JAIL-SHIM]
 //! ```
 //!
 //! `--out` gets the release directory: the shims, `shim-installer`, the VM shim's helpers and
@@ -58,6 +58,14 @@ fn run() -> Result<(), String> {
         }
         let file = snippets.join(format!("config-v{schema}.toml"));
         fs::write(&file, &o.stdout).map_err(|e| format!("{}: {e}", file.display()))?;
+    }
+    // The jail shim, linked for FreeBSD by `make check-freebsd` (a FreeBSD ELF: not for the
+    // Linux installer, which never installs it).
+    if let Ok(jail) = path("freebsd") {
+        let dir = out.join("freebsd");
+        fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        fs::copy(&jail, dir.join("containerd-shim-jail-v2"))
+            .map_err(|e| format!("{}: {e}", jail.display()))?;
     }
     let copied = dist::release_dir(&bin, dist::RELEASE_FILES, &out).map_err(|e| e.to_string())?;
     for f in dist::RELEASE_FILES {
