@@ -12,18 +12,22 @@
 
 mod config;
 mod cri;
+mod error;
 mod files;
 mod install;
 mod node;
 mod record;
 mod release;
+mod status;
+mod target;
+mod uninstall;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use install::{Selection, Target};
 use node::{Node, Restart};
+use target::{Selection, Target};
 
 const USAGE: &str = "Usage: shim-installer install|uninstall|status|config [options]";
 
@@ -150,8 +154,8 @@ fn main() -> ExitCode {
                 let release = release::Release::open(&dir).map_err(|e| e.to_string())?;
                 install::install(&target, &release, &sel)
             }
-            "uninstall" => install::uninstall(&target, &sel, m.opt_present("force")),
-            "status" => install::status(&target, m.opt_present("probe")),
+            "uninstall" => uninstall::uninstall(&target, &sel, m.opt_present("force")),
+            "status" => status::status(&target, m.opt_present("probe")),
             "config" => {
                 let schema = m.opt_str("schema").unwrap_or_else(|| "2".into());
                 install::config_text(&schema, &sel).map(|t| vec![t])
@@ -217,7 +221,7 @@ fn parse(m: &getopts::Matches) -> Result<(Target, Selection), String> {
         (Some(_), true) => return Err("--restart-command and --no-restart contradict".into()),
         (Some(cmd), false) => Restart::Command(cmd),
         (None, true) => Restart::Never,
-        (None, false) => Restart::Systemd,
+        (None, false) => Restart::Service,
     };
     let timeout = match m.opt_str("timeout") {
         Some(s) => s

@@ -45,8 +45,9 @@ pub enum NodeError {
 /// How containerd is restarted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Restart {
-    /// `systemctl restart containerd`.
-    Systemd,
+    /// The OS's service manager: `systemctl restart containerd` (systemd), `service
+    /// containerd restart` (FreeBSD's rc.d).
+    Service,
     /// A command run with `sh -c` on the node.
     Command(String),
     /// Never: the admin restarts it.
@@ -123,8 +124,12 @@ impl Node {
         (!words.is_empty()).then(|| words.join(" "))
     }
 
-    /// Whether systemd runs this host and has a containerd unit that is active.
-    pub fn systemd_manages_containerd(&self) -> bool {
+    /// Whether the OS's service manager runs containerd here: systemd with an active
+    /// containerd unit, or on FreeBSD an rc.d service that reports it running.
+    pub fn service_manages_containerd(&self) -> bool {
+        if cfg!(target_os = "freebsd") {
+            return run(self.command("service", &["containerd", "status"])).is_ok();
+        }
         self.host(Path::new("/run/systemd/system")).is_dir()
             && run(self.command("systemctl", &["is-active", "--quiet", "containerd"])).is_ok()
     }
@@ -132,7 +137,10 @@ impl Node {
     /// Restarts containerd the way `restart` says; `Never` does nothing.
     pub fn restart(&self, restart: &Restart) -> Result<(), NodeError> {
         match restart {
-            Restart::Systemd => run(self.command("systemctl", &["restart", "containerd"])),
+            Restart::Service if cfg!(target_os = "freebsd") => {
+                run(self.command("service", &["containerd", "restart"]))
+            }
+            Restart::Service => run(self.command("systemctl", &["restart", "containerd"])),
             Restart::Command(cmd) => run(self.command("/bin/sh", &["-c", cmd])),
             Restart::Never => Ok(String::new()),
         }
