@@ -48,7 +48,8 @@ export SHIM_VM_CACHE := $(VM_CACHE)
 export CARGO_TERM_COLOR ?= never
 
 # The release: target/dist/<name>/ (binaries, deploy/, containerd/ snippets, SHA256SUMS;
-# freebsd/ with the jail shim once `make check-freebsd` linked it), its tarball, and the
+# freebsd/ with the jail shim and the installer once `make check-freebsd` linked them), its
+# tarball, and the
 # installer's OCI image (what deploy/shim-installer.yaml runs).
 VERSION   := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 DIST_DIR  := $(TARGET_DIR)/dist
@@ -122,7 +123,7 @@ bench: build
 dist: build
 	@mkdir -p $(DIST_DIR)
 	$(BIN_DIR)/shim-dist --bin-dir $(BIN_DIR) --repo $(CURDIR) --out $(DIST_DIR)/$(DIST_NAME) --image $(DIST_DIR)/shim-installer.oci.tar \
-		$(if $(wildcard $(FREEBSD_JAIL)),--freebsd $(FREEBSD_JAIL))
+		$(if $(wildcard $(FREEBSD_EXES)),--freebsd $(FREEBSD_BIN))
 	tar -C $(DIST_DIR) -czf $(DIST_DIR)/$(DIST_NAME).tar.gz $(DIST_NAME)
 	@cd $(DIST_DIR) && sha256sum $(DIST_NAME).tar.gz shim-installer.oci.tar > SHA256SUMS && cat SHA256SUMS
 
@@ -144,7 +145,7 @@ install: build
 	install -d /usr/local/bin/vm-guest
 	install -m 0644 $(BIN_DIR)/vm-guest/vmlinux $(BIN_DIR)/vm-guest/initramfs.cpio /usr/local/bin/vm-guest/
 
-# Type-checks the portable SDK and the jail shim for FreeBSD, and links the jail shim.
+# Type-checks the portable SDK, the jail shim and the installer for FreeBSD, and links both.
 # rustup cannot fetch FreeBSD's std on these machines, so Debian's rustc-web builds it from
 # its own sources (rust-web-src) through cargo's build-std, which is unstable (hence
 # RUSTC_BOOTSTRAP). zig (PyPI's ziglang, unpacked into target/) links: it carries FreeBSD
@@ -153,20 +154,23 @@ install: build
 FREEBSD_PKGS := rustc-web cargo-web rust-web-src python3-pip file
 FREEBSD_LOG  := $(CURDIR)/target/freebsd-check.log
 FREEBSD_ENV  := RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 CARGO_TARGET_DIR=$(CURDIR)/target/freebsd
-FREEBSD_JAIL := $(CURDIR)/target/freebsd/x86_64-unknown-freebsd/release/containerd-shim-jail-v2
+FREEBSD_BIN  := $(CURDIR)/target/freebsd/x86_64-unknown-freebsd/release
+FREEBSD_EXES := $(FREEBSD_BIN)/containerd-shim-jail-v2 $(FREEBSD_BIN)/shim-installer
 ZIG_VERSION  := 0.15.1
 ZIG          := $(CURDIR)/target/ziglang-$(ZIG_VERSION)/ziglang/zig
 check-freebsd:
 	@scripts/deps.sh $(RUST_MIN) $(FREEBSD_PKGS)
 	@mkdir -p target
 	$(FREEBSD_ENV) /usr/bin/cargo check -Zbuild-std=std,panic_abort --target x86_64-unknown-freebsd \
-		-p shim-common -p shim-jail >$(FREEBSD_LOG) 2>&1 || { cat $(FREEBSD_LOG); exit 1; }
+		-p shim-common -p shim-jail -p shim-installer >$(FREEBSD_LOG) 2>&1 || { cat $(FREEBSD_LOG); exit 1; }
 	@if grep -qE '^(warning|error)' $(FREEBSD_LOG); then cat $(FREEBSD_LOG); echo "FreeBSD check: warnings"; exit 1; fi
 	@tail -1 $(FREEBSD_LOG)
 	@test -x $(ZIG) || python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
 		--target $(CURDIR)/target/ziglang-$(ZIG_VERSION) ziglang==$(ZIG_VERSION)
 	$(FREEBSD_ENV) ZIG=$(ZIG) CARGO_TARGET_X86_64_UNKNOWN_FREEBSD_LINKER=$(CURDIR)/scripts/zig-freebsd-cc \
 		/usr/bin/cargo build --release -Zbuild-std=std,panic_abort --target x86_64-unknown-freebsd \
-		-p shim-jail >>$(FREEBSD_LOG) 2>&1 || { cat $(FREEBSD_LOG); exit 1; }
-	@file $(FREEBSD_JAIL) | tee -a $(FREEBSD_LOG) | grep -q 'FreeBSD' || { file $(FREEBSD_JAIL); echo "not a FreeBSD binary"; exit 1; }
-	@file $(FREEBSD_JAIL)
+		-p shim-jail -p shim-installer >>$(FREEBSD_LOG) 2>&1 || { cat $(FREEBSD_LOG); exit 1; }
+	@for f in $(FREEBSD_EXES); do \
+		file $$f | tee -a $(FREEBSD_LOG); \
+		file $$f | grep -q 'FreeBSD-style' || { echo "$$f: not a FreeBSD binary"; exit 1; }; \
+	done

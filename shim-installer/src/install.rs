@@ -15,6 +15,10 @@ use crate::record::{ConfigEdit, InstalledFile, InstalledHandler, InstalledLink, 
 use crate::release::{self, Release, Shim};
 use crate::target::{merged, read_optional, replace_validated, Report, Selection, Target};
 
+/// Whether containerd serves CRI on this OS (not on FreeBSD): without it there are no
+/// runtime handlers, only shims that `ctr run --runtime` names.
+const CRI_HERE: bool = !cfg!(target_os = "freebsd");
+
 /// Where the main config's first state is kept (containerd 1.x), in the state directory.
 pub const BACKUP: &str = "config.toml.orig";
 
@@ -69,7 +73,7 @@ fn handler(shim: &Shim, sel: &Selection) -> Result<Handler, InstallError> {
 pub fn install(t: &Target, release: &Release, sel: &Selection) -> Result<Report, InstallError> {
     let mut report = Report::new();
     let shims = sel.resolve(release)?;
-    if t.restart == Restart::Service && !t.node.service_manages_containerd() {
+    if CRI_HERE && t.restart == Restart::Service && !t.node.service_manages_containerd() {
         return Err(InstallError::NoRestart);
     }
     let handlers = shims
@@ -140,6 +144,15 @@ pub fn install(t: &Target, release: &Release, sel: &Selection) -> Result<Report,
             path,
             target,
         });
+    }
+
+    if !CRI_HERE {
+        record.save(&t.host(&t.state_dir))?;
+        report.push(format!(
+            "containerd has no CRI on {}: no handler to add; run containers with `ctr run --runtime io.containerd.rs-<shim>.v2`",
+            std::env::consts::OS
+        ));
+        return Ok(report);
     }
 
     let edited = t

@@ -1,7 +1,7 @@
 //! `shim-dist`: lays out a release (`make dist`) from the binaries `make build` left.
 //!
 //! ```text
-//! shim-dist --bin-dir DIR --repo DIR --out DIR --image FILE [--freebsd JAIL-SHIM]
+//! shim-dist --bin-dir DIR --repo DIR --out DIR --image FILE [--freebsd DIR]
 //! ```
 //!
 //! `--out` gets the release directory: the shims, `shim-installer`, the VM shim's helpers and
@@ -59,13 +59,18 @@ fn run() -> Result<(), String> {
         let file = snippets.join(format!("config-v{schema}.toml"));
         fs::write(&file, &o.stdout).map_err(|e| format!("{}: {e}", file.display()))?;
     }
-    // The jail shim, linked for FreeBSD by `make check-freebsd` (a FreeBSD ELF: not for the
-    // Linux installer, which never installs it).
-    if let Ok(jail) = path("freebsd") {
+    // The jail shim and the installer, linked for FreeBSD by `make check-freebsd`: a release
+    // of their own (`freebsd/shim-installer install --shims jail` on a FreeBSD host).
+    if let Ok(bin) = path("freebsd") {
         let dir = out.join("freebsd");
-        fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        fs::copy(&jail, dir.join("containerd-shim-jail-v2"))
-            .map_err(|e| format!("{}: {e}", jail.display()))?;
+        let copied = dist::release_dir(&bin, &["shim-installer", "containerd-shim-jail-v2"], &dir)
+            .map_err(|e| e.to_string())?;
+        if copied.len() != 2 {
+            return Err(format!(
+                "{} lacks the FreeBSD binaries: {copied:?}",
+                bin.display()
+            ));
+        }
     }
     let copied = dist::release_dir(&bin, dist::RELEASE_FILES, &out).map_err(|e| e.to_string())?;
     for f in dist::RELEASE_FILES {
