@@ -440,3 +440,34 @@ fn the_vm_handler_runs_pods_in_micro_vms_from_the_installed_guest() {
     assert_eq!(fs::read_to_string(c.config_path()).unwrap(), original);
     assert!(!node.bin_dir().exists());
 }
+
+/// `--force` removes the handlers while a pod uses one: the running shim keeps its (now
+/// unlinked) binary and still serves the pod until it is deleted.
+#[test]
+fn a_forced_uninstall_leaves_running_pods_to_their_shims() {
+    let links = tempfile::tempdir().unwrap();
+    let c = node_containerd(links.path());
+    let node = Node::new(&c, links.path(), &[INSTALLER, "containerd-shim-runc-v2"]);
+    let original = fs::read_to_string(c.config_path()).unwrap();
+    node.ok(&["install", "--shims", "runc"]);
+
+    let cri = CriClient::connect(c.address()).unwrap();
+    let pod = run_pod(&c, &cri, "forced", "rs-runc");
+    let app = sleeper(&cri, &pod, "app");
+    let err = node.fails(&["uninstall"]);
+    assert!(
+        err.contains("/forced-") && err.contains("(rs-runc)"),
+        "{err}"
+    );
+
+    let out = node.ok(&["uninstall", "--force"]);
+    assert!(out.contains("removed handlers rs-runc"), "{out}");
+    assert_eq!(fs::read_to_string(c.config_path()).unwrap(), original);
+    assert!(!node.bin_dir().exists());
+
+    // The pod's shim answers on, from the binary it was started from.
+    let cri = CriClient::connect(c.address()).unwrap();
+    let out = cri.exec_sync(&app, &["echo", "still here"], 30).unwrap();
+    assert_eq!(out.stdout, b"still here\n");
+    delete_pod(&cri, &pod);
+}
