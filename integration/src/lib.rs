@@ -29,6 +29,7 @@ pub mod image;
 pub mod leftovers;
 pub mod otlp;
 pub mod output;
+pub mod procfs;
 pub mod shim_client;
 pub mod soak;
 pub mod terminal;
