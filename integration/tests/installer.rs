@@ -108,6 +108,17 @@ impl<'a> Node<'a> {
     }
 }
 
+/// Files beside containerd's config whose names mention `needle` (the installer's
+/// temporary and candidate files must not outlive it).
+fn left_beside(c: &Containerd, needle: &str) -> Vec<String> {
+    fs::read_dir(c.dir())
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(needle))
+        .collect()
+}
+
 /// The executables of this containerd's running shims.
 fn shim_exes(c: &Containerd) -> Vec<PathBuf> {
     c.shim_pids()
@@ -141,12 +152,7 @@ fn install_runs_pods_on_new_handlers_and_uninstall_restores_the_config() {
     assert!(
         installed.contains("[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.rs-wasm]")
     );
-    let candidates: Vec<_> = fs::read_dir(c.dir())
-        .unwrap()
-        .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().contains("shim-installer"))
-        .collect();
-    assert!(candidates.is_empty(), "left behind: {candidates:?}");
+    assert_eq!(left_beside(&c, "shim-installer"), Vec::<String>::new());
 
     // A pod on each handler runs our installed binaries, not the ones on containerd's PATH.
     let cri = CriClient::connect(c.address()).unwrap();
@@ -236,12 +242,7 @@ fn an_invalid_merge_is_refused_before_containerd_restarts() {
     assert!(err.contains("yes"), "{err}");
     assert_eq!(fs::read_to_string(c.config_path()).unwrap(), original);
     assert_eq!(c.restarts(), 0);
-    let candidates: Vec<_> = fs::read_dir(c.dir())
-        .unwrap()
-        .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().contains("candidate"))
-        .collect();
-    assert!(candidates.is_empty(), "left behind: {candidates:?}");
+    assert_eq!(left_beside(&c, "candidate"), Vec::<String>::new());
     // The binaries this attempt copied went with it.
     assert!(!node.bin_dir().exists());
     assert_eq!(fs::read_dir(links.path()).unwrap().count(), 0);

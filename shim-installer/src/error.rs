@@ -1,6 +1,6 @@
 //! What can stop an install, uninstall or status, named for the admin who reads it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
@@ -51,6 +51,14 @@ pub enum InstallError {
     InUse(Vec<PodUse>),
     #[error("cannot tell whether pods use the handlers (--force removes them anyway): {0}")]
     UseUnknown(CriError),
+}
+
+impl InstallError {
+    /// Maps a config error to one naming the file (host path) it is about.
+    pub fn config(path: &Path) -> impl FnOnce(ConfigError) -> InstallError {
+        let path = path.to_path_buf();
+        move |source| InstallError::Config { path, source }
+    }
 }
 
 fn list_pods(pods: &[PodUse]) -> String {

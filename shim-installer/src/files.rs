@@ -128,13 +128,7 @@ fn write_atomic(
     mode: u32,
     fill: impl FnOnce(&mut File) -> Result<(), FileError>,
 ) -> Result<(), FileError> {
-    let dir = dest.parent().unwrap_or(Path::new("/"));
-    fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
-    let name = dest
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.shim-installer.{}", std::process::id()));
+    let (dir, tmp) = beside(dest)?;
     let result = (|| {
         let mut out = OpenOptions::new()
             .write(true)
@@ -153,9 +147,27 @@ fn write_atomic(
         let _ = fs::remove_file(&tmp);
         return result;
     }
-    File::open(dir)
+    File::open(&dir)
         .and_then(|d| d.sync_all())
-        .map_err(io_err("flushing", dir))
+        .map_err(io_err("flushing", &dir))
+}
+
+/// The directory of `dest` (created) and a temporary name in it, for what is renamed over
+/// `dest` once complete.
+fn beside(dest: &Path) -> Result<(PathBuf, PathBuf), FileError> {
+    let dir = dest.parent().unwrap_or(Path::new("/"));
+    fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.shim-installer.{}", std::process::id()));
+    Ok((dir.to_path_buf(), tmp))
+}
+
+/// Removes the file `path`.
+pub fn remove(path: &Path) -> Result<(), FileError> {
+    fs::remove_file(path).map_err(io_err("removing", path))
 }
 
 /// Makes `link` a symbolic link to `target` (created beside it and renamed over it, so a
@@ -164,13 +176,7 @@ pub fn link(target: &Path, link: &Path) -> Result<Outcome, FileError> {
     if fs::read_link(link).is_ok_and(|t| t == target) {
         return Ok(Outcome::Unchanged);
     }
-    let dir = link.parent().unwrap_or(Path::new("/"));
-    fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
-    let name = link
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.shim-installer.{}", std::process::id()));
+    let (_, tmp) = beside(link)?;
     let _ = fs::remove_file(&tmp);
     std::os::unix::fs::symlink(target, &tmp).map_err(io_err("linking", &tmp))?;
     if let Err(e) = fs::rename(&tmp, link) {

@@ -57,15 +57,13 @@ pub fn config_text(schema: &str, sel: &Selection) -> Result<String, InstallError
 fn handler(shim: &Shim, sel: &Selection) -> Result<Handler, InstallError> {
     let name = sel.handler_name(shim.name);
     let mut h = Handler::new(&name, shim.name, shim.runtime_type);
-    let config_err = |source| InstallError::Config {
-        path: PathBuf::from("--set"),
-        source,
-    };
     for (key, value) in shim.settings {
-        h.set(key, value).map_err(config_err)?;
+        h.set(key, value)
+            .map_err(InstallError::config(Path::new("--set")))?;
     }
     for (_, key, value) in sel.settings.iter().filter(|(hn, _, _)| *hn == name) {
-        h.set(key, value).map_err(config_err)?;
+        h.set(key, value)
+            .map_err(InstallError::config(Path::new("--set")))?;
     }
     Ok(h)
 }
@@ -225,10 +223,7 @@ fn add_to_main(
     let path = t.host(&t.config);
     let original = read_optional(&path)?;
     let text = original.clone().unwrap_or_else(|| "version = 2\n".into());
-    let added = config::add_handlers(&text, handlers).map_err(|source| InstallError::Config {
-        path: t.config.clone(),
-        source,
-    })?;
+    let added = config::add_handlers(&text, handlers).map_err(InstallError::config(&t.config))?;
     let Some(new) = added.text else {
         return Ok(false);
     };
@@ -267,18 +262,14 @@ fn add_to_dropin(
 ) -> Result<bool, InstallError> {
     let main_path = t.host(&t.config);
     let main = read_optional(&main_path)?.unwrap_or_default();
-    let cfg_err = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| InstallError::Config { path, source }
-    };
     let schema = if main.trim().is_empty() {
         config::Schema::V3
     } else {
-        config::schema(&main).map_err(cfg_err(&t.config))?
+        config::schema(&main).map_err(InstallError::config(&t.config))?
     };
     // A handler of the same name in the main file would be merged with ours.
     if !main.trim().is_empty() {
-        config::add_handlers(&main, handlers).map_err(cfg_err(&t.config))?;
+        config::add_handlers(&main, handlers).map_err(InstallError::config(&t.config))?;
     }
     let dropin = t.dropin_path();
     let dropin_host = t.host(&dropin);
@@ -289,7 +280,7 @@ fn add_to_dropin(
             config::dropin(schema, &[])
         )
     });
-    let added = config::add_handlers(&base, handlers).map_err(cfg_err(&dropin))?;
+    let added = config::add_handlers(&base, handlers).map_err(InstallError::config(&dropin))?;
     let Some(new) = added.text else {
         return Ok(false);
     };
@@ -297,11 +288,7 @@ fn add_to_dropin(
     let restore = || -> Result<(), FileError> {
         match &before {
             Some(text) => files::write_bytes(&dropin_host, text.as_bytes(), 0o644),
-            None => fs::remove_file(&dropin_host).map_err(|source| FileError::Io {
-                what: "removing",
-                path: dropin_host.clone(),
-                source,
-            }),
+            None => files::remove(&dropin_host),
         }
     };
     let dump = match t.node.config_dump(&t.config) {
@@ -320,7 +307,8 @@ fn add_to_dropin(
         } else {
             main.clone()
         };
-        let (new_main, created) = config::add_import(&text, &entry).map_err(cfg_err(&t.config))?;
+        let (new_main, created) =
+            config::add_import(&text, &entry).map_err(InstallError::config(&t.config))?;
         imports_created = created;
         if let Err(e) = replace_validated(t, &t.config, &new_main, handlers) {
             restore()?;

@@ -138,23 +138,15 @@ fn remove_from_main(
                 })?;
                 files::write_bytes(&path, &text, 0o644)?;
             }
-            None => fs::remove_file(&path).map_err(|source| FileError::Io {
-                what: "removing",
-                path: path.clone(),
-                source,
-            })?,
+            None => files::remove(&path)?,
         }
         return Ok(true);
     }
-    let (new, removed) =
-        config::remove_handlers(&current, handlers).map_err(|source| InstallError::Config {
-            path: t.config.clone(),
-            source,
-        })?;
+    let (new, _) =
+        config::remove_handlers(&current, handlers).map_err(InstallError::config(&t.config))?;
     let Some(new) = new else {
         return Ok(false);
     };
-    let _ = removed;
     replace_validated(t, &t.config, &new, &[])?;
     if let Some(ConfigEdit::Main { after, .. }) = &mut record.edit {
         *after = files::sha256_bytes(new.as_bytes());
@@ -177,26 +169,15 @@ fn remove_from_dropin(
     if all {
         if let Some(entry) = import {
             let main = read_optional(&t.host(&t.config))?.unwrap_or_default();
-            let new = config::remove_import(&main, entry, imports_created).map_err(|source| {
-                InstallError::Config {
-                    path: t.config.clone(),
-                    source,
-                }
-            })?;
+            let new = config::remove_import(&main, entry, imports_created)
+                .map_err(InstallError::config(&t.config))?;
             replace_validated(t, &t.config, &new, &[])?;
         }
-        fs::remove_file(&host).map_err(|source| FileError::Io {
-            what: "removing",
-            path: host.clone(),
-            source,
-        })?;
+        files::remove(&host)?;
         return Ok(true);
     }
     let (new, _) =
-        config::remove_handlers(&current, handlers).map_err(|source| InstallError::Config {
-            path: dropin.to_path_buf(),
-            source,
-        })?;
+        config::remove_handlers(&current, handlers).map_err(InstallError::config(dropin))?;
     match new {
         Some(new) => {
             files::write_bytes(&host, new.as_bytes(), 0o644)?;
