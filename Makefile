@@ -150,8 +150,10 @@ install: build
 # its own sources (rust-web-src) through cargo's build-std, which is unstable (hence
 # RUSTC_BOOTSTRAP). zig (PyPI's ziglang, unpacked into target/) links: it carries FreeBSD
 # 14's libc stubs, so no FreeBSD sysroot is needed (scripts/zig-freebsd-cc). `file` must
-# call the result a FreeBSD ELF.
-FREEBSD_PKGS := rustc-web cargo-web rust-web-src python3-pip file
+# call the result a FreeBSD ELF. pip reads no SSL_CERT_FILE: where that names the trust store
+# (a machine behind a TLS proxy, CI's pristine root), it is passed on as --cert.
+# protoc: the installer's CRI client (k8s-cri) is generated at build time.
+FREEBSD_PKGS := rustc-web cargo-web rust-web-src python3-pip file protobuf-compiler
 FREEBSD_LOG  := $(CURDIR)/target/freebsd-check.log
 FREEBSD_ENV  := RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 CARGO_TARGET_DIR=$(CURDIR)/target/freebsd
 FREEBSD_BIN  := $(CURDIR)/target/freebsd/x86_64-unknown-freebsd/release
@@ -166,7 +168,7 @@ check-freebsd:
 	@if grep -qE '^(warning|error)' $(FREEBSD_LOG); then cat $(FREEBSD_LOG); echo "FreeBSD check: warnings"; exit 1; fi
 	@tail -1 $(FREEBSD_LOG)
 	@test -x $(ZIG) || python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
-		--target $(CURDIR)/target/ziglang-$(ZIG_VERSION) ziglang==$(ZIG_VERSION)
+		$(if $(SSL_CERT_FILE),--cert $(SSL_CERT_FILE)) --target $(CURDIR)/target/ziglang-$(ZIG_VERSION) ziglang==$(ZIG_VERSION)
 	$(FREEBSD_ENV) ZIG=$(ZIG) CARGO_TARGET_X86_64_UNKNOWN_FREEBSD_LINKER=$(CURDIR)/scripts/zig-freebsd-cc \
 		/usr/bin/cargo build --release -Zbuild-std=std,panic_abort --target x86_64-unknown-freebsd \
 		-p shim-jail -p shim-installer >>$(FREEBSD_LOG) 2>&1 || { cat $(FREEBSD_LOG); exit 1; }
