@@ -75,3 +75,15 @@ pub fn pss_kb(pid: i32) -> Result<u64, Error> {
 pub fn rss_kb(pid: i32) -> Result<u64, Error> {
     smaps_rollup_kb(pid, "Rss")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_memory_is_readable() {
+        let pid = std::process::id() as i32;
+        assert!(rss_kb(pid).expect("rss") > 0);
+        assert!(pss_kb(pid).expect("pss") > 0);
+    }
+}

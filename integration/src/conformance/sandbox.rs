@@ -16,6 +16,20 @@
 //! nests in it, and `SandboxMetrics` (which containerd 2.4's CRI asks for pod stats) gives
 //! that cgroup's figures.
 
+use std::collections::HashMap;
+use std::fs;
+use std::path::PathBuf;
+use std::process::Command;
+
+use protobuf::well_known_types::any::Any;
+use protobuf::well_known_types::empty::Empty;
+use protobuf::Message;
+use protocol::shim::{
+    ConnectRequest, ConnectResponse, CreateTaskResponse, DeleteRequest, DeleteResponse,
+    KillRequest, StartRequest, StartResponse, WaitRequest, WaitResponse,
+};
+
+use crate::checks::wait_until;
 use std::os::unix::fs::MetadataExt;
 use std::sync::mpsc;
 
@@ -23,6 +37,7 @@ use protocol::platform::Platform;
 use protocol::sandbox::*;
 use protocol::{sandbox_state, SANDBOX_SERVICE};
 
+use super::lifecycle::EXIT_TIMEOUT;
 use super::*;
 
 /// What CRI sends as `CreateSandbox.options`: a `PodSandboxConfig` with only `hostname`
