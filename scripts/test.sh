@@ -12,7 +12,7 @@
 #   unit     every crate's unit and doc tests; no containerd, no VM
 #   sdk      shim-common, protocol; conformance skeleton harness output stdio ordering
 #   runc     shim-runc-v2; runc bad_input checkpoint restart stats_oom tty exec_soak
-#   wasm     shim-wasm; wasm wasm_stress
+#   wasm     shim-wasm, containerd-client; wasm wasm_stress
 #   jail     shim-jail; jail
 #   vm       shim-vm; vm vm_pods
 #   cri      cri
@@ -39,7 +39,7 @@ case $area in
 unit) filter="not kind(test)" doc=1 ;;
 sdk) filter="package(shim-common) | package(protocol) |$(files conformance skeleton harness output stdio ordering)" ;;
 runc) filter="package(shim-runc-v2) |$(files runc bad_input checkpoint restart stats_oom tty exec_soak)" ;;
-wasm) filter="package(shim-wasm) |$(files wasm wasm_stress)" ;;
+wasm) filter="package(shim-wasm) | package(containerd-client) |$(files wasm wasm_stress)" ;;
 jail) filter="package(shim-jail) |$(files jail)" ;;
 vm) filter="package(shim-vm) |$(files vm vm_pods)" ;;
 cri) filter=$(files cri) ;;

@@ -6,7 +6,7 @@
 //! containers are created through the containers service directly, as a newer client or
 //! CRI would; the plain Linux image goes through `ctr containers create`.
 
-#[path = "../src/oci/mod.rs"]
+#[path = "../src/oci.rs"]
 #[allow(dead_code)]
 mod oci;
 

@@ -32,6 +32,7 @@ const SHARED_RUN: usize = 6;
 /// The crates whose sources are checked.
 const CRATES: &[&str] = &[
     "protocol",
+    "containerd-client",
     "shim-common",
     "shim-runc-v2",
     "shim-wasm",

@@ -1,22 +1,22 @@
-//! containerd's gRPC API on its main socket, called with tonic over the `protocol` crate's
-//! rust-protobuf messages (a small [`Codec`]: no prost types, no `protoc`).
+//! The connection: unary calls, and Content's Read and Write streams, with one retry after
+//! containerd restarted.
 //!
 //! The client owns a current-thread tokio runtime that only runs inside a call: the shim
 //! gains no thread, and dropping the client closes the connection and the runtime.
 
 use std::collections::HashMap;
-use std::marker::PhantomData;
 use std::time::Duration;
 
-use bytes::{Buf, BufMut, Bytes};
+use bytes::Bytes;
 use http::uri::PathAndQuery;
 use protobuf::Message;
-use shim_common::protocol::{content, grpc, leases};
-use shim_common::{Context, Error, Result};
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use protocol::{content, grpc, leases};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
+
+use crate::codec::ProtoCodec;
+use crate::error::{Error, Result};
 
 /// containerd answers locally or not at all: fail fast rather than stall a task's creation.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -53,14 +53,17 @@ impl Client {
             .enable_io()
             .enable_time()
             .build()
-            .context("create the runtime of the containerd gRPC client")?;
+            .map_err(Error::Runtime)?;
         let endpoint = Endpoint::from_shared(format!("unix://{path}"))
             .map_err(|e| Error::InvalidArgument(format!("containerd address {path:?}: {e}")))?
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(CALL_TIMEOUT);
-        let channel = rt.block_on(endpoint.connect()).map_err(|e| {
-            Error::Runtime(format!("connect to containerd at {path}: {}", chain(&e)))
-        })?;
+        let channel = rt
+            .block_on(endpoint.connect())
+            .map_err(|e| Error::Connect {
+                address: path.to_string(),
+                reason: chain(&e),
+            })?;
         Ok(Client {
             channel,
             namespace,
@@ -68,7 +71,9 @@ impl Client {
         })
     }
 
-    /// One unary call; `lease` attaches a lease to it.
+    /// One unary call to method `path` (`protocol::grpc`'s constants); `lease` attaches a
+    /// lease to it. The answer is containerd's status as it is: the caller knows what the
+    /// call was about ([`Error::status`]).
     pub fn unary<Req, Resp>(
         &self,
         path: &'static str,
@@ -316,76 +321,6 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
         source = s.source();
     }
     text
-}
-
-/// Maps containerd's answer for `what` onto the SDK's error kinds.
-pub fn status_error(what: impl Into<String>, status: Status) -> Error {
-    let what = what.into();
-    match status.code() {
-        Code::NotFound => Error::NotFound(what),
-        Code::AlreadyExists => Error::AlreadyExists(what),
-        Code::InvalidArgument => Error::InvalidArgument(format!("{what}: {}", status.message())),
-        Code::FailedPrecondition => {
-            Error::FailedPrecondition(format!("{what}: {}", status.message()))
-        }
-        code => Error::Runtime(format!(
-            "{what}: containerd answered {code:?}: {}",
-            status.message()
-        )),
-    }
-}
-
-/// Encodes and decodes rust-protobuf messages as gRPC frames' payloads.
-pub struct ProtoCodec<E, D>(PhantomData<fn(E) -> D>);
-
-impl<E, D> Default for ProtoCodec<E, D> {
-    fn default() -> Self {
-        ProtoCodec(PhantomData)
-    }
-}
-
-impl<E: Message, D: Message> Codec for ProtoCodec<E, D> {
-    type Encode = E;
-    type Decode = D;
-    type Encoder = ProtoEncoder<E>;
-    type Decoder = ProtoDecoder<D>;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        ProtoEncoder(PhantomData)
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        ProtoDecoder(PhantomData)
-    }
-}
-
-pub struct ProtoEncoder<E>(PhantomData<fn(E)>);
-
-impl<E: Message> Encoder for ProtoEncoder<E> {
-    type Item = E;
-    type Error = Status;
-
-    fn encode(&mut self, item: E, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        let bytes = item
-            .write_to_bytes()
-            .map_err(|e| Status::internal(format!("encode {}: {e}", E::NAME)))?;
-        dst.put_slice(&bytes);
-        Ok(())
-    }
-}
-
-pub struct ProtoDecoder<D>(PhantomData<fn() -> D>);
-
-impl<D: Message> Decoder for ProtoDecoder<D> {
-    type Item = D;
-    type Error = Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<D>, Status> {
-        let bytes = src.copy_to_bytes(src.remaining());
-        D::parse_from_bytes(&bytes)
-            .map(Some)
-            .map_err(|e| Status::internal(format!("decode {}: {e}", D::NAME)))
-    }
 }
 
 #[cfg(test)]
