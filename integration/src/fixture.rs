@@ -79,6 +79,15 @@ pub fn task_status(c: &Containerd, id: &str) -> Option<String> {
         .and_then(|l| l.split_whitespace().nth(2).map(str::to_string))
 }
 
+/// The PID column of `ctr task ls` for `id` (the init's pid on the host).
+pub fn task_pid(c: &Containerd, id: &str) -> Option<u32> {
+    c.ctr(&["task", "ls"])
+        .stdout
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(id))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+}
+
 /// Waits until task `id` has status `want`.
 pub fn wait_status(c: &Containerd, id: &str, want: &str) {
     assert!(

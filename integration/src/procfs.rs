@@ -44,6 +44,16 @@ pub(crate) fn proc_stat(pid: i32) -> Option<(char, i32, u64)> {
     Some((state, ppid, start))
 }
 
+/// CPU time `pid` has used, user and system, in clock ticks (`utime + stime`).
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
 /// `"<pid> <starttime>"`: identifies a process across pid reuse.
 pub(crate) fn owner_token(pid: u32) -> Option<String> {
     let (_, _, start) = proc_stat(i32::try_from(pid).ok()?)?;
@@ -85,5 +95,15 @@ mod tests {
         let pid = std::process::id() as i32;
         assert!(rss_kb(pid).expect("rss") > 0);
         assert!(pss_kb(pid).expect("pss") > 0);
+    }
+
+    #[test]
+    fn own_cpu_time_grows_while_spinning() {
+        let me = std::process::id();
+        let before = cpu_ticks(me).expect("own cpu time");
+        let t0 = std::time::Instant::now();
+        while cpu_ticks(me).expect("own cpu time") < before + 2 {
+            assert!(t0.elapsed().as_secs() < 30, "no cpu time counted");
+        }
     }
 }

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use integration::checks::{mounts_mentioning, processes_mentioning, runc_state, wait_until};
-use integration::fixture::{sleep_in_group, task_status, with_our_shims, LONG};
+use integration::fixture::{sleep_in_group, task_pid, task_status, with_our_shims, LONG};
 use integration::{unique_id, BUSYBOX_REF};
 
 #[test]
@@ -11,7 +11,7 @@ fn containers_survive_a_containerd_restart_and_exits_during_downtime_are_reporte
     let mut c = with_our_shims();
     let (keep, dies) = (unique_id("keep"), unique_id("dies"));
     c.ctr_ok(&["run", "-d", BUSYBOX_REF, &keep, "sleep", "1000"]);
-    // Exits with 9 while containerd is down.
+    // Exits with 9 once /go exists, which the test makes while containerd is down.
     c.ctr_ok(&[
         "run",
         "-d",
@@ -19,13 +19,22 @@ fn containers_survive_a_containerd_restart_and_exits_during_downtime_are_reporte
         &dies,
         "sh",
         "-c",
-        "sleep 2; exit 9",
+        "while [ ! -e /go ]; do sleep 0.05; done; exit 9",
     ]);
+    let pid = task_pid(&c, &dies).expect("pid of the container that exits");
     let shims = c.shim_pids();
     assert_eq!(shims.len(), 2);
 
     c.stop_containerd();
-    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(c.pid(), None, "containerd is down");
+    std::fs::write(format!("/proc/{pid}/root/go"), b"").expect("tell the container to exit");
+    // Reaped by its shim (a subreaper): the exit happened, and was collected, while
+    // containerd was down.
+    let proc_dir = std::path::PathBuf::from(format!("/proc/{pid}"));
+    assert!(
+        wait_until(LONG, || !proc_dir.exists()),
+        "container init {pid} still there"
+    );
     assert_eq!(c.shim_pids(), shims, "shims must outlive containerd");
     c.restart_containerd().expect("restart containerd");
 

@@ -8,6 +8,8 @@
 //!    grouped into one shim by the `io.kubernetes.cri.sandbox-id` annotation, as CRI does;
 //!    total PSS of the shim and every descendant (container inits) for N = 1, 10, 100, and
 //!    MB per extra container.
+//! 3. SIGTERM to STOPPED of a guest spinning in a loop (a core module, a WASI C program),
+//!    beside a shell loop through our runc shim: the figure the Wasm tests once asserted.
 //!
 //! Usage: `wasm-bench [--runs N] [--max-containers N]` (as root, after building the shims).
 
@@ -16,6 +18,8 @@ use std::time::{Duration, Instant};
 
 use integration::bench::median;
 use integration::checks::wait_until;
+use integration::fixture::{task_pid, task_status, LONG};
+use integration::procfs::cpu_ticks;
 use integration::wasm_fixture::{
     import_busybox_wasm, parent, require_wasm_shim, shim_daemons, BUSYBOX_WASM_REF,
 };
@@ -167,6 +171,48 @@ fn run_times(c: &Containerd, runs: usize) -> RunFigures {
     }
 }
 
+/// SIGTERM to STOPPED, through ctr, of a container spinning in a loop, measured from the
+/// kill; the container is removed afterwards whatever happened.
+fn sigterm_to_stopped(
+    c: &Containerd,
+    runtime: &str,
+    image: &str,
+    args: &[&str],
+) -> Result<Duration, String> {
+    let id = unique_id("term");
+    let mut a = vec!["run", "-d", "--runtime", runtime, image, &id];
+    a.extend_from_slice(args);
+    let out = c.ctr(&a);
+    if !out.success() {
+        return Err(format!("ctr run {args:?}: {}", out.stderr.trim()));
+    }
+    let measure = || {
+        let mut pid = None;
+        wait_until(LONG, || {
+            pid = task_pid(c, &id);
+            pid.is_some()
+        });
+        let pid = pid.ok_or("no pid")?;
+        // In its loop once it burns CPU (20 ticks: more than a start takes).
+        let before = cpu_ticks(pid).unwrap_or(0);
+        if !wait_until(LONG, || cpu_ticks(pid).unwrap_or(0) >= before + 20) {
+            return Err(format!("{args:?} never spun"));
+        }
+        let t = Instant::now();
+        c.ctr(&["task", "kill", "-s", "SIGTERM", &id]);
+        if !wait_until(LONG, || task_status(c, &id).as_deref() == Some("STOPPED")) {
+            return Err(format!("{args:?} ignored SIGTERM for {LONG:?}"));
+        }
+        Ok(t.elapsed())
+    };
+    let took = measure();
+    c.ctr(&["task", "kill", "-s", "SIGKILL", &id]);
+    wait_until(LONG, || task_status(c, &id).as_deref() != Some("RUNNING"));
+    c.ctr(&["task", "delete", &id]);
+    c.ctr(&["container", "delete", &id]);
+    took
+}
+
 /// `pids` and all their descendants, each once.
 fn with_descendants(pids: &[i32]) -> BTreeSet<i32> {
     let mut children: BTreeMap<i32, Vec<i32>> = BTreeMap::new();
@@ -306,6 +352,44 @@ fn main() {
         &mut r.rootfs,
         "",
     );
+
+    let term_runs = args.runs.min(5);
+    let (mut module, mut wasi, mut shell) =
+        (Series::default(), Series::default(), Series::default());
+    for _ in 0..term_runs {
+        module.time(|| sigterm_to_stopped(&c, WASM_RUNTIME, BUSYBOX_WASM_REF, &["/busy.wasm"]));
+        wasi.time(|| {
+            sigterm_to_stopped(&c, WASM_RUNTIME, BUSYBOX_WASM_REF, &["/ctool.wasm", "busy"])
+        });
+        shell.time(|| {
+            sigterm_to_stopped(
+                &c,
+                OUR_RUNTIME,
+                BUSYBOX_REF,
+                &["sh", "-c", "trap 'exit 0' TERM; while :; do :; done"],
+            )
+        });
+    }
+    println!();
+    println!("| SIGTERM to STOPPED of a busy loop (through ctr), median of {term_runs} | ms | / runc shim shell loop | target |");
+    println!("|---|---|---|---|");
+    let base = median(&mut shell.ms);
+    let row = |what: &str, s: &mut Series, target: &str| {
+        let failed = s
+            .first_error
+            .as_ref()
+            .map(|e| format!(" ({} failed; first: {e})", s.failures))
+            .unwrap_or_default();
+        let m = median(&mut s.ms);
+        println!("| {what}{failed} | {m:.1} | {:.2} | {target} |", m / base);
+    };
+    row(
+        "busybox `sh` loop with a TERM trap, our runc shim",
+        &mut shell,
+        "",
+    );
+    row("busy.wasm (a core module's `loop`)", &mut module, "< 1000");
+    row("ctool busy (C, WASI)", &mut wasi, "< 1000");
 
     let mut sizes: Vec<usize> = [1, 10, 100]
         .into_iter()
