@@ -11,9 +11,9 @@
 # Areas (unit tests of the crate, and the end-to-end test files of integration/tests):
 #   unit     every crate's unit and doc tests; no containerd, no VM
 #   sdk      shim-common, protocol; conformance skeleton harness output stdio ordering
-#   runc     shim-runc-v2; runc bad_input checkpoint restart stats_oom tty exec_soak
-#   wasm     shim-wasm, containerd-client; wasm wasm_stress
-#   jail     shim-jail; jail
+#   runc     shim-runc-v2; lifecycle (runc::); runc bad_input checkpoint restart stats_oom tty exec_soak
+#   wasm     shim-wasm, containerd-client; lifecycle (wasm::); wasm wasm_stress
+#   jail     shim-jail; lifecycle (jail::); jail
 #   vm       shim-vm; vm vm_pods
 #   cri      cri
 #   installer  shim-installer; installer
@@ -38,9 +38,9 @@ case $area in
 "") filter= doc=1 ;;
 unit) filter="not kind(test)" doc=1 ;;
 sdk) filter="package(shim-common) | package(protocol) |$(files conformance skeleton harness output stdio ordering)" ;;
-runc) filter="package(shim-runc-v2) |$(files runc bad_input checkpoint restart stats_oom tty exec_soak)" ;;
-wasm) filter="package(shim-wasm) | package(containerd-client) |$(files wasm wasm_stress)" ;;
-jail) filter="package(shim-jail) |$(files jail)" ;;
+runc) filter="package(shim-runc-v2) |$(files runc bad_input checkpoint restart stats_oom tty exec_soak) | (binary_id(integration::lifecycle) & test(/^runc::/))" ;;
+wasm) filter="package(shim-wasm) | package(containerd-client) |$(files wasm wasm_stress) | (binary_id(integration::lifecycle) & test(/^wasm::/))" ;;
+jail) filter="package(shim-jail) |$(files jail) | (binary_id(integration::lifecycle) & test(/^jail::/))" ;;
 vm) filter="package(shim-vm) |$(files vm vm_pods)" ;;
 cri) filter=$(files cri) ;;
 installer) filter="package(shim-installer) |$(files installer)" ;;

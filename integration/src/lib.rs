@@ -15,6 +15,7 @@
 //! caller might reasonably want to react, and the few helpers that panic say so
 //! in their docs.
 
+pub mod backends;
 pub mod bench;
 pub mod checks;
 pub mod conformance;

@@ -52,27 +52,6 @@ fn assert_gone(c: &Containerd, id: &str) {
 }
 
 #[test]
-fn output_and_real_exit_codes() {
-    let (c, _runj) = with_runj();
-    let id = unique_id("jecho");
-    let out = run(&c, &["--rm"], &id, &["echo", "hello from a jail"]);
-    assert!(out.success(), "{out:?}");
-    assert_eq!(out.stdout.trim(), "hello from a jail");
-    assert_gone(&c, &id);
-
-    let id = unique_id("jexit");
-    let out = run(
-        &c,
-        &["--rm"],
-        &id,
-        &["sh", "-c", "echo to-stderr >&2; exit 7"],
-    );
-    assert_eq!(out.status, 7, "a process that exits 7 reports 7: {out:?}");
-    assert!(out.stderr.contains("to-stderr"), "{out:?}");
-    assert_gone(&c, &id);
-}
-
-#[test]
 fn exec_kill_and_delete_leave_nothing() {
     let (c, _runj) = with_runj();
     let id = unique_id("jexec");
