@@ -106,6 +106,8 @@ pub struct Containerd {
     ctr_timeout: Duration,
     path_env: String,
     /// The CRI plugin runs (teardown removes pods through it first).
+    /// Given to every daemon this instance starts, the first and each restarted one.
+    otlp_endpoint: Option<String>,
     cri: bool,
 }
 
@@ -230,23 +232,8 @@ impl Containerd {
         fs::write(&config, toml).ctx_path("writing", &config)?;
 
         let log_path = d.join("containerd.log");
-        let log = fs::File::create(&log_path).ctx_path("creating", &log_path)?;
-        let log2 = log.try_clone().ctx_path("duplicating", &log_path)?;
-        let mut cmd = Command::new(CONTAINERD_BINARY);
-        if let Some(endpoint) = &opts.otlp_endpoint {
-            cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint);
-        }
-        let child = cmd
-            .arg("--config")
-            .arg(&config)
-            .env("PATH", &path_env)
-            .env_remove("CONTAINERD_ADDRESS")
-            .env_remove("CONTAINERD_NAMESPACE")
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .spawn()
-            .ctx(|| format!("spawning {CONTAINERD_BINARY}"))?;
+        fs::File::create(&log_path).ctx_path("creating", &log_path)?;
+        let child = spawn_daemon(&config, &path_env, &log_path, opts.otlp_endpoint.as_deref())?;
 
         let mut c = Containerd {
             child: Some(child),
@@ -257,6 +244,7 @@ impl Containerd {
             snapshotter,
             ctr_timeout: opts.ctr_timeout,
             path_env,
+            otlp_endpoint: opts.otlp_endpoint.clone(),
             cri: opts.cri,
         };
         // On error `c` is dropped, which tears down whatever did start.
@@ -342,23 +330,12 @@ impl Containerd {
     /// [`stop_containerd`](Self::stop_containerd)); it reconnects to running shims.
     pub fn restart_containerd(&mut self) -> Result<(), Error> {
         self.stop_containerd();
-        let log_path = self.log_path();
-        let log = fs::OpenOptions::new()
-            .append(true)
-            .open(&log_path)
-            .ctx_path("opening", &log_path)?;
-        let log2 = log.try_clone().ctx_path("duplicating", &log_path)?;
-        let child = Command::new(CONTAINERD_BINARY)
-            .arg("--config")
-            .arg(self.config_path())
-            .env("PATH", &self.path_env)
-            .env_remove("CONTAINERD_ADDRESS")
-            .env_remove("CONTAINERD_NAMESPACE")
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .spawn()
-            .ctx(|| format!("spawning {CONTAINERD_BINARY}"))?;
+        let child = spawn_daemon(
+            &self.config_path(),
+            &self.path_env,
+            &self.log_path(),
+            self.otlp_endpoint.as_deref(),
+        )?;
         self.child = Some(child);
         self.wait_ready(Duration::from_secs(30))
     }
@@ -518,6 +495,35 @@ echo restart >>{restarts}
         pids.sort_unstable();
         pids
     }
+}
+
+/// Starts `containerd --config <config>` with `PATH` set to `path_env`, its output appended
+/// to `log`, and `OTEL_EXPORTER_OTLP_ENDPOINT` set when tracing.
+fn spawn_daemon(
+    config: &Path,
+    path_env: &str,
+    log: &Path,
+    otlp_endpoint: Option<&str>,
+) -> Result<Child, Error> {
+    let out = fs::OpenOptions::new()
+        .append(true)
+        .open(log)
+        .ctx_path("opening", log)?;
+    let err = out.try_clone().ctx_path("duplicating", log)?;
+    let mut cmd = Command::new(CONTAINERD_BINARY);
+    if let Some(endpoint) = otlp_endpoint {
+        cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint);
+    }
+    cmd.arg("--config")
+        .arg(config)
+        .env("PATH", path_env)
+        .env_remove("CONTAINERD_ADDRESS")
+        .env_remove("CONTAINERD_NAMESPACE")
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .ctx(|| format!("spawning {CONTAINERD_BINARY}"))
 }
 
 /// Base directory for temp dirs: `$SHIMTEST_TMPDIR`, else `/tmp`. Not
